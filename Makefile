@@ -1,0 +1,32 @@
+# labsync: two commands on a fresh machine.
+#   make demo  - the main job on embedded defaults (local sandbox APIs + SQLite)
+#   make test  - the whole test suite (SQLite and a real PostgreSQL server)
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.labsync-installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	@bash scripts/bootstrap-venv.sh "$(VENV)"
+	@touch "$(STAMP)"
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	@bash scripts/demo.sh
+
+test: $(STAMP)
+	@bash scripts/ensure-postgres.sh
+	@$(VENV)/bin/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	@$(VENV)/bin/ruff check etl schemas dags tests bench
+
+bench: $(STAMP)
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .labsync .pytest_cache

@@ -1,0 +1,7 @@
+"""PLACEHOLDER: lgc commands (filled by its issue)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,7 @@
+"""PLACEHOLDER: rupa commands (filled by its issue)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,35 @@
+"""The exceptions users see. Messages are plain sentences and never carry PHI or secrets."""
+
+from __future__ import annotations
+
+
+class LabsyncError(Exception):
+    """Base class: an outcome we expected and can explain, not a bug."""
+
+    exit_code = 1
+
+
+class ConfigError(LabsyncError):
+    """Settings are missing or malformed (exit code 2)."""
+
+    exit_code = 2
+
+
+class UnusableInputError(LabsyncError):
+    """An input file cannot be used at all: unreadable, not CSV, required columns missing (exit 2)."""
+
+    exit_code = 2
+
+
+class ApiError(LabsyncError):
+    """A vendor API answered in a way we cannot continue from."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AuthError(ApiError):
+    """Credentials were refused (bad keys, revoked or expired refresh token). Exit code 2."""
+
+    exit_code = 2

@@ -1,0 +1,133 @@
+"""One local HTTP server for both sandbox APIs.
+
+    /lgc/...                    the LetsGetChecked sandbox (etl.sandbox.lgc)
+    /rupa/...                   the Rupa Health sandbox   (etl.sandbox.rupa)
+    GET/POST /_sandbox/{vendor}/faults   read / change that vendor's fault switches
+    POST /_sandbox/{vendor}/reset        switch every fault off
+    GET  /_sandbox/health
+
+`SandboxServer` runs it in a background thread (tests, bench, demo); `serve()` runs it in the
+foreground (`labsync sandbox`). It binds to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+
+from etl.sandbox.faults import FaultMiddleware
+from etl.sandbox.lgc import LgcSandbox
+from etl.sandbox.rupa import RupaSandbox
+from etl.settings import SANDBOX_HOST
+
+
+class Sandbox:
+    """The state of both sandboxes plus the ASGI app that serves them."""
+
+    def __init__(self, lgc: LgcSandbox | None = None, rupa: RupaSandbox | None = None) -> None:
+        self.lgc = lgc or LgcSandbox()
+        self.rupa = rupa or RupaSandbox()
+
+    def vendors(self) -> dict:
+        return {"lgc": self.lgc, "rupa": self.rupa}
+
+    def asgi(self) -> Starlette:
+        async def faults(request: Request):
+            vendor = self.vendors().get(request.path_params["vendor"])
+            if vendor is None:
+                return JSONResponse({"error": "unknown vendor"}, status_code=404)
+            if request.method == "POST":
+                try:
+                    vendor.faults.update(**(await request.json()))
+                except (ValueError, TypeError) as exc:
+                    return JSONResponse({"error": str(exc)}, status_code=400)
+            return JSONResponse(vendor.faults.as_dict())
+
+        async def reset(request: Request):
+            vendor = self.vendors().get(request.path_params["vendor"])
+            if vendor is None:
+                return JSONResponse({"error": "unknown vendor"}, status_code=404)
+            vendor.faults.reset()
+            return JSONResponse(vendor.faults.as_dict())
+
+        async def health(request: Request):
+            return JSONResponse({"ok": True})
+
+        return Starlette(
+            routes=[
+                Route("/_sandbox/health", health),
+                Route("/_sandbox/{vendor}/faults", faults, methods=["GET", "POST"]),
+                Route("/_sandbox/{vendor}/reset", reset, methods=["POST"]),
+                Mount("/lgc", app=FaultMiddleware(self.lgc.app(), self.lgc.faults)),
+                Mount("/rupa", app=FaultMiddleware(self.rupa.app(), self.rupa.faults)),
+            ]
+        )
+
+
+def _quiet_uvicorn() -> None:
+    # Dropped connections are deliberate; their tracebacks would only bury the useful output.
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+class SandboxServer:
+    """Run a `Sandbox` on 127.0.0.1 in a background thread. Use as a context manager."""
+
+    def __init__(self, sandbox: Sandbox | None = None, *, port: int = 0) -> None:
+        self.sandbox = sandbox or Sandbox()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((SANDBOX_HOST, port))
+        self.port = self._sock.getsockname()[1]
+        config = uvicorn.Config(self.sandbox.asgi(), log_level="critical", access_log=False,
+                                timeout_keep_alive=30, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        daemon=True, name="labsync-sandbox")
+
+    @property
+    def url(self) -> str:
+        return f"http://{SANDBOX_HOST}:{self.port}"
+
+    @property
+    def lgc_url(self) -> str:
+        return f"{self.url}/lgc"
+
+    @property
+    def rupa_url(self) -> str:
+        return f"{self.url}/rupa"
+
+    def start(self) -> SandboxServer:
+        _quiet_uvicorn()
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the sandbox server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self._sock.close()
+
+    def __enter__(self) -> SandboxServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(sandbox: Sandbox, host: str = SANDBOX_HOST, port: int = 8765) -> None:
+    """Serve in the foreground until interrupted."""
+    _quiet_uvicorn()
+    uvicorn.run(sandbox.asgi(), host=host, port=port, log_level="warning", access_log=False, lifespan="off")

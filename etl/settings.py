@@ -1,0 +1,277 @@
+"""One settings object for the CLI (environment variables) and the DAGs (Airflow Connections).
+
+Everything that talks to a vendor or the warehouse takes a `Settings` (or one of its parts) as an
+argument; nothing else in `etl/` reads the environment.
+
+Defaults are the embedded ones: the local sandbox APIs on 127.0.0.1 and a SQLite file under
+`./.labsync/`. Credentials default to the sandbox's demo credentials *only* while the base URL
+points at a loopback address, so a real endpoint never receives made-up keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from etl.errors import ConfigError
+
+SANDBOX_HOST = "127.0.0.1"
+SANDBOX_PORT = 8765
+SANDBOX_URL = f"http://{SANDBOX_HOST}:{SANDBOX_PORT}"
+
+# The local sandbox's demo credentials (not secrets: the sandbox is a test double).
+SANDBOX_LGC_CLIENT_ID = "DEMO"
+SANDBOX_LGC_ACCESS_KEY = "sandboxaccesskey000000001"
+SANDBOX_LGC_SECRET_KEY = "sandboxsecretkey000000001"
+SANDBOX_RUPA_CLIENT_ID = "sandbox-client"
+SANDBOX_RUPA_CLIENT_SECRET = "sandbox-secret"
+
+RUPA_AUTHORIZE_URL = "https://labs.rupahealth.com/oauth/authorize"
+
+_CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9]{1,4}$")
+_KEY_RE = re.compile(r"^[A-Za-z0-9]{25}$")
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    return host in {"localhost", "::1"} or host.startswith("127.")
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    """The one retry policy (see etl.http): exponential backoff with jitter, Retry-After honoured."""
+
+    max_attempts: int = 6
+    initial_wait: float = 0.5
+    max_wait: float = 30.0
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class LgcSettings:
+    base_url: str = f"{SANDBOX_URL}/lgc"
+    client_id: str = ""
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    api_token: str | None = field(default=None, repr=False)
+    concurrency: int = 8
+    rate_limit: float = 50.0  # orders per second, 0 = unlimited
+
+    def validated(self) -> LgcSettings:
+        """Fill the sandbox defaults where allowed and check the documented formats."""
+        s = self
+        if _is_loopback(s.base_url):
+            s = replace(
+                s,
+                client_id=s.client_id or SANDBOX_LGC_CLIENT_ID,
+                access_key=s.access_key if (s.access_key or s.api_token) else SANDBOX_LGC_ACCESS_KEY,
+                secret_key=s.secret_key if (s.secret_key or s.api_token) else SANDBOX_LGC_SECRET_KEY,
+            )
+        if not _CLIENT_ID_RE.match(s.client_id or ""):
+            raise ConfigError(
+                "LGC_CLIENT_ID must be 1 to 4 letters or digits (the clientId LetsGetChecked gave you)"
+            )
+        if not s.api_token:
+            if not (s.access_key and s.secret_key):
+                raise ConfigError(
+                    "LetsGetChecked credentials missing: set LGC_ACCESS_KEY and LGC_SECRET_KEY, "
+                    "or LGC_API_TOKEN"
+                )
+            for name, value in (("LGC_ACCESS_KEY", s.access_key), ("LGC_SECRET_KEY", s.secret_key)):
+                if not _KEY_RE.match(value):
+                    raise ConfigError(f"{name} must be 25 letters or digits")
+        if s.concurrency < 1:
+            raise ConfigError("LGC_CONCURRENCY must be at least 1")
+        if s.rate_limit < 0:
+            raise ConfigError("LGC_RATE_LIMIT must be 0 (unlimited) or a positive number")
+        return s
+
+
+@dataclass(frozen=True)
+class RupaSettings:
+    base_url: str = f"{SANDBOX_URL}/rupa"
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    api_token: str | None = field(default=None, repr=False)
+    redirect_uri: str = "http://127.0.0.1:8765/oauth/callback"
+    authorize_url: str = RUPA_AUTHORIZE_URL
+    page_size: int = 100
+
+    def validated(self) -> RupaSettings:
+        s = self
+        if _is_loopback(s.base_url):
+            s = replace(
+                s,
+                client_id=s.client_id or SANDBOX_RUPA_CLIENT_ID,
+                client_secret=s.client_secret or SANDBOX_RUPA_CLIENT_SECRET,
+                authorize_url=s.authorize_url
+                if s.authorize_url != RUPA_AUTHORIZE_URL
+                else f"{s.base_url}/oauth/authorize",
+            )
+        if not s.api_token and not (s.client_id and s.client_secret):
+            raise ConfigError(
+                "Rupa credentials missing: set RUPA_CLIENT_ID and RUPA_CLIENT_SECRET, or RUPA_API_TOKEN"
+            )
+        if not 1 <= s.page_size <= 1000:
+            raise ConfigError("RUPA_PAGE_SIZE must be between 1 and 1000")
+        return s
+
+
+@dataclass(frozen=True)
+class Settings:
+    warehouse_url: str = "sqlite:///.labsync/labsync.db"
+    inbox: Path = Path("inbox")
+    lgc: LgcSettings = field(default_factory=LgcSettings)
+    rupa: RupaSettings = field(default_factory=RupaSettings)
+    retry: RetrySettings = field(default_factory=RetrySettings)
+
+    # ---- sources -------------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read LABSYNC_*, LGC_* and RUPA_* environment variables (the CLI's source)."""
+        env = os.environ if env is None else env
+        d = cls()
+
+        def get(name: str, default=None):
+            value = env.get(name)
+            return value.strip() if value and value.strip() else default
+
+        def num(name: str, default, kind=float):
+            raw = get(name)
+            if raw is None:
+                return default
+            try:
+                return kind(raw)
+            except ValueError:
+                raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+        return cls(
+            warehouse_url=get("LABSYNC_WAREHOUSE_URL", d.warehouse_url),
+            inbox=Path(get("LABSYNC_INBOX", str(d.inbox))),
+            lgc=LgcSettings(
+                base_url=get("LGC_BASE_URL", d.lgc.base_url).rstrip("/"),
+                client_id=get("LGC_CLIENT_ID", ""),
+                access_key=get("LGC_ACCESS_KEY"),
+                secret_key=get("LGC_SECRET_KEY"),
+                api_token=get("LGC_API_TOKEN"),
+                concurrency=num("LGC_CONCURRENCY", d.lgc.concurrency, int),
+                rate_limit=num("LGC_RATE_LIMIT", d.lgc.rate_limit),
+            ),
+            rupa=RupaSettings(
+                base_url=get("RUPA_BASE_URL", d.rupa.base_url).rstrip("/"),
+                client_id=get("RUPA_CLIENT_ID"),
+                client_secret=get("RUPA_CLIENT_SECRET"),
+                api_token=get("RUPA_API_TOKEN"),
+                redirect_uri=get("RUPA_REDIRECT_URI", d.rupa.redirect_uri),
+                authorize_url=get("RUPA_AUTHORIZE_URL", d.rupa.authorize_url),
+                page_size=num("RUPA_PAGE_SIZE", d.rupa.page_size, int),
+            ),
+            retry=RetrySettings(
+                max_attempts=num("LABSYNC_RETRY_ATTEMPTS", d.retry.max_attempts, int),
+                initial_wait=num("LABSYNC_RETRY_INITIAL_WAIT", d.retry.initial_wait),
+                max_wait=num("LABSYNC_RETRY_MAX_WAIT", d.retry.max_wait),
+                timeout=num("LABSYNC_HTTP_TIMEOUT", d.retry.timeout),
+            ),
+        )
+
+    @classmethod
+    def from_airflow(
+        cls,
+        *,
+        lgc_conn_id: str = "lgc_default",
+        rupa_conn_id: str = "rupa_default",
+        warehouse_conn_id: str = "labsync_warehouse",
+        env: Mapping[str, str] | None = None,
+    ) -> Settings:
+        """Environment settings overlaid with Airflow Connections (the DAGs' source).
+
+        lgc_default:  host = base URL, login = access key, password = secret key,
+                      extra {"client_id": "...", "access_token": "..." (optional)}
+        rupa_default: host = base URL, login = client id, password = client secret,
+                      extra {"access_token": "..."} for a ready token
+        labsync_warehouse (optional): its URI is the SQLAlchemy URL (else LABSYNC_WAREHOUSE_URL).
+        A connection that does not exist leaves the environment's values in place.
+        """
+        base = cls.from_env(env)
+        lgc_conn = _airflow_connection(lgc_conn_id)
+        rupa_conn = _airflow_connection(rupa_conn_id)
+        wh_conn = _airflow_connection(warehouse_conn_id)
+        lgc, rupa, warehouse_url = base.lgc, base.rupa, base.warehouse_url
+        if lgc_conn is not None:
+            extra = _extra(lgc_conn)
+            lgc = replace(
+                lgc,
+                base_url=_conn_base_url(lgc_conn) or lgc.base_url,
+                access_key=lgc_conn.login or lgc.access_key,
+                secret_key=lgc_conn.password or lgc.secret_key,
+                client_id=extra.get("client_id") or lgc.client_id,
+                api_token=extra.get("access_token") or extra.get("api_token") or lgc.api_token,
+            )
+        if rupa_conn is not None:
+            extra = _extra(rupa_conn)
+            rupa = replace(
+                rupa,
+                base_url=_conn_base_url(rupa_conn) or rupa.base_url,
+                client_id=rupa_conn.login or rupa.client_id,
+                client_secret=rupa_conn.password or rupa.client_secret,
+                api_token=extra.get("access_token") or rupa.api_token,
+            )
+        if wh_conn is not None:
+            warehouse_url = _sqlalchemy_url(wh_conn) or warehouse_url
+        return replace(base, lgc=lgc, rupa=rupa, warehouse_url=warehouse_url)
+
+
+def _airflow_connection(conn_id: str):
+    try:
+        from airflow.sdk import Connection
+    except ImportError as exc:  # pragma: no cover - the DAGs always have Airflow
+        raise ConfigError("Airflow is not installed; use Settings.from_env()") from exc
+    try:
+        return Connection.get(conn_id)
+    except Exception:  # AirflowNotFoundException and friends: fall back to the environment
+        return None
+
+
+def _extra(conn) -> dict:
+    try:
+        extra = conn.extra_dejson
+    except Exception:
+        extra = {}
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra)
+        except ValueError:
+            extra = {}
+    return extra or {}
+
+
+def _conn_base_url(conn) -> str | None:
+    """host may hold a whole URL (`https://api.rupahealth.com`) or a bare host name."""
+    host = (conn.host or "").strip()
+    if not host:
+        return None
+    if "://" in host:
+        return host.rstrip("/")
+    scheme = conn.schema if conn.schema in ("http", "https") else "https"
+    port = f":{conn.port}" if conn.port else ""
+    return f"{scheme}://{host}{port}".rstrip("/")
+
+
+def _sqlalchemy_url(conn) -> str | None:
+    extra = _extra(conn)
+    if extra.get("sqlalchemy_url"):
+        return extra["sqlalchemy_url"]
+    try:
+        uri = conn.get_uri()
+    except Exception:
+        return None
+    if uri.startswith("postgres://"):
+        uri = "postgresql+psycopg://" + uri[len("postgres://") :]
+    elif uri.startswith("postgresql://"):
+        uri = "postgresql+psycopg://" + uri[len("postgresql://") :]
+    return uri

@@ -1,0 +1,140 @@
+"""Every warehouse table, defined once. Alembic migrations create and change them; the code
+reads and writes them through these `Table` objects. Types work on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+TS = DateTime(timezone=True)
+Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER PRIMARY KEY only
+
+# ---- order batches (CSV files dropped by program managers) ---------------------------------
+batch_files = Table(
+    "batch_files",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("file_name", String(500), nullable=False),
+    Column("sha256", String(64), nullable=False, unique=True),
+    Column("status", String(20), nullable=False),  # received, validated, loaded, unusable
+    Column("received_at", TS, nullable=False),
+    Column("processed_at", TS),
+    Column("total_rows", Integer),
+    Column("valid_rows", Integer),
+    Column("rejected_rows", Integer),
+    Column("error", Text),  # why the file was unusable (no PHI)
+)
+
+rejected_rows = Table(
+    "rejected_rows",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("batch_id", Id, ForeignKey("batch_files.id", ondelete="CASCADE"), nullable=False),
+    Column("line", Integer, nullable=False),
+    Column("client_order_id", String(200)),
+    Column("column_name", String(200), nullable=False),
+    Column("value", Text),
+    Column("reason", Text, nullable=False),
+    Index("ix_rejected_rows_batch_id_line", "batch_id", "line"),
+)
+
+# ---- LetsGetChecked ledger: one row per clientOrderId ------------------------------------
+lgc_orders = Table(
+    "lgc_orders",
+    metadata,
+    Column("client_order_id", String(100), primary_key=True),
+    Column("batch_id", Id, ForeignKey("batch_files.id", ondelete="SET NULL")),
+    Column("line", Integer),
+    Column("state", String(20), nullable=False),  # pending, accepted, rejected, conflict, failed
+    Column("http_status", Integer),
+    Column("order_item_ids", JSONType),  # [{"code": ..., "id": ...}] as returned by LGC
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),  # no PHI
+    Column("payload_sha256", String(64), nullable=False),
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    Index("ix_lgc_orders_batch_id", "batch_id"),
+    Index("ix_lgc_orders_state", "state"),
+)
+
+# ---- Rupa Health copies ----------------------------------------------------------------
+rupa_patients = Table(
+    "rupa_patients",
+    metadata,
+    Column("id", String(100), primary_key=True),
+    Column("first_name", String(200)),
+    Column("last_name", String(200)),
+    Column("birthday", String(10)),  # YYYY-MM-DD as the API gives it
+    Column("email", String(320)),
+    Column("attributes", JSONType),
+    Column("relationships", JSONType),
+    Column("content_sha256", String(64), nullable=False),
+    Column("first_seen_at", TS, nullable=False),
+    Column("last_seen_at", TS, nullable=False),
+    Column("updated_at", TS),  # from the API when it gives one
+    Column("deleted_at", TS),  # set by a full sync that no longer sees the row
+)
+
+rupa_lab_tests = Table(
+    "rupa_lab_tests",
+    metadata,
+    Column("id", String(100), primary_key=True),
+    Column("name", String(500)),
+    Column("lab_name", String(500)),
+    Column("attributes", JSONType),
+    Column("relationships", JSONType),
+    Column("content_sha256", String(64), nullable=False),
+    Column("first_seen_at", TS, nullable=False),
+    Column("last_seen_at", TS, nullable=False),
+    Column("updated_at", TS),
+    Column("deleted_at", TS),
+)
+
+sync_state = Table(
+    "sync_state",
+    metadata,
+    Column("stream", String(50), primary_key=True),  # patients, lab_tests
+    Column("status", String(20), nullable=False),  # running, succeeded, failed
+    Column("run_started_at", TS),
+    Column("run_finished_at", TS),
+    Column("last_success_at", TS),
+    Column("resume_url", Text),  # next page of an interrupted run
+    Column("inserted", Integer, nullable=False, default=0),
+    Column("updated", Integer, nullable=False, default=0),
+    Column("unchanged", Integer, nullable=False, default=0),
+    Column("deleted", Integer, nullable=False, default=0),
+    Column("watermark", String(100)),
+    Column("error", Text),
+)
+
+oauth_tokens = Table(
+    "oauth_tokens",
+    metadata,
+    Column("provider", String(50), primary_key=True),  # e.g. "rupa"
+    Column("access_token", Text),
+    Column("refresh_token", Text),
+    Column("expires_at", TS),
+    Column("updated_at", TS, nullable=False),
+)

@@ -1,0 +1,74 @@
+"""Shared fixtures.
+
+- `warehouse_url`: parametrised over a fresh SQLite file and a fresh database on a real PostgreSQL
+  server (tests/pgserver.py starts one per test session, or LABSYNC_TEST_POSTGRES_URL points at one).
+- `engine`: that warehouse, migrated.
+- `sandbox`: both sandbox APIs served on 127.0.0.1 in a background thread (fresh per test).
+- `settings`: Settings pointing at the sandbox and the warehouse, with fast retries.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from etl.settings import RetrySettings, Settings
+from tests.pgserver import PgServer, create_database
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url():
+    url = os.environ.get("LABSYNC_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    server = PgServer().start()
+    try:
+        yield server.admin_url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def warehouse_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'warehouse.db'}"
+    return create_database(request.getfixturevalue("pg_admin_url"))
+
+
+@pytest.fixture
+def engine(warehouse_url):
+    from etl import warehouse
+
+    eng = warehouse.connect(warehouse_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def sandbox():
+    from etl.sandbox.server import SandboxServer
+
+    with SandboxServer() as server:
+        yield server
+
+
+FAST_RETRY = RetrySettings(max_attempts=5, initial_wait=0.01, max_wait=0.05, timeout=5.0)
+
+
+@pytest.fixture
+def settings(warehouse_url, sandbox, tmp_path):
+    base = Settings()
+    return replace(
+        base,
+        warehouse_url=warehouse_url,
+        inbox=tmp_path / "inbox",
+        lgc=replace(base.lgc, base_url=sandbox.lgc_url),
+        rupa=replace(base.rupa, base_url=sandbox.rupa_url),
+        retry=FAST_RETRY,
+    )
