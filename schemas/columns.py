@@ -1,0 +1,76 @@
+"""The order-batch CSV contract: its columns, which are required, and the small parsers shared by
+the validator and the LetsGetChecked payload mapping (so both read a cell the same way)."""
+
+from __future__ import annotations
+
+import re
+
+# Every column, in template order. Each maps one-to-one onto a field of the LGC PUT body.
+COLUMNS: tuple[str, ...] = (
+    "client_order_id", "program_code", "participant_id", "first_name", "middle_name", "last_name",
+    "email", "phone_country_code", "phone_number", "gender", "dob", "ethnicity", "race",
+    "participant_language", "health_plan_name", "address_line1", "address_line2", "city", "state",
+    "postal_code", "country", "order_items", "diagnosis_codes", "note",
+    "physician_first_name", "physician_middle_name", "physician_last_name", "physician_npi",
+    "pcp_id", "pcp_first_name", "pcp_middle_name", "pcp_last_name", "pcp_address_line1",
+    "pcp_address_line2", "pcp_city", "pcp_state", "pcp_postal_code", "pcp_country", "pcp_phone",
+    "pcp_phone2", "pcp_fax", "pcp_vendor_name",
+    "insurance_policy_number", "insurance_plan_name", "insurance_hierarchy",
+    "insurance_group_name", "insurance_group_number",
+)
+
+# Required by the LGC document: the column must exist in the file and be filled in every row.
+REQUIRED: tuple[str, ...] = (
+    "client_order_id", "program_code", "participant_id", "first_name", "last_name",
+    "phone_country_code", "phone_number", "gender", "dob", "ethnicity", "race",
+    "address_line1", "city", "postal_code", "order_items",
+)
+
+# Columns that may be filled from the warehouse's Rupa copy when `rupa_patient_id` is given.
+RUPA_FILLABLE: tuple[str, ...] = ("first_name", "last_name", "email", "dob")
+RUPA_PATIENT_ID = "rupa_patient_id"
+
+CUSTOM_PREFIX = "custom."
+LIST_SEPARATOR = ";"
+
+_ORDER_ITEM = re.compile(r"^(?P<code>[^:;\s]+)\s*(?::(?P<qty>.*))?$")
+
+
+def is_custom(column: str) -> bool:
+    return column.startswith(CUSTOM_PREFIX) and len(column) > len(CUSTOM_PREFIX)
+
+
+def split_list(cell: str | None) -> list[str]:
+    """`D01; D02` -> ["D01", "D02"]; empty parts are dropped."""
+    if not cell:
+        return []
+    return [part.strip() for part in cell.split(LIST_SEPARATOR) if part.strip()]
+
+
+class OrderItemError(ValueError):
+    """An `order_items` entry that cannot be read; the message is a plain-English reason."""
+
+
+def parse_order_items(cell: str | None) -> list[tuple[str, int]]:
+    """`GLCS;FCIT:2` -> [("GLCS", 1), ("FCIT", 2)]. Quantity defaults to 1 and must be a
+    positive whole number. Raises OrderItemError with a reason a program manager can act on."""
+    items = split_list(cell)
+    if not items:
+        raise OrderItemError("order_items is empty; give at least one test kit code, e.g. GLCS or GLCS:2")
+    out: list[tuple[str, int]] = []
+    for item in items:
+        m = _ORDER_ITEM.match(item)
+        if not m:
+            raise OrderItemError(f"order item {item!r} is not CODE or CODE:QUANTITY")
+        qty_raw = m.group("qty")
+        if qty_raw is None:
+            qty = 1
+        else:
+            qty_raw = qty_raw.strip()
+            if not qty_raw.isdigit() or int(qty_raw) < 1:
+                raise OrderItemError(
+                    f"order item {item!r} has quantity {qty_raw!r}; the quantity must be a whole number of 1 or more"
+                )
+            qty = int(qty_raw)
+        out.append((m.group("code"), qty))
+    return out
