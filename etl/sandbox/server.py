@@ -36,6 +36,11 @@ class Sandbox:
         self.lgc = lgc or LgcSandbox()
         self.rupa = rupa or RupaSandbox()
 
+    @classmethod
+    def with_seed(cls, *, patients: int = 50, lab_tests: int = 20, seed: int = 0) -> Sandbox:
+        """Both sandboxes, the Rupa one seeded with that many synthetic patients and lab tests."""
+        return cls(rupa=RupaSandbox(patients=patients, lab_tests=lab_tests, seed=seed))
+
     def vendors(self) -> dict:
         return {"lgc": self.lgc, "rupa": self.rupa}
 

@@ -1,0 +1,279 @@
+"""Rupa OAuth2 (authorization code) and the ready-token mode.
+
+Why the warehouse holds the tokens: Rupa rotates refresh tokens, so the one used for a refresh
+stops working the moment the server answers. The new one must be saved before anything else
+happens, somewhere every run can read and write: Airflow tasks cannot write Connections, so the
+`oauth_tokens` table is that place. A refresh runs under a write lock on the token row, so two
+processes (the patients and lab-tests tasks) never spend the same refresh token twice; the
+loser of the race simply picks up the winner's fresh token.
+
+Two token sources share one tiny interface (`token()`, `after_401(used)`):
+- `StaticToken`: `RUPA_API_TOKEN` / the Airflow extra `access_token`; a 401 is final.
+- `OAuthTokens`: refreshes shortly before expiry and once after a 401.
+
+Nothing here logs or raises with a token, a code or a client secret in the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import httpx
+from sqlalchemy import Connection, Engine, select, update
+
+from etl.errors import ApiError, AuthError, ConfigError
+from etl.http import (
+    RetryableStatus,
+    describe_transport_error,
+    make_client,
+    raise_for_retryable,
+    retrying,
+)
+from etl.settings import RetrySettings, RupaSettings, Settings
+from etl.warehouse import oauth_tokens, upsert
+
+log = logging.getLogger(__name__)
+
+PROVIDER = "rupa"
+MAX_REFRESH_MARGIN = timedelta(seconds=60)  # refresh this long before expiry (at most)
+
+NOT_AUTHORIZED = ("Rupa is not authorized yet: run `labsync rupa authorize` "
+                  "(or set RUPA_API_TOKEN to a ready access token)")
+REAUTHORIZE = ("Rupa refused the refresh token (revoked, expired or already used); "
+               "run `labsync rupa authorize` again")
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """An access token, its refresh token and when it expires. repr() never shows the secrets."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str | None = field(default=None, repr=False)
+    expires_at: datetime | None = None
+    issued_at: datetime | None = None
+
+    def needs_refresh(self, now: datetime | None = None) -> bool:
+        """True shortly before expiry: a fifth of the lifetime early, at most a minute."""
+        if self.expires_at is None:
+            return False
+        now = now or datetime.now(UTC)
+        margin = MAX_REFRESH_MARGIN
+        if self.issued_at is not None:
+            margin = min(margin, (self.expires_at - self.issued_at) / 5)
+        return now >= self.expires_at - margin
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything we store is UTC."""
+    return ts.replace(tzinfo=UTC) if ts is not None and ts.tzinfo is None else ts
+
+
+class TokenStore:
+    """The `oauth_tokens` row for one provider."""
+
+    def __init__(self, engine: Engine, provider: str = PROVIDER) -> None:
+        self.engine, self.provider = engine, provider
+
+    def _read(self, conn: Connection) -> Tokens | None:
+        row = conn.execute(select(oauth_tokens).where(oauth_tokens.c.provider == self.provider)).mappings().first()
+        if row is None or not row["access_token"]:
+            return None
+        return Tokens(row["access_token"], row["refresh_token"], _aware(row["expires_at"]), _aware(row["updated_at"]))
+
+    def load(self) -> Tokens | None:
+        with self.engine.connect() as conn:
+            return self._read(conn)
+
+    def save(self, tokens: Tokens, conn: Connection | None = None) -> None:
+        row = dict(provider=self.provider, access_token=tokens.access_token,
+                   refresh_token=tokens.refresh_token, expires_at=tokens.expires_at,
+                   updated_at=tokens.issued_at or datetime.now(UTC))
+        if conn is not None:
+            upsert(conn, oauth_tokens, [row], key=["provider"])
+            return
+        with self.engine.begin() as own:
+            upsert(own, oauth_tokens, [row], key=["provider"])
+
+    @contextmanager
+    def locked(self) -> Iterator[tuple[Connection, Tokens | None]]:
+        """A transaction holding the write lock on the token row (SQLite: the database write
+        lock; PostgreSQL: the row lock), and the row as it is now. Commit on exit."""
+        with self.engine.begin() as conn:
+            conn.execute(update(oauth_tokens).where(oauth_tokens.c.provider == self.provider)
+                         .values(updated_at=oauth_tokens.c.updated_at))
+            yield conn, self._read(conn)
+
+
+class TokenSource(Protocol):
+    def token(self) -> str: ...
+
+    def after_401(self, used: str) -> str: ...
+
+
+class StaticToken:
+    """A ready access token (`RUPA_API_TOKEN`): nothing to refresh, so a 401 is final."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def token(self) -> str:
+        return self._token
+
+    def after_401(self, used: str) -> str:
+        raise AuthError("Rupa refused RUPA_API_TOKEN (expired or revoked); set a new one", status=401)
+
+
+# ---- the token endpoint ------------------------------------------------------------------------
+def token_endpoint(settings: RupaSettings) -> str:
+    return f"{settings.base_url.rstrip('/')}/oauth/token"
+
+
+def request_tokens(http: httpx.Client, settings: RupaSettings, retry: RetrySettings, grant: dict) -> Tokens:
+    """POST a grant to `{base}/oauth/token` (client credentials in the form body, as Rupa's
+    OAuth guide shows) through the shared retry policy, and read the token response."""
+    form = {**grant, "client_id": settings.client_id or "", "client_secret": settings.client_secret or ""}
+    try:
+        for attempt in retrying(retry):
+            with attempt:
+                response = raise_for_retryable(http.post(token_endpoint(settings), data=form,
+                                                         headers={"Accept": "application/json"}))
+    except (RetryableStatus, httpx.TransportError) as exc:
+        raise ApiError(f"Rupa token endpoint failed: {describe_transport_error(exc)}") from None
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if response.status_code >= 400 or not isinstance(body, dict):
+        error = body.get("error") if isinstance(body, dict) else None
+        if error == "invalid_client" or response.status_code == 401:
+            raise AuthError("Rupa refused the client credentials: check RUPA_CLIENT_ID and "
+                            "RUPA_CLIENT_SECRET", status=response.status_code)
+        if error == "invalid_grant":
+            if grant.get("grant_type") == "refresh_token":
+                raise AuthError(REAUTHORIZE, status=response.status_code)
+            raise AuthError("Rupa refused the authorization code (expired, already used, or a "
+                            "different redirect URI); run `labsync rupa authorize` again",
+                            status=response.status_code)
+        raise ApiError(f"Rupa token endpoint answered HTTP {response.status_code}"
+                       + (f" ({error})" if isinstance(error, str) else ""), status=response.status_code)
+    access = body.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise ApiError("Rupa token endpoint answered without an access token")
+    now = datetime.now(UTC)
+    expires_at = None
+    try:
+        if body.get("expires_in") is not None:
+            expires_at = now + timedelta(seconds=float(body["expires_in"]))
+    except (TypeError, ValueError):
+        expires_at = None
+    refresh = body.get("refresh_token") if isinstance(body.get("refresh_token"), str) else None
+    return Tokens(access, refresh, expires_at, now)
+
+
+class OAuthTokens:
+    """Access tokens from the warehouse, refreshed before expiry and once after a 401."""
+
+    def __init__(self, settings: RupaSettings, retry: RetrySettings, store: TokenStore,
+                 http: httpx.Client) -> None:
+        self.settings, self.retry, self.store, self.http = settings, retry, store, http
+        self._tokens: Tokens | None = None
+        self._lock = threading.Lock()
+        self.refreshes = 0
+
+    def token(self) -> str:
+        with self._lock:
+            if self._tokens is None:
+                self._tokens = self.store.load()
+                if self._tokens is None:
+                    raise AuthError(NOT_AUTHORIZED)
+            if self._tokens.needs_refresh():
+                self._refresh(self._tokens.access_token)
+            return self._tokens.access_token
+
+    def after_401(self, used: str) -> str:
+        with self._lock:
+            self._refresh(used, rejected=True)
+            return self._tokens.access_token  # type: ignore[union-attr]
+
+    def _refresh(self, stale: str, *, rejected: bool = False) -> None:
+        """Refresh unless another process already did (its token is then newer than `stale`)."""
+        with self.store.locked() as (conn, current):
+            if current is None:
+                raise AuthError(NOT_AUTHORIZED)
+            if current.access_token != stale and not current.needs_refresh():
+                self._tokens = current
+                log.info("using the Rupa access token refreshed by another run")
+                return
+            if not current.refresh_token:
+                raise AuthError("the Rupa access token expired and there is no refresh token; "
+                                "run `labsync rupa authorize` again")
+            fresh = request_tokens(self.http, self.settings, self.retry,
+                                   {"grant_type": "refresh_token", "refresh_token": current.refresh_token})
+            if fresh.refresh_token is None:  # not rotated: keep the one we have
+                fresh = replace(fresh, refresh_token=current.refresh_token)
+            self.store.save(fresh, conn)  # committed before anyone uses the new tokens
+        self._tokens = fresh
+        self.refreshes += 1
+        log.info("refreshed the Rupa access token%s", " after a 401" if rejected else " before expiry")
+
+
+def token_source(settings: Settings, engine: Engine | None, http: httpx.Client) -> TokenSource:
+    """`RUPA_API_TOKEN` when set, else OAuth tokens from the warehouse."""
+    rupa = settings.rupa
+    if rupa.api_token:
+        return StaticToken(rupa.api_token)
+    if engine is None:
+        raise ConfigError("Rupa OAuth needs the warehouse to keep its tokens; set LABSYNC_WAREHOUSE_URL")
+    return OAuthTokens(rupa, settings.retry, TokenStore(engine), http)
+
+
+# ---- the one-time authorization ----------------------------------------------------------------
+def new_state() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def authorization_url(settings: RupaSettings, state: str) -> str:
+    """The consent page a practitioner opens once in a browser."""
+    query = urlencode({"client_id": settings.client_id or "", "redirect_uri": settings.redirect_uri,
+                       "response_type": "code", "state": state})
+    sep = "&" if "?" in settings.authorize_url else "?"
+    return f"{settings.authorize_url}{sep}{query}"
+
+
+def parse_authorization_response(text: str, expected_state: str | None = None) -> str:
+    """The code from what the user pasted: the bare code or the whole redirected URL."""
+    text = text.strip()
+    if not text:
+        raise AuthError("no authorization code given")
+    if "://" not in text and "code=" not in text and "error=" not in text:
+        return text
+    parts = urlsplit(text)
+    params = parse_qs(parts.query or (text if "://" not in text else ""))
+    if "error" in params:
+        raise AuthError(f"the authorization was not granted ({params['error'][0][:50]})")
+    codes = params.get("code")
+    if not codes:
+        raise AuthError("the pasted URL has no `code` parameter; paste the whole URL you were redirected to")
+    state = params.get("state", [None])[0]
+    if expected_state is not None and state is not None and state != expected_state:
+        raise AuthError("the pasted URL belongs to another authorization attempt (state mismatch)")
+    return codes[0]
+
+
+def exchange_code(engine: Engine, settings: Settings, code: str) -> Tokens:
+    """Trade an authorization code for tokens and store them in `oauth_tokens` at once."""
+    rupa = settings.rupa.validated()
+    with make_client(rupa.base_url, settings.retry) as http:
+        tokens = request_tokens(http, rupa, settings.retry, {
+            "grant_type": "authorization_code", "code": code, "redirect_uri": rupa.redirect_uri})
+    TokenStore(engine).save(tokens)
+    log.info("stored new Rupa tokens")
+    return tokens

@@ -1,0 +1,256 @@
+"""The Rupa Health API client: JSON:API over httpx, paging by `links.next`, the shared retries.
+
+Why it follows `links.next` verbatim: the client then never needs to know the server's paging
+scheme (cursor, offset, numbers), and an interrupted extraction can resume from the stored URL
+of the next page. Only the first request carries our page size (`page[size]`, as JSON:API
+suggests). A `next` link pointing at another host is refused: it would receive our token.
+
+Errors: a JSON:API `errors` array becomes a `RupaApiError` whose message lists each error's
+status, code, title and source pointer. The free-text `detail` is kept on the exception
+(`.errors`) but left out of the message, because servers often echo submitted values (names,
+emails) there. 429/5xx/timeouts/broken connections go through `etl.http.retrying`; a 401 gets
+one token refresh and one more try.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+from sqlalchemy import Engine
+
+from etl.errors import ApiError, AuthError
+from etl.http import (
+    RetryableStatus,
+    describe_transport_error,
+    make_client,
+    raise_for_retryable,
+    retrying,
+)
+from etl.rupa.auth import TokenSource, token_source
+from etl.settings import RetrySettings, RupaSettings, Settings
+
+log = logging.getLogger(__name__)
+
+JSONAPI = "application/vnd.api+json"
+
+
+class RupaApiError(ApiError):
+    """Rupa answered with a JSON:API error document (or an unusable one)."""
+
+    def __init__(self, message: str, *, status: int | None = None, errors: list[dict] | None = None) -> None:
+        super().__init__(message, status=status)
+        self.errors = errors or []
+
+    @property
+    def codes(self) -> list[str]:
+        return [str(e.get("code")) for e in self.errors if e.get("code")]
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a list endpoint: its resources, the URL it came from and the next page's."""
+
+    url: str
+    data: list[dict]
+    next_url: str | None
+    total: int | None = None  # meta.total when the server sends it (progress display only)
+
+
+@dataclass(frozen=True)
+class OrderIntent:
+    id: str
+    checkout_url: str
+    resource: dict
+
+
+def describe_errors(status: int, errors: Iterable[dict]) -> str:
+    """`HTTP 422: Missing required attribute [missing_attribute] at /data/attributes/email; ...`"""
+    parts = []
+    for err in errors:
+        if not isinstance(err, dict):
+            continue
+        text = str(err.get("title") or err.get("code") or "error")
+        if err.get("code") and err.get("title"):
+            text += f" [{err['code']}]"
+        source = err.get("source") or {}
+        where = source.get("pointer") or source.get("parameter") if isinstance(source, dict) else None
+        if where:
+            text += f" at {where}"
+        parts.append(text[:200])
+    return f"HTTP {status}: " + ("; ".join(parts[:5]) or "no details")
+
+
+class RupaClient:
+    """Talks to one Rupa base URL with one token source. Use as a context manager."""
+
+    def __init__(self, settings: RupaSettings, retry: RetrySettings, auth: TokenSource,
+                 http: httpx.Client) -> None:
+        self.settings, self.retry, self.auth, self.http = settings, retry, auth, http
+        base = urlsplit(settings.base_url)
+        self._origin = (base.scheme, base.netloc)
+        self.requests = 0
+
+    # ---- plumbing ------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> RupaClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _url(self, path_or_url: str) -> str:
+        if "://" in path_or_url:
+            return path_or_url
+        return f"{self.settings.base_url.rstrip('/')}/{path_or_url.lstrip('/')}"
+
+    def _send_once(self, method: str, url: str, body: dict | None) -> tuple[httpx.Response, str]:
+        """One logical request through the retry policy. Returns the response and the token used."""
+        used = ""
+        try:
+            for attempt in retrying(self.retry):
+                with attempt:
+                    used = self.auth.token()
+                    headers = {"Authorization": f"Bearer {used}", "Accept": JSONAPI}
+                    content = None
+                    if body is not None:
+                        headers["Content-Type"] = JSONAPI
+                        content = json.dumps(body)
+                    self.requests += 1
+                    response = raise_for_retryable(
+                        self.http.request(method, url, headers=headers, content=content))
+        except (RetryableStatus, httpx.TransportError) as exc:
+            raise ApiError(f"Rupa {method} {urlsplit(url).path} failed: {describe_transport_error(exc)}") from None
+        return response, used
+
+    def request(self, method: str, path_or_url: str, body: dict | None = None) -> dict:
+        """Send a JSON:API request and return the response document. A 401 refreshes the token
+        once and tries again; a second 401 is an AuthError."""
+        url = self._url(path_or_url)
+        response, used = self._send_once(method, url, body)
+        if response.status_code == 401:
+            log.info("Rupa answered 401; refreshing the access token once")
+            self.auth.after_401(used)
+            response, used = self._send_once(method, url, body)
+            if response.status_code == 401:
+                raise AuthError("Rupa refused the access token even after refreshing it; "
+                                "run `labsync rupa authorize` again", status=401)
+        return self._document(response)
+
+    def _document(self, response: httpx.Response) -> dict:
+        status = response.status_code
+        try:
+            doc = response.json()
+        except ValueError:
+            doc = None
+        if status >= 400:
+            errors = doc.get("errors") if isinstance(doc, dict) else None
+            if isinstance(errors, list) and errors:
+                raise RupaApiError(f"Rupa API error {describe_errors(status, errors)}", status=status, errors=errors)
+            raise RupaApiError(f"Rupa API error HTTP {status}", status=status)
+        if not isinstance(doc, dict):
+            raise RupaApiError(f"Rupa answered HTTP {status} with a body that is not a JSON document", status=status)
+        if doc.get("errors") and "data" not in doc:
+            raise RupaApiError(f"Rupa API error {describe_errors(status, doc['errors'])}", status=status,
+                               errors=doc["errors"])
+        return doc
+
+    def _next_url(self, doc: dict, current: str) -> str | None:
+        links = doc.get("links") or {}
+        nxt = links.get("next") if isinstance(links, dict) else None
+        if isinstance(nxt, dict):  # JSON:API 1.1 link object
+            nxt = nxt.get("href")
+        if not nxt:
+            return None
+        absolute = urljoin(current, str(nxt))
+        parts = urlsplit(absolute)
+        if (parts.scheme, parts.netloc) != self._origin:
+            raise RupaApiError("Rupa's links.next points at another host; refusing to send the token there")
+        if absolute == current:
+            raise RupaApiError("Rupa's links.next points at the page just read; paging would never end")
+        return absolute
+
+    # ---- list endpoints ------------------------------------------------------------------------
+    def first_page_url(self, path: str) -> str:
+        return f"{self._url(path)}?page%5Bsize%5D={self.settings.page_size}"
+
+    def pages(self, path: str, *, start_url: str | None = None) -> Iterator[Page]:
+        """Every page of a list endpoint, from `start_url` (a stored `next` link) or the first."""
+        url: str | None = start_url or self.first_page_url(path)
+        while url:
+            doc = self.request("GET", url)
+            data = doc.get("data")
+            if not isinstance(data, list):
+                raise RupaApiError(f"Rupa {urlsplit(url).path} did not return a list of resources")
+            meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
+            total = meta.get("total") if isinstance(meta.get("total"), int) else None
+            next_url = self._next_url(doc, url)
+            yield Page(url=url, data=data, next_url=next_url, total=total)
+            url = next_url
+
+    def iter_resources(self, path: str) -> Iterator[dict]:
+        for page in self.pages(path):
+            yield from page.data
+
+    def list_patients(self) -> Iterator[dict]:
+        return self.iter_resources("/patients")
+
+    def list_lab_tests(self) -> Iterator[dict]:
+        return self.iter_resources("/lab_tests")
+
+    def get_patient(self, patient_id: str) -> dict:
+        return self.request("GET", f"/patients/{patient_id}")["data"]
+
+    # ---- writes ----------------------------------------------------------------------------------
+    def create_patient(self, first_name: str, last_name: str, email: str, **attributes: Any) -> dict:
+        """`POST /patients`. Rupa returns the existing patient for the same first name, last name
+        and email, so retrying after a dropped connection cannot create a duplicate."""
+        attrs = {"first_name": first_name, "last_name": last_name, "email": email, **attributes}
+        doc = self.request("POST", "/patients", {"data": {"type": "patient", "attributes": attrs}})
+        return _resource(doc, "patient")
+
+    def create_order_intent(self, patient_id: str, *, return_url: str,
+                            lab_test_ids: Iterable[str] = ()) -> OrderIntent:
+        """`POST /order_intents`: a cart for the practitioner to finish at `checkout_url`.
+        A retry after a dropped connection may leave an unused extra cart; that is harmless,
+        only the returned `checkout_url` is ever visited."""
+        body = {"data": {
+            "type": "order_intent",
+            "attributes": {"return_url": return_url},
+            "relationships": {
+                "patient": {"data": {"type": "patient", "id": patient_id}},
+                "lab_tests": {"data": [{"type": "lab_test", "id": t} for t in lab_test_ids]},
+            },
+        }}
+        res = _resource(self.request("POST", "/order_intents", body), "order_intent")
+        checkout = (res.get("attributes") or {}).get("checkout_url")
+        if not checkout:
+            raise RupaApiError("Rupa created an order intent without a checkout_url")
+        return OrderIntent(id=str(res.get("id")), checkout_url=str(checkout), resource=res)
+
+
+def _resource(doc: dict, kind: str) -> dict:
+    data = doc.get("data")
+    if not isinstance(data, dict) or not data.get("id"):
+        raise RupaApiError(f"Rupa did not return a {kind} resource")
+    return data
+
+
+def open_client(settings: Settings, engine: Engine | None = None) -> RupaClient:
+    """A client for `settings.rupa` (validated), its tokens from RUPA_API_TOKEN or the warehouse."""
+    rupa = settings.rupa.validated()
+    settings = replace(settings, rupa=rupa)
+    http = make_client(rupa.base_url, settings.retry)
+    try:
+        auth = token_source(settings, engine, http)
+    except Exception:
+        http.close()
+        raise
+    return RupaClient(rupa, settings.retry, auth, http)

@@ -1,0 +1,320 @@
+"""Extraction: Rupa patients and lab tests streamed page by page into the warehouse.
+
+How a run stays correct when it is killed at any moment:
+- Each page is written in ONE transaction together with the stream's `sync_state` row (the
+  running counts and the URL of the next page). A kill loses at most the page in flight; the
+  warehouse never holds rows that `sync_state` does not account for.
+- A run that finds its stream `running` or `failed` with a stored next-page URL resumes there,
+  keeping the original run start, so the disappearance check still covers the whole run.
+- Disappearance is decided only after the last page, in that page's transaction: every live row
+  whose `last_seen_at` is older than the run start gets `deleted_at` (rows are never deleted).
+
+Counting: a row is `inserted` (new id), `updated` (content hash changed, or it reappears after
+being marked deleted) or `unchanged` (only `last_seen_at` moves). The hash covers `attributes`
+and `relationships`, so any change the API shows is caught.
+
+Memory stays flat: one page of resources is held at a time, and existing rows are looked up by
+the page's ids only.
+
+Watermark: the Rupa API documents no `updated_at` filter for list endpoints, so every run is a
+full sync; `sync_state.watermark` records the newest `updated_at` seen, for monitoring and for
+an incremental mode should Rupa add a filter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import chain
+
+from sqlalchemy import Connection, Engine, Table, func, select, update
+
+from etl.errors import ConfigError, LabsyncError
+from etl.http import describe_transport_error
+from etl.rupa.client import Page, RupaApiError, RupaClient, open_client
+from etl.settings import Settings
+from etl.warehouse import rupa_lab_tests, rupa_patients, sync_state, upsert
+
+log = logging.getLogger(__name__)
+
+LOOKUP_CHUNK = 500  # ids per IN (...) lookup
+
+# progress(rows_in_this_page, total_if_known)
+Progress = Callable[[int, int | None], None]
+
+
+def _text(value: object, limit: int) -> str | None:
+    """A column value: strings as given (cut to the column's size), other types as JSON text."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text[:limit]
+
+
+def _timestamp(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def _patient_columns(attrs: dict) -> dict:
+    return {
+        "first_name": _text(attrs.get("first_name"), 200),
+        "last_name": _text(attrs.get("last_name"), 200),
+        "birthday": _text(attrs.get("birthday"), 10),
+        "email": _text(attrs.get("email"), 320),
+    }
+
+
+def _lab_test_columns(attrs: dict) -> dict:
+    lab = attrs.get("lab_name") or attrs.get("lab_company_name") or attrs.get("lab")
+    if isinstance(lab, dict):
+        lab = lab.get("name")
+    return {"name": _text(attrs.get("name"), 500), "lab_name": _text(lab, 500)}
+
+
+@dataclass(frozen=True)
+class Stream:
+    name: str  # sync_state.stream
+    path: str  # list endpoint
+    table: Table
+    columns: Callable[[dict], dict]  # attributes -> typed columns
+
+
+STREAMS: dict[str, Stream] = {
+    "patients": Stream("patients", "/patients", rupa_patients, _patient_columns),
+    "lab_tests": Stream("lab_tests", "/lab_tests", rupa_lab_tests, _lab_test_columns),
+}
+
+
+def stream_named(name: str) -> Stream:
+    """`patients`, `lab_tests` or `lab-tests`."""
+    spec = STREAMS.get(name.replace("-", "_").strip().lower())
+    if spec is None:
+        raise ConfigError(f"unknown Rupa stream {name!r}; use patients or lab-tests")
+    return spec
+
+
+@dataclass
+class SyncSummary:
+    """What one run (a resumed run counts from its start) did to one stream."""
+
+    stream: str
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    pages: int = 0  # pages fetched by this process
+    resumed: bool = False
+    seconds: float = 0.0
+    watermark: str | None = None
+
+    @property
+    def seen(self) -> int:
+        return self.inserted + self.updated + self.unchanged
+
+    def line(self) -> str:
+        rate = f", {self.pages / self.seconds:.1f} pages/s" if self.seconds > 0 and self.pages else ""
+        return (f"{self.stream}: {self.inserted} inserted, {self.updated} updated, "
+                f"{self.unchanged} unchanged, {self.deleted} marked deleted "
+                f"({self.pages} pages in {self.seconds:.1f}s{rate}{', resumed' if self.resumed else ''})")
+
+
+@dataclass
+class _Run:
+    started_at: datetime
+    resume_url: str | None
+    summary: SyncSummary
+    counts: dict = field(default_factory=dict)
+
+
+def row_for(spec: Stream, resource: dict) -> dict:
+    """The warehouse columns for one JSON:API resource (without the seen/deleted timestamps)."""
+    attrs = resource.get("attributes") if isinstance(resource.get("attributes"), dict) else {}
+    rels = resource.get("relationships") if isinstance(resource.get("relationships"), dict) else {}
+    canonical = json.dumps({"attributes": attrs, "relationships": rels}, sort_keys=True, separators=(",", ":"))
+    return {
+        "id": str(resource["id"]),
+        **spec.columns(attrs),
+        "attributes": attrs,
+        "relationships": rels,
+        "content_sha256": hashlib.sha256(canonical.encode()).hexdigest(),
+        "updated_at": _timestamp(attrs.get("updated_at")),
+    }
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    return ts.replace(tzinfo=UTC) if ts is not None and ts.tzinfo is None else ts
+
+
+# ---- sync_state --------------------------------------------------------------------------------
+def _start(engine: Engine, spec: Stream, *, fresh: bool = False) -> _Run:
+    """Resume the stream's interrupted run, or start a new one."""
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        row = conn.execute(select(sync_state).where(sync_state.c.stream == spec.name)).mappings().first()
+        if (not fresh and row is not None and row["status"] in ("running", "failed")
+                and row["resume_url"] and row["run_started_at"] is not None):
+            summary = SyncSummary(spec.name, row["inserted"], row["updated"], row["unchanged"],
+                                  resumed=True, watermark=row["watermark"])
+            conn.execute(update(sync_state).where(sync_state.c.stream == spec.name)
+                         .values(status="running", error=None))
+            return _Run(_aware(row["run_started_at"]), row["resume_url"], summary)
+        upsert(conn, sync_state, [dict(
+            stream=spec.name, status="running", run_started_at=now, run_finished_at=None,
+            resume_url=None, inserted=0, updated=0, unchanged=0, deleted=0, error=None,
+            watermark=row["watermark"] if row is not None else None,
+        )], key=["stream"])
+        return _Run(now, None, SyncSummary(spec.name, watermark=row["watermark"] if row is not None else None))
+
+
+def _fail(engine: Engine, spec: Stream, exc: BaseException) -> None:
+    """Record why the run stopped (no PHI: exception type and our own plain messages only)."""
+    reason = str(exc) if isinstance(exc, LabsyncError) else describe_transport_error(exc)
+    try:
+        with engine.begin() as conn:
+            conn.execute(update(sync_state).where(sync_state.c.stream == spec.name)
+                         .values(status="failed", run_finished_at=datetime.now(UTC), error=reason[:500]))
+    except Exception:  # the warehouse itself may be why we failed; the original error matters more
+        log.warning("could not record the failed %s run in sync_state", spec.name)
+
+
+# ---- one page ------------------------------------------------------------------------------------
+def _apply_page(conn: Connection, spec: Stream, resources: list[dict], seen_at: datetime) -> tuple[int, int, int, str | None]:
+    """Upsert one page; returns (inserted, updated, unchanged, newest updated_at on the page)."""
+    table = spec.table
+    rows: dict[str, dict] = {}
+    for res in resources:
+        if isinstance(res, dict) and res.get("id") is not None:
+            row = row_for(spec, res)
+            rows[row["id"]] = row
+    if not rows:
+        return 0, 0, 0, None
+    ids = list(rows)
+    existing: dict[str, tuple[str, datetime | None]] = {}
+    for i in range(0, len(ids), LOOKUP_CHUNK):
+        chunk = ids[i:i + LOOKUP_CHUNK]
+        for rid, sha, deleted_at in conn.execute(
+                select(table.c.id, table.c.content_sha256, table.c.deleted_at).where(table.c.id.in_(chunk))):
+            existing[rid] = (sha, deleted_at)
+    writes: list[dict] = []
+    unchanged: list[str] = []
+    inserted = updated = 0
+    for rid, row in rows.items():
+        prev = existing.get(rid)
+        if prev is not None and prev[0] == row["content_sha256"] and prev[1] is None:
+            unchanged.append(rid)
+            continue
+        if prev is None:
+            inserted += 1
+        else:
+            updated += 1
+        writes.append({**row, "first_seen_at": seen_at, "last_seen_at": seen_at, "deleted_at": None})
+    if writes:
+        keep_first_seen = [c for c in writes[0] if c not in ("id", "first_seen_at")]
+        upsert(conn, table, writes, key=["id"], update=keep_first_seen)
+    for i in range(0, len(unchanged), LOOKUP_CHUNK):
+        conn.execute(update(table).where(table.c.id.in_(unchanged[i:i + LOOKUP_CHUNK])).values(last_seen_at=seen_at))
+    stamps = [str(r["attributes"].get("updated_at")) for r in rows.values() if r["attributes"].get("updated_at")]
+    return inserted, updated, len(unchanged), max(stamps) if stamps else None
+
+
+def _pages_from(client: RupaClient, engine: Engine, spec: Stream, run: _Run) -> tuple[Iterator[Page], _Run]:
+    """The run's pages; a stored next-page URL the server no longer accepts restarts the run."""
+    pages = client.pages(spec.path, start_url=run.resume_url)
+    try:
+        first = next(pages)
+    except RupaApiError as exc:
+        if not run.resume_url or exc.status not in (400, 404, 410, 422):
+            raise
+        log.warning("%s: the stored next-page link was refused (HTTP %s); starting over", spec.name, exc.status)
+        run = _start(engine, spec, fresh=True)
+        pages = client.pages(spec.path)
+        first = next(pages)
+    return chain([first], pages), run
+
+
+# ---- public -----------------------------------------------------------------------------------
+def extract_stream(engine: Engine, settings: Settings, stream: str, *,
+                   client: RupaClient | None = None, progress: Progress | None = None) -> SyncSummary:
+    """Run (or finish an interrupted) full sync of one stream (`patients` or `lab_tests`).
+
+    Raises AuthError (exit 2) when Rupa refuses our credentials, ApiError when the API fails
+    beyond the retry policy; either way `sync_state` says `failed` and the next run resumes.
+    """
+    spec = stream_named(stream)
+    own = client is None
+    if own:
+        client = open_client(settings, engine)
+    assert client is not None
+    t0 = time.monotonic()
+    try:
+        run = _start(engine, spec)
+        if run.summary.resumed:
+            log.info("%s: resuming the interrupted run", spec.name)
+        pages, run = _pages_from(client, engine, spec, run)
+        summary = run.summary
+        for page in pages:
+            # never stamp a row earlier than the run start, even if this host's clock is behind
+            seen_at = max(datetime.now(UTC), run.started_at)
+            with engine.begin() as conn:
+                ins, upd, same, newest = _apply_page(conn, spec, page.data, seen_at)
+                summary.inserted += ins
+                summary.updated += upd
+                summary.unchanged += same
+                if newest and (summary.watermark is None or newest > summary.watermark):
+                    summary.watermark = newest
+                values = dict(inserted=summary.inserted, updated=summary.updated,
+                              unchanged=summary.unchanged, watermark=summary.watermark,
+                              resume_url=page.next_url)
+                if page.next_url is None:
+                    summary.deleted = _mark_disappeared(conn, spec, run.started_at, seen_at)
+                    done = datetime.now(UTC)
+                    values.update(status="succeeded", deleted=summary.deleted, run_finished_at=done,
+                                  last_success_at=done, error=None)
+                conn.execute(update(sync_state).where(sync_state.c.stream == spec.name).values(**values))
+            summary.pages += 1
+            log.debug("%s: page %d stored (%d resources)", spec.name, summary.pages, len(page.data))
+            if progress is not None:
+                progress(len(page.data), page.total)
+    except BaseException as exc:
+        _fail(engine, spec, exc)
+        raise
+    finally:
+        if own:
+            client.close()
+    summary.seconds = time.monotonic() - t0
+    log.info("%s", summary.line())
+    return summary
+
+
+def _mark_disappeared(conn: Connection, spec: Stream, run_started_at: datetime, now: datetime) -> int:
+    table = spec.table
+    result = conn.execute(update(table)
+                          .where(table.c.deleted_at.is_(None), table.c.last_seen_at < run_started_at)
+                          .values(deleted_at=now))
+    return int(result.rowcount or 0)
+
+
+def extract_all(engine: Engine, settings: Settings, streams: tuple[str, ...] = ("patients", "lab_tests"), *,
+                progress: Callable[[str], Progress] | None = None) -> list[SyncSummary]:
+    """Each stream in turn with one client (one token refresh serves them all)."""
+    with open_client(settings, engine) as client:
+        return [extract_stream(engine, settings, s, client=client,
+                               progress=progress(s) if progress else None) for s in streams]
+
+
+def live_count(engine: Engine, stream: str) -> int:
+    """Rows of a stream not marked deleted (for summaries and tests)."""
+    table = stream_named(stream).table
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(table).where(table.c.deleted_at.is_(None))).scalar_one())
