@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from etl.settings import SANDBOX_PORT, Settings
@@ -20,6 +22,31 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"warehouse schema is current ({engine.url.render_as_string(hide_password=True)})")
 
     app.add_typer(db, name="db")
+
+    @app.command()
+    def validate(
+        file: Path = typer.Argument(..., help="The order-batch CSV file."),
+        record: bool = typer.Option(
+            True, "--record/--no-record", help="Record the batch and its rejected rows in the warehouse."
+        ),
+    ) -> None:
+        """Check every row of an order batch; write FILE.rejects.csv beside it.
+
+        Exit 0: every row is valid. 1: some rows were rejected. 2: the file cannot be used."""
+        from etl.batches.validate import CsvValidation
+
+        if record:
+            from etl import warehouse
+            from etl.batches import records
+
+            engine = warehouse.connect(Settings.from_env().warehouse_url)
+            batch_id, validation = records.open_batch(engine, file)
+            validation.run()
+            result = records.close_batch(engine, batch_id, validation)
+        else:
+            result = CsvValidation(file).run()
+        typer.echo(result.summary())
+        raise typer.Exit(0 if result.rejected_rows == 0 else 1)
 
     @app.command()
     def sandbox(
