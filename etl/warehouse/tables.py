@@ -75,6 +75,10 @@ lgc_orders = Table(
     Column("payload_sha256", String(64), nullable=False),
     Column("created_at", TS, nullable=False),
     Column("updated_at", TS, nullable=False),
+    # which live run is sending this order right now (migration 0002_lgc): "host:pid:nonce",
+    # and until when that claim holds; both NULL once the outcome is written.
+    Column("claimed_by", String(100)),
+    Column("claimed_until", TS),
     Index("ix_lgc_orders_batch_id", "batch_id"),
     Index("ix_lgc_orders_state", "state"),
 )

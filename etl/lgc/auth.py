@@ -1,0 +1,120 @@
+"""LetsGetChecked authentication: OAuth2 client credentials, one token shared by a whole load.
+
+`POST {base}/oauth2/token?grant_type=client_credentials` with HTTP Basic (access key, secret
+key) and a form-urlencoded body answers `{"access_token": <JWT>, "expires_in": <seconds>}`.
+The token is fetched once and shared by every concurrent request of a load (an asyncio lock
+makes the first caller fetch while the others wait), reused until shortly before it expires,
+and refreshed at most once per stale token when a PUT answers 401: many requests failing with
+the same stale token trigger one refresh, not one each.
+
+With `LGC_API_TOKEN` (a ready token) there is nothing to refresh: a 401 is final.
+Tokens never appear in logs or exception messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+
+from etl.errors import ApiError, AuthError
+from etl.http import (
+    RetryableStatus,
+    async_retrying,
+    describe_transport_error,
+    raise_for_retryable,
+)
+from etl.settings import LgcSettings, RetrySettings
+
+log = logging.getLogger(__name__)
+
+TOKEN_PATH = "/oauth2/token"
+DEFAULT_EXPIRES_IN = 300.0  # if the server omits expires_in, assume a short life
+MAX_EARLY_REFRESH = 60.0  # refresh this many seconds before expiry (at most 10% of the life)
+
+
+class TokenProvider:
+    """Hands out a bearer token; fetches/refreshes it under a lock so it happens once."""
+
+    def __init__(self, lgc: LgcSettings, retry: RetrySettings, *, clock=time.monotonic) -> None:
+        self._lgc = lgc
+        self._retry = retry
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._token: str | None = lgc.api_token
+        self._expires_at: float = float("inf") if lgc.api_token else 0.0
+        self.fetches = 0  # how many times the token endpoint was called (tests, logs)
+
+    @property
+    def static(self) -> bool:
+        """True with LGC_API_TOKEN: the token cannot be refreshed."""
+        return bool(self._lgc.api_token)
+
+    def _fresh(self) -> bool:
+        return self._token is not None and self._clock() < self._expires_at
+
+    async def token(self, client: httpx.AsyncClient) -> str:
+        """A valid token, fetching one if there is none or it is about to expire."""
+        if self._fresh():
+            return self._token  # type: ignore[return-value]
+        async with self._lock:
+            if not self._fresh():
+                await self._fetch(client)
+            return self._token  # type: ignore[return-value]
+
+    async def refresh(self, client: httpx.AsyncClient, stale: str) -> str | None:
+        """After a 401 with `stale`: a new token (fetched once however many requests saw the
+        401), or None when the token cannot be refreshed (a static LGC_API_TOKEN)."""
+        if self.static:
+            return None
+        async with self._lock:
+            if self._token != stale and self._fresh():
+                return self._token  # someone else already refreshed
+            await self._fetch(client)
+            return self._token
+
+    async def _fetch(self, client: httpx.AsyncClient) -> None:
+        if self.static:
+            return
+        auth = httpx.BasicAuth(self._lgc.access_key or "", self._lgc.secret_key or "")
+        url = f"{self._lgc.base_url}{TOKEN_PATH}"
+        try:
+            async for attempt in async_retrying(self._retry):
+                with attempt:
+                    response = raise_for_retryable(
+                        await client.post(
+                            url,
+                            params={"grant_type": "client_credentials"},
+                            data={"grant_type": "client_credentials"},
+                            auth=auth,
+                            headers={"Accept": "application/json"},
+                        )
+                    )
+        except (RetryableStatus, httpx.TransportError) as exc:
+            raise ApiError(
+                f"could not get a LetsGetChecked token: {describe_transport_error(exc)}"
+            ) from None
+        if response.status_code in (400, 401, 403):
+            raise AuthError(
+                f"LetsGetChecked refused the credentials at the token endpoint (HTTP "
+                f"{response.status_code}); check LGC_ACCESS_KEY and LGC_SECRET_KEY",
+                status=response.status_code,
+            )
+        if response.status_code != 200:
+            raise ApiError(
+                f"the LetsGetChecked token endpoint answered HTTP {response.status_code}",
+                status=response.status_code,
+            )
+        try:
+            data = response.json()
+            token = str(data["access_token"])
+            expires_in = float(data.get("expires_in") or DEFAULT_EXPIRES_IN)
+        except (ValueError, KeyError, TypeError):
+            raise ApiError("the LetsGetChecked token endpoint answered without an access_token") from None
+        early = min(MAX_EARLY_REFRESH, expires_in * 0.1)
+        self._token = token
+        self._expires_at = self._clock() + max(0.0, expires_in - early)
+        self.fetches += 1
+        log.info("LetsGetChecked token obtained (valid %.0fs)", expires_in)

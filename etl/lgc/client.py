@@ -1,0 +1,228 @@
+"""The LetsGetChecked order client: one idempotent PUT per order, its answer turned into an
+`Outcome` the ledger can store.
+
+Status handling (the PUT Order document + issue 3):
+
+    200/201/202   accepted   order-item ids kept
+    400           rejected   the vendor's reason (Problem Details title/detail, masked, see below)
+    409           conflict   already submitted with other data; not retried, not a batch error
+    401           failed     after one token refresh; `stop` is set: the batch stops
+    404/406/410/415 and anything else unexpected: failed with a plain cause
+    429/5xx, timeouts, broken connections: retried by the shared policy (etl.http), honouring
+                  Retry-After, then failed
+
+PHI: the vendor's `detail` may echo the values it disliked. `mask_reason` replaces every string
+value of the order's body found in it (and anything shaped like an email, a date or a phone
+number) with `***` before it is stored or shown; nothing of the body is ever logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from etl.http import RetryableStatus, async_retrying, describe_transport_error, raise_for_retryable
+from etl.lgc.auth import TokenProvider
+from etl.settings import LgcSettings, RetrySettings
+
+log = logging.getLogger(__name__)
+
+ACCEPTED, REJECTED, CONFLICT, FAILED, PENDING = "accepted", "rejected", "conflict", "failed", "pending"
+TERMINAL = frozenset({ACCEPTED, REJECTED, CONFLICT})
+MAX_REASON = 500
+
+_FAILED_CAUSES = {
+    401: "LetsGetChecked refused the credentials (HTTP 401) even after a fresh token; "
+    "check LGC_ACCESS_KEY/LGC_SECRET_KEY or LGC_API_TOKEN",
+    404: "HTTP 404 Not Found: unknown clientId or wrong LGC_BASE_URL",
+    406: "HTTP 406 Not Acceptable: the API cannot answer in application/json",
+    410: "HTTP 410 Gone: this API version or resource is no longer available",
+    415: "HTTP 415 Unsupported Media Type: the API did not accept the JSON body",
+}
+
+_EMAIL = re.compile(r"[^\s@'\"]+@[^\s@'\"]+")
+_DATE = re.compile(r"\b\d{4}-\d{1,2}-\d{1,2}\b|\b\d{1,2}/\d{1,2}/\d{2,4}\b")
+_PHONEISH = re.compile(r"\+?\d[\d\s().-]{5,}\d")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one PUT. `error` is PHI-free. `stop` asks the loader to stop the batch."""
+
+    state: str
+    http_status: int | None = None
+    order_item_ids: list | None = None
+    attempts: int = 0
+    error: str | None = None
+    stop: bool = False
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _strings(v)]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [str(value)]
+    return []
+
+
+def mask_reason(text: str, body: Mapping[str, Any] | None) -> str:
+    """Remove anything of the order's own data (and PHI-shaped strings) from a vendor message."""
+    values = sorted({s for s in _strings(body or {}) if len(s) >= 3}, key=len, reverse=True)
+    for value in values:
+        text = re.sub(re.escape(value), "***", text, flags=re.IGNORECASE)
+    text = _EMAIL.sub("***", text)
+    text = _DATE.sub("***", text)
+    text = _PHONEISH.sub("***", text)
+    text = " ".join(text.split())
+    return text[:MAX_REASON]
+
+
+def vendor_reason(response: httpx.Response, body: Mapping[str, Any] | None) -> str:
+    """`HTTP 400 <title>: <detail>` from a Problem Details body, else the raw text; masked."""
+    title = detail = None
+    try:
+        data = response.json()
+        if isinstance(data, Mapping):
+            title, detail = data.get("title"), data.get("detail")
+            if not detail and isinstance(data.get("errors"), Mapping):
+                detail = "; ".join(
+                    f"{k}: {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                    for k, v in data["errors"].items()
+                )
+    except ValueError:
+        pass
+    if title is None and detail is None:
+        detail = response.text
+    parts = [p for p in (str(title) if title else None, str(detail) if detail else None) if p]
+    return f"HTTP {response.status_code} " + mask_reason(": ".join(parts), body)
+
+
+def _order_items(response: httpx.Response) -> list | None:
+    try:
+        data = response.json()
+    except ValueError:
+        return None
+    items = data.get("orderItems") if isinstance(data, Mapping) else None
+    if not isinstance(items, list):
+        return None
+    return [
+        {"code": i.get("code"), "id": i.get("id")} for i in items if isinstance(i, Mapping)
+    ]
+
+
+def order_url(lgc: LgcSettings, client_order_id: str) -> str:
+    """`{base}/{clientId}/api/v2/orders/{clientOrderId}`, both path parts URL-encoded."""
+    return (
+        f"{lgc.base_url}/{quote(lgc.client_id, safe='')}/api/v2/orders/"
+        f"{quote(client_order_id, safe='')}"
+    )
+
+
+class RateLimiter:
+    """At most `rate` request starts per second across all tasks (0 = unlimited): each caller
+    gets the next free slot and sleeps until it. Spacing, not bursts, so the vendor sees a
+    steady stream."""
+
+    def __init__(self, rate: float, *, clock=time.monotonic) -> None:
+        self._interval = 1.0 / rate if rate > 0 else 0.0
+        self._clock = clock
+        self._next = 0.0
+        self._lock = asyncio.Lock()
+
+    async def wait(self) -> None:
+        if not self._interval:
+            return
+        async with self._lock:
+            now = self._clock()
+            slot = max(now, self._next)
+            self._next = slot + self._interval
+        delay = slot - now
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+@dataclass
+class LgcClient:
+    """PUTs orders with a shared httpx.AsyncClient, a shared token and a shared rate limit."""
+
+    lgc: LgcSettings
+    retry: RetrySettings
+    http: httpx.AsyncClient
+    tokens: TokenProvider
+    limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0))
+
+    def order_url(self, client_order_id: str) -> str:
+        return order_url(self.lgc, client_order_id)
+
+    @staticmethod
+    def headers(token: str) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {token}",
+            "Accept": "application/json",
+            "Content-Type": "application/json",
+        }
+
+    async def _send(self, url: str, content: bytes, token: str) -> httpx.Response:
+        await self.limiter.wait()
+        return await self.http.put(url, content=content, headers=self.headers(token))
+
+    async def put_order(self, client_order_id: str, body: Mapping[str, Any], content: bytes) -> Outcome:
+        """PUT one order (body already serialised as `content`) and classify the answer."""
+        url = self.order_url(client_order_id)
+        attempts = 0
+        refreshed = False
+
+        async def once() -> httpx.Response:
+            nonlocal attempts, refreshed
+            token = await self.tokens.token(self.http)
+            attempts += 1
+            response = await self._send(url, content, token)
+            if response.status_code == 401 and not refreshed:
+                refreshed = True
+                new = await self.tokens.refresh(self.http, token)
+                if new is not None:
+                    log.info("order %s: HTTP 401, retrying once with a fresh token", client_order_id)
+                    attempts += 1
+                    response = await self._send(url, content, new)
+            return raise_for_retryable(response)
+
+        try:
+            async for attempt in async_retrying(self.retry):
+                with attempt:
+                    response = await once()
+        except (RetryableStatus, httpx.TransportError) as exc:
+            status = exc.response.status_code if isinstance(exc, RetryableStatus) else None
+            return Outcome(
+                FAILED, status, attempts=attempts,
+                error=f"{describe_transport_error(exc)} ({attempts} attempts)",
+            )
+        return classify(response, body, attempts)
+
+
+def classify(response: httpx.Response, body: Mapping[str, Any] | None, attempts: int) -> Outcome:
+    status = response.status_code
+    if status in (200, 201, 202):
+        return Outcome(ACCEPTED, status, _order_items(response), attempts)
+    if status == 400:
+        return Outcome(REJECTED, status, attempts=attempts, error=vendor_reason(response, body))
+    if status == 409:
+        return Outcome(
+            CONFLICT, status, attempts=attempts,
+            error="HTTP 409: already submitted with different data; LetsGetChecked keeps the first order",
+        )
+    if status == 401:
+        return Outcome(FAILED, status, attempts=attempts, error=_FAILED_CAUSES[401], stop=True)
+    cause = _FAILED_CAUSES.get(status) or f"unexpected HTTP {status} from LetsGetChecked"
+    return Outcome(FAILED, status, attempts=attempts, error=cause)

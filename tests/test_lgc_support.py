@@ -1,0 +1,97 @@
+"""Helpers shared by the tests/test_lgc_*.py files (no tests here): valid order rows, CSV
+writing, settings tweaks and ledger reads."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from etl.settings import RetrySettings, Settings
+from etl.warehouse import lgc_orders
+from schemas.columns import COLUMNS
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def order_row(i: int, **overrides) -> dict:
+    """A validated row dict (as etl.batches.validate yields it) for order number `i`."""
+    row: dict = {c: None for c in COLUMNS}
+    row.update(
+        line=i + 2,
+        client_order_id=f"ORD-{i:05d}",
+        program_code="Health4All",
+        participant_id=f"P{i:05d}",
+        first_name="Ada",
+        last_name="Lovelace",
+        email=f"ada{i}@example.org",
+        phone_country_code="+1",
+        phone_number="5550100001",
+        gender="Female",
+        dob="1961-02-11",
+        ethnicity="NonHispanic",
+        race="Caucasian",
+        address_line1=f"{i} Main Street",
+        city="Springfield",
+        state="NY",
+        postal_code="10007",
+        country="US",
+        order_items="GLCS;FCIT:2",
+    )
+    row.update(overrides)
+    return row
+
+
+def csv_row(i: int, **overrides) -> dict:
+    """The same order as a CSV record (strings, empty for missing)."""
+    row = order_row(i, **overrides)
+    row.pop("line")
+    return {k: "" if v is None else str(v) for k, v in row.items()}
+
+
+def write_csv(path: Path, records: list[dict]) -> Path:
+    columns = list(dict.fromkeys([*COLUMNS, *(k for r in records for k in r)]))
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(records)
+    return path
+
+
+def fast(settings: Settings, *, concurrency: int = 8, rate_limit: float = 0.0,
+         retry: RetrySettings | None = None, **lgc) -> Settings:
+    return replace(
+        settings,
+        lgc=replace(settings.lgc, concurrency=concurrency, rate_limit=rate_limit, **lgc),
+        retry=retry or settings.retry,
+    )
+
+
+def ledger(engine) -> dict[str, dict]:
+    with engine.connect() as conn:
+        return {r.client_order_id: dict(r._mapping) for r in conn.execute(sa.select(lgc_orders))}
+
+
+def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment for a `labsync` subprocess pointing at the test sandbox and warehouse."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LGC_", "LABSYNC_"))}
+    env.update(
+        LGC_BASE_URL=settings.lgc.base_url,
+        LABSYNC_WAREHOUSE_URL=settings.warehouse_url,
+        LGC_CONCURRENCY=str(settings.lgc.concurrency),
+        LGC_RATE_LIMIT=str(settings.lgc.rate_limit),
+        LABSYNC_RETRY_ATTEMPTS=str(settings.retry.max_attempts),
+        LABSYNC_RETRY_INITIAL_WAIT=str(settings.retry.initial_wait),
+        LABSYNC_RETRY_MAX_WAIT=str(settings.retry.max_wait),
+        LABSYNC_HTTP_TIMEOUT=str(settings.retry.timeout),
+        PYTHONPATH=str(REPO),
+    )
+    env.update(extra)
+    return env
+
+
+LABSYNC = [sys.executable, "-m", "etl.cli"]
