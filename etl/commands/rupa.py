@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
         typer.echo("Open this URL in a browser, sign in as the practitioner and approve access:\n")
         typer.echo(f"  {authorization_url(rupa_settings, state)}\n")
         pasted = code if code is not None else typer.prompt(
-            "Paste the code, or the whole URL you were redirected to", hide_input=True)
+            "Paste the code, or the whole URL you were redirected to")
         engine = warehouse.connect(settings.warehouse_url)
         tokens = exchange_code(engine, settings, parse_authorization_response(pasted, state if code is None else None))
         until = f", access token valid until {tokens.expires_at:%Y-%m-%d %H:%M:%S} UTC" if tokens.expires_at else ""

@@ -1,0 +1,58 @@
+"""Helpers for the Rupa tests: authorize through the sandbox's real OAuth flow, count rows."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import httpx
+import sqlalchemy as sa
+
+from etl.rupa.auth import Tokens, authorization_url, exchange_code, parse_authorization_response
+from etl.settings import Settings
+from etl.warehouse import sync_state
+
+
+def with_rupa(settings: Settings, **changes) -> Settings:
+    return replace(settings, rupa=replace(settings.rupa, **changes))
+
+
+def authorize(engine, settings: Settings) -> Tokens:
+    """What `labsync rupa authorize` does, with the browser step done by httpx: open the consent
+    URL, read the redirect, exchange the code. Tokens land in `oauth_tokens`."""
+    state = "teststate"
+    url = authorization_url(settings.rupa.validated(), state)
+    redirect = httpx.get(url, follow_redirects=False)
+    assert redirect.status_code == 302
+    return exchange_code(engine, settings, parse_authorization_response(redirect.headers["location"], state))
+
+
+def count(engine, table, *, live: bool = False) -> int:
+    q = sa.select(sa.func.count()).select_from(table)
+    if live:
+        q = q.where(table.c.deleted_at.is_(None))
+    with engine.connect() as conn:
+        return int(conn.execute(q).scalar_one())
+
+
+def state_of(engine, stream: str) -> dict | None:
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(sync_state).where(sync_state.c.stream == stream)).mappings().first()
+    return dict(row) if row else None
+
+
+def cli_env(monkeypatch, settings: Settings, *, page_size: int = 7) -> dict:
+    """Environment variables for `labsync` pointing at the sandbox and the test warehouse."""
+    env = {
+        "RUPA_BASE_URL": settings.rupa.base_url,
+        "LABSYNC_WAREHOUSE_URL": settings.warehouse_url,
+        "RUPA_PAGE_SIZE": str(page_size),
+        "LABSYNC_RETRY_ATTEMPTS": str(settings.retry.max_attempts),
+        "LABSYNC_RETRY_INITIAL_WAIT": str(settings.retry.initial_wait),
+        "LABSYNC_RETRY_MAX_WAIT": str(settings.retry.max_wait),
+        "LABSYNC_HTTP_TIMEOUT": str(settings.retry.timeout),
+    }
+    for name in ("RUPA_API_TOKEN", "RUPA_CLIENT_ID", "RUPA_CLIENT_SECRET", "RUPA_AUTHORIZE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
