@@ -73,6 +73,12 @@ def _dates_ok(s: pd.Series) -> pd.Series:
     return parsed.notna() & (parsed < pd.Timestamp(date.today()))
 
 
+def _memo_map(s: pd.Series, fn: Callable[[str], bool]) -> pd.Series:
+    """Element-wise check run once per distinct value (kit codes and NPIs repeat a lot)."""
+    verdict = {v: fn(v) for v in s.unique()}
+    return s.map(verdict).astype(bool)
+
+
 def _order_items_ok(value: str) -> bool:
     try:
         parse_order_items(value)
@@ -169,11 +175,11 @@ class OrderBatch(pa.DataFrameModel):
 
     @pa.check("order_items", name="order_items_format")
     def _items(cls, s: Series[str]) -> Series[bool]:
-        return s.map(_order_items_ok).astype(bool)
+        return _memo_map(s, _order_items_ok)
 
     @pa.check("physician_npi", name="npi")
     def _npi(cls, s: Series[str]) -> Series[bool]:
-        return s.map(npi_is_valid).astype(bool)
+        return _memo_map(s, npi_is_valid)
 
     @pa.dataframe_check(name="pcp_full_name")
     def _pcp_full_name(cls, df: pd.DataFrame) -> Series[bool]:

@@ -27,10 +27,12 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import pandas as pd
 import pandera.errors
+import pyarrow as pa
 
 from etl.errors import UnusableInputError
 from schemas.columns import (
@@ -56,6 +58,7 @@ _ROW = "(row)"  # the `column` of a problem that concerns the whole row
 RupaLookup = Callable[[list[str]], dict[str, dict]]
 
 csv.field_size_limit(16 * 1024 * 1024)
+_STR = pd.StringDtype("pyarrow", na_value=float("nan"))  # pandas 3's default "str" dtype
 
 
 @dataclass(frozen=True)
@@ -210,26 +213,46 @@ class CsvValidation:
         raise UnusableInputError(f"{self.path.name}: has no header line")
 
     def _records(self) -> Iterator[tuple[int, list[str]]]:
-        """(first line of the record, cells) for every non-blank record after the header."""
+        """(first line of the record, cells) for every non-blank record after the header.
+
+        Lines without a quote character are split on commas directly (fast); a line with a quote
+        goes to the csv module, reading from the same line iterator, so a quoted cell that spans
+        lines consumes its continuation lines exactly as csv.reader would."""
         with self._open() as f:
-            reader = csv.reader(f)
+            line_no = 0
+
+            def numbered():
+                nonlocal line_no
+                for raw in f:
+                    line_no += 1
+                    yield raw
+
+            lines = numbered()
             seen_header = False
-            end = 0
             try:
-                for cells in reader:
-                    start, end = end + 1, reader.line_num
-                    if not any(c.strip() for c in cells):
-                        continue
+                for raw in lines:
+                    start = line_no
+                    if '"' in raw:
+                        cells = next(csv.reader(chain((raw,), lines)), [])
+                    else:
+                        cells = raw.rstrip("\r\n").split(",")
+                    if not "".join(cells).strip():
+                        continue  # blank line (or only commas)
                     if not seen_header:
                         seen_header = True
                         continue
                     yield start, cells
             except csv.Error as exc:
-                raise UnusableInputError(f"{self.path.name}: line {end + 1} is not valid CSV ({exc})") from None
+                raise UnusableInputError(f"{self.path.name}: line {line_no} is not valid CSV ({exc})") from None
 
     # ---- validating ----------------------------------------------------------------------
     def chunks(self) -> Iterator[list[dict]]:
-        """Validate chunk by chunk; yield each chunk's valid rows; write the rejects file."""
+        """Validate chunk by chunk; yield each chunk's valid rows as dicts; write the rejects file."""
+        for frame in self.frames():
+            yield self._as_dicts(frame)
+
+    def frames(self) -> Iterator[pd.DataFrame]:
+        """Like chunks(), but each chunk's valid rows as a DataFrame indexed by line number."""
         tmp = self._rejects_final.with_name(self._rejects_final.name + ".tmp")
         writer_file = None
         writer = None
@@ -247,7 +270,7 @@ class CsvValidation:
                 self.result.rejected_rows += len({p.line for p in problems})
                 self.result.problems += len(problems)
                 log.debug("%s: checked %d rows so far", self.path.name, self.result.total_rows)
-                if valid:
+                if len(valid):
                     yield valid
             if writer_file is not None:
                 writer_file.close()
@@ -261,7 +284,8 @@ class CsvValidation:
                 writer_file.close()
 
     def run(self) -> ValidationResult:
-        for _ in self.chunks():
+        """Validate the whole file without handing rows on; return the counts."""
+        for _ in self.frames():
             pass
         return self.result
 
@@ -277,7 +301,7 @@ class CsvValidation:
         if lines:
             yield lines, cells
 
-    def _check(self, lines: list[int], records: list[list[str]]) -> tuple[list[dict], list[Problem]]:
+    def _check(self, lines: list[int], records: list[list[str]]) -> tuple[pd.DataFrame, list[Problem]]:
         width = len(self.header)
         problems: list[Problem] = []
         ok_lines, ok_records = [], []
@@ -292,7 +316,7 @@ class CsvValidation:
             ok_lines.append(line)
             ok_records.append(cells[:width])
         if not ok_lines:
-            return [], problems
+            return pd.DataFrame(), problems
         frame = self._frame(ok_lines, ok_records)
         rupa_problems = self._enrich(frame)
         unknown_rupa = {p.line for p in rupa_problems}
@@ -306,15 +330,17 @@ class CsvValidation:
         problems.sort(key=lambda p: p.line)
         bad = {p.line for p in problems}
         good = frame.drop(index=[i for i in frame.index if i in bad]) if bad else frame
-        return self._as_dicts(good), problems
+        return good, problems
 
     def _frame(self, lines: list[int], records: list[list[str]]) -> pd.DataFrame:
         columns = list(zip(*records, strict=True)) if records else [() for _ in self.header]
+        index = pd.Index(lines, name="line")
         data = {}
         for name, values in zip(self.header, columns, strict=True):
-            s = pd.Series(values, index=lines, dtype="str").str.strip()
+            # Arrow-backed strings built directly: ~7x faster than pd.Series(list, dtype="str")
+            s = pd.Series(pd.array(pa.array(values, type=pa.large_string()), dtype=_STR), index=index).str.strip()
             data[name] = s.where(s != "")
-        frame = pd.DataFrame(data, index=pd.Index(lines, name="line"))
+        frame = pd.DataFrame(data, index=index)
         for name in COLUMNS:
             if name not in frame.columns:
                 frame[name] = pd.Series(pd.NA, index=frame.index, dtype="str")
@@ -395,14 +421,13 @@ class CsvValidation:
                     f"client_order_id {cid!r} already appears on line {first}; each order needs its own id"))
         return problems
 
-    def _as_dicts(self, frame: pd.DataFrame) -> list[dict]:
+    @staticmethod
+    def _as_dicts(frame: pd.DataFrame) -> list[dict]:
         if frame.empty:
             return []
         keys = ["line", *frame.columns]
-        cols = [frame.index.tolist()] + [
-            [None if (v is None or v != v) else v for v in frame[c].tolist()] for c in frame.columns
-        ]
-        return [dict(zip(keys, vals, strict=True)) for vals in zip(*cols, strict=True)]
+        cols = [frame.index.tolist()] + [pa.array(frame[c]).to_pylist() for c in frame.columns]
+        return [dict(zip(keys, vals)) for vals in zip(*cols)]
 
 
 def validate_file(path: Path | str, **kw) -> ValidationResult:
