@@ -427,7 +427,7 @@ class CsvValidation:
             return []
         keys = ["line", *frame.columns]
         cols = [frame.index.tolist()] + [pa.array(frame[c]).to_pylist() for c in frame.columns]
-        return [dict(zip(keys, vals)) for vals in zip(*cols)]
+        return [dict(zip(keys, vals, strict=True)) for vals in zip(*cols, strict=True)]
 
 
 def validate_file(path: Path | str, **kw) -> ValidationResult:
