@@ -86,8 +86,9 @@ def register(app: typer.Typer) -> None:
             typer.echo("RUPA_API_TOKEN is set: nothing to authorize.")
             raise typer.Exit(0)
         state = new_state()
-        typer.echo("Open this URL in a browser, sign in as the practitioner and approve access:\n")
-        typer.echo(f"  {authorization_url(rupa_settings, state)}\n")
+        if code is None:
+            typer.echo("Open this URL in a browser, sign in as the practitioner and approve access:\n")
+            typer.echo(f"  {authorization_url(rupa_settings, state)}\n")
         pasted = code if code is not None else typer.prompt(
             "Paste the code, or the whole URL you were redirected to")
         engine = warehouse.connect(settings.warehouse_url)

@@ -20,7 +20,7 @@ import time
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Mount, Route
 
 from etl.sandbox.faults import FaultMiddleware
@@ -66,9 +66,15 @@ class Sandbox:
         async def health(request: Request):
             return JSONResponse({"ok": True})
 
+        async def oauth_callback(request: Request):
+            # the local demo's RUPA_REDIRECT_URI: show what to paste into `labsync rupa authorize`
+            return HTMLResponse("<h1>Rupa sandbox: access granted</h1><p>Copy this page's full URL "
+                                "from the address bar and paste it into <code>labsync rupa authorize</code>.</p>")
+
         return Starlette(
             routes=[
                 Route("/_sandbox/health", health),
+                Route("/oauth/callback", oauth_callback),
                 Route("/_sandbox/{vendor}/faults", faults, methods=["GET", "POST"]),
                 Route("/_sandbox/{vendor}/reset", reset, methods=["POST"]),
                 Mount("/lgc", app=FaultMiddleware(self.lgc.app(), self.lgc.faults)),
