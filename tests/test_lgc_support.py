@@ -53,8 +53,8 @@ def csv_row(i: int, **overrides) -> dict:
     return {k: "" if v is None else str(v) for k, v in row.items()}
 
 
-def write_csv(path: Path, records: list[dict]) -> Path:
-    columns = list(dict.fromkeys([*COLUMNS, *(k for r in records for k in r)]))
+def write_csv(path: Path, records: list[dict], *, columns: list[str] | None = None) -> Path:
+    columns = columns or list(dict.fromkeys([*COLUMNS, *(k for r in records for k in r)]))
     with open(path, "w", encoding="utf-8", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()

@@ -48,7 +48,7 @@ _FAILED_CAUSES = {
     415: "HTTP 415 Unsupported Media Type: the API did not accept the JSON body",
 }
 
-_EMAIL = re.compile(r"[^\s@'\"]+@[^\s@'\"]+")
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _DATE = re.compile(r"\b\d{4}-\d{1,2}-\d{1,2}\b|\b\d{1,2}/\d{1,2}/\d{2,4}\b")
 _PHONEISH = re.compile(r"\+?\d[\d\s().-]{5,}\d")
 
