@@ -126,6 +126,8 @@ class RupaSettings:
 class Settings:
     warehouse_url: str = "sqlite:///.labsync/labsync.db"
     inbox: Path = Path("inbox")
+    inbox_settle_seconds: float = 5.0  # a file younger than this may still be being copied in
+    chunk_rows: int = 5_000  # rows per load task when the DAG spreads a batch over workers
     lgc: LgcSettings = field(default_factory=LgcSettings)
     rupa: RupaSettings = field(default_factory=RupaSettings)
     retry: RetrySettings = field(default_factory=RetrySettings)
@@ -153,6 +155,8 @@ class Settings:
         return cls(
             warehouse_url=get("LABSYNC_WAREHOUSE_URL", d.warehouse_url),
             inbox=Path(get("LABSYNC_INBOX", str(d.inbox))),
+            inbox_settle_seconds=num("LABSYNC_INBOX_SETTLE_SECONDS", d.inbox_settle_seconds),
+            chunk_rows=num("LABSYNC_CHUNK_ROWS", d.chunk_rows, int),
             lgc=LgcSettings(
                 base_url=get("LGC_BASE_URL", d.lgc.base_url).rstrip("/"),
                 client_id=get("LGC_CLIENT_ID", ""),

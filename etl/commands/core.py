@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -47,6 +48,78 @@ def register(app: typer.Typer) -> None:
             result = CsvValidation(file).run()
         typer.echo(result.summary())
         raise typer.Exit(0 if result.rejected_rows == 0 else 1)
+
+    @app.command()
+    def inbox(
+        folder: Path = typer.Option(None, help="The inbox folder (default: LABSYNC_INBOX or ./inbox)."),
+    ) -> None:
+        """Process every CSV file waiting in the inbox once: validate, load, summarise, move.
+
+        What the order_batches DAG does, in one process. Exit 0 when every batch went through,
+        1 when some rows were rejected or failed or a file was unusable."""
+        from dataclasses import replace
+
+        from etl import warehouse
+        from etl.batches import inbox as inbox_mod
+
+        settings = Settings.from_env()
+        if folder is not None:
+            settings = replace(settings, inbox=folder)
+        engine = warehouse.connect(settings.warehouse_url)
+        outcomes = inbox_mod.run_once(engine, settings)
+        if not outcomes:
+            typer.echo(f"inbox {settings.inbox}: nothing to do")
+            raise typer.Exit(0)
+        bad = False
+        for o in outcomes:
+            counts = ", ".join(f"{k} {v}" for k, v in o.get("counts", {}).items() if v)
+            typer.echo(f"{o['name']}: {o['status']}" + (f" ({counts})" if counts else "")
+                       + (f": {o['error']}" if o.get("error") else ""))
+            bad = bad or o["status"] == "unusable" or any(
+                o.get("counts", {}).get(k) for k in ("failed", "pending", "rejected", "rejected before sending"))
+        raise typer.Exit(1 if bad else 0)
+
+    @app.command()
+    def batches(
+        limit: int = typer.Option(20, help="The most recent N batches."),
+        json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    ) -> None:
+        """The outcome table: one line per batch file, with its rows by outcome."""
+        import json
+
+        import sqlalchemy as sa
+        from rich.console import Console
+        from rich.table import Table
+
+        from etl import warehouse
+        from etl.lgc import ledger
+        from etl.warehouse import batch_files
+
+        engine = warehouse.connect(Settings.from_env().warehouse_url)
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(batch_files).order_by(batch_files.c.id.desc()).limit(limit)).mappings().all()
+        out = []
+        for b in reversed(rows):
+            counts = ledger.state_counts(engine, batch_ids=[b["id"]])
+            out.append({
+                "batch": b["id"], "file": b["file_name"], "status": b["status"], "rows": b["total_rows"],
+                "rejected_before_sending": b["rejected_rows"], **{s: counts.get(s, 0) for s in
+                ("accepted", "conflict", "rejected", "failed", "pending")}, "error": b["error"],
+            })
+        if json_out:
+            typer.echo(json.dumps(out, indent=2))
+            raise typer.Exit(0)
+        table = Table(title="labsync batches")
+        for col in ("batch", "file", "status", "rows", "invalid", "accepted", "conflict", "rejected", "failed", "pending"):
+            table.add_column(col, justify="right" if col not in ("file", "status") else "left")
+        for o in out:
+            table.add_row(*(str(v) if v is not None else "" for v in (
+                o["batch"], o["file"], o["status"], o["rows"], o["rejected_before_sending"], o["accepted"],
+                o["conflict"], o["rejected"], o["failed"], o["pending"])))
+        Console(width=None if sys.stdout.isatty() else 160).print(table)
+        for o in out:
+            if o["error"]:
+                typer.echo(f"batch {o['batch']} ({o['file']}): {o['error']}")
 
     @app.command()
     def sandbox(

@@ -1,0 +1,44 @@
+"""Rupa Health -> warehouse: patients and lab tests, in parallel, on a schedule.
+
+Schedule: LABSYNC_RUPA_SCHEDULE (cron or preset, default @hourly). Connection: rupa_default.
+Each task marks the Asset of the table it refreshed, so downstream DAGs can be asset-scheduled.
+"""
+
+import os
+from datetime import datetime, timedelta
+
+from airflow.sdk import Asset, dag, task
+
+RUPA_PATIENTS = Asset(name="rupa_patients", uri="labsync://warehouse/rupa_patients")
+RUPA_LAB_TESTS = Asset(name="rupa_lab_tests", uri="labsync://warehouse/rupa_lab_tests")
+
+RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=2)}
+
+
+@dag(
+    schedule=os.environ.get("LABSYNC_RUPA_SCHEDULE", "@hourly"),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=RETRIES,
+    tags=["labsync", "rupa"],
+    doc_md=__doc__,
+)
+def rupa_extract():
+    @task(outlets=[RUPA_PATIENTS])
+    def extract_patients() -> dict:
+        from etl.tasks import rupa_extract as run
+
+        return run("patients")
+
+    @task(outlets=[RUPA_LAB_TESTS])
+    def extract_lab_tests() -> dict:
+        from etl.tasks import rupa_extract as run
+
+        return run("lab_tests")
+
+    extract_patients()
+    extract_lab_tests()
+
+
+rupa_extract()
