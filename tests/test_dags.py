@@ -1,0 +1,133 @@
+"""The Airflow DAGs: integrity (DagBag), no work at import time, and end-to-end runs with
+dag.test() against the sandboxes. Airflow runs in subprocesses with a temp AIRFLOW_HOME that is
+migrated and reserialized first; the sandbox runs here, so the tests can look inside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import sqlalchemy as sa
+
+from etl import warehouse
+from etl.sandbox.rupa import RupaSandbox
+from etl.sandbox.server import Sandbox, SandboxServer
+from etl.warehouse import lgc_orders, rejected_rows, rupa_lab_tests, rupa_patients
+from tests.helpers import EXAMPLES, REPO
+
+pytestmark = pytest.mark.airflow
+DAGS = REPO / "dags"
+
+
+@pytest.fixture(scope="module")
+def airflow_env(tmp_path_factory):
+    home = tmp_path_factory.mktemp("airflow_home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "LABSYNC_", "LGC_", "RUPA_"))}
+    env.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__DAGS_FOLDER=str(DAGS),
+        AIRFLOW__LOGGING__LOGGING_LEVEL="WARNING",
+        PYTHONPATH=str(REPO),
+    )
+    airflow = str(REPO / ".venv" / "bin" / "airflow") if (REPO / ".venv/bin/airflow").exists() else "airflow"
+    for cmd in (["db", "migrate"], ["dags", "reserialize"]):
+        done = subprocess.run([airflow, *cmd], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return env
+
+
+def probe(env: dict, *args: str, extra: dict | None = None) -> dict:
+    done = subprocess.run([sys.executable, "-m", "tests.airflow_probe", *args], env={**env, **(extra or {})},
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("PROBE ")]
+    assert lines, f"probe failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return json.loads(lines[-1][len("PROBE "):])
+
+
+def test_dagbag_loads_both_dags_with_the_expected_shape(airflow_env):
+    facts = probe(airflow_env, "integrity")
+    assert facts["import_errors"] == {}
+    dags = facts["dags"]
+    assert set(dags) == {"rupa_extract", "order_batches"}
+
+    rupa = dags["rupa_extract"]
+    assert rupa["tasks"] == ["extract_lab_tests", "extract_patients"]
+    assert rupa["schedule"] == "@hourly" and rupa["catchup"] is False and rupa["max_active_runs"] == 1
+    assert rupa["outlets"] == {"extract_lab_tests": ["rupa_lab_tests"], "extract_patients": ["rupa_patients"]}
+
+    batches = dags["order_batches"]
+    assert batches["tasks"] == ["chunks", "finish", "load", "prepare"]
+    assert batches["schedule"] == "*/5 * * * *" and batches["catchup"] is False and batches["max_active_runs"] == 1
+    assert batches["trigger_rules"]["finish"] == "all_done"
+
+
+def test_schedules_are_configurable(airflow_env):
+    facts = probe(airflow_env, "integrity", extra={"LABSYNC_RUPA_SCHEDULE": "0 3 * * *", "LABSYNC_INBOX_SCHEDULE": "@daily"})
+    assert facts["dags"]["rupa_extract"]["schedule"] == "0 3 * * *"
+    assert facts["dags"]["order_batches"]["schedule"] == "@daily"
+
+
+@pytest.mark.parametrize("dag_file", ["rupa_extract.py", "order_batches.py"])
+def test_dag_files_do_no_work_at_import(airflow_env, dag_file):
+    facts = probe(airflow_env, "imports", str(DAGS / dag_file))
+    assert facts["heavy_imports"] == []
+
+
+@pytest.fixture
+def sandboxes():
+    with SandboxServer(Sandbox(rupa=RupaSandbox(patients=120, lab_tests=15))) as server:
+        yield server
+
+
+def test_order_batches_end_to_end(airflow_env, sandboxes, tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name in ("orders.csv", "orders_broken.csv", "orders_unusable.csv"):
+        shutil.copy(EXAMPLES / name, inbox / name)
+    url = f"sqlite:///{tmp_path / 'warehouse.db'}"
+    extra = dict(LABSYNC_WAREHOUSE_URL=url, LABSYNC_INBOX=str(inbox), LABSYNC_INBOX_SETTLE_SECONDS="0",
+                 LABSYNC_CHUNK_ROWS="4", LGC_BASE_URL=sandboxes.lgc_url, LABSYNC_RETRY_INITIAL_WAIT="0.01")
+
+    first = probe(airflow_env, "test", "order_batches", extra=extra)
+    assert first["state"] == "success", first
+    assert sorted(k for k in first["tasks"] if k.startswith("load[")) == ["load[0]", "load[1]", "load[2]", "load[3]"]
+    assert set(first["tasks"].values()) == {"success"}
+
+    lgc = sandboxes.sandbox.lgc
+    assert len(lgc.orders) == 12 and set(lgc.accepted_count.values()) == {1}
+    engine = warehouse.connect(url)
+    with engine.connect() as conn:
+        states = dict(conn.execute(sa.select(lgc_orders.c.client_order_id, lgc_orders.c.state)).all())
+        n_rejects = conn.execute(sa.select(sa.func.count()).select_from(rejected_rows)).scalar_one()
+    assert len(states) == 12 and set(states.values()) == {"accepted"}
+    assert n_rejects == 13
+    assert sorted(p.name for p in (inbox / "processed").iterdir()) == [
+        "orders.csv", "orders.summary.html", "orders_broken.csv", "orders_broken.rejects.csv",
+        "orders_broken.summary.html"]
+    assert sorted(p.name for p in (inbox / "failed").iterdir()) == ["orders_unusable.csv", "orders_unusable.summary.html"]
+
+    puts = sum(lgc.put_count.values())
+    shutil.copy(EXAMPLES / "orders.csv", inbox / "orders again.csv")  # a re-dropped copy
+    second = probe(airflow_env, "test", "order_batches", extra=extra)
+    assert second["state"] == "success", second
+    assert sum(lgc.put_count.values()) == puts  # nothing new sent
+    assert (inbox / "processed" / "orders again.summary.html").exists()
+
+
+def test_rupa_extract_end_to_end(airflow_env, sandboxes, tmp_path):
+    url = f"sqlite:///{tmp_path / 'warehouse.db'}"
+    token = sandboxes.sandbox.rupa.mint_access_token()
+    extra = dict(LABSYNC_WAREHOUSE_URL=url, RUPA_BASE_URL=sandboxes.rupa_url, RUPA_API_TOKEN=token, RUPA_PAGE_SIZE="25")
+    result = probe(airflow_env, "test", "rupa_extract", extra=extra)
+    assert result["state"] == "success", result
+    assert result["tasks"] == {"extract_patients": "success", "extract_lab_tests": "success"}
+    engine = warehouse.connect(url)
+    with engine.connect() as conn:
+        patients = conn.execute(sa.select(sa.func.count()).select_from(rupa_patients)).scalar_one()
+        lab_tests = conn.execute(sa.select(sa.func.count()).select_from(rupa_lab_tests)).scalar_one()
+    assert (patients, lab_tests) == (120, 15)
