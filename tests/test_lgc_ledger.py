@@ -183,3 +183,23 @@ def test_two_runs_racing_for_the_same_rows_each_row_goes_to_exactly_one(engine):
     with engine.connect() as conn:
         claimed = dict(conn.execute(sa.select(lgc_orders.c.client_order_id, lgc_orders.c.claimed_by)).all())
     assert all(claimed[c] == w[0] for c, w in winners.items())
+
+
+def test_a_crash_inside_the_loader_surfaces_and_leaves_no_claims(engine, settings, sandbox):
+    def progress(result) -> None:
+        if result.client_order_id == "ORD-00003":
+            raise RuntimeError("boom")
+
+    rows = [order_row(i) for i in range(120)]
+    try:
+        load_rows(engine, fast(settings, concurrency=2), rows, progress=progress)
+    except RuntimeError as exc:
+        assert str(exc) == "boom"
+    else:
+        raise AssertionError("the error was swallowed")
+    left = ledger(engine)
+    assert left and all(r["claimed_by"] is None for r in left.values())
+    assert {r["state"] for r in left.values()} <= {"accepted", "failed", "pending"}
+    again = load_rows(engine, fast(settings), rows)  # the next run finishes the batch
+    assert again.counts == {"accepted": 120}
+    assert set(_lgc(sandbox).accepted_count.values()) == {1}

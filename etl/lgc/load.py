@@ -255,7 +255,21 @@ async def aload_rows(
                 httpx.AsyncHTTPTransport(verify=ssl_context, limits=one)
             )
 
+        crashed: list[BaseException] = []
+
         async def worker() -> None:
+            """Send until the sentinel. A bug here must not leave the producer blocked on a
+            full queue: stop the batch, keep draining (those rows go back as `failed`), and let
+            the error surface after the clean-up."""
+            try:
+                await send_all()
+            except Exception as exc:
+                crashed.append(exc)
+                stop.set()
+                while (item := await queue.get()) is not None:
+                    unsent.append(item.client_order_id)
+
+        async def send_all() -> None:
             client = LgcClient(lgc, settings.retry, http, tokens, limiter, await new_transport())
             while (item := await queue.get()) is not None:
                 if stop.is_set():
@@ -311,6 +325,8 @@ async def aload_rows(
             for _ in workers:
                 await queue.put(None)
             await asyncio.gather(*workers)
+            if crashed:
+                raise crashed[0]
         finally:
             for w in workers:
                 w.cancel()
