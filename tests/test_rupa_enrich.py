@@ -3,11 +3,12 @@ unknown or deleted ids a reject reason."""
 
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 
-from etl.rupa.enrich import enrich_frame, make_rupa_lookup
+from etl.batches.validate import CsvValidation
+from etl.rupa.enrich import make_rupa_lookup
 from etl.rupa.extract import extract_stream
+from tests.helpers import read_rejects, seed_row, write_csv
 from tests.rupa_support import with_rupa
 
 
@@ -31,28 +32,23 @@ def test_lookup_returns_known_live_patients_only(engine, extracted):
     assert len(lookup([f"pat_{i:07d}" for i in range(50)])) == 49
 
 
-def test_enrich_fills_blanks_keeps_typed_values_and_rejects_unknown_ids(engine, extracted):
-    frame = pd.DataFrame({
-        "client_order_id": ["A1", "A2", "A3", "A4", "A5"],
-        "rupa_patient_id": ["pat_0000001", "pat_0000002", "pat_missing", "", "pat_0000009"],
-        "first_name": ["", "Typed", "", "Walk-in", ""],
-        "last_name": ["", "", "", "Person", ""],
-        "dob": [None, "", "", "1990-01-01", ""],
-    })
-    out, rejects = enrich_frame(frame, make_rupa_lookup(engine))
+def test_validator_fills_blanks_keeps_typed_values_and_rejects_unknown_ids(engine, extracted, tmp_path):
+    rows = [
+        seed_row(client_order_id="A1", rupa_patient_id="pat_0000001", first_name="", last_name="", email="", dob=""),
+        seed_row(client_order_id="A2", rupa_patient_id="pat_0000002", first_name="Typed", last_name="", dob=""),
+        seed_row(client_order_id="A3", rupa_patient_id="pat_missing", first_name="", last_name="", dob=""),
+        seed_row(client_order_id="A4", rupa_patient_id="", first_name="Walk", last_name="In", dob="1990-01-01"),
+        seed_row(client_order_id="A5", rupa_patient_id="pat_0000009", first_name="", last_name="", dob=""),
+    ]
+    validation = CsvValidation(write_csv(tmp_path / "b.csv", rows), rupa_lookup=make_rupa_lookup(engine))
+    valid = {r["client_order_id"]: r for chunk in validation.chunks() for r in chunk}
 
     one = extracted.patient("pat_0000001")["attributes"]
     two = extracted.patient("pat_0000002")["attributes"]
-    assert out.loc[0, ["first_name", "last_name", "email", "dob"]].tolist() == [
+    assert [valid["A1"][c] for c in ("first_name", "last_name", "email", "dob")] == [
         one["first_name"], one["last_name"], one["email"], one["birthday"]]
-    assert out.loc[1, "first_name"] == "Typed" and out.loc[1, "last_name"] == two["last_name"]
-    assert out.loc[3, "first_name"] == "Walk-in" and pd.isna(out.loc[3, "email"])
-    assert set(rejects) == {2, 4}
-    assert "pat_missing" in rejects[2] and "labsync extract patients" in rejects[2]
-    assert frame.loc[0, "first_name"] == ""  # the input frame is not modified
-
-
-def test_frames_without_the_column_pass_through(engine):
-    frame = pd.DataFrame({"first_name": ["x"]})
-    out, rejects = enrich_frame(frame, make_rupa_lookup(engine))
-    assert out is frame and rejects == {}
+    assert valid["A2"]["first_name"] == "Typed" and valid["A2"]["last_name"] == two["last_name"]
+    assert valid["A4"]["first_name"] == "Walk"
+    rejects = {r["client_order_id"]: r for r in read_rejects(validation.result.rejects_path)}
+    assert set(rejects) == {"A3", "A5"}  # unknown id; id of a patient Rupa deleted
+    assert all(r["column"] == "rupa_patient_id" and "labsync extract patients" in r["reason"] for r in rejects.values())
