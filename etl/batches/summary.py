@@ -17,6 +17,7 @@ STATE_HELP = {
     "pending": "sending did not finish; drop the file again to retry",
     "busy": "another run was sending this order at the same time",
     "duplicate": "the same clientOrderId appeared twice in this batch",
+    "rejected before sending": "did not pass validation, so nothing was sent; see the rejected rows below",
 }
 
 _CSS = """
