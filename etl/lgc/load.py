@@ -226,7 +226,8 @@ async def aload_rows(
     stop = asyncio.Event()
     unsent: list[str] = []  # claimed, then not sent because the batch stopped
     window_size = max(50, min(1000, lgc.concurrency * 4))
-    queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=lgc.concurrency * 2)
+    # room for a whole window beyond the one being sent: the next claim overlaps the sending
+    queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=window_size + lgc.concurrency)
 
     def report(coid: str | None, line: int | None, state: str, *, sent: bool) -> None:
         summary.counts[state] += 1
