@@ -30,9 +30,11 @@ from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pandera.errors
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from etl.errors import UnusableInputError
 from schemas.columns import (
@@ -304,17 +306,21 @@ class CsvValidation:
     def _check(self, lines: list[int], records: list[list[str]]) -> tuple[pd.DataFrame, list[Problem]]:
         width = len(self.header)
         problems: list[Problem] = []
-        ok_lines, ok_records = [], []
-        id_pos = self.header.index("client_order_id")
-        for line, cells in zip(lines, records, strict=True):
-            if len(cells) != width and not (len(cells) > width and not any(c.strip() for c in cells[width:])):
-                cid = cells[id_pos].strip() if len(cells) > id_pos else None
-                problems.append(Problem(line, cid or None, _ROW, None,
-                    f"line has {len(cells)} values but the header has {width} columns; "
-                    "check for a missing or extra comma, or an unclosed quote"))
-                continue
-            ok_lines.append(line)
-            ok_records.append(cells[:width])
+        if all(len(cells) == width for cells in records):
+            ok_lines, ok_records = lines, records  # the usual case: every row has its cells
+        else:
+            ok_lines, ok_records = [], []
+            id_pos = self.header.index("client_order_id")
+            for line, cells in zip(lines, records, strict=True):
+                extra_blank = len(cells) > width and not any(c.strip() for c in cells[width:])
+                if len(cells) != width and not extra_blank:
+                    cid = cells[id_pos].strip() if len(cells) > id_pos else None
+                    problems.append(Problem(line, cid or None, _ROW, None,
+                        f"line has {len(cells)} values but the header has {width} columns; "
+                        "check for a missing or extra comma, or an unclosed quote"))
+                    continue
+                ok_lines.append(line)
+                ok_records.append(cells[:width])
         if not ok_lines:
             return pd.DataFrame(), problems
         frame = self._frame(ok_lines, ok_records)
@@ -333,13 +339,21 @@ class CsvValidation:
         return good, problems
 
     def _frame(self, lines: list[int], records: list[list[str]]) -> pd.DataFrame:
-        columns = list(zip(*records, strict=True)) if records else [() for _ in self.header]
+        """The chunk as trimmed Arrow-backed strings (empty -> missing), normalised.
+
+        All cells are flattened into one Arrow array, trimmed and nulled in two vectorised calls,
+        and each column taken back out with a strided index: ~2x faster than building each
+        column from Python tuples. Every record here has exactly one cell per header column."""
+        width = len(self.header)
         index = pd.Index(lines, name="line")
-        data = {}
-        for name, values in zip(self.header, columns, strict=True):
-            # Arrow-backed strings built directly: ~7x faster than pd.Series(list, dtype="str")
-            s = pd.Series(pd.array(pa.array(values, type=pa.large_string()), dtype=_STR), index=index).str.strip()
-            data[name] = s.where(s != "")
+        flat = pa.array(list(chain.from_iterable(records)), type=pa.large_string())
+        flat = pc.utf8_trim_whitespace(flat)
+        flat = pc.if_else(pc.equal(flat, ""), pa.scalar(None, pa.large_string()), flat)
+        starts = np.arange(len(records), dtype=np.int64) * width
+        data = {
+            name: pd.Series(pd.array(flat.take(starts + j), dtype=_STR), index=index)
+            for j, name in enumerate(self.header)
+        }
         frame = pd.DataFrame(data, index=index)
         for name in COLUMNS:
             if name not in frame.columns:
@@ -414,7 +428,10 @@ class CsvValidation:
 
     def _duplicate_ids(self, frame: pd.DataFrame) -> list[Problem]:
         problems = []
-        for line, cid in frame["client_order_id"].dropna().items():
+        ids = frame["client_order_id"]
+        for line, cid in zip(frame.index.tolist(), ids.tolist(), strict=True):
+            if cid is None or cid != cid:  # missing (NaN): reported as required elsewhere
+                continue
             first = self._seen_ids.setdefault(cid, line)
             if first != line:
                 problems.append(Problem(line, cid, "client_order_id", cid,
