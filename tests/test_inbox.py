@@ -136,3 +136,39 @@ def test_cli_inbox_exit_codes(box, sandbox, monkeypatch, capsys):
     assert "one.csv: loaded (accepted 1)" in out and "orders_broken.csv: loaded (accepted 2, rejected before sending 6)" in out
     assert main(["batches"]) == 0
     assert "orders_broken.csv" in capsys.readouterr().out
+
+
+def test_rows_of_a_load_task_that_died_are_sent_when_the_file_is_dropped_again(box, sandbox):
+    """The DAG's finish runs even when a load task failed for good (vendor down longer than the
+    task's retries). Those rows never reached the ledger: the summary must say so, and dropping
+    the file again must send them, not call the file 'already processed'."""
+    settings, paths, engine = box
+    drop(paths, "orders.csv")
+    prepared = inbox.prepare(engine, settings)
+    (outcome,) = inbox.finish(engine, settings, prepared, [None] * len(prepared["chunks"]))
+    assert outcome["counts"]["pending"] == 10 and outcome["status"] == "incomplete"
+    assert "drop the file again to retry" in (paths.processed / "orders.summary.html").read_text()
+    assert sandbox.sandbox.lgc.orders == {}
+
+    shutil.copy(EXAMPLES / "orders.csv", paths.root / "orders.csv")
+    (again,) = inbox.run_once(engine, settings)
+    assert again["status"] == "loaded" and again["counts"]["accepted"] == 10
+    assert len(sandbox.sandbox.lgc.orders) == 10
+
+
+def test_cli_inbox_with_the_vendor_down_keeps_the_file_for_the_next_run(box, sandbox, monkeypatch, capsys):
+    settings, paths, engine = box
+    monkeypatch.setenv("LABSYNC_WAREHOUSE_URL", settings.warehouse_url)
+    monkeypatch.setenv("LGC_BASE_URL", settings.lgc.base_url)
+    monkeypatch.setenv("LABSYNC_INBOX_SETTLE_SECONDS", "0")
+    monkeypatch.setenv("LABSYNC_RETRY_INITIAL_WAIT", "0.01")
+    monkeypatch.setenv("LABSYNC_RETRY_ATTEMPTS", "3")
+    drop(paths, "orders.csv")
+    sandbox.sandbox.lgc.faults.update(script=[503] * 3)  # the token endpoint fails every try
+    assert main(["inbox", "--folder", str(paths.root)]) == 1
+    err = capsys.readouterr().err
+    assert "the next run processes them" in err and "Traceback" not in err
+    assert (paths.processing / "orders.csv").exists() and sandbox.sandbox.lgc.orders == {}
+
+    assert main(["inbox", "--folder", str(paths.root)]) == 0  # the vendor is back
+    assert len(sandbox.sandbox.lgc.orders) == 10 and (paths.processed / "orders.csv").exists()

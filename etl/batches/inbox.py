@@ -15,9 +15,9 @@ Three steps, each one function, so the Airflow DAG can map the middle one over c
 Everything handed between steps is JSON-safe and PHI-free (ids, paths, counts): fit for XCom.
 
 Exactly once: a file is known by the sha256 of its bytes. A re-dropped or renamed copy of a
-batch whose rows are all settled is recognised and not processed again (its summary says so); a
-copy of a batch that still has failed or pending rows is processed again, which re-sends only
-those rows (the ledger skips the rest). A run that dies half-way leaves its files in
+batch whose rows are all settled (`loaded`) is recognised and not processed again (its summary
+says so); a copy of an `incomplete` batch (failed or pending rows, or rows of a load task that
+died) is processed again, which sends only those rows (the ledger skips the rest). A run that dies half-way leaves its files in
 processing/; the next run picks them up, and the ledger makes the re-send safe.
 """
 
@@ -267,10 +267,13 @@ def finish(engine: Engine, settings: Settings, prepared: dict, results: list[dic
             file_name=path.name, outcome=outcome, counts=dict(counts), rejected=rejected,
             accepted=accepted, problem_rows=problems))
         target = _move_with_reports(path, paths.processed)
-        records.set_status(engine, batch_id, "loaded")
+        # `incomplete`: some rows were never settled (a load task died, the vendor was down);
+        # dropping the file again sends them, where a `loaded` copy counts as a duplicate.
+        status = "incomplete" if any(counts.get(s) for s in ("failed", "pending", "busy")) else "loaded"
+        records.set_status(engine, batch_id, status)
         shutil.rmtree(paths.work / str(batch_id), ignore_errors=True)
-        log.info("inbox: batch %d done, %s", batch_id, dict(counts))
-        outcomes.append({**batch, "file": str(target), "name": target.name, "status": "loaded",
+        log.info("inbox: batch %d %s, %s", batch_id, status, dict(counts))
+        outcomes.append({**batch, "file": str(target), "name": target.name, "status": status,
                          "counts": dict(counts), "summary": str(_summary_path(target))})
     return outcomes
 

@@ -90,7 +90,7 @@ def finish_validation(engine: Engine, batch_id: int, result: ValidationResult) -
 
 def set_status(engine: Engine, batch_id: int, status: str, *, error: str | None = None) -> None:
     values: dict = {"status": status, "error": error}
-    if status in ("loaded", "unusable"):
+    if status in ("loaded", "incomplete", "unusable"):
         values["processed_at"] = _now()
     with engine.begin() as conn:
         conn.execute(sa.update(batch_files).where(batch_files.c.id == batch_id).values(**values))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from etl.errors import LabsyncError
 from etl.settings import SANDBOX_PORT, Settings
 
 
@@ -66,7 +67,12 @@ def register(app: typer.Typer) -> None:
         if folder is not None:
             settings = replace(settings, inbox=folder)
         engine = warehouse.connect(settings.warehouse_url)
-        outcomes = inbox_mod.run_once(engine, settings)
+        try:
+            outcomes = inbox_mod.run_once(engine, settings)
+        except LabsyncError as exc:  # e.g. the vendor is unreachable: nothing is lost
+            typer.echo(f"labsync: {exc}; the files wait in {inbox_mod.InboxPaths(settings.inbox).processing} "
+                       "and the next run processes them", err=True)
+            raise typer.Exit(exc.exit_code) from None
         if not outcomes:
             typer.echo(f"inbox {settings.inbox}: nothing to do")
             raise typer.Exit(0)
@@ -75,7 +81,7 @@ def register(app: typer.Typer) -> None:
             counts = ", ".join(f"{k} {v}" for k, v in o.get("counts", {}).items() if v)
             typer.echo(f"{o['name']}: {o['status']}" + (f" ({counts})" if counts else "")
                        + (f": {o['error']}" if o.get("error") else ""))
-            bad = bad or o["status"] == "unusable" or any(
+            bad = bad or o["status"] in ("unusable", "incomplete") or any(
                 o.get("counts", {}).get(k) for k in ("failed", "pending", "rejected", "rejected before sending"))
         raise typer.Exit(1 if bad else 0)
 
