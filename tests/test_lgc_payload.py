@@ -123,3 +123,12 @@ def test_payload_hash_is_stable_and_changes_with_the_order():
 def test_a_row_that_cannot_be_mapped_is_prepared_as_a_local_rejection():
     item = prepare(order_row(1, order_items="GLCS:zero"))
     assert item.body is None and "quantity" in item.error
+
+
+def test_the_example_batch_starts_with_the_documents_sample_order():
+    """README and `make demo` say examples/orders.csv row one is the seed's sample request."""
+    from tests.helpers import EXAMPLES
+
+    first = next(CsvValidation(EXAMPLES / "orders.csv").chunks())[0]
+    assert first["line"] == 2
+    assert build_payload(first) == SAMPLE
