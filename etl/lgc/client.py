@@ -38,11 +38,14 @@ from etl.http import (
 )
 from etl.lgc.auth import TokenProvider
 from etl.settings import LgcSettings, RetrySettings
+from etl.states import SETTLED_ORDER_STATES, OrderState
 
 log = logging.getLogger(__name__)
 
-ACCEPTED, REJECTED, CONFLICT, FAILED, PENDING = "accepted", "rejected", "conflict", "failed", "pending"
-TERMINAL = frozenset({ACCEPTED, REJECTED, CONFLICT})
+# The ledger's state names live in etl.states; these aliases keep call sites short.
+ACCEPTED, REJECTED, CONFLICT = OrderState.ACCEPTED, OrderState.REJECTED, OrderState.CONFLICT
+FAILED, PENDING = OrderState.FAILED, OrderState.PENDING
+TERMINAL = SETTLED_ORDER_STATES
 MAX_REASON = 500
 
 _FAILED_CAUSES = {
