@@ -123,6 +123,41 @@ class RupaSettings:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    """The webhook receiver (`labsync webhooks serve`, etl.webhooks).
+
+    LetsGetChecked signs optionally and publishes its scheme (`Authorization: LGC2-HMAC-SHA256
+    <base64 HMAC-SHA256 of the raw body>`, keyed with the base64 key string's own ASCII bytes).
+    Rupa names a signature step but publishes no scheme, so its verifier's header, algorithm,
+    encoding and prefix are settings; verification is off while no secret is set. Several keys
+    separated by commas are all accepted (for rotation)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8900
+    max_body: int = 1024 * 1024  # bytes; a larger delivery is refused with 413
+    lgc_key: str | None = field(default=None, repr=False)
+    rupa_secret: str | None = field(default=None, repr=False)
+    rupa_header: str = "X-Rupa-Signature"
+    rupa_algorithm: str = "sha256"
+    rupa_encoding: str = "hex"  # hex | base64
+    rupa_prefix: str = ""  # e.g. "sha256=" when the header carries one
+
+    def validated(self) -> WebhookSettings:
+        if not 1 <= self.port <= 65535:
+            raise ConfigError("LABSYNC_WEBHOOK_PORT must be a port number (1-65535)")
+        if self.max_body < 1024:
+            raise ConfigError("LABSYNC_WEBHOOK_MAX_BYTES must be at least 1024")
+        if self.rupa_encoding not in ("hex", "base64"):
+            raise ConfigError("RUPA_WEBHOOK_ENCODING must be hex or base64")
+        import hashlib
+
+        if self.rupa_algorithm not in hashlib.algorithms_guaranteed:
+            raise ConfigError(f"RUPA_WEBHOOK_ALGORITHM {self.rupa_algorithm!r} is not a hash "
+                              "algorithm Python knows (e.g. sha256, sha1, sha512)")
+        return self
+
+
+@dataclass(frozen=True)
 class Settings:
     warehouse_url: str = "sqlite:///.labsync/labsync.db"
     inbox: Path = Path("inbox")
@@ -131,6 +166,7 @@ class Settings:
     lgc: LgcSettings = field(default_factory=LgcSettings)
     rupa: RupaSettings = field(default_factory=RupaSettings)
     retry: RetrySettings = field(default_factory=RetrySettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
     # ---- sources -------------------------------------------------------------------------
     @classmethod
@@ -180,6 +216,17 @@ class Settings:
                 initial_wait=num("LABSYNC_RETRY_INITIAL_WAIT", d.retry.initial_wait),
                 max_wait=num("LABSYNC_RETRY_MAX_WAIT", d.retry.max_wait),
                 timeout=num("LABSYNC_HTTP_TIMEOUT", d.retry.timeout),
+            ),
+            webhooks=WebhookSettings(
+                host=get("LABSYNC_WEBHOOK_HOST", d.webhooks.host),
+                port=num("LABSYNC_WEBHOOK_PORT", d.webhooks.port, int),
+                max_body=num("LABSYNC_WEBHOOK_MAX_BYTES", d.webhooks.max_body, int),
+                lgc_key=get("LGC_WEBHOOK_KEY"),
+                rupa_secret=get("RUPA_WEBHOOK_SECRET"),
+                rupa_header=get("RUPA_WEBHOOK_HEADER", d.webhooks.rupa_header),
+                rupa_algorithm=get("RUPA_WEBHOOK_ALGORITHM", d.webhooks.rupa_algorithm).lower(),
+                rupa_encoding=get("RUPA_WEBHOOK_ENCODING", d.webhooks.rupa_encoding).lower(),
+                rupa_prefix=get("RUPA_WEBHOOK_PREFIX", d.webhooks.rupa_prefix),
             ),
         )
 

@@ -32,3 +32,12 @@ class BatchStatus(StrEnum):
     LOADED = "loaded"  # every valid row settled
     INCOMPLETE = "incomplete"  # some valid rows are not settled yet (failed / pending)
     UNUSABLE = "unusable"  # the file as a whole cannot be used; nothing was sent
+
+
+class WebhookEventState(StrEnum):
+    """`webhook_events.state`: a vendor event stored raw by the receiver, then applied by a task."""
+
+    RECEIVED = "received"  # stored, not yet applied
+    APPLIED = "applied"  # its effect is in the warehouse
+    IGNORED = "ignored"  # understood and deliberately not applied (an unknown or irrelevant type)
+    FAILED = "failed"  # applying it failed; `error` says why (PHI-free); retried by the next apply

@@ -7,22 +7,18 @@
     GET  /_sandbox/health
 
 `SandboxServer` runs it in a background thread (tests, bench, demo); `serve()` runs it in the
-foreground (`labsync sandbox`). It binds to 127.0.0.1 only.
+foreground (`labsync sandbox`). It binds to 127.0.0.1 only (etl.asgi does the serving).
 """
 
 from __future__ import annotations
 
-import logging
-import socket
-import threading
-import time
-
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Mount, Route
 
+from etl import asgi
+from etl.asgi import BackgroundServer
 from etl.sandbox.faults import FaultMiddleware
 from etl.sandbox.lgc import LgcSandbox
 from etl.sandbox.rupa import RupaSandbox
@@ -83,30 +79,12 @@ class Sandbox:
         )
 
 
-def _quiet_uvicorn() -> None:
-    # Dropped connections are deliberate; their tracebacks would only bury the useful output.
-    for name in ("uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
-class SandboxServer:
+class SandboxServer(BackgroundServer):
     """Run a `Sandbox` on 127.0.0.1 in a background thread. Use as a context manager."""
 
     def __init__(self, sandbox: Sandbox | None = None, *, port: int = 0) -> None:
         self.sandbox = sandbox or Sandbox()
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((SANDBOX_HOST, port))
-        self.port = self._sock.getsockname()[1]
-        config = uvicorn.Config(self.sandbox.asgi(), log_level="critical", access_log=False,
-                                timeout_keep_alive=30, lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
-                                        daemon=True, name="labsync-sandbox")
-
-    @property
-    def url(self) -> str:
-        return f"http://{SANDBOX_HOST}:{self.port}"
+        super().__init__(self.sandbox.asgi(), host=SANDBOX_HOST, port=port, name="labsync-sandbox")
 
     @property
     def lgc_url(self) -> str:
@@ -116,29 +94,7 @@ class SandboxServer:
     def rupa_url(self) -> str:
         return f"{self.url}/rupa"
 
-    def start(self) -> SandboxServer:
-        _quiet_uvicorn()
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the sandbox server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._sock.close()
-
-    def __enter__(self) -> SandboxServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
 
 def serve(sandbox: Sandbox, host: str = SANDBOX_HOST, port: int = 8765) -> None:
     """Serve in the foreground until interrupted."""
-    _quiet_uvicorn()
-    uvicorn.run(sandbox.asgi(), host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+    asgi.serve(sandbox.asgi(), host=host, port=port)

@@ -25,6 +25,7 @@ from .tables import (  # noqa: F401  (re-exported)
     rupa_lab_tests,
     rupa_patients,
     sync_state,
+    webhook_events,
 )
 from .upsert import upsert  # noqa: F401
 

@@ -11,10 +11,12 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -141,4 +143,24 @@ oauth_tokens = Table(
     Column("refresh_token", Text),
     Column("expires_at", TS),
     Column("updated_at", TS, nullable=False),
+)
+
+# ---- vendor events (webhooks): stored raw by etl.webhooks, applied later by tasks ----------
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("source", String(20), nullable=False),  # lgc, rupa
+    Column("sha256", String(64), nullable=False),  # of the raw body: deliveries repeat
+    Column("event_type", String(100)),  # as the vendor named it (order, Result, order.updated, ...)
+    Column("content_type", String(100)),
+    Column("body", LargeBinary, nullable=False),  # the raw bytes as received (may hold PHI)
+    Column("received_at", TS, nullable=False),
+    Column("deliveries", Integer, nullable=False, default=1),  # how often the vendor sent it
+    Column("state", String(20), nullable=False),  # etl.states.WebhookEventState
+    Column("attempts", Integer, nullable=False, default=0),  # apply attempts
+    Column("applied_at", TS),
+    Column("error", Text),  # why applying failed (no PHI)
+    UniqueConstraint("source", "sha256"),
+    Index("ix_webhook_events_source_state_id", "source", "state", "id"),
 )
