@@ -91,15 +91,15 @@ def test_a_loader_killed_at_random_moments_loses_nothing_and_sends_nothing_twice
         worker = subprocess.Popen(_load_cmd(path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         # a random moment: any time after the start (importing, validating, writing the outbox,
         # sending...), after k more PUTs left, or after k more outcomes were recorded
-        moment = rng.choice(("time", "puts", "recorded"))
-        k = rng.randint(1, 40)
+        moment, k = rng.choice(("time", "puts", "recorded")), rng.randint(1, 40)
         if moment == "time":
-            wait_for(lambda: worker.poll() is not None, timeout=rng.uniform(0.0, 4.0), interval=0.01)
+            wait_for(lambda w=worker: w.poll() is not None, timeout=rng.uniform(0.0, 4.0), interval=0.01)
         elif moment == "puts":
-            wait_for(lambda: worker.poll() is not None or sum(lgc.put_count.values()) >= puts + k,
+            wait_for(lambda w=worker, t=puts + k: w.poll() is not None or sum(lgc.put_count.values()) >= t,
                      timeout=120, interval=0.002)
         else:
-            wait_for(lambda: worker.poll() is not None or accepted() >= done + k, timeout=120, interval=0.01)
+            wait_for(lambda w=worker, t=done + k: w.poll() is not None or accepted() >= t,
+                     timeout=120, interval=0.01)
         if worker.poll() is None:
             worker.send_signal(signal.SIGKILL)
             kills += 1

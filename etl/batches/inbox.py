@@ -249,8 +249,8 @@ def retry_batches(engine: Engine, settings: Settings, *, owner: str, given_up: b
     now = _now()
     if given_up:
         outbox.reset_given_up(engine)
-    ids = outbox.retry_batches(engine, owner=owner, lease_until=now + staging.lease(settings), now=now)
-    outbox.give_up_exhausted(engine, ids, max_attempts=settings.max_attempts, now=now)
+    ids = outbox.retry_batches(engine, owner=owner, lease_until=now + staging.lease(settings), now=now,
+                               max_attempts=settings.max_attempts)
     out = []
     for batch_id in ids:
         row = records.get(engine, batch_id)
@@ -293,7 +293,8 @@ def finish(engine: Engine, settings: Settings, prepared: dict, *, owner: str) ->
             records.release_batch(engine, batch_id, owner=owner)
             if status is not None:
                 log.info("batch %d (%s): %s", batch_id, batch["name"], status)
-        settle(engine, settings, [batch_id])
+        if not settle(engine, settings, [batch_id]):
+            _rerender(engine, settings, batch_id)  # still incomplete: its rows' news (e.g. given up)
         outcomes.append(_outcome(engine, batch_id, {"name": batch["name"], "retried": True}))
     return outcomes
 
@@ -330,16 +331,21 @@ def _outcome(engine: Engine, batch_id: int, base: dict) -> dict:
 def settle(engine: Engine, settings: Settings, batch_ids: list[int]) -> list[int]:
     """Batches that became `loaded` now that their last row settled; their summary pages (where
     their file is in the inbox) are written again. Returns those batch ids."""
-    paths = InboxPaths(Path(settings.inbox))
     flipped = []
     for batch_id in batch_ids:
         if staging.settle(engine, batch_id):
             flipped.append(batch_id)
-            stored = records.get(engine, batch_id)["stored_as"]
-            if stored and paths.resolve(stored).parent.exists():
-                render(engine, batch_id, paths.resolve(stored))
+            _rerender(engine, settings, batch_id)
             log.info("batch %d: every row settled; loaded", batch_id)
     return flipped
+
+
+def _rerender(engine: Engine, settings: Settings, batch_id: int) -> None:
+    """Write a finished batch's summary again, beside its file in processed/ (if it has one)."""
+    paths = InboxPaths(Path(settings.inbox))
+    stored = records.get(engine, batch_id)["stored_as"]
+    if stored and paths.resolve(stored).parent.exists():
+        render(engine, batch_id, paths.resolve(stored))
 
 
 def render(engine: Engine, batch_id: int, batch_file: Path) -> Path:

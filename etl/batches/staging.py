@@ -32,6 +32,8 @@ from etl.settings import Settings
 from etl.states import BatchStatus, OutboxState
 from etl.warehouse import batch_files, lgc_outbox
 
+VALIDATION_CHUNK_ROWS = 20_000  # rows validated (and staged) per step: bounds memory
+
 
 def sha256_of(path: Path) -> str:
     """The batch's identity: the sha256 of the file's bytes (FileNotFoundError if it is gone)."""
@@ -122,7 +124,8 @@ def stage(
                      .values(status=BatchStatus.RECEIVED, error=None, stored_as=None))
     rejects = rejects_path or rejects_path_for(path)
     try:
-        validation = CsvValidation(path, rupa_lookup=records.rupa_lookup_for(engine), rejects_path=rejects)
+        validation = CsvValidation(path, rupa_lookup=records.rupa_lookup_for(engine), rejects_path=rejects,
+                                   chunk_rows=VALIDATION_CHUNK_ROWS)
         outbox.write(engine, batch_id, _rows(validation), fence=fence)
     except UnusableInputError as exc:
         reason = str(exc)

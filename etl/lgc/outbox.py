@@ -285,13 +285,19 @@ def give_up_exhausted(engine: Engine, batch_ids: Sequence[int], *, max_attempts:
         ).rowcount
 
 
-def retry_batches(engine: Engine, *, owner: str, lease_until: datetime, now: datetime) -> list[int]:
-    """Batches whose unsettled rows may go out again now: every `incomplete` batch, and each
-    `validated` batch whose claimer's lease lapsed (its run died before finishing), which
-    `owner` claims here so that only one run resumes it."""
+def retry_batches(engine: Engine, *, owner: str, lease_until: datetime, now: datetime, max_attempts: int) -> list[int]:
+    """Batches whose unsettled rows go out again now: `incomplete` batches that still have rows
+    to send (rows that used their `max_attempts` become `given_up` first), and each `validated`
+    batch whose claimer's lease lapsed (its run died before finishing), which `owner` claims
+    here so that only one run resumes it."""
     b = batch_files
-    with engine.begin() as conn:
+    with engine.connect() as conn:
         incomplete = list(conn.execute(sa.select(b.c.id).where(b.c.status == BatchStatus.INCOMPLETE)).scalars())
+    give_up_exhausted(engine, incomplete, max_attempts=max_attempts, now=now)
+    with engine.begin() as conn:
+        has_work = sa.exists().where(o.c.batch_id == b.c.id, _loadable(max_attempts))
+        resumable = list(conn.execute(
+            sa.select(b.c.id).where(b.c.status == BatchStatus.INCOMPLETE, has_work)).scalars())
         orphans = list(conn.execute(
             sa.select(b.c.id).where(b.c.status == BatchStatus.VALIDATED,
                                     sa.or_(b.c.claimed_by.is_(None), b.c.claimed_until < now))
@@ -304,7 +310,8 @@ def retry_batches(engine: Engine, *, owner: str, lease_until: datetime, now: dat
                 .values(claimed_by=owner, claimed_until=lease_until)
             ).rowcount:
                 taken.append(batch_id)
-    return sorted(incomplete + taken)
+    give_up_exhausted(engine, taken, max_attempts=max_attempts, now=now)
+    return sorted(resumable + taken)
 
 
 def adhoc_batch(engine: Engine, name: str = "(rows)") -> int:
