@@ -12,6 +12,7 @@ configuration (including credentials refused by LetsGetChecked, or the warehouse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from datetime import date, datetime
@@ -212,9 +213,12 @@ def _load(engine, settings: Settings, file: Path) -> int:
                           "not recorded); they go out on the next run (labsync retry, or load the file "
                           "again)") from None
     finally:
-        if not finished:
+        if finished:
+            records.release_batch(engine, batch_id, owner=owner)
+        else:  # on the way out with an error: record what we can, never mask that error
             _finish_quietly(engine, settings, batch_id, owner)
-        records.release_batch(engine, batch_id, owner=owner)
+            with contextlib.suppress(Exception):
+                records.release_batch(engine, batch_id, owner=owner)
     counts = {k: v for k, v in outbox.counts(engine, [batch_id])[batch_id].items() if v}
     if summary.stopped:
         typer.echo(f"labsync: the batch stopped early: {summary.stopped}", err=True)
@@ -235,8 +239,6 @@ def _load(engine, settings: Settings, file: Path) -> int:
 def _finish_quietly(engine, settings: Settings, batch_id: int, owner: str) -> None:
     """Record the batch's true status before giving it up (it may be `incomplete`: `labsync
     retry` and later runs send the rest); never hide the error that got us here."""
-    import contextlib
-
     from etl.batches import staging
 
     with contextlib.suppress(Exception):
