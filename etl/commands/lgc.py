@@ -155,7 +155,7 @@ def _load(engine, settings: Settings, file: Path) -> int:
     from going out twice."""
     from etl.batches import records, staging
     from etl.batches.validate import CsvValidation
-    from etl.claims import cli_owner
+    from etl.claims import Heartbeat, cli_owner
     from etl.errors import Interrupted, UnusableInputError
     from etl.lgc import outbox
     from etl.lgc.load import LoadSummary, load_chunk
@@ -175,7 +175,9 @@ def _load(engine, settings: Settings, file: Path) -> int:
     batch_id = taken.batch_id
     summary = LoadSummary()
     finished = False
+    heartbeat = Heartbeat(engine, [owner], lease=staging.lease(settings), interval=settings.heartbeat_seconds)
     try:
+        heartbeat.start()  # the file's claim stays ours while a big file is validated
         if taken.status == BatchStatus.UNUSABLE:
             raise UnusableInputError(taken.row["error"] or f"{file.name}: the file cannot be used")
         if staging.needs_validation(engine, taken):
@@ -213,6 +215,7 @@ def _load(engine, settings: Settings, file: Path) -> int:
                           "not recorded); they go out on the next run (labsync retry, or load the file "
                           "again)") from None
     finally:
+        heartbeat.stop()
         if finished:
             records.release_batch(engine, batch_id, owner=owner)
         else:  # on the way out with an error: record what we can, never mask that error

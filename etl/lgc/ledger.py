@@ -188,7 +188,9 @@ def _decide(item: Prepared, row, *, owner: str, now: datetime) -> Decision:
 
 
 def _mark_outbox(conn: sa.Connection, decisions: Iterable[Decision], now: datetime) -> None:
-    """Outbox rows follow the claim: `pending` for rows to send, the outcome for settled ones."""
+    """Outbox rows follow the claim: `pending` for rows to send, the outcome for settled ones
+    (in id order, so concurrent transactions lock them in the same order)."""
+    decisions = sorted(decisions, key=lambda d: d.item.outbox_id)
     sending = [d.item.outbox_id for d in decisions if d.action == SEND]
     if sending:
         conn.execute(sa.update(o).where(o.c.id.in_(sending)).values(outcome=OutboxState.PENDING, updated_at=now))
@@ -278,6 +280,13 @@ def record(
     if not ledger_params:
         return 0
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # lock our ledger rows first, in clientOrderId order, as `claim` does: the two never
+            # wait on each other in opposite orders
+            conn.execute(sa.select(t.c.client_order_id)
+                         .where(t.c.client_order_id.in_(sorted(p["k_coid"] for p in ledger_params)),
+                                t.c.claimed_by == owner)
+                         .order_by(t.c.client_order_id).with_for_update())
         if settled:
             conn.execute(_record_settled, settled)
         if open_:
@@ -296,18 +305,13 @@ def unclaim_all(engine: Engine, *, owner: str, error: str) -> int:
     """Drop every claim `owner` still holds: rows whose outcome is unknown (cancelled mid-request,
     or claimed by a statement that finished after an interruption). They stay `pending` with a
     true reason in the outbox and go out again on the next run without waiting for the lease."""
+    held_here = sa.exists().where(t.c.client_order_id == o.c.client_order_id, t.c.batch_id == o.c.batch_id,
+                                  t.c.claimed_by == owner)
     with engine.begin() as conn:
-        held = list(conn.execute(sa.select(t.c.client_order_id, t.c.batch_id).where(t.c.claimed_by == owner)))
-        if not held:
-            return 0
-        for row in held:
-            conn.execute(
-                sa.update(o).where(o.c.batch_id == row.batch_id, o.c.client_order_id == row.client_order_id,
-                                   o.c.outcome == OutboxState.PENDING)
-                .values(last_error=error, updated_at=_now())
-            )
-        conn.execute(sa.update(t).where(t.c.claimed_by == owner).values(claimed_by=None, claimed_until=None))
-    return len(held)
+        conn.execute(sa.update(o).where(o.c.outcome == OutboxState.PENDING, held_here)
+                     .values(last_error=error, updated_at=_now()))
+        return conn.execute(sa.update(t).where(t.c.claimed_by == owner)
+                            .values(claimed_by=None, claimed_until=None)).rowcount
 
 
 def lookup(engine: Engine, client_order_ids: Sequence[str]) -> dict[str, Any]:
