@@ -114,6 +114,18 @@ def test_second_run_and_redropped_copy_send_nothing(box, sandbox):
     assert "Already processed" in (paths.processed / "renamed copy.summary.html").read_text()
 
 
+def test_two_copies_dropped_together_are_one_batch_sent_once(box, sandbox):
+    settings, paths, engine = box
+    drop(paths, "orders.csv")
+    shutil.copy(EXAMPLES / "orders.csv", paths.root / "orders copy.csv")
+    (first,) = run(engine, settings)  # one copy is the batch; the other waits for the next run
+    assert first["status"] == "loaded" and first["counts"]["accepted"] == 10
+    (second,) = run(engine, settings)
+    assert second["status"] == "duplicate"
+    assert set(sandbox.sandbox.lgc.put_count.values()) == {1} and len(sandbox.sandbox.lgc.orders) == 10
+    assert sorted(p.name for p in paths.processed.iterdir() if p.suffix == ".csv") == ["orders copy.csv", "orders.csv"]
+
+
 def test_failed_rows_go_out_again_by_themselves_and_the_summary_is_rewritten(box, sandbox):
     settings, paths, engine = box
     lgc = sandbox.sandbox.lgc

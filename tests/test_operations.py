@@ -267,7 +267,8 @@ def test_the_warehouse_full_mid_load_exits_2_and_the_rows_go_out_later(pg_admin_
     engine.dispose()
 
 
-def test_ctrl_c_mid_load_exits_130_with_true_reasons_and_retry_sends_the_rest(engine, settings, sandbox, tmp_path):
+def test_ctrl_c_mid_load_exits_130_with_true_reasons_and_retry_sends_the_rest(engine, settings, sandbox, tmp_path,
+                                                                               labsync):
     lgc = _lgc(sandbox)
     lgc.faults.update(latency=0.05)
     n = 200
@@ -291,41 +292,54 @@ def test_ctrl_c_mid_load_exits_130_with_true_reasons_and_retry_sends_the_rest(en
         batch = conn.execute(sa.select(batch_files.c.status, batch_files.c.claimed_by)).one()
     assert tuple(batch) == ("incomplete", None)
 
-    retry = subprocess.run([*LABSYNC, "retry"], env=env, capture_output=True, text=True, timeout=300)
-    assert retry.returncode == 0, retry.stderr
-    assert "orders.csv (batch 1): loaded (accepted 200)" in retry.stdout
+    code, out, err = labsync("retry")
+    assert code == 0, err
+    assert "orders.csv (batch 1): loaded (accepted 200)" in out
     assert {r["outcome"] for r in outbox_rows(engine).values()} == {"accepted"}
     assert len(lgc.orders) == n and max(lgc.accepted_count.values()) == 1
-    assert "nothing to send again" in subprocess.run([*LABSYNC, "retry"], env=env, capture_output=True,
-                                                      text=True, timeout=300).stdout
+    assert "nothing to send again" in labsync("retry")[1]
 
 
-def test_retry_gives_up_after_max_attempts_and_status_says_a_person_is_needed(engine, settings, sandbox, tmp_path):
+@pytest.fixture
+def labsync(settings, monkeypatch, capsys):
+    """Run `labsync ARGS` in this process (no interpreter start-up) against the test warehouse
+    and sandbox; returns (exit code, stdout, stderr)."""
+    from etl.cli import main
+
+    def _run(*args: str, **extra: str):
+        with monkeypatch.context() as m:
+            for key, value in {**cli_env(fast(settings)), **extra}.items():
+                if key.startswith(("LGC_", "LABSYNC_")):
+                    m.setenv(key, value)
+            code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run
+
+
+def test_retry_gives_up_after_max_attempts_and_status_says_a_person_is_needed(engine, sandbox, tmp_path, labsync):
     lgc = _lgc(sandbox)
     lgc.forced["ORD-00001"] = 503
     path = write_csv(tmp_path / "orders.csv", [csv_row(i) for i in range(3)])
-    env = cli_env(fast(settings), LABSYNC_MAX_ATTEMPTS="3")
+    three = {"LABSYNC_MAX_ATTEMPTS": "3"}
 
-    def labsync(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*LABSYNC, *args], env=env, capture_output=True, text=True, timeout=300)
-
-    assert labsync("load", str(path)).returncode == 1  # attempt 1
-    assert labsync("retry").returncode == 1  # attempt 2
-    last = labsync("retry")  # attempt 3, the last
-    assert last.returncode == 1 and "given_up 1" in last.stdout
-    assert labsync("retry").stdout.startswith("retry: nothing to send again")
+    assert labsync("load", str(path), **three)[0] == 1  # attempt 1
+    assert labsync("retry", **three)[0] == 1  # attempt 2
+    code, out, _ = labsync("retry", **three)  # attempt 3, the last
+    assert code == 1 and "given_up 1" in out
+    assert labsync("retry", **three)[1].startswith("retry: nothing to send again")
     sends = lgc.put_count["ORD-00001"]
-    status = labsync("status")
-    assert "needs a person: 1 rows given up after 3 attempts" in status.stdout
-    rows = json.loads(labsync("status", "--batch", "orders.csv", "--json").stdout)
+    assert "needs a person: 1 rows given up after 3 attempts" in labsync("status", **three)[1]
+    rows = json.loads(labsync("status", "--batch", "orders.csv", "--json")[1])
     (given_up,) = [r for r in rows if r["state"] == "given_up"]
     assert given_up["client_order_id"] == "ORD-00001" and given_up["attempts"] == 3
     assert "503" in given_up["last_error"]
     assert lgc.put_count["ORD-00001"] == sends  # later runs leave it alone
 
     lgc.forced.clear()  # a person fixed the cause
-    fixed = labsync("retry", "--given-up")
-    assert fixed.returncode == 0 and "loaded (accepted 3)" in fixed.stdout
+    code, out, _ = labsync("retry", "--given-up", **three)
+    assert code == 0 and "loaded (accepted 3)" in out
     with engine.connect() as conn:
         assert conn.execute(sa.select(lgc_orders.c.state).where(
             lgc_orders.c.client_order_id == "ORD-00001")).scalar_one() == "accepted"

@@ -155,7 +155,7 @@ def prepare(engine: Engine, settings: Settings, *, owner: str, settle_seconds: f
     with Heartbeat(engine, [owner], lease=staging.lease(settings), interval=settings.heartbeat_seconds):
         for path in discover(paths, settle_seconds=settle):
             try:
-                batch = _prepare_file(engine, settings, paths, path, owner)
+                batch = _prepare_file(engine, settings, paths, path, owner, {b["batch_id"] for b in batches})
             except records.LostClaim:
                 log.warning("inbox: %s was taken over by another run; left to it", path.name)
                 continue
@@ -173,7 +173,8 @@ def prepare(engine: Engine, settings: Settings, *, owner: str, settle_seconds: f
     return {"batches": batches, "retried": retried, "chunks": [c.as_dict() for c in chunks]}
 
 
-def _prepare_file(engine: Engine, settings: Settings, paths: InboxPaths, path: Path, owner: str) -> dict | None:
+def _prepare_file(engine: Engine, settings: Settings, paths: InboxPaths, path: Path, owner: str,
+                  this_run: set[int]) -> dict | None:
     try:
         sha = fingerprint(path)
     except FileNotFoundError:
@@ -183,6 +184,10 @@ def _prepare_file(engine: Engine, settings: Settings, paths: InboxPaths, path: P
         log.info("inbox: %s is being processed by another run; left alone", path.name)
         return None
     batch_id, row = taken.batch_id, taken.row
+    if batch_id in this_run:  # two copies dropped together: the next run finds this one a duplicate
+        log.info("inbox: %s has the same content as another file of this run; it waits for the next run",
+                 path.name)
+        return None
     entry = {"batch_id": batch_id, "file": paths.relative(path), "name": path.name}
     if taken.status == BatchStatus.UNUSABLE:
         return _to_failed(engine, paths, path, batch_id, row["error"] or "the file cannot be used", owner)
