@@ -200,19 +200,33 @@ def _said(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("labsync:")]
 
 
+def _pg_settings(url: str, sandbox):
+    from dataclasses import replace
+
+    base = _settings(url)
+    return replace(base, lgc=replace(base.lgc, base_url=sandbox.lgc_url))
+
+
+def _loading(url: str, sandbox, tmp_path, n: int):
+    """`labsync load` of n orders against a slow vendor, started and seen sending; returns
+    (path, env, process). Short leases, so the reruns take over soon after it goes away."""
+    lgc = _lgc(sandbox)
+    lgc.faults.update(latency=0.05)
+    path = write_csv(tmp_path / "orders.csv", [csv_row(i) for i in range(n)])
+    env = cli_env(fast(_pg_settings(url, sandbox), concurrency=2), LABSYNC_LEASE_SECONDS="2",
+                  LABSYNC_HEARTBEAT_SECONDS="0.5")
+    loader = _start_load(path, env)
+    assert wait_for(lambda: sum(lgc.put_count.values()) >= 20, timeout=180)
+    return path, env, loader
+
+
 @pytest.mark.postgres
 def test_the_warehouse_stopping_mid_load_exits_2_in_one_line_and_loses_nothing(sandbox, tmp_path):
     server = PgServer().start()
     try:
         url = migrated(create_database(server.admin_url))
-        lgc = _lgc(sandbox)
-        lgc.faults.update(latency=0.05)
-        n = 200
-        path = write_csv(tmp_path / "orders.csv", [csv_row(i) for i in range(n)])
-        env = cli_env(fast(_pg_settings(url, sandbox), concurrency=2), LABSYNC_LEASE_SECONDS="2",
-                      LABSYNC_HEARTBEAT_SECONDS="0.5")
-        loader = _start_load(path, env)
-        assert wait_for(lambda: sum(lgc.put_count.values()) >= 20, timeout=180)
+        lgc, n = _lgc(sandbox), 200
+        path, env, loader = _loading(url, sandbox, tmp_path, n)
         server.pause()
         out, err = loader.communicate(timeout=180)
         assert loader.returncode == 2, err
@@ -230,25 +244,12 @@ def test_the_warehouse_stopping_mid_load_exits_2_in_one_line_and_loses_nothing(s
         server.stop()
 
 
-def _pg_settings(url: str, sandbox):
-    from dataclasses import replace
-
-    base = _settings(url)
-    return replace(base, lgc=replace(base.lgc, base_url=sandbox.lgc_url))
-
-
 @pytest.mark.postgres
 def test_the_warehouse_full_mid_load_exits_2_and_the_rows_go_out_later(pg_admin_url, sandbox, tmp_path):
     url = migrated(create_database(pg_admin_url))
     engine = warehouse.connect(url)
-    lgc = _lgc(sandbox)
-    lgc.faults.update(latency=0.05)
-    n = 150
-    path = write_csv(tmp_path / "orders.csv", [csv_row(i) for i in range(n)])
-    env = cli_env(fast(_pg_settings(url, sandbox), concurrency=2), LABSYNC_LEASE_SECONDS="2",
-                  LABSYNC_HEARTBEAT_SECONDS="0.5")
-    loader = _start_load(path, env)
-    assert wait_for(lambda: sum(lgc.put_count.values()) >= 20, timeout=180)
+    lgc, n = _lgc(sandbox), 150
+    path, env, loader = _loading(url, sandbox, tmp_path, n)
     with engine.begin() as conn:  # from now on every write of an outcome fails as on a full disk
         conn.execute(sa.text(
             "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
