@@ -87,7 +87,7 @@ if ! grep -q "need attention" "$demo/logs/order_batches.log"; then
   tail -40 "$demo/logs/order_batches.log"; exit 1
 fi
 printf '  the run ended failed, as it should: '
-grep -o "[0-9]* batch(es) need attention: [^.]*" "$demo/logs/order_batches.log" | head -1
+grep -o "[0-9]* batch(es) need attention: .*\. Unsettled" "$demo/logs/order_batches.log" | head -1 | sed 's/\. Unsettled$//'
 
 step "the outcome table (labsync batches)"
 "$bin/labsync" batches
