@@ -77,7 +77,7 @@ def test_a_loader_killed_at_random_moments_loses_nothing_and_sends_nothing_twice
     n = 1000
     kills_wanted = 20 if warehouse_url.startswith("postgresql") else 5
     path = write_csv(tmp_path / "orders.csv", [csv_row(i) for i in range(n)])
-    env = cli_env(fast(settings, concurrency=4), LABSYNC_LEASE_SECONDS="1.5", LABSYNC_HEARTBEAT_SECONDS="0.3")
+    env = cli_env(fast(settings, concurrency=4), LABSYNC_LEASE_SECONDS="1", LABSYNC_HEARTBEAT_SECONDS="0.25")
     rng = random.Random(20261124)
 
     def accepted() -> int:
@@ -93,7 +93,7 @@ def test_a_loader_killed_at_random_moments_loses_nothing_and_sends_nothing_twice
         # sending...), after k more PUTs left, or after k more outcomes were recorded
         moment, k = rng.choice(("time", "puts", "recorded")), rng.randint(1, 40)
         if moment == "time":
-            wait_for(lambda w=worker: w.poll() is not None, timeout=rng.uniform(0.0, 4.0), interval=0.01)
+            wait_for(lambda w=worker: w.poll() is not None, timeout=rng.uniform(0.3, 3.0), interval=0.01)
         elif moment == "puts":
             wait_for(lambda w=worker, t=puts + k: w.poll() is not None or sum(lgc.put_count.values()) >= t,
                      timeout=120, interval=0.002)

@@ -229,3 +229,10 @@ def test_a_crash_inside_the_loader_surfaces_and_leaves_no_claims(engine, setting
     load_batch(engine, fast(settings), batch)  # the next run finishes the batch
     assert {r["outcome"] for r in outbox_rows(engine, batch).values()} == {"accepted"}
     assert set(_lgc(sandbox).accepted_count.values()) == {1}
+
+
+def test_a_ledger_state_the_outbox_does_not_name_goes_out_again():
+    """A state added to the ledger later (not settled) must not strand its outbox row."""
+    assert lg.outbox_outcome("unconfirmed", 1, 5) == "failed"
+    assert lg.outbox_outcome("unconfirmed", 5, 5) == "given_up"
+    assert lg.outbox_outcome("accepted", 1, 5) == "accepted"

@@ -248,7 +248,10 @@ _record_settled, _record_open = _outbox_update(drop_body=True), _outbox_update(d
 
 def outbox_outcome(state: str, tries: int, max_attempts: int) -> str:
     """The outbox outcome for a ledger outcome: `failed` becomes `given_up` once the row has been
-    sent `max_attempts` times. States the outbox does not name yet are kept as they are."""
+    sent `max_attempts` times. A ledger state the outbox does not name (one added later, not
+    settled) counts as `failed` here, so the row goes out again instead of being stranded."""
+    if state not in OutboxState.__members__.values():
+        state = FAILED
     if state == FAILED and tries >= max_attempts:
         return OutboxState.GIVEN_UP
     return state
