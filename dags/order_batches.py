@@ -1,12 +1,19 @@
-"""CSV inbox -> validation -> LetsGetChecked, every few minutes.
+"""CSV inbox -> validation -> outbox -> LetsGetChecked, every few minutes.
 
-prepare: claim new files in LABSYNC_INBOX (by content hash: a re-dropped copy is recognised),
-         validate them, write FILE.rejects.csv, stage valid rows in chunks (LABSYNC_CHUNK_ROWS)
-load:    one mapped task per chunk (dynamic task mapping), idempotent PUTs via the ledger
-finish:  FILE.summary.html beside each file, file moved to processed/ (or failed/)
+prepare: claim the files in LABSYNC_INBOX in the warehouse (by content hash: a re-dropped copy
+         is recognised), validate each whole file, write its rows' PUT bodies to the outbox;
+         list the chunks to load: id ranges of the outbox (LABSYNC_CHUNK_ROWS rows each),
+         including rows of earlier incomplete batches that go out again
+load:    one mapped task per chunk, in pool LABSYNC_LGC_POOL (default `lgc_api`); claims owned by
+         the task instance, idempotent PUTs recorded in the ledger and the outbox
+finish:  runs even when a load failed: batch statuses from the outbox, FILE.summary.html beside
+         each file, files moved to processed/
+check:   fails the run (red) when a batch ended incomplete, a file was unusable, or a load task
+         failed for good; the next run sends the rows again and is green once they go through
 
 Schedule: LABSYNC_INBOX_SCHEDULE (default every 5 minutes). Connection: lgc_default.
 A load task that fails half-way is retried by Airflow; the ledger makes the re-send safe.
+Alerting: set `on_failure_callback` in default_args (see the README).
 """
 
 import os
@@ -15,6 +22,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import dag, task
 
 RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=1)}
+POOL = os.environ.get("LABSYNC_LGC_POOL", "lgc_api")
 
 
 @dag(
@@ -37,21 +45,29 @@ def order_batches():
     def chunks(prepared: dict) -> list:
         return prepared["chunks"]  # the list `load` is mapped over (one task per chunk)
 
-    @task(max_active_tis_per_dagrun=int(os.environ.get("LABSYNC_LOAD_PARALLELISM", "4")))
+    @task(pool=POOL, max_active_tis_per_dagrun=int(os.environ.get("LABSYNC_LOAD_PARALLELISM", "4")))
     def load(chunk: dict) -> dict:
         from etl.tasks import inbox_load_chunk
 
         return inbox_load_chunk(chunk)
 
     @task(trigger_rule="all_done")
-    def finish(prepared: dict, results: list) -> list:
+    def finish(prepared: dict) -> list:
         from etl.tasks import inbox_finish
 
-        return inbox_finish(prepared, list(results))
+        return inbox_finish(prepared)
+
+    @task(trigger_rule="none_failed", retries=0)
+    def check(outcomes: list) -> dict:
+        from etl.tasks import inbox_check
+
+        return inbox_check(outcomes)
 
     prepared = prepare()
     loaded = load.expand(chunk=chunks(prepared))
-    finish(prepared, loaded)
+    finished = finish(prepared)
+    loaded >> finished
+    loaded >> check(finished)
 
 
 order_batches()

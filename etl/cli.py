@@ -2,7 +2,9 @@
 only builds the app and turns outcomes into exit codes:
 
     0  everything went through        1  some rows were rejected or failed
-    2  unusable input or configuration 3  a bug (a one-line message; LABSYNC_DEBUG=1 for the traceback)
+    2  unusable input or configuration, or the warehouse went away (nothing is lost)
+    3  a bug (a one-line message; LABSYNC_DEBUG=1 for the traceback)
+    130 interrupted (Ctrl-C): claimed rows released with that reason
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ def _register() -> None:
 _register()
 
 
+def _warehouse_error(exc: BaseException):
+    if "sqlalchemy" not in sys.modules:  # nothing touched the warehouse
+        return None
+    from etl.warehouse import as_unavailable
+
+    return as_unavailable(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     logs.configure()
     try:
@@ -50,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         print("labsync: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug: say so in one line, no traceback (and no PHI) for the user
+        plain = _warehouse_error(exc)
+        if plain is not None:  # the warehouse went away or refused a write: not a bug
+            print(f"labsync: {plain}", file=sys.stderr)
+            return plain.exit_code
         if os.environ.get("LABSYNC_DEBUG"):
             raise
         print(

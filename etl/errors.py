@@ -33,3 +33,16 @@ class AuthError(ApiError):
     """Credentials were refused (bad keys, revoked or expired refresh token). Exit code 2."""
 
     exit_code = 2
+
+
+class WarehouseUnavailable(LabsyncError):
+    """The warehouse went away or refused a write (server down, disk full, read-only): exit 2.
+    Nothing is lost: rows whose outcome was not recorded stay in the outbox and go out later."""
+
+    exit_code = 2
+
+
+class Interrupted(LabsyncError):
+    """Ctrl-C (SIGINT) or SIGTERM stopped a command; claimed rows were released (exit 130)."""
+
+    exit_code = 130

@@ -163,10 +163,29 @@ class Settings:
     inbox: Path = Path("inbox")
     inbox_settle_seconds: float = 5.0  # a file younger than this may still be being copied in
     chunk_rows: int = 5_000  # rows per load task when the DAG spreads a batch over workers
+    # claims in the warehouse (etl.claims): a lease renewed by a heartbeat while the work goes on;
+    # a claim whose lease lapsed (its owner died) is taken over by anyone
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 15.0
+    max_attempts: int = 5  # loads that may send one outbox row before it is given up (needs a person)
     lgc: LgcSettings = field(default_factory=LgcSettings)
     rupa: RupaSettings = field(default_factory=RupaSettings)
     retry: RetrySettings = field(default_factory=RetrySettings)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+
+    def checked(self) -> Settings:
+        """Check the settings every command and task needs (the vendors' are checked by
+        `LgcSettings.validated()` / `RupaSettings.validated()` where they are used)."""
+        if self.chunk_rows < 1:
+            raise ConfigError("LABSYNC_CHUNK_ROWS must be at least 1")
+        if not 0 < self.heartbeat_seconds < self.lease_seconds:
+            raise ConfigError(
+                "LABSYNC_HEARTBEAT_SECONDS must be above 0 and below LABSYNC_LEASE_SECONDS "
+                "(a lease must be renewed before it lapses)"
+            )
+        if self.max_attempts < 1:
+            raise ConfigError("LABSYNC_MAX_ATTEMPTS must be at least 1")
+        return self
 
     # ---- sources -------------------------------------------------------------------------
     @classmethod
@@ -188,11 +207,15 @@ class Settings:
             except ValueError:
                 raise ConfigError(f"{name} must be a number, got {raw!r}") from None
 
+        lease = num("LABSYNC_LEASE_SECONDS", d.lease_seconds)
         return cls(
             warehouse_url=get("LABSYNC_WAREHOUSE_URL", d.warehouse_url),
             inbox=Path(get("LABSYNC_INBOX", str(d.inbox))),
             inbox_settle_seconds=num("LABSYNC_INBOX_SETTLE_SECONDS", d.inbox_settle_seconds),
             chunk_rows=num("LABSYNC_CHUNK_ROWS", d.chunk_rows, int),
+            lease_seconds=lease,
+            heartbeat_seconds=num("LABSYNC_HEARTBEAT_SECONDS", lease / 4),
+            max_attempts=num("LABSYNC_MAX_ATTEMPTS", d.max_attempts, int),
             lgc=LgcSettings(
                 base_url=get("LGC_BASE_URL", d.lgc.base_url).rstrip("/"),
                 client_id=get("LGC_CLIENT_ID", ""),
@@ -238,6 +261,7 @@ class Settings:
         rupa_conn_id: str = "rupa_default",
         warehouse_conn_id: str = "labsync_warehouse",
         env: Mapping[str, str] | None = None,
+        require: tuple[str, ...] = (),
     ) -> Settings:
         """Environment settings overlaid with Airflow Connections (the DAGs' source).
 
@@ -246,8 +270,12 @@ class Settings:
         rupa_default: host = base URL, login = client id, password = client secret,
                       extra {"access_token": "..."} for a ready token
         labsync_warehouse (optional): its URI is the SQLAlchemy URL (else LABSYNC_WAREHOUSE_URL).
-        A connection that does not exist leaves the environment's values in place.
+        A connection that does not exist leaves the environment's values in place, except for
+        the vendors named in `require` ("lgc", "rupa"): a task that talks to a vendor with
+        neither its Connection nor its base-URL variable fails with a message naming both,
+        instead of silently aiming at the local sandbox.
         """
+        env = os.environ if env is None else env
         base = cls.from_env(env)
         lgc_conn = _airflow_connection(lgc_conn_id)
         rupa_conn = _airflow_connection(rupa_conn_id)
@@ -274,6 +302,13 @@ class Settings:
             )
         if wh_conn is not None:
             warehouse_url = _sqlalchemy_url(wh_conn) or warehouse_url
+        for vendor, conn, conn_id, variable in (("lgc", lgc_conn, lgc_conn_id, "LGC_BASE_URL"),
+                                                ("rupa", rupa_conn, rupa_conn_id, "RUPA_BASE_URL")):
+            if vendor in require and conn is None and not (env.get(variable) or "").strip():
+                raise ConfigError(
+                    f"the Airflow Connection {conn_id!r} does not exist and {variable} is not set: "
+                    f"create the Connection (see the README) or set {variable}"
+                )
         return replace(base, lgc=lgc, rupa=rupa, warehouse_url=warehouse_url)
 
 

@@ -27,8 +27,8 @@ SETTLED_ORDER_STATES = frozenset({OrderState.ACCEPTED, OrderState.REJECTED, Orde
 class BatchStatus(StrEnum):
     """`batch_files.status`: where one dropped file stands."""
 
-    RECEIVED = "received"  # registered by its sha256, not yet validated
-    VALIDATED = "validated"  # every row checked; valid rows ready to send
+    RECEIVED = "received"  # registered by its sha256; being validated by its claimer
+    VALIDATED = "validated"  # every row checked; its outbox rows are complete and loadable
     LOADED = "loaded"  # every valid row settled
     INCOMPLETE = "incomplete"  # some valid rows are not settled yet (failed / pending)
     UNUSABLE = "unusable"  # the file as a whole cannot be used; nothing was sent
@@ -41,3 +41,28 @@ class WebhookEventState(StrEnum):
     APPLIED = "applied"  # its effect is in the warehouse
     IGNORED = "ignored"  # understood and deliberately not applied (an unknown or irrelevant type)
     FAILED = "failed"  # applying it failed; `error` says why (PHI-free); retried by the next apply
+
+
+class OutboxState(StrEnum):
+    """`lgc_outbox.outcome`: what became of one row of one batch (its own result).
+
+    `lgc_orders` says what LetsGetChecked holds per clientOrderId; the outbox says, per batch and
+    line, whether *this* row went out and how. A batch's counts come from here (plus
+    `rejected_rows`), so every row of a file ends in exactly one of these."""
+
+    QUEUED = "queued"  # written by prepare; not claimed by a loader yet
+    PENDING = "pending"  # claimed by a loader; sent or about to be, outcome not recorded yet
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"  # by LetsGetChecked (400), or locally when the row cannot be mapped
+    CONFLICT = "conflict"  # 409, or accepted earlier with a different payload: not sent
+    FAILED = "failed"  # no usable answer, or not sent (stopped, interrupted); sent again later
+    GIVEN_UP = "given_up"  # failed LABSYNC_MAX_ATTEMPTS times: needs a person
+    ALREADY_SETTLED = "already_settled"  # an earlier batch settled this clientOrderId; nothing sent
+
+
+# Rows in these states are done: their body is deleted (it holds PHI) and nothing re-sends them.
+SETTLED_OUTBOX_STATES = frozenset({
+    OutboxState.ACCEPTED, OutboxState.REJECTED, OutboxState.CONFLICT, OutboxState.ALREADY_SETTLED,
+})
+# Rows in these states go out again by themselves (a later run or `labsync retry`).
+RETRYABLE_OUTBOX_STATES = frozenset({OutboxState.QUEUED, OutboxState.PENDING, OutboxState.FAILED})

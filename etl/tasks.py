@@ -1,9 +1,19 @@
 """The functions the Airflow DAGs call, one per task. Each reads its settings from Airflow
 Connections (falling back to the environment), does one thing in `etl/`, and returns a small,
-JSON-safe, PHI-free dict for XCom. Nothing here imports Airflow at module level."""
+JSON-safe, PHI-free dict for XCom. Nothing here imports Airflow at module level.
+
+Claims are owned by the Airflow task instance that works (etl.claims): `load` claims its rows as
+`ti:{dag}/{run}/{task}/{map_index}` (a retry of the same task instance takes them over at once),
+and a DAG run holds the inbox files it processes, from `prepare` to `finish`, as `run:{dag}/{run}`.
+The identity comes from the running task's context, or from the arguments (tests, other callers).
+
+Errors reach Airflow as our own exception types with one plain sentence: a warehouse that went
+away mid-task says so (WarehouseUnavailable), not a driver traceback.
+"""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict
 
 from etl.settings import Settings
@@ -15,34 +25,80 @@ def _engine(settings: Settings):
     return warehouse.connect(settings.warehouse_url)
 
 
+def _plain_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            from etl.warehouse import as_unavailable
+
+            plain = as_unavailable(exc)
+            if plain is not None:
+                raise plain from exc
+            raise
+
+    return wrapper
+
+
+def _owners(ti_owner: str | None = None, run_owner: str | None = None) -> tuple[str, str]:
+    """(task-instance owner, DAG-run owner) of the running task, unless both are given."""
+    if ti_owner and run_owner:
+        return ti_owner, run_owner
+    from airflow.sdk import get_current_context
+
+    from etl import claims
+
+    ti = get_current_context()["ti"]
+    return (ti_owner or claims.task_owner(ti.dag_id, ti.run_id, ti.task_id, ti.map_index),
+            run_owner or claims.run_owner(ti.dag_id, ti.run_id))
+
+
+@_plain_errors
 def rupa_extract(stream: str, settings: Settings | None = None) -> dict:
     """Full sync of one Rupa stream (`patients` or `lab_tests`) into the warehouse."""
     from etl.rupa.extract import extract_stream
 
-    settings = settings or Settings.from_airflow()
+    settings = settings or Settings.from_airflow(require=("rupa",))
     summary = extract_stream(_engine(settings), settings, stream)
     return {**asdict(summary), "summary": summary.line()}
 
 
-def inbox_prepare(settings: Settings | None = None) -> dict:
-    """Claim and validate new inbox files; stage their valid rows in chunks."""
+@_plain_errors
+def inbox_prepare(settings: Settings | None = None, *, run_owner: str | None = None) -> dict:
+    """Claim and validate new inbox files into the outbox; list the chunks to load (theirs and
+    those of incomplete batches whose rows go out again)."""
     from etl.batches import inbox
 
     settings = settings or Settings.from_airflow()
-    return inbox.prepare(_engine(settings), settings)
+    _, run = _owners("-", run_owner) if run_owner else _owners()
+    return inbox.prepare(_engine(settings), settings, owner=run)
 
 
-def inbox_load_chunk(chunk: dict, settings: Settings | None = None) -> dict:
-    """Load one staged chunk into LetsGetChecked (one mapped task per chunk)."""
+@_plain_errors
+def inbox_load_chunk(chunk: dict, settings: Settings | None = None, *, ti_owner: str | None = None,
+                     run_owner: str | None = None) -> dict:
+    """Load one chunk of outbox rows into LetsGetChecked (one mapped task per chunk)."""
+    from etl.batches import inbox
+
+    settings = settings or Settings.from_airflow(require=("lgc",))
+    ti, run = _owners(ti_owner, run_owner)
+    return inbox.load_chunk(_engine(settings), settings, chunk, owner=ti, file_owner=run)
+
+
+@_plain_errors
+def inbox_finish(prepared: dict, settings: Settings | None = None, *, run_owner: str | None = None) -> list[dict]:
+    """Statuses from the outbox, summaries beside each file, files moved to processed/."""
     from etl.batches import inbox
 
     settings = settings or Settings.from_airflow()
-    return inbox.load_chunk(_engine(settings), settings, chunk)
+    _, run = _owners("-", run_owner) if run_owner else _owners()
+    return inbox.finish(_engine(settings), settings, prepared, owner=run)
 
 
-def inbox_finish(prepared: dict, results: list, settings: Settings | None = None) -> list[dict]:
-    """Summaries beside each file, files moved to processed/ or failed/."""
+def inbox_check(outcomes: list[dict]) -> dict:
+    """Fail the run (red) when a batch ended incomplete or a file was unusable."""
     from etl.batches import inbox
 
-    settings = settings or Settings.from_airflow()
-    return inbox.finish(_engine(settings), settings, prepared, [r for r in results if r])
+    inbox.check(list(outcomes or []))
+    return {"batches": len(outcomes or [])}

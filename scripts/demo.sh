@@ -56,6 +56,11 @@ PY
 
 step "preparing a throwaway Airflow home in $AIRFLOW_HOME"
 "$bin/airflow" db migrate > "$demo/logs/airflow-db.log" 2>&1
+# the pool the order_batches load tasks run in (LABSYNC_LGC_POOL); its size caps the load tasks
+# that talk to LetsGetChecked at once across every DAG run
+"$bin/airflow" pools set "${LABSYNC_LGC_POOL:-lgc_api}" "${LABSYNC_LGC_POOL_SLOTS:-4}" "LetsGetChecked API slots" \
+  > "$demo/logs/airflow-pool.log" 2>&1
+"$bin/airflow" pools get "${LABSYNC_LGC_POOL:-lgc_api}" 2>/dev/null | sed 's/^/  /'
 "$bin/airflow" dags reserialize > "$demo/logs/airflow-reserialize.log" 2>&1
 
 step "DAG rupa_extract (patients and lab tests in parallel)"
@@ -75,17 +80,27 @@ cp examples/orders.csv "$LABSYNC_INBOX/orders.csv"
 cp examples/orders_broken.csv "$LABSYNC_INBOX/orders_broken.csv"
 cp examples/orders_unusable.csv "$LABSYNC_INBOX/orders_unusable.csv"
 ls "$LABSYNC_INBOX" | sed 's/^/  inbox: /'
-"$bin/airflow" dags test order_batches > "$demo/logs/order_batches.log" 2>&1 || { tail -40 "$demo/logs/order_batches.log"; exit 1; }
+# orders_unusable.csv is unusable on purpose: it goes to failed/ and the run ends `failed` (red),
+# which is how a run says a person is needed; the other files are loaded all the same
+"$bin/airflow" dags test order_batches > "$demo/logs/order_batches.log" 2>&1 || true
+if ! grep -q "need attention" "$demo/logs/order_batches.log"; then
+  tail -40 "$demo/logs/order_batches.log"; exit 1
+fi
+printf '  the run ended failed, as it should: '
+grep -o "[0-9]* batch(es) need attention: .*\. Unsettled" "$demo/logs/order_batches.log" | head -1 | sed 's/\. Unsettled$//'
 
 step "the outcome table (labsync batches)"
 "$bin/labsync" batches
 
-step "one batch's orders in the ledger (labsync status --batch orders_broken.csv)"
+step "one batch's rows (labsync status --batch orders_broken.csv)"
 "$bin/labsync" status --batch orders_broken.csv || true
+
+step "rows left to send again (labsync retry: what every order_batches run also does)"
+"$bin/labsync" retry || true
 
 step "where things are"
 cat <<TXT
-  ledger + batches:  $demo/labsync.db   (tables lgc_orders, batch_files, rejected_rows, rupa_*)
+  ledger + batches:  $demo/labsync.db   (tables lgc_orders, lgc_outbox, batch_files, rejected_rows, rupa_*)
   processed files:   $LABSYNC_INBOX/processed/   (FILE.rejects.csv, FILE.summary.html beside each)
   unusable files:    $LABSYNC_INBOX/failed/
   DAG logs:          $demo/logs/

@@ -29,6 +29,8 @@ def integrity() -> dict:
             "max_active_runs": dag.max_active_runs,
             "outlets": {t.task_id: sorted(getattr(o, "name", str(o)) for o in t.outlets) for t in dag.tasks},
             "trigger_rules": {t.task_id: getattr(t.trigger_rule, "value", str(t.trigger_rule)) for t in dag.tasks},
+            "pools": {t.task_id: t.pool for t in dag.tasks},
+            "retries": {t.task_id: t.retries for t in dag.tasks},
         }
     return {"import_errors": {k: str(v) for k, v in bag.import_errors.items()}, "dags": dags}
 

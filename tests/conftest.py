@@ -2,7 +2,7 @@
 
 - `warehouse_url`: parametrised over a fresh SQLite file and a fresh database on a real PostgreSQL
   server (tests/pgserver.py starts one per test session, or LABSYNC_TEST_POSTGRES_URL points at one).
-- `engine`: that warehouse, migrated.
+- `engine`: that warehouse (migrated once by `warehouse_url`, as `labsync db upgrade` would).
 - `sandbox`: both sandbox APIs served on 127.0.0.1 in a background thread (fresh per test).
 - `settings`: Settings pointing at the sandbox and the warehouse, with fast retries.
 """
@@ -34,11 +34,19 @@ def pg_admin_url():
         server.stop()
 
 
+def migrated(url: str) -> str:
+    """The warehouse at `url`, upgraded once, as a deployment does with `labsync db upgrade`."""
+    from etl import warehouse
+
+    warehouse.upgrade_url(url).dispose()
+    return url
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def warehouse_url(request, tmp_path):
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'warehouse.db'}"
-    return create_database(request.getfixturevalue("pg_admin_url"))
+        return migrated(f"sqlite:///{tmp_path / 'warehouse.db'}")
+    return migrated(create_database(request.getfixturevalue("pg_admin_url")))
 
 
 @pytest.fixture

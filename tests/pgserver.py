@@ -48,9 +48,16 @@ class PgServer:
 
     def start(self) -> PgServer:
         self._run(f"{self.bindir}/initdb", "-D", self.datadir, "-U", "labsync", "-A", "trust", "-E", "UTF8", "--no-sync")
+        self.resume()
+        return self
+
+    def pause(self) -> None:
+        """Stop the server, keeping its data (the warehouse going away)."""
+        self._run(f"{self.bindir}/pg_ctl", "-D", self.datadir, "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
         opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
         self._run(f"{self.bindir}/pg_ctl", "-D", self.datadir, "-o", opts, "-l", os.path.join(self.root, "log"), "-w", "start")
-        return self
 
     def stop(self) -> None:
         try:

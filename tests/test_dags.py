@@ -16,7 +16,15 @@ import sqlalchemy as sa
 from etl import warehouse
 from etl.sandbox.rupa import RupaSandbox
 from etl.sandbox.server import Sandbox, SandboxServer
-from etl.warehouse import lgc_orders, rejected_rows, rupa_lab_tests, rupa_patients
+from etl.warehouse import (
+    batch_files,
+    lgc_orders,
+    lgc_outbox,
+    rejected_rows,
+    rupa_lab_tests,
+    rupa_patients,
+)
+from tests.conftest import migrated
 from tests.helpers import EXAMPLES, REPO
 
 pytestmark = pytest.mark.airflow
@@ -35,7 +43,8 @@ def airflow_env(tmp_path_factory):
         PYTHONPATH=str(REPO),
     )
     airflow = str(REPO / ".venv" / "bin" / "airflow") if (REPO / ".venv/bin/airflow").exists() else "airflow"
-    for cmd in (["db", "migrate"], ["dags", "reserialize"]):
+    for cmd in (["db", "migrate"], ["pools", "set", "lgc_api", "4", "LetsGetChecked API slots"],
+                ["dags", "reserialize"]):
         done = subprocess.run([airflow, *cmd], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return env
@@ -61,9 +70,12 @@ def test_dagbag_loads_both_dags_with_the_expected_shape(airflow_env):
     assert rupa["outlets"] == {"extract_lab_tests": ["rupa_lab_tests"], "extract_patients": ["rupa_patients"]}
 
     batches = dags["order_batches"]
-    assert batches["tasks"] == ["chunks", "finish", "load", "prepare"]
+    assert batches["tasks"] == ["check", "chunks", "finish", "load", "prepare"]
     assert batches["schedule"] == "*/5 * * * *" and batches["catchup"] is False and batches["max_active_runs"] == 1
-    assert batches["trigger_rules"]["finish"] == "all_done"
+    assert batches["trigger_rules"]["finish"] == "all_done"  # summaries and moves whatever happened
+    assert batches["trigger_rules"]["check"] == "none_failed"  # a load that failed for good fails the run
+    assert batches["retries"]["check"] == 0
+    assert batches["pools"]["load"] == "lgc_api"
 
 
 def test_schedules_are_configurable(airflow_env):
@@ -89,14 +101,15 @@ def test_order_batches_end_to_end(airflow_env, sandboxes, tmp_path):
     inbox.mkdir()
     for name in ("orders.csv", "orders_broken.csv", "orders_unusable.csv"):
         shutil.copy(EXAMPLES / name, inbox / name)
-    url = f"sqlite:///{tmp_path / 'warehouse.db'}"
+    url = migrated(f"sqlite:///{tmp_path / 'warehouse.db'}")
     extra = dict(LABSYNC_WAREHOUSE_URL=url, LABSYNC_INBOX=str(inbox), LABSYNC_INBOX_SETTLE_SECONDS="0",
                  LABSYNC_CHUNK_ROWS="4", LGC_BASE_URL=sandboxes.lgc_url, LABSYNC_RETRY_INITIAL_WAIT="0.01")
 
     first = probe(airflow_env, "test", "order_batches", extra=extra)
-    assert first["state"] == "success", first
+    # the unusable file went to failed/ and the others were loaded: the run says a file needs a person
+    assert first["state"] == "failed", first
     assert sorted(k for k in first["tasks"] if k.startswith("load[")) == ["load[0]", "load[1]", "load[2]", "load[3]"]
-    assert set(first["tasks"].values()) == {"success"}
+    assert {k: v for k, v in first["tasks"].items() if v != "success"} == {"check": "failed"}
 
     lgc = sandboxes.sandbox.lgc
     assert len(lgc.orders) == 12 and set(lgc.accepted_count.values()) == {1}
@@ -119,8 +132,57 @@ def test_order_batches_end_to_end(airflow_env, sandboxes, tmp_path):
     assert (inbox / "processed" / "orders again.summary.html").exists()
 
 
+def test_order_batches_fails_while_the_vendor_is_down_and_succeeds_once_a_later_run_sends_the_rows(
+        airflow_env, sandboxes, tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(EXAMPLES / "orders.csv", inbox / "orders.csv")
+    url = migrated(f"sqlite:///{tmp_path / 'warehouse.db'}")
+    extra = dict(LABSYNC_WAREHOUSE_URL=url, LABSYNC_INBOX=str(inbox), LABSYNC_INBOX_SETTLE_SECONDS="0",
+                 LABSYNC_CHUNK_ROWS="5", LGC_BASE_URL=sandboxes.lgc_url, LABSYNC_RETRY_INITIAL_WAIT="0.01",
+                 LABSYNC_RETRY_MAX_WAIT="0.02", LABSYNC_RETRY_ATTEMPTS="2")
+    lgc = sandboxes.sandbox.lgc
+    lgc.faults.update(error_rate=1.0, exempt_paths=["/lgc/oauth2"])  # every PUT: 500/503
+
+    down = probe(airflow_env, "test", "order_batches", extra=extra)
+    assert down["state"] == "failed", down
+    assert down["tasks"]["check"] == "failed" and down["tasks"]["finish"] == "success"
+    assert lgc.orders == {} and lgc.faults.injected["errors"] >= 10  # every row was tried
+    engine = warehouse.connect(url)
+    with engine.connect() as conn:
+        status = conn.execute(sa.select(batch_files.c.status)).scalar_one()
+        outcomes = set(conn.execute(sa.select(lgc_outbox.c.outcome)).scalars())
+    assert status == "incomplete" and outcomes == {"failed"}
+    assert (inbox / "processed" / "orders.csv").exists()  # summary and move happened anyway
+
+    lgc.faults.reset()  # the vendor is back; nothing is dropped again
+    later = probe(airflow_env, "test", "order_batches", extra=extra)
+    assert later["state"] == "success", later
+    assert sorted(k for k in later["tasks"] if k.startswith("load[")) == ["load[0]", "load[1]"]
+    assert len(lgc.orders) == 10 and set(lgc.accepted_count.values()) == {1}
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(batch_files.c.status)).scalar_one() == "loaded"
+    assert "All valid rows went through." in (inbox / "processed" / "orders.summary.html").read_text()
+
+
+def test_a_task_with_no_lgc_connection_and_no_variable_names_both(airflow_env, tmp_path):
+    code = ("from etl.settings import Settings\n"
+            "from etl.errors import ConfigError\n"
+            "try:\n    Settings.from_airflow(require=('lgc',))\n"
+            "except ConfigError as exc:\n    print('PROBE', exc)\n")
+    env = {k: v for k, v in airflow_env.items() if not k.startswith("AIRFLOW_CONN_")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    said = done.stdout.split("PROBE", 1)[-1]
+    assert "'lgc_default'" in said and "LGC_BASE_URL" in said, done.stdout + done.stderr
+    with_var = subprocess.run([sys.executable, "-c", code.replace("print('PROBE', exc)", "print('PROBE', 'raised')")
+                               + "else:\n    print('PROBE ok')\n"],
+                              env={**env, "LGC_BASE_URL": "https://lgc.example"}, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+    assert "PROBE ok" in with_var.stdout, with_var.stdout + with_var.stderr
+
+
 def test_rupa_extract_end_to_end(airflow_env, sandboxes, tmp_path):
-    url = f"sqlite:///{tmp_path / 'warehouse.db'}"
+    url = migrated(f"sqlite:///{tmp_path / 'warehouse.db'}")
     token = sandboxes.sandbox.rupa.mint_access_token()
     extra = dict(LABSYNC_WAREHOUSE_URL=url, RUPA_BASE_URL=sandboxes.rupa_url, RUPA_API_TOKEN=token, RUPA_PAGE_SIZE="25")
     result = probe(airflow_env, "test", "rupa_extract", extra=extra)

@@ -15,10 +15,10 @@ from etl.errors import AuthError
 from etl.http import make_async_client
 from etl.lgc.auth import TokenProvider
 from etl.lgc.client import LgcClient, RateLimiter, mask_reason
-from etl.lgc.load import STOPPED_ERROR, load_rows, prepare
+from etl.lgc.load import STOPPED_ERROR, load_rows
 from etl.settings import RetrySettings, Settings
-from tests.conftest import FAST_RETRY
-from tests.test_lgc_support import fast, ledger, order_row
+from tests.conftest import FAST_RETRY, migrated
+from tests.test_lgc_support import fast, ledger, order_row, put_item
 
 
 def _lgc(sandbox):
@@ -30,7 +30,7 @@ def lite(tmp_path):
     """A SQLite warehouse only, for tests about HTTP behaviour rather than the ledger."""
     from etl import warehouse
 
-    eng = warehouse.connect(f"sqlite:///{tmp_path / 'lite.db'}")
+    eng = warehouse.connect(migrated(f"sqlite:///{tmp_path / 'lite.db'}"))
     yield eng
     eng.dispose()
 
@@ -169,7 +169,7 @@ def test_a_401_refreshes_the_token_once_for_all_requests_holding_it(bare, sandbo
             client = LgcClient(lgc, settings.retry, http, tokens, RateLimiter(0))
             await tokens.token(http)
             lgc_state.expire_tokens()  # every request now holds a stale token
-            items = [prepare(order_row(i)) for i in range(20)]
+            items = [put_item(order_row(i)) for i in range(20)]
             return await asyncio.gather(
                 *(client.put_order(i.client_order_id, i.body, i.content) for i in items)
             )

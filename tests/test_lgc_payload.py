@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 from etl.batches.validate import CsvValidation
-from etl.lgc.load import body_bytes, prepare
+from etl.claims import now
+from etl.lgc.outbox import body_bytes, staged
 from etl.lgc.payload import build_payload, payload_sha256
 from tests.test_lgc_support import order_row, write_csv
 
@@ -112,17 +113,19 @@ def test_partial_blocks_and_custom_pairs_keep_only_filled_values():
 
 
 def test_payload_hash_is_stable_and_changes_with_the_order():
-    a = prepare(order_row(1))
-    b = prepare(dict(reversed(list(order_row(1).items()))))
-    c = prepare(order_row(1, order_items="GLCS"))
-    assert a.sha256 == b.sha256 == payload_sha256(a.body)
-    assert a.sha256 != c.sha256
-    assert a.content == body_bytes(a.body)
+    at = now()
+    a = staged(order_row(1), 1, at)
+    b = staged(dict(reversed(list(order_row(1).items()))), 1, at)
+    c = staged(order_row(1, order_items="GLCS"), 1, at)
+    body = build_payload(order_row(1))
+    assert a["body_sha256"] == b["body_sha256"] == payload_sha256(body)
+    assert a["body_sha256"] != c["body_sha256"]
+    assert a["body"].encode() == body_bytes(body)  # the outbox keeps the exact bytes sent
 
 
-def test_a_row_that_cannot_be_mapped_is_prepared_as_a_local_rejection():
-    item = prepare(order_row(1, order_items="GLCS:zero"))
-    assert item.body is None and "quantity" in item.error
+def test_a_row_that_cannot_be_mapped_is_staged_as_a_local_rejection():
+    item = staged(order_row(1, order_items="GLCS:zero"), 1, now())
+    assert item["body"] is None and item["outcome"] == "rejected" and "quantity" in item["last_error"]
 
 
 def test_the_example_batch_starts_with_the_documents_sample_order():

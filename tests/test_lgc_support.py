@@ -95,3 +95,46 @@ def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 LABSYNC = [sys.executable, "-m", "etl.cli"]
+
+
+def put_item(row: dict):
+    """(client_order_id, body, content) of a row, as the loader hands them to LgcClient.put_order."""
+    from types import SimpleNamespace
+
+    from etl.lgc.outbox import body_bytes
+    from etl.lgc.payload import build_payload, client_order_id, payload_sha256
+
+    body = build_payload(row)
+    return SimpleNamespace(client_order_id=client_order_id(row), body=body, content=body_bytes(body),
+                           sha256=payload_sha256(body), line=row.get("line"))
+
+
+def outbox_rows(engine, batch_id: int | None = None) -> dict[str, dict]:
+    """The outbox rows (of one batch, or all) by clientOrderId."""
+    from etl.warehouse import lgc_outbox
+
+    q = sa.select(lgc_outbox)
+    if batch_id is not None:
+        q = q.where(lgc_outbox.c.batch_id == batch_id)
+    with engine.connect() as conn:
+        return {r.client_order_id: dict(r._mapping) for r in conn.execute(q.order_by(lgc_outbox.c.id))}
+
+
+def stage_rows(engine, rows: list[dict], *, name: str = "(rows)") -> int:
+    """A batch whose outbox holds `rows` (queued), as prepare leaves it; returns its id."""
+    from etl.lgc import outbox
+
+    batch_id = outbox.adhoc_batch(engine, name)
+    outbox.write(engine, batch_id, rows)
+    return batch_id
+
+
+def load_batch(engine, settings: Settings, batch_id: int, *, owner: str = "cli:test", **kw):
+    """Load every loadable outbox row of a batch, as a load task (or a rerun) does."""
+    from etl.lgc import outbox
+    from etl.lgc.load import LoadSummary, load_chunk
+
+    summary = LoadSummary()
+    for chunk in outbox.chunks(engine, [batch_id], 1 << 40, max_attempts=settings.max_attempts):
+        summary = summary.merge(load_chunk(engine, settings, chunk, owner=owner, **kw))
+    return summary

@@ -15,6 +15,7 @@ from etl.cli import main
 from etl.errors import UnusableInputError
 from etl.warehouse import batch_files, rejected_rows
 from schemas.columns import REQUIRED
+from tests.conftest import migrated
 from tests.helpers import EXAMPLES, read_rejects, seed_row, write_csv
 
 
@@ -105,7 +106,7 @@ UNUSABLE = {
 
 @pytest.mark.parametrize("content,words", UNUSABLE.values(), ids=UNUSABLE.keys())
 def test_unusable_files_exit_2_with_one_line_and_no_traceback(tmp_path, capsys, monkeypatch, content, words):
-    monkeypatch.setenv("LABSYNC_WAREHOUSE_URL", f"sqlite:///{tmp_path / 'w.db'}")
+    monkeypatch.setenv("LABSYNC_WAREHOUSE_URL", migrated(f"sqlite:///{tmp_path / 'w.db'}"))
     path = tmp_path / "batch.csv"
     path.write_bytes(content)
     with pytest.raises(UnusableInputError, match=words.replace("(", r"\(")):
@@ -131,7 +132,7 @@ def test_cli_exit_codes_and_warehouse_records(engine, warehouse_url, tmp_path, c
         batches = conn.execute(sa.select(batch_files.c.file_name, batch_files.c.status, batch_files.c.valid_rows,
                                          batch_files.c.rejected_rows).order_by(batch_files.c.id)).all()
         n_rejects = conn.execute(sa.select(sa.func.count()).select_from(rejected_rows)).scalar_one()
-    assert batches == [("good.csv", "validated", 10, 0), ("broken.csv", "validated", 2, 6)]
+    assert batches == [("good.csv", "received", 10, 0), ("broken.csv", "received", 2, 6)]  # checked, not staged
     assert n_rejects == 13
     report = read_rejects(tmp_path / "broken.rejects.csv")
     stored = records.rejected(engine, records.find_batch(engine, CsvValidation(broken).sha256)["id"])

@@ -26,7 +26,7 @@ from etl.webhooks import store
 from etl.webhooks.app import build_app
 from etl.webhooks.verify import HmacVerifier, lgc_verifier, rupa_verifier
 from tests.helpers import REPO
-from tests.pgserver import wait_for
+from tests.pgserver import create_database, wait_for
 
 LGC_KEY = base64.b64encode(b"a strong signing key of 32 bytes").decode()
 ORDER_EVENT = {"type": "order", "body": {"clientOrderId": "246975",
@@ -143,8 +143,12 @@ def test_too_large_not_json_and_unknown_sources_are_refused(engine, receiver):
     assert rows(engine) == []
 
 
-def test_a_storage_failure_answers_503_so_the_vendor_retries(warehouse_url, tmp_path):
-    engine = warehouse.make_engine(warehouse_url)  # no migration: webhook_events does not exist
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_storage_failure_answers_503_so_the_vendor_retries(request, kind, tmp_path):
+    # a warehouse that was never upgraded: webhook_events does not exist, every insert fails
+    url = (f"sqlite:///{tmp_path / 'empty.db'}" if kind == "sqlite"
+           else create_database(request.getfixturevalue("pg_admin_url")))
+    engine = warehouse.make_engine(url)
     with BackgroundServer(build_app(engine, WebhookSettings())) as server:
         r = httpx.post(f"{server.url}/webhooks/lgc", json=ORDER_EVENT)
         assert r.status_code == 503 and "retry" in r.json()["error"]

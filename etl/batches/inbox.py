@@ -1,56 +1,66 @@
 """The CSV inbox: program managers drop order batches, labsync processes each file once.
 
-    inbox/                    *.csv dropped here
-    inbox/processing/         a file being processed (claimed by an atomic rename)
-    inbox/processing/.work/   valid rows staged as JSONL chunks, one per load task
+    inbox/                    *.csv dropped here; a file stays here while it is processed
     inbox/processed/          FILE.csv + FILE.rejects.csv + FILE.summary.html when done
     inbox/failed/             unusable files, with FILE.summary.html saying why
 
 Three steps, each one function, so the Airflow DAG can map the middle one over chunks:
 
-    prepared = prepare(engine, settings)              # claim, validate, stage chunks
-    results  = [load_chunk(engine, settings, c) for c in prepared["chunks"]]
-    outcomes = finish(engine, settings, prepared, results)   # summaries, file moves
+    prepared = prepare(engine, settings, owner=...)    # claim files, validate, write the outbox
+    results  = [load_chunk(engine, settings, c, owner=...) for c in prepared["chunks"]]
+    outcomes = finish(engine, settings, prepared, owner=...)   # statuses, summaries, file moves
 
-Everything handed between steps is JSON-safe and PHI-free (ids, paths, counts): fit for XCom.
+Everything handed between steps is JSON-safe and PHI-free (ids, names, counts): fit for XCom.
+The rows themselves travel through the warehouse (the outbox), never through a local disk, so
+each step can run on a different worker.
 
-Exactly once: a file is known by the sha256 of its bytes. A re-dropped or renamed copy of a
-batch whose rows are all settled (`loaded`) is recognised and not processed again (its summary
-says so); a copy of an `incomplete` batch (failed or pending rows, or rows of a load task that
-died) is processed again, which sends only those rows (the ledger skips the rest). A run that dies half-way leaves its files in
-processing/; the next run picks them up, and the ledger makes the re-send safe.
+Who processes a file is decided in the warehouse, not by renaming it: the batch (known by the
+sha256 of the file's bytes) is claimed by one owner with a lease (etl.batches.records). Two
+`labsync inbox` runs, or the CLI beside the DAG, each process the files they claimed; a file held
+by a live run is left alone, and one whose run died (its lease lapsed) is taken over where it
+stood: re-validated if its outbox was half-written, loaded and finished if it was staged.
+A file that proves unusable goes to failed/ at once, and the other files carry on.
+
+Exactly once: a re-dropped or renamed copy of a batch whose rows are all settled (`loaded`) is
+recognised and not processed again (its summary says so); a copy of an `incomplete` batch sends
+the rows that did not go through (given-up rows included: a person dropped it again). Rows that
+did not go through also go out by themselves: each run resumes `incomplete` batches from the
+outbox (`retry`), and a batch whose last row settles becomes `loaded`, its summary rewritten.
+
+The file operations are the few functions under "storage" below, so that the inbox can move to
+object storage without touching the rest.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
-import shutil
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import Engine
 
-from etl.batches import records, summary
-from etl.batches.validate import rejects_path_for
-from etl.errors import UnusableInputError
+from etl.batches import records, staging, summary
+from etl.batches.names import rejects_path_for, summary_path
+from etl.claims import Heartbeat, cli_owner
+from etl.claims import now as _now
+from etl.errors import LabsyncError
+from etl.lgc import outbox
 from etl.settings import Settings
+from etl.states import BatchStatus, OutboxState
 
 log = logging.getLogger(__name__)
 
-UNSETTLED = ("pending", "failed")
+NEEDS_ATTENTION = (BatchStatus.INCOMPLETE, BatchStatus.UNUSABLE)
 
+
+# ---- storage: the only functions that touch the inbox's files ----------------------------------
 
 @dataclass(frozen=True)
 class InboxPaths:
     root: Path
-
-    @property
-    def processing(self) -> Path:
-        return self.root / "processing"
 
     @property
     def processed(self) -> Path:
@@ -60,26 +70,44 @@ class InboxPaths:
     def failed(self) -> Path:
         return self.root / "failed"
 
-    @property
-    def work(self) -> Path:
-        return self.processing / ".work"
-
     def ensure(self) -> InboxPaths:
-        for d in (self.root, self.processing, self.processed, self.failed, self.work):
+        for d in (self.root, self.processed, self.failed):
             d.mkdir(parents=True, exist_ok=True)
         return self
 
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def resolve(self, relative: str) -> Path:
+        return self.root / relative
+
 
 def _is_batch_file(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() == ".csv" and not p.name.startswith(".") and not p.name.endswith(".rejects.csv")
+    return (p.is_file() and p.suffix.lower() == ".csv" and not p.name.startswith(".")
+            and not p.name.endswith(".rejects.csv"))
 
 
 def discover(paths: InboxPaths, *, settle_seconds: float = 0.0) -> list[Path]:
     """CSV files waiting in the inbox, oldest first. A file modified within the last
     `settle_seconds` may still be being copied in and is left for the next run."""
     now = time.time()
-    found = [p for p in paths.root.iterdir() if _is_batch_file(p) and now - p.stat().st_mtime >= settle_seconds]
-    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+    found = []
+    for p in paths.root.iterdir():
+        with contextlib.suppress(FileNotFoundError):  # moved by another run meanwhile
+            if _is_batch_file(p) and now - p.stat().st_mtime >= settle_seconds:
+                found.append((p.stat().st_mtime, p.name, p))
+    return [p for *_, p in sorted(found)]
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 of the file's bytes: the batch's identity (FileNotFoundError if it is gone)."""
+    return staging.sha256_of(path)
+
+
+@contextlib.contextmanager
+def local_file(path: Path) -> Iterator[Path]:
+    """A local path to read the batch from (the file itself, for a local inbox)."""
+    yield path
 
 
 def _free_name(folder: Path, name: str) -> Path:
@@ -92,203 +120,308 @@ def _free_name(folder: Path, name: str) -> Path:
     return target
 
 
-def _claim(paths: InboxPaths, path: Path) -> Path | None:
-    target = _free_name(paths.processing, path.name)
-    try:
-        path.rename(target)  # atomic on one filesystem: two runs cannot both claim it
-    except FileNotFoundError:
-        return None  # claimed by someone else meanwhile
-    return target
-
-
-def _move_with_reports(path: Path, folder: Path) -> Path:
-    """Move a batch file and its rejects/summary files together into `folder`."""
+def move(path: Path, folder: Path) -> Path | None:
+    """Move a batch file and its reports (rejects, summary) into `folder`; None if the file is
+    gone (another run moved it first: that is fine)."""
     target = _free_name(folder, path.name)
-    for companion in (rejects_path_for(path), _summary_path(path)):
-        if companion.exists():
+    try:
+        path.replace(target)
+    except FileNotFoundError:
+        return None
+    for companion in (rejects_path_for(path), summary_path(path)):
+        with contextlib.suppress(FileNotFoundError):
             companion.replace(folder / companion.name.replace(path.stem, target.stem, 1))
-    path.replace(target)
     return target
 
 
-def _summary_path(path: Path) -> Path:
-    return path.with_name(f"{path.stem}.summary.html")
+def write_summary(batch_file: Path, page: str) -> Path:
+    return summary.write(summary_path(batch_file), page)
 
 
 # ---- step 1 ------------------------------------------------------------------------------------
 
-def prepare(engine: Engine, settings: Settings, *, settle_seconds: float | None = None) -> dict:
-    """Claim new files (and leftovers of an interrupted run), validate them, stage valid rows.
+def prepare(engine: Engine, settings: Settings, *, owner: str, settle_seconds: float | None = None) -> dict:
+    """Claim the files waiting in the inbox (and those of runs that died), validate each whole
+    file into the outbox, and list the chunks to load: theirs, and those of `incomplete` batches
+    whose rows go out again (`retry`).
 
-    Returns {"batches": [...], "chunks": [...]}: one entry per file (batch_id, file, status,
-    counts) and one per staged chunk (batch_id, path, rows)."""
+    Returns {"batches": [...], "retried": [...], "chunks": [...]}: one entry per file (batch_id,
+    file, name, status, counts), per resumed batch, and per chunk (batch_id, first_id, last_id,
+    rows, file). An unusable file is already in failed/ with its summary."""
+    settings.checked()
     paths = InboxPaths(Path(settings.inbox)).ensure()
     settle = settings.inbox_settle_seconds if settle_seconds is None else settle_seconds
-    leftovers = sorted(p for p in paths.processing.iterdir() if _is_batch_file(p))
-    claimed = [c for c in (_claim(paths, p) for p in discover(paths, settle_seconds=settle)) if c]
-    batches, chunks = [], []
-    for path in [*leftovers, *claimed]:
-        batch, staged = _prepare_one(engine, settings, paths, path)
-        batches.append(batch)
-        chunks.extend(staged)
-    if batches:
-        log.info("inbox: %d file(s), %d chunk(s) to load", len(batches), len(chunks))
-    return {"batches": batches, "chunks": chunks}
+    batches: list[dict] = []
+    with Heartbeat(engine, [owner], lease=staging.lease(settings), interval=settings.heartbeat_seconds):
+        for path in discover(paths, settle_seconds=settle):
+            try:
+                batch = _prepare_file(engine, settings, paths, path, owner, {b["batch_id"] for b in batches})
+            except records.LostClaim:
+                log.warning("inbox: %s was taken over by another run; left to it", path.name)
+                continue
+            if batch is not None:
+                batches.append(batch)
+        mine = {b["batch_id"] for b in batches}
+        retried = [r for r in retry_batches(engine, settings, owner=owner) if r["batch_id"] not in mine]
+    staged = [b for b in batches if b["status"] == BatchStatus.VALIDATED]
+    names = {b["batch_id"]: b["name"] for b in [*staged, *retried]}
+    chunks = outbox.chunks(engine, list(names), settings.chunk_rows, max_attempts=settings.max_attempts,
+                           names=names)
+    if batches or chunks:
+        log.info("inbox: %d file(s), %d batch(es) resumed, %d chunk(s) to load",
+                 len(batches), len(retried), len(chunks))
+    return {"batches": batches, "retried": retried, "chunks": [c.as_dict() for c in chunks]}
 
 
-def _prepare_one(engine: Engine, settings: Settings, paths: InboxPaths, path: Path) -> tuple[dict, list[dict]]:
+def _prepare_file(engine: Engine, settings: Settings, paths: InboxPaths, path: Path, owner: str,
+                  this_run: set[int]) -> dict | None:
     try:
-        batch_id, validation = records.open_batch(engine, path)
-    except UnusableInputError as exc:
-        return _unusable(paths, path, str(exc)), []
-    earlier = records.find_batch(engine, validation.sha256)
-    if earlier and earlier["status"] == "loaded" and not _unsettled(engine, batch_id):
-        target = _move_with_reports(path, paths.processed)
-        _write_summary_for_duplicate(target, earlier)
-        log.info("inbox: %s is batch %d again, already processed; nothing to send", target.name, batch_id)
-        return {"batch_id": batch_id, "file": str(target), "name": target.name, "status": "duplicate"}, []
-    work = paths.work / str(batch_id)
-    shutil.rmtree(work, ignore_errors=True)  # a re-run restages from scratch
-    work.mkdir(parents=True)
-    staged = []
-    for rows in _rechunk(validation.chunks(), settings.chunk_rows):
-        chunk_path = work / f"chunk-{len(staged) + 1:05d}.jsonl"
-        with chunk_path.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        staged.append({"batch_id": batch_id, "path": str(chunk_path), "rows": len(rows)})
-    result = records.close_batch(engine, batch_id, validation)
-    log.info("inbox: batch %d (%s): %d rows, %d valid, %d rejected", batch_id, path.name,
-             result.total_rows, result.valid_rows, result.rejected_rows)
-    batch = {
-        "batch_id": batch_id, "file": str(path), "name": path.name, "status": "validated",
-        "total_rows": result.total_rows, "valid_rows": result.valid_rows,
-        "rejected_rows": result.rejected_rows, "problems": result.problems,
-    }
-    return batch, staged
+        sha = fingerprint(path)
+    except FileNotFoundError:
+        return None  # moved by the run that processed it
+    taken = staging.take(engine, settings, path.name, sha, owner=owner)
+    if taken is None:
+        log.info("inbox: %s is being processed by another run; left alone", path.name)
+        return None
+    batch_id, row = taken.batch_id, taken.row
+    if batch_id in this_run:  # two copies dropped together: the next run finds this one a duplicate
+        log.info("inbox: %s has the same content as another file of this run; it waits for the next run",
+                 path.name)
+        return None
+    entry = {"batch_id": batch_id, "file": paths.relative(path), "name": path.name}
+    if taken.status == BatchStatus.UNUSABLE:
+        return _to_failed(engine, paths, path, batch_id, row["error"] or "the file cannot be used", owner)
+    if row["stored_as"] and taken.status in (BatchStatus.LOADED, BatchStatus.INCOMPLETE):
+        # a copy of a batch that was processed before
+        reset = outbox.reset_given_up(engine, [batch_id])
+        counts = outbox.counts(engine, [batch_id])[batch_id]
+        if staging.final_status(counts) == BatchStatus.LOADED and not staging.needs_validation(engine, taken):
+            return _duplicate(engine, paths, path, batch_id, row, owner)
+        log.info("inbox: %s is batch %d again, with rows still to send%s", path.name, batch_id,
+                 f" ({reset} given up before)" if reset else "")
+        # loadable again; this copy is stored (and the summary rewritten) when it is finished
+        records.reopen(engine, batch_id, fence=records.fence(batch_id, owner=owner, lease=staging.lease(settings)))
+    if staging.needs_validation(engine, taken):
+        with local_file(path) as local:
+            staged = staging.stage(engine, settings, taken, local, owner=owner,
+                                   rejects_path=rejects_path_for(path))
+        if staged.status == BatchStatus.UNUSABLE:
+            return _to_failed(engine, paths, path, batch_id, staged.error or "", owner)
+        log.info("inbox: batch %d (%s): %d rows, %d valid, %d rejected", batch_id, path.name,
+                 staged.total_rows, staged.valid_rows, staged.rejected_rows)
+        return {**entry, **staged.as_dict()}
+    # staged by a run that died (or finished but never moved the file): carry on from there
+    fresh = records.get(engine, batch_id)
+    log.info("inbox: %s is batch %d, %s; resuming it", path.name, batch_id, fresh["status"])
+    return {**entry, "status": BatchStatus.VALIDATED, "total_rows": fresh["total_rows"],
+            "valid_rows": fresh["valid_rows"], "rejected_rows": fresh["rejected_rows"], "resumed": True}
 
 
-def _rechunk(chunks: Iterator[list[dict]], size: int) -> Iterator[list[dict]]:
-    buf: list[dict] = []
-    for rows in chunks:
-        buf.extend(rows)
-        while len(buf) >= size:
-            yield buf[:size]
-            buf = buf[size:]
-    if buf:
-        yield buf
+def _to_failed(engine: Engine, paths: InboxPaths, path: Path, batch_id: int, reason: str, owner: str) -> dict:
+    target = move(path, paths.failed)
+    if target is not None:
+        write_summary(target, summary.render(
+            file_name=target.name, outcome="This file could not be used; nothing was sent.",
+            counts={}, note=reason.replace(f"{path.name}: ", "", 1)))
+        log.warning("inbox: %s is unusable; moved to %s", path.name, paths.failed)
+    records.release_batch(engine, batch_id, owner=owner,
+                          **({"stored_as": paths.relative(target)} if target is not None else {}))
+    name = target.name if target is not None else path.name
+    return {"batch_id": batch_id, "file": paths.relative(target) if target else None, "name": name,
+            "status": BatchStatus.UNUSABLE, "error": reason}
 
 
-def _unsettled(engine: Engine, batch_id: int) -> bool:
-    from etl.lgc import ledger
+def _duplicate(engine: Engine, paths: InboxPaths, path: Path, batch_id: int, row: dict, owner: str) -> dict:
+    target = move(path, paths.processed)
+    if target is not None:
+        when = row.get("processed_at")
+        write_summary(target, summary.render(
+            file_name=target.name, outcome="Already processed: nothing was sent again.", counts={},
+            note=f"This file has the same content as {row['file_name']}"
+            + (f", processed {when:%Y-%m-%d %H:%M} UTC" if when else "")
+            + ". Every row of it already has its outcome; see that file's summary.",
+        ))
+        log.info("inbox: %s is batch %d again, already processed; nothing to send", path.name, batch_id)
+    records.release_batch(engine, batch_id, owner=owner)
+    return {"batch_id": batch_id, "file": paths.relative(target) if target else None,
+            "name": target.name if target else path.name, "status": "duplicate"}
 
-    counts = ledger.state_counts(engine, batch_ids=[batch_id])
-    return any(counts.get(s) for s in UNSETTLED)
 
-
-def _unusable(paths: InboxPaths, path: Path, reason: str) -> dict:
-    target = _move_with_reports(path, paths.failed)
-    summary.write(_summary_path(target), summary.render(
-        file_name=target.name, outcome="This file could not be used; nothing was sent.",
-        counts={}, note=reason.replace(f"{path.name}: ", "", 1)))
-    log.warning("inbox: %s is unusable; moved to %s", path.name, paths.failed)
-    return {"batch_id": None, "file": str(target), "name": target.name, "status": "unusable", "error": reason}
-
-
-def _write_summary_for_duplicate(target: Path, earlier: dict) -> None:
-    when = earlier.get("processed_at")
-    summary.write(_summary_path(target), summary.render(
-        file_name=target.name,
-        outcome="Already processed: nothing was sent again.",
-        counts={},
-        note=f"This file has the same content as {earlier['file_name']}"
-        + (f", processed {when:%Y-%m-%d %H:%M} UTC" if when else "")
-        + ". Every row of it already has its outcome; see that file's summary.",
-    ))
+def retry_batches(engine: Engine, settings: Settings, *, owner: str, given_up: bool = False) -> list[dict]:
+    """Batches whose unsettled rows go out again now (`incomplete` ones, and staged ones whose
+    run died), after giving up rows that used their LABSYNC_MAX_ATTEMPTS; `given_up=True` first
+    hands given-up rows a fresh budget (a person asked for it)."""
+    now = _now()
+    if given_up:
+        outbox.reset_given_up(engine)
+    ids = outbox.retry_batches(engine, owner=owner, lease_until=now + staging.lease(settings), now=now,
+                               max_attempts=settings.max_attempts)
+    out = []
+    for batch_id in ids:
+        row = records.get(engine, batch_id)
+        out.append({"batch_id": batch_id, "name": row["file_name"], "status": row["status"],
+                    "file": row["stored_as"], "claimed": row["claimed_by"] == owner})
+    return out
 
 
 # ---- step 2 ------------------------------------------------------------------------------------
 
-def read_chunk(path: str | Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+def load_chunk(engine: Engine, settings: Settings, chunk: dict, *, owner: str,
+               file_owner: str | None = None, **kw) -> dict:
+    """Load one chunk of outbox rows; returns the LoadSummary as a dict plus the batch id.
+    `file_owner`: the run holding the batch's file, whose claim the heartbeat keeps alive too."""
+    from etl.lgc.load import load_chunk as load
 
-
-def load_chunk(engine: Engine, settings: Settings, chunk: dict, **kw) -> dict:
-    """Load one staged chunk; returns the LoadSummary as a dict plus the batch id."""
-    from etl.lgc.load import load_rows
-
-    result = load_rows(engine, settings, read_chunk(chunk["path"]), batch_id=chunk["batch_id"], **kw)
-    log.info("batch %s chunk %s: %s", chunk["batch_id"], Path(chunk["path"]).name, dict(result.counts))
+    result = load(engine, settings, chunk, owner=owner, heartbeat_owners=[file_owner] if file_owner else [], **kw)
+    log.info("batch %s rows %s-%s: %s", chunk["batch_id"], chunk["first_id"], chunk["last_id"], dict(result.counts))
     return {"batch_id": chunk["batch_id"], **result.as_dict()}
 
 
 # ---- step 3 ------------------------------------------------------------------------------------
 
-def finish(engine: Engine, settings: Settings, prepared: dict, results: list[dict | None]) -> list[dict]:
-    """Write each batch's summary page, move its file out of processing/, record it `loaded`.
-
-    `results` are load_chunk's return values (None for a chunk whose task failed: its rows stay
-    pending/failed in the ledger and the summary says so)."""
-    from etl.lgc import ledger
-
+def finish(engine: Engine, settings: Settings, prepared: dict, *, owner: str) -> list[dict]:
+    """Record each batch `loaded` or `incomplete` from its outbox, write its summary page, move
+    its file to processed/. Only the run holding a batch's claim finishes it (a batch another
+    run took over is reported as such); a resumed batch whose last row settled becomes `loaded`
+    and its summary is written again. Safe to run twice."""
     paths = InboxPaths(Path(settings.inbox)).ensure()
-    by_batch: dict[int, Counter] = {}
-    for r in results:
-        if r:
-            by_batch.setdefault(r["batch_id"], Counter()).update(r.get("counts", {}))
     outcomes = []
     for batch in prepared["batches"]:
-        if batch["status"] != "validated":
+        if batch["status"] != BatchStatus.VALIDATED:
             outcomes.append(batch)
             continue
-        batch_id, path = batch["batch_id"], Path(batch["file"])
-        ledger_rows = ledger.status_rows(engine, batch_ids=[batch_id])
-        counts = Counter(by_batch.get(batch_id, Counter()))
-        # rows of chunks whose task died are still pending/failed in the ledger
-        settled = sum(counts.values())
-        if settled < batch["valid_rows"]:
-            missing = Counter(r["state"] for r in ledger_rows if r["state"] in UNSETTLED)
-            counts.update({k: v for k, v in missing.items()})
-            if sum(counts.values()) < batch["valid_rows"]:
-                counts["pending"] += batch["valid_rows"] - sum(counts.values())
-        counts["rejected before sending"] = batch["rejected_rows"]
-        rejects = rejects_path_for(path)
-        rejected = _read_rejects(rejects)
-        accepted = [r for r in ledger_rows if r["state"] == "accepted"]
-        problems = [r for r in ledger_rows if r["state"] in ("rejected", "failed", "pending")]
-        ok = not any(counts.get(s) for s in ("failed", "pending", "rejected", "busy"))
-        outcome = (
-            "All valid rows went through." if ok else "Some rows did not go through; see below."
-        ) + f" {batch['valid_rows']} of {batch['total_rows']} rows were valid."
-        summary.write(_summary_path(path), summary.render(
-            file_name=path.name, outcome=outcome, counts=dict(counts), rejected=rejected,
-            accepted=accepted, problem_rows=problems))
-        target = _move_with_reports(path, paths.processed)
-        # `incomplete`: some rows were never settled (a load task died, the vendor was down);
-        # dropping the file again sends them, where a `loaded` copy counts as a duplicate.
-        status = "incomplete" if any(counts.get(s) for s in ("failed", "pending", "busy")) else "loaded"
-        records.set_status(engine, batch_id, status)
-        shutil.rmtree(paths.work / str(batch_id), ignore_errors=True)
-        log.info("inbox: batch %d %s, %s", batch_id, status, dict(counts))
-        outcomes.append({**batch, "file": str(target), "name": target.name, "status": status,
-                         "counts": dict(counts), "summary": str(_summary_path(target))})
+        outcomes.append(_finish_file(engine, settings, paths, batch, owner))
+    for batch in prepared.get("retried", []):
+        batch_id = batch["batch_id"]
+        if batch.get("claimed"):  # a staged batch of a run that died: finish it for that run
+            status = staging.finish(engine, settings, batch_id, owner=owner)
+            records.release_batch(engine, batch_id, owner=owner)
+            if status is not None:
+                log.info("batch %d (%s): %s", batch_id, batch["name"], status)
+        if not settle(engine, settings, [batch_id]):
+            _rerender(engine, settings, batch_id)  # still incomplete: its rows' news (e.g. given up)
+        outcomes.append(_outcome(engine, batch_id, {"name": batch["name"], "retried": True}))
     return outcomes
 
 
-def _read_rejects(path: Path) -> list[dict]:
-    import csv
+def _finish_file(engine: Engine, settings: Settings, paths: InboxPaths, batch: dict, owner: str) -> dict:
+    batch_id = batch["batch_id"]
+    status = staging.finish(engine, settings, batch_id, owner=owner)
+    if status is None:
+        log.warning("inbox: batch %d (%s) was taken over by another run, which finishes it",
+                    batch_id, batch["name"])
+        return _outcome(engine, batch_id, {**batch, "taken_over": True})
+    path = paths.resolve(batch["file"])
+    target = move(path, paths.processed)
+    if target is None:  # gone: someone removed it; the warehouse still has every outcome
+        log.warning("inbox: %s is no longer in the inbox; its outcomes are in the warehouse", batch["name"])
+        records.release_batch(engine, batch_id, owner=owner)
+        return _outcome(engine, batch_id, batch)
+    render(engine, batch_id, target)
+    records.release_batch(engine, batch_id, owner=owner, stored_as=paths.relative(target))
+    settle(engine, settings, [batch_id])  # rows another run settled meanwhile
+    out = _outcome(engine, batch_id, {**batch, "file": paths.relative(target), "name": target.name})
+    log.info("inbox: batch %d %s, %s", batch_id, out["status"], out["counts"])
+    return out
 
-    if not path.exists():
-        return []
-    with path.open(encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
+
+def _outcome(engine: Engine, batch_id: int, base: dict) -> dict:
+    row = records.get(engine, batch_id)
+    counts = {k: v for k, v in sorted(outbox.counts(engine, [batch_id])[batch_id].items()) if v}
+    counts["rejected before sending"] = row["rejected_rows"] or 0
+    return {**base, "batch_id": batch_id, "status": row["status"], "counts": counts,
+            "summary": str(summary_path(Path(row["stored_as"]))) if row["stored_as"] else None}
 
 
-def run_once(engine: Engine, settings: Settings, **kw) -> list[dict]:
-    """The whole inbox in one process (the `labsync inbox` command; the DAG does the same in tasks)."""
-    prepared = prepare(engine, settings)
-    results = [load_chunk(engine, settings, c, **kw) for c in prepared["chunks"]]
-    return finish(engine, settings, prepared, results)
+def settle(engine: Engine, settings: Settings, batch_ids: list[int]) -> list[int]:
+    """Batches that became `loaded` now that their last row settled; their summary pages (where
+    their file is in the inbox) are written again. Returns those batch ids."""
+    flipped = []
+    for batch_id in batch_ids:
+        if staging.settle(engine, batch_id):
+            flipped.append(batch_id)
+            _rerender(engine, settings, batch_id)
+            log.info("batch %d: every row settled; loaded", batch_id)
+    return flipped
+
+
+def _rerender(engine: Engine, settings: Settings, batch_id: int) -> None:
+    """Write a finished batch's summary again, beside its file in processed/ (if it has one)."""
+    paths = InboxPaths(Path(settings.inbox))
+    stored = records.get(engine, batch_id)["stored_as"]
+    if stored and paths.resolve(stored).parent.exists():
+        render(engine, batch_id, paths.resolve(stored))
+
+
+def render(engine: Engine, batch_id: int, batch_file: Path) -> Path:
+    """The batch's summary page, from the warehouse alone (outbox, ledger, rejected rows)."""
+    row = records.get(engine, batch_id)
+    counts = outbox.counts(engine, [batch_id])[batch_id]
+    rows = outbox.rows_of(engine, batch_id)
+    shown = {k: v for k, v in counts.items() if v}
+    shown["rejected before sending"] = row["rejected_rows"] or 0
+    rejected = [{**r, "column": r["column_name"]} for r in records.rejected(engine, batch_id)]
+    accepted = [r for r in rows if r["state"] == OutboxState.ACCEPTED]
+    problems = [r for r in rows if r["state"] not in (OutboxState.ACCEPTED, OutboxState.ALREADY_SETTLED)]
+    open_rows = outbox.unsettled(counts) + counts.get(OutboxState.GIVEN_UP, 0)
+    ok = not open_rows and not counts.get(OutboxState.REJECTED)
+    outcome = (
+        "All valid rows went through." if ok else "Some rows did not go through; see below."
+    ) + f" {row['valid_rows'] or 0} of {row['total_rows'] or 0} rows were valid."
+    if counts.get(OutboxState.GIVEN_UP):
+        outcome += f" {counts[OutboxState.GIVEN_UP]} need a person (given up after repeated failures)."
+    return write_summary(batch_file, summary.render(
+        file_name=batch_file.name, outcome=outcome, counts=shown, rejected=rejected,
+        accepted=accepted, problem_rows=problems))
+
+
+# ---- the whole run -----------------------------------------------------------------------------
+
+def needs_attention(outcomes: list[dict]) -> list[dict]:
+    """Batches of a run that a person or a later run must see to: incomplete or unusable."""
+    return [o for o in outcomes if o.get("status") in NEEDS_ATTENTION]
+
+
+def check(outcomes: list[dict]) -> None:
+    """The run's verdict for the DAG: raise when a batch ended incomplete or a file was unusable,
+    so the run is `failed` (red) and on_failure_callback alerts; summaries and moves are done."""
+    bad = needs_attention(outcomes)
+    if bad:
+        parts = []
+        for o in bad:
+            counts = o.get("counts", {})
+            left = {k: v for k, v in counts.items() if k in (*outbox.RETRYABLE, OutboxState.GIVEN_UP) and v}
+            parts.append(f"{o['name']} {o['status']}" + (f" ({', '.join(f'{k} {v}' for k, v in left.items())})" if left else ""))
+        raise BatchesNeedAttention(
+            f"{len(bad)} batch(es) need attention: {'; '.join(parts)}. Unsettled rows go out again on the "
+            "next runs; given-up rows and unusable files need a person (see their summaries)"
+        )
+
+
+class BatchesNeedAttention(LabsyncError):
+    """A run ended with incomplete batches or unusable files (exit 1; the DAG run fails)."""
+
+
+@dataclass
+class InboxRun:
+    outcomes: list[dict]
+    error: LabsyncError | None = None  # why loading stopped early (the vendor down, keys refused)
+
+
+def run_once(engine: Engine, settings: Settings, *, owner: str | None = None, **kw) -> InboxRun:
+    """The whole inbox in one process (the `labsync inbox` command; the DAG does the same in
+    tasks). A load that fails (the vendor unreachable) stops the loading, never the finishing:
+    every file still gets its summary and its true status, and its rows go out on a later run."""
+    owner = owner or cli_owner()
+    prepared = prepare(engine, settings, owner=owner)
+    error = None
+    for chunk in prepared["chunks"]:
+        try:
+            load_chunk(engine, settings, chunk, owner=owner, file_owner=owner, **kw)
+        except LabsyncError as exc:
+            if exc.exit_code == 130:
+                raise
+            error = exc
+            log.error("inbox: loading stopped: %s", exc)
+            break
+    return InboxRun(finish(engine, settings, prepared, owner=owner), error)

@@ -1,28 +1,43 @@
-"""Batch files and rejected rows in the warehouse.
+"""Batch files and rejected rows in the warehouse, and who is processing each file.
 
 A batch is identified by the sha256 of its bytes, so a re-dropped or renamed copy of a file is the
 same batch (`register_batch` returns the existing id). Re-validating a batch replaces its rejected
 rows rather than adding to them.
+
+Who processes a file is decided here, not by renaming it: `claim_batch` takes the batch's claim
+(`claimed_by`, an owner from etl.claims, with a lease) in one conditional UPDATE, so of two runs
+that found the same file exactly one goes on; a claim whose lease lapsed is taken over. Writes
+made on behalf of a claim go through `fence(...)`, which renews the lease and raises `LostClaim`
+when another run has taken the batch over meanwhile, so a run that hung past its lease can never
+overwrite the work of the run that replaced it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from etl.batches.validate import REJECT_COLUMNS, CsvValidation, RupaLookup, ValidationResult
-from etl.errors import UnusableInputError
+from etl.errors import LabsyncError, UnusableInputError
+from etl.states import BatchStatus
 from etl.warehouse import batch_files, rejected_rows
+
+if TYPE_CHECKING:  # validation needs pandas; commands that only load a staged batch skip it
+    from etl.batches.validate import CsvValidation, RupaLookup, ValidationResult
 
 INSERT_PAGE = 5_000
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+class LostClaim(LabsyncError):
+    """Another run took this batch over (our lease lapsed): stop working on it, touch nothing."""
 
 
 def find_batch(engine: Engine, sha256: str) -> dict | None:
@@ -40,7 +55,7 @@ def register_batch(engine: Engine, path: Path | str, sha256: str) -> int:
         with engine.begin() as conn:
             return conn.execute(
                 sa.insert(batch_files)
-                .values(file_name=Path(path).name, sha256=sha256, status="received", received_at=_now())
+                .values(file_name=Path(path).name, sha256=sha256, status=BatchStatus.RECEIVED, received_at=_now())
                 .returning(batch_files.c.id)
             ).scalar_one()
     except sa.exc.IntegrityError:  # registered concurrently by another worker
@@ -51,49 +66,128 @@ def register_batch(engine: Engine, path: Path | str, sha256: str) -> int:
 
 def record_rejects(engine: Engine, batch_id: int, rejects_csv: Path | None) -> int:
     """Replace the batch's rejected rows with those of a rejects report; return how many."""
+    with engine.begin() as conn:
+        return _record_rejects(conn, batch_id, rejects_csv)
+
+
+def _record_rejects(conn: sa.Connection, batch_id: int, rejects_csv: Path | None) -> int:
     import csv
 
-    with engine.begin() as conn:
-        conn.execute(sa.delete(rejected_rows).where(rejected_rows.c.batch_id == batch_id))
-        if rejects_csv is None or not Path(rejects_csv).exists():
-            return 0
-        count = 0
-        with open(rejects_csv, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            page: list[dict] = []
-            for rec in reader:
-                page.append(
-                    dict(batch_id=batch_id, line=int(rec["line"]), client_order_id=rec["client_order_id"] or None,
-                         column_name=rec["column"], value=rec["value"] or None, reason=rec["reason"])
-                )
-                if len(page) >= INSERT_PAGE:
-                    conn.execute(sa.insert(rejected_rows), page)
-                    count += len(page)
-                    page = []
-            if page:
+    conn.execute(sa.delete(rejected_rows).where(rejected_rows.c.batch_id == batch_id))
+    if rejects_csv is None or not Path(rejects_csv).exists():
+        return 0
+    count = 0
+    with open(rejects_csv, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        page: list[dict] = []
+        for rec in reader:
+            page.append(
+                dict(batch_id=batch_id, line=int(rec["line"]), client_order_id=rec["client_order_id"] or None,
+                     column_name=rec["column"], value=rec["value"] or None, reason=rec["reason"])
+            )
+            if len(page) >= INSERT_PAGE:
                 conn.execute(sa.insert(rejected_rows), page)
                 count += len(page)
+                page = []
+        if page:
+            conn.execute(sa.insert(rejected_rows), page)
+            count += len(page)
     return count
 
 
-def finish_validation(engine: Engine, batch_id: int, result: ValidationResult) -> None:
-    """Store the counts of a completed validation and its rejected rows (status `validated`)."""
-    record_rejects(engine, batch_id, result.rejects_path)
+def finish_validation(
+    engine: Engine, batch_id: int, result: ValidationResult, *, status: str | None = None, fence=None,
+) -> None:
+    """Store the counts of a completed validation and its rejected rows, in one transaction.
+
+    `status`: `validated` once the batch's outbox rows are all written (etl.batches.staging).
+    None (a check-only run, `labsync validate`): a batch that was never staged stays (or becomes
+    again) `received`; one already staged or loaded keeps its status: checking a file again
+    must not make its outbox look unwritten."""
+    b = batch_files
+    values = dict(total_rows=result.total_rows, valid_rows=result.valid_rows,
+                  rejected_rows=result.rejected_rows)
     with engine.begin() as conn:
-        conn.execute(
-            sa.update(batch_files)
-            .where(batch_files.c.id == batch_id)
-            .values(status="validated", total_rows=result.total_rows, valid_rows=result.valid_rows,
-                    rejected_rows=result.rejected_rows, error=None)
-        )
+        if fence is not None:
+            fence(conn)
+        _record_rejects(conn, batch_id, result.rejects_path)
+        if status is not None:
+            conn.execute(sa.update(b).where(b.c.id == batch_id).values(status=status, error=None, **values))
+        else:
+            conn.execute(sa.update(b).where(b.c.id == batch_id).values(
+                status=sa.case((b.c.status.in_([BatchStatus.RECEIVED, BatchStatus.UNUSABLE]), BatchStatus.RECEIVED),
+                               else_=b.c.status),
+                error=sa.case((b.c.status == BatchStatus.UNUSABLE, None), else_=b.c.error),
+                **values))
 
 
-def set_status(engine: Engine, batch_id: int, status: str, *, error: str | None = None) -> None:
+def set_status(engine: Engine, batch_id: int, status: str, *, error: str | None = None, fence=None) -> None:
     values: dict = {"status": status, "error": error}
-    if status in ("loaded", "incomplete", "unusable"):
+    if status in (BatchStatus.LOADED, BatchStatus.INCOMPLETE, BatchStatus.UNUSABLE):
         values["processed_at"] = _now()
     with engine.begin() as conn:
+        if fence is not None:
+            fence(conn)
         conn.execute(sa.update(batch_files).where(batch_files.c.id == batch_id).values(**values))
+
+
+# ---- claims ------------------------------------------------------------------------------
+
+def claim_batch(engine: Engine, batch_id: int, *, owner: str, lease: timedelta) -> dict | None:
+    """Take the batch's claim for `owner` if it is free, lapsed or already ours; return the batch
+    row, or None when another live run holds it (one conditional UPDATE: exactly one winner)."""
+    now = _now()
+    b = batch_files
+    with engine.begin() as conn:
+        won = conn.execute(
+            sa.update(b)
+            .where(b.c.id == batch_id,
+                   sa.or_(b.c.claimed_by.is_(None), b.c.claimed_by == owner, b.c.claimed_until < now))
+            .values(claimed_by=owner, claimed_until=now + lease)
+        ).rowcount
+        if not won:
+            return None
+        return dict(conn.execute(sa.select(b).where(b.c.id == batch_id)).mappings().one())
+
+
+def fence(batch_id: int, *, owner: str, lease: timedelta):
+    """A function for a transaction made on behalf of a claim: renews the lease, and raises
+    LostClaim if the claim is no longer ours (the transaction then writes nothing)."""
+
+    def check(conn: sa.Connection) -> None:
+        held = conn.execute(
+            sa.update(batch_files)
+            .where(batch_files.c.id == batch_id, batch_files.c.claimed_by == owner)
+            .values(claimed_until=_now() + lease)
+        ).rowcount
+        if not held:
+            raise LostClaim(f"batch {batch_id} was taken over by another run")
+
+    return check
+
+
+def release_batch(engine: Engine, batch_id: int, *, owner: str, **values) -> bool:
+    """Give up the claim (and set `values` in the same statement) if it is still ours."""
+    with engine.begin() as conn:
+        return bool(conn.execute(
+            sa.update(batch_files)
+            .where(batch_files.c.id == batch_id, batch_files.c.claimed_by == owner)
+            .values(claimed_by=None, claimed_until=None, **values)
+        ).rowcount)
+
+
+def reopen(engine: Engine, batch_id: int, *, fence) -> None:
+    """A processed batch dropped again with rows still to send: `validated` (loadable) again,
+    its new copy not stored yet."""
+    with engine.begin() as conn:
+        fence(conn)
+        conn.execute(sa.update(batch_files).where(batch_files.c.id == batch_id)
+                     .values(status=BatchStatus.VALIDATED, stored_as=None))
+
+
+def get(engine: Engine, batch_id: int) -> dict:
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.select(batch_files).where(batch_files.c.id == batch_id)).mappings().one())
 
 
 def record_unusable(engine: Engine, path: Path | str, sha256: str | None, reason: str) -> int | None:
@@ -101,7 +195,7 @@ def record_unusable(engine: Engine, path: Path | str, sha256: str | None, reason
     if sha256 is None:
         return None
     batch_id = register_batch(engine, path, sha256)
-    set_status(engine, batch_id, "unusable", error=reason)
+    set_status(engine, batch_id, BatchStatus.UNUSABLE, error=reason)
     return batch_id
 
 
@@ -122,6 +216,8 @@ def open_batch(engine: Engine, path: Path | str, **kw) -> tuple[int, CsvValidati
 
     An unusable file is recorded (status `unusable`, with the reason) and the
     UnusableInputError re-raised for the caller to report."""
+    from etl.batches.validate import CsvValidation
+
     kw.setdefault("rupa_lookup", rupa_lookup_for(engine))
     try:
         validation = CsvValidation(path, **kw)
@@ -132,7 +228,8 @@ def open_batch(engine: Engine, path: Path | str, **kw) -> tuple[int, CsvValidati
 
 
 def close_batch(engine: Engine, batch_id: int, validation: CsvValidation) -> ValidationResult:
-    """Record the counts and rejected rows of a validation whose chunks() were consumed."""
+    """Record the counts and rejected rows of a check-only validation whose chunks() were
+    consumed (`labsync validate`): the batch stays `received`, since nothing was staged to send."""
     finish_validation(engine, batch_id, validation.result)
     return validation.result
 
@@ -146,6 +243,7 @@ def rejected(engine: Engine, batch_id: int) -> list[dict]:
 
 
 __all__: Iterable[str] = (
-    "REJECT_COLUMNS", "find_batch", "register_batch", "record_rejects", "finish_validation",
+    "find_batch", "register_batch", "record_rejects", "finish_validation",
     "set_status", "record_unusable", "rejected", "open_batch", "close_batch", "rupa_lookup_for",
+    "claim_batch", "fence", "release_batch", "reopen", "get", "LostClaim",
 )

@@ -11,10 +11,14 @@ from pathlib import Path
 
 STATE_HELP = {
     "accepted": "LetsGetChecked accepted the order",
-    "conflict": "already submitted earlier and cannot be changed (nothing new was sent)",
-    "rejected": "LetsGetChecked refused the order; see its reason in labsync status",
-    "failed": "could not be sent; drop the file into the inbox again to retry these rows",
-    "pending": "sending did not finish; drop the file again to retry",
+    "already_settled": "an earlier batch already settled this clientOrderId, so nothing was sent",
+    "conflict": "already submitted earlier with other data and cannot be changed (nothing new was sent)",
+    "rejected": "LetsGetChecked refused the order; see its reason below and in labsync status",
+    "failed": "could not be sent yet; labsync sends these again by itself on its next runs",
+    "pending": "sending did not finish; labsync sends these again by itself on its next runs",
+    "queued": "not sent yet (the load stopped or never ran); labsync sends these on its next runs",
+    "given_up": "failed on every attempt: needs a person. Fix the cause, then drop the file again "
+    "(or run labsync retry --given-up)",
     "busy": "another run was sending this order at the same time",
     "duplicate": "the same clientOrderId appeared twice in this batch",
     "rejected before sending": "did not pass validation, so nothing was sent; see the rejected rows below",

@@ -36,6 +36,7 @@ import pandera.errors
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from etl.batches.names import rejects_path_for  # noqa: F401  (re-exported)
 from etl.errors import UnusableInputError
 from schemas.columns import (
     COLUMNS,
@@ -94,11 +95,6 @@ class ValidationResult:
         if self.rejects_path:
             text += f" ({self.problems} problems, see {self.rejects_path})"
         return text
-
-
-def rejects_path_for(path: Path) -> Path:
-    """`orders.csv` -> `orders.rejects.csv`, beside the file."""
-    return path.with_name(f"{path.stem}.rejects.csv")
 
 
 def _scan(path: Path) -> str:

@@ -7,8 +7,27 @@ from pathlib import Path
 
 import typer
 
-from etl.errors import LabsyncError
+from etl.errors import Interrupted
 from etl.settings import SANDBOX_PORT, Settings
+
+# `labsync batches`: rows per outcome, from the outbox (etl.states.OutboxState)
+BATCH_COLUMNS = ("accepted", "already_settled", "conflict", "rejected", "failed", "pending", "queued", "given_up")
+BATCH_HEADERS = {"already_settled": "settled before", "given_up": "needs a person"}
+
+
+def _release_on_interrupt(engine, owner: str) -> None:
+    """Ctrl-C outside the loader (validating, finishing): give up this run's claims at once so
+    the next run takes its files over without waiting for the lease."""
+    import contextlib
+
+    import sqlalchemy as sa
+
+    from etl.warehouse import batch_files
+
+    with contextlib.suppress(Exception):
+        with engine.begin() as conn:
+            conn.execute(sa.update(batch_files).where(batch_files.c.claimed_by == owner)
+                         .values(claimed_by=None, claimed_until=None))
 
 
 def register(app: typer.Typer) -> None:
@@ -16,12 +35,16 @@ def register(app: typer.Typer) -> None:
 
     @db.command("upgrade")
     def db_upgrade() -> None:
-        """Create or migrate the warehouse schema to the newest revision."""
+        """Create or migrate the warehouse schema to the newest revision (run it at deploy time).
+
+        Takes a lock first (pg_advisory_xact_lock on PostgreSQL, the write lock on SQLite), so
+        two upgrades at once never race: the second waits, then finds nothing to do."""
         from etl import warehouse
 
         settings = Settings.from_env()
-        engine = warehouse.connect(settings.warehouse_url)
-        typer.echo(f"warehouse schema is current ({engine.url.render_as_string(hide_password=True)})")
+        engine = warehouse.upgrade_url(settings.warehouse_url)
+        heads = ", ".join(sorted(warehouse.SCHEMA_HEADS))
+        typer.echo(f"warehouse schema is current at {heads} ({engine.url.render_as_string(hide_password=True)})")
 
     app.add_typer(db, name="db")
 
@@ -56,33 +79,43 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Process every CSV file waiting in the inbox once: validate, load, summarise, move.
 
-        What the order_batches DAG does, in one process. Exit 0 when every batch went through,
-        1 when some rows were rejected or failed or a file was unusable."""
+        What the order_batches DAG does, in one process, including re-sending the rows of
+        earlier incomplete batches. Several can run at once (beside the DAG too): each file is
+        processed by one of them. Exit 0 when every batch went through, 1 when some rows were
+        rejected or are not settled yet, or a file was unusable; 2 for refused credentials."""
         from dataclasses import replace
 
         from etl import warehouse
         from etl.batches import inbox as inbox_mod
+        from etl.claims import cli_owner
 
-        settings = Settings.from_env()
+        settings = Settings.from_env().checked()
         if folder is not None:
             settings = replace(settings, inbox=folder)
         engine = warehouse.connect(settings.warehouse_url)
+        owner = cli_owner()
         try:
-            outcomes = inbox_mod.run_once(engine, settings)
-        except LabsyncError as exc:  # e.g. the vendor is unreachable: nothing is lost
-            typer.echo(f"labsync: {exc}; the files wait in {inbox_mod.InboxPaths(settings.inbox).processing} "
-                       "and the next run processes them", err=True)
-            raise typer.Exit(exc.exit_code) from None
-        if not outcomes:
+            run = inbox_mod.run_once(engine, settings, owner=owner)
+        except KeyboardInterrupt:
+            _release_on_interrupt(engine, owner)
+            raise Interrupted("interrupted; rows not sent stay in the outbox and go out on the next run") from None
+        outcomes = run.outcomes
+        if not outcomes and run.error is None:
             typer.echo(f"inbox {settings.inbox}: nothing to do")
             raise typer.Exit(0)
         bad = False
         for o in outcomes:
             counts = ", ".join(f"{k} {v}" for k, v in o.get("counts", {}).items() if v)
-            typer.echo(f"{o['name']}: {o['status']}" + (f" ({counts})" if counts else "")
+            label = f"{o['name']}" + (" (rows sent again)" if o.get("retried") else "")
+            typer.echo(f"{label}: {o['status']}" + (f" ({counts})" if counts else "")
                        + (f": {o['error']}" if o.get("error") else ""))
             bad = bad or o["status"] in ("unusable", "incomplete") or any(
-                o.get("counts", {}).get(k) for k in ("failed", "pending", "rejected", "rejected before sending"))
+                o.get("counts", {}).get(k) for k in ("failed", "pending", "queued", "given_up", "rejected",
+                                                      "rejected before sending"))
+        if run.error is not None:
+            typer.echo(f"labsync: {run.error}; the rows not sent wait in the outbox and go out on the next "
+                       "run (labsync inbox, labsync retry or the DAG)", err=True)
+            raise typer.Exit(max(run.error.exit_code, 1))
         raise typer.Exit(1 if bad else 0)
 
     @app.command()
@@ -98,30 +131,32 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from etl import warehouse
-        from etl.lgc import ledger
+        from etl.lgc import outbox
         from etl.warehouse import batch_files
 
         engine = warehouse.connect(Settings.from_env().warehouse_url)
         with engine.connect() as conn:
             rows = conn.execute(sa.select(batch_files).order_by(batch_files.c.id.desc()).limit(limit)).mappings().all()
+        per_batch = outbox.counts(engine, [b["id"] for b in rows])
         out = []
         for b in reversed(rows):
-            counts = ledger.state_counts(engine, batch_ids=[b["id"]])
+            counts = per_batch[b["id"]]
             out.append({
                 "batch": b["id"], "file": b["file_name"], "status": b["status"], "rows": b["total_rows"],
-                "rejected_before_sending": b["rejected_rows"], **{s: counts.get(s, 0) for s in
-                ("accepted", "conflict", "rejected", "failed", "pending")}, "error": b["error"],
+                "rejected_before_sending": b["rejected_rows"], **{s: counts.get(s, 0) for s in BATCH_COLUMNS},
+                "error": b["error"],
             })
         if json_out:
             typer.echo(json.dumps(out, indent=2))
             raise typer.Exit(0)
         table = Table(title="labsync batches")
-        for col in ("batch", "file", "status", "rows", "invalid", "accepted", "conflict", "rejected", "failed", "pending"):
+        headers = ("batch", "file", "status", "rows", "invalid", *(BATCH_HEADERS.get(c, c) for c in BATCH_COLUMNS))
+        for col in headers:
             table.add_column(col, justify="right" if col not in ("file", "status") else "left")
         for o in out:
             table.add_row(*(str(v) if v is not None else "" for v in (
-                o["batch"], o["file"], o["status"], o["rows"], o["rejected_before_sending"], o["accepted"],
-                o["conflict"], o["rejected"], o["failed"], o["pending"])))
+                o["batch"], o["file"], o["status"], o["rows"], o["rejected_before_sending"],
+                *(o[c] for c in BATCH_COLUMNS))))
         Console(width=None if sys.stdout.isatty() else 160).print(table)
         for o in out:
             if o["error"]:

@@ -1,201 +1,224 @@
-"""The `lgc_orders` ledger: one row per clientOrderId saying what happened to it.
+"""The `lgc_orders` ledger: one row per clientOrderId saying what LetsGetChecked made of it.
 
-Life of a row:
+The ledger is the authority that keeps an order from being sent twice, across batches, runs,
+workers and retries. Rows to send come from the outbox (etl.lgc.outbox); each outbox row's own
+result is written back there in the same transaction as the ledger's.
+
+Life of a ledger row:
 
     (absent) --claim--> pending --record--> accepted | rejected | conflict | failed
-    failed/pending (unclaimed or its claimer is gone) --claim--> pending --record--> ...
+    failed / pending (claim free, lapsed or our own) --claim--> pending --record--> ...
 
-`claim` writes `pending` *before* anything is sent, so a crash always leaves a trace, and it is
-the concurrency guard between loaders running at the same time (CLI runs, parallel Airflow
-tasks, other hosts): a row is sent only by the run whose id is in `claimed_by`. Taking a claim is
-a single conditional statement (INSERT .. ON CONFLICT DO NOTHING, or UPDATE .. WHERE the row is
-still as we saw it), so of two runs racing for one row exactly one wins; the other reports the
-row as `busy` and does not send it.
+`claim` writes `pending` *before* anything is sent, so a crash always leaves a trace. A row is
+sent only by the owner in `claimed_by` (etl.claims: an Airflow task instance or a CLI run; never
+a hostname or a PID), whose lease `claimed_until` a heartbeat renews while it works. A claim is
+taken when the row is unclaimed, its lease has lapsed, or it is already ours (a retry of the
+same task instance takes its rows over at once). Claiming is set-based, one transaction per
+window of rows: new clientOrderIds with one INSERT .. ON CONFLICT DO NOTHING RETURNING; existing
+ones read with `FOR UPDATE SKIP LOCKED` on PostgreSQL (a row another loader is claiming this very
+moment is `busy`, never waited for), under SQLite's single write lock otherwise.
 
-A claim is released when the outcome is recorded. If its run died, the claim is taken over when
-- the claim's lease (`claimed_until`) has passed, or
-- the claimer ran on this host and its process no longer exists (a killed CLI run is picked up
-  by the next run at once, without waiting for the lease).
-
-What a run does with each row it reads:
-- new clientOrderId, or `pending`/`failed` and claimable: send it;
-- `pending`/`failed` claimed by another live run: `busy`, not sent (that run will finish it);
-- `accepted` with the same payload: skipped; with a *different* payload: flagged `conflict`
-  locally, not sent (LetsGetChecked keeps the first order; the ledger keeps its order-item ids);
-- `conflict`: skipped;
-- `rejected` with the same payload: skipped; with a different payload (a corrected row in a
-  later batch): sent again, since LetsGetChecked never created that order.
+What a window's rows become:
+- new clientOrderId, or `pending`/`failed` and claimable: sent (`send`);
+- held by another live owner: `busy`, not sent; the outbox row stays unsettled and a later run
+  (or `labsync retry`) settles it;
+- `accepted` with the same payload: not sent; the outbox row is `accepted` when the ledger's
+  outcome is this very batch's (its outbox write was lost), else `already_settled`;
+- `accepted` with a *different* payload: not sent, outbox row `conflict` naming both batches and
+  lines. The ledger keeps `accepted` and the order-item ids of the order LetsGetChecked holds;
+- `conflict` (a 409): not sent, outbox row `conflict`;
+- `rejected` with the same payload: not sent (`already_settled`, or `rejected` for the same
+  batch); with a different payload (a corrected row in a later batch): sent again, since
+  LetsGetChecked never created that order.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Engine, bindparam
 from sqlalchemy.dialects import postgresql, sqlite
 
+from etl.claims import aware
+from etl.claims import now as _now
 from etl.lgc.client import ACCEPTED, CONFLICT, FAILED, PENDING, REJECTED, Outcome
-from etl.warehouse.tables import JSONType, batch_files, lgc_orders
+from etl.states import SETTLED_OUTBOX_STATES, OutboxState
+from etl.warehouse.tables import JSONType, batch_files, lgc_orders, lgc_outbox
 
 t = lgc_orders
+o = lgc_outbox
 
 SEND, SKIP, BUSY = "send", "skip", "busy"
-DEFAULT_LEASE = timedelta(minutes=10)
+DEFAULT_LEASE = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """One row ready to go: its id, where it came from, its body and the body's hash.
-    `body` is None when the row could not be mapped (`error` says why; it is then rejected
-    locally without sending)."""
+    """One outbox row ready to go: where it came from, its body and the body's hash."""
 
+    outbox_id: int
+    batch_id: int
     client_order_id: str
     line: int | None
-    body: dict | None
+    body: dict
     content: bytes
     sha256: str
-    error: str | None = None
+    attempts: int = 0  # loads that sent this outbox row before
 
 
 @dataclass(frozen=True)
 class Decision:
     item: Prepared
     action: str  # send | skip | busy
-    state: str | None = None  # for skip: the row's terminal state
+    state: str | None = None  # for skip: the outbox row's outcome
     note: str | None = None
-
-
-def new_run_id() -> str:
-    """`host:pid:nonce`: unique per run, and lets a later run on the same host see that the
-    claimer's process is gone."""
-    return f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-
-
-def _claimer_is_dead(claimed_by: str | None) -> bool:
-    if not claimed_by:
-        return True
-    host, _, rest = claimed_by.partition(":")
-    pid_s, _, _nonce = rest.partition(":")
-    if host != socket.gethostname()[:60] or not pid_s.isdigit():
-        return False  # another host: only the lease can tell
-    pid = int(pid_s)
-    if pid == os.getpid():
-        return False  # another run in this very process is live by definition
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def _aware(ts: datetime | None) -> datetime | None:
-    if ts is not None and ts.tzinfo is None:  # SQLite hands back naive datetimes
-        return ts.replace(tzinfo=UTC)
-    return ts
+    http_status: int | None = None
 
 
 def _insert(conn: sa.Connection):
-    return (postgresql.insert(t) if conn.dialect.name == "postgresql" else sqlite.insert(t))
+    return postgresql.insert(t) if conn.dialect.name == "postgresql" else sqlite.insert(t)
 
 
 def claim(
     engine: Engine,
     items: Sequence[Prepared],
     *,
-    run: str,
-    batch_id: int | None,
+    owner: str,
     lease: timedelta = DEFAULT_LEASE,
     now: datetime | None = None,
 ) -> list[Decision]:
-    """Write `pending` rows for `items` and decide, per item, whether this run sends it.
-    One transaction; the INSERT comes first so SQLite takes its write lock before reading."""
+    """Claim the ledger rows of `items` for `owner` and decide, per item, whether it is sent.
+
+    One transaction: new rows are inserted `pending`, existing ones claimed where allowed, and
+    the outbox rows updated to match (`pending` for rows to send, their final outcome for rows
+    that need no sending). Items are handled in clientOrderId order, so two loaders claiming
+    overlapping windows never deadlock."""
     if not items:
         return []
-    now = now or datetime.now(UTC)
+    now = now or _now()
     until = now + lease
-    coids = [i.client_order_id for i in items]
+    by_coid = {i.client_order_id: i for i in items}
+    coids = sorted(by_coid)
+    decisions: dict[str, Decision] = {}
     with engine.begin() as conn:
-        conn.execute(
-            _insert(conn).on_conflict_do_nothing(index_elements=["client_order_id"]),
-            [
-                dict(
-                    client_order_id=i.client_order_id, batch_id=batch_id, line=i.line,
-                    state=PENDING, attempts=0, payload_sha256=i.sha256,
-                    created_at=now, updated_at=now, claimed_by=run, claimed_until=until,
-                )
-                for i in items
-            ],
+        inserted = set(
+            conn.execute(
+                _insert(conn).on_conflict_do_nothing(index_elements=["client_order_id"]).returning(t.c.client_order_id),
+                [
+                    dict(client_order_id=c, batch_id=by_coid[c].batch_id, line=by_coid[c].line,
+                         state=PENDING, attempts=0, payload_sha256=by_coid[c].sha256,
+                         created_at=now, updated_at=now, claimed_by=owner, claimed_until=until)
+                    for c in coids
+                ],
+            ).scalars()
         )
-        rows = {
-            r.client_order_id: r
-            for r in conn.execute(
-                sa.select(
-                    t.c.client_order_id, t.c.state, t.c.payload_sha256, t.c.claimed_by,
-                    t.c.claimed_until, t.c.batch_id, t.c.line,
-                ).where(t.c.client_order_id.in_(coids))
-            )
-        }
-        decisions: list[Decision] = []
-        for item in items:
-            row = rows[item.client_order_id]
-            decisions.append(_decide(conn, item, row, run=run, batch_id=batch_id, now=now, until=until))
-    return decisions
+        for c in inserted:
+            decisions[c] = Decision(by_coid[c], SEND)
+        rest = [c for c in coids if c not in inserted]
+        if rest:
+            q = sa.select(
+                t.c.client_order_id, t.c.state, t.c.payload_sha256, t.c.claimed_by,
+                t.c.claimed_until, t.c.batch_id, t.c.line, t.c.http_status,
+            ).where(t.c.client_order_id.in_(rest)).order_by(t.c.client_order_id)
+            if conn.dialect.name == "postgresql":
+                q = q.with_for_update(skip_locked=True)
+            rows = {r.client_order_id: r for r in conn.execute(q)}
+            takes = []
+            for c in rest:
+                row = rows.get(c)
+                if row is None:  # locked by a loader claiming or recording it right now
+                    decisions[c] = Decision(by_coid[c], BUSY, None, "being sent by another run")
+                    continue
+                d = _decide(by_coid[c], row, owner=owner, now=now)
+                decisions[c] = d
+                if d.action == SEND:
+                    takes.append(dict(k_coid=c, k_state=row.state, v_batch=by_coid[c].batch_id,
+                                      v_line=by_coid[c].line, v_sha=by_coid[c].sha256))
+            if takes:
+                conn.execute(_take.values(claimed_by=owner, claimed_until=until, updated_at=now), takes)
+        _mark_outbox(conn, decisions.values(), now)
+    return [decisions[i.client_order_id] for i in items]
 
 
-def _decide(conn, item: Prepared, row, *, run, batch_id, now, until) -> Decision:
-    if row.claimed_by == run and row.state == PENDING:
-        return Decision(item, SEND)  # inserted just now by this run
-    same = row.payload_sha256 == item.sha256
-    if row.state == ACCEPTED and same:
-        return Decision(item, SKIP, ACCEPTED, "already accepted")
-    if row.state == ACCEPTED:
-        note = (
-            f"already accepted (batch {row.batch_id}, line {row.line}) with a different payload; "
-            f"this one (batch {batch_id}, line {item.line}) was not sent"
-        )
-        done = conn.execute(
-            sa.update(t)
-            .where(t.c.client_order_id == item.client_order_id, t.c.state == ACCEPTED,
-                   t.c.payload_sha256 == row.payload_sha256)
-            .values(state=CONFLICT, http_status=None, last_error=note, batch_id=batch_id,
-                    line=item.line, updated_at=now)
-        ).rowcount
-        return Decision(item, SKIP, CONFLICT, note) if done else Decision(item, BUSY)
-    if row.state == CONFLICT:
-        return Decision(item, SKIP, CONFLICT, "already a conflict")
-    if row.state == REJECTED and same:
-        return Decision(item, SKIP, REJECTED, "already rejected")
-
-    # pending / failed (or rejected with a corrected payload): take it if nobody live holds it
-    claimable = (
-        row.claimed_by is None
-        or (_aware(row.claimed_until) or now) < now
-        or _claimer_is_dead(row.claimed_by)
-    )
-    if not claimable:
-        return Decision(item, BUSY, None, "being sent by another run")
-    guard = t.c.claimed_by.is_(None) if row.claimed_by is None else t.c.claimed_by == row.claimed_by
-    done = conn.execute(
-        sa.update(t)
-        .where(t.c.client_order_id == item.client_order_id, t.c.state == row.state, guard)
-        .values(state=PENDING, claimed_by=run, claimed_until=until, batch_id=batch_id,
-                line=item.line, payload_sha256=item.sha256, updated_at=now)
-    ).rowcount
-    return Decision(item, SEND) if done else Decision(item, BUSY, None, "being sent by another run")
-
-
-_record = (
+_take = (
     sa.update(t)
-    .where(t.c.client_order_id == bindparam("k_coid"), t.c.claimed_by == bindparam("k_run"))
+    .where(t.c.client_order_id == bindparam("k_coid"), t.c.state == bindparam("k_state"))
+    .values(state=PENDING, batch_id=bindparam("v_batch"), line=bindparam("v_line"),
+            payload_sha256=bindparam("v_sha"))
+)
+
+
+def _where(row) -> str:
+    return f"batch {row.batch_id}, line {row.line}"
+
+
+def _decide(item: Prepared, row, *, owner: str, now: datetime) -> Decision:
+    same = row.payload_sha256 == item.sha256
+    ours = row.batch_id == item.batch_id  # the ledger's outcome is this very batch's
+    if row.state == ACCEPTED and same:
+        if ours:
+            return Decision(item, SKIP, OutboxState.ACCEPTED, None, row.http_status)
+        return Decision(item, SKIP, OutboxState.ALREADY_SETTLED,
+                        f"already accepted ({_where(row)}); not sent again", row.http_status)
+    if row.state == ACCEPTED:
+        return Decision(item, SKIP, OutboxState.CONFLICT,
+                        f"already accepted ({_where(row)}) with a different payload; this one "
+                        f"(batch {item.batch_id}, line {item.line}) was not sent")
+    if row.state == CONFLICT:
+        if ours and same:
+            return Decision(item, SKIP, OutboxState.CONFLICT, None, row.http_status)
+        return Decision(item, SKIP, OutboxState.CONFLICT,
+                        f"already a conflict at LetsGetChecked ({_where(row)}); not sent")
+    if row.state == REJECTED and same:
+        if ours:
+            return Decision(item, SKIP, OutboxState.REJECTED, None, row.http_status)
+        return Decision(item, SKIP, OutboxState.ALREADY_SETTLED,
+                        f"already rejected by LetsGetChecked ({_where(row)}) with this same data; "
+                        "not sent again: fix the row and drop it in a new file", row.http_status)
+    # pending / failed (or any other unsettled state), or rejected with a corrected payload
+    lapsed = (aware(row.claimed_until) or now) < now
+    if row.claimed_by is None or row.claimed_by == owner or lapsed:
+        return Decision(item, SEND)
+    return Decision(item, BUSY, None, "being sent by another run")
+
+
+def _mark_outbox(conn: sa.Connection, decisions: Iterable[Decision], now: datetime) -> None:
+    """Outbox rows follow the claim: `pending` for rows to send, the outcome for settled ones
+    (in id order, so concurrent transactions lock them in the same order)."""
+    decisions = sorted(decisions, key=lambda d: d.item.outbox_id)
+    sending = [d.item.outbox_id for d in decisions if d.action == SEND]
+    if sending:
+        conn.execute(sa.update(o).where(o.c.id.in_(sending)).values(outcome=OutboxState.PENDING, updated_at=now))
+    settled = [
+        dict(k_id=d.item.outbox_id, v_outcome=d.state, v_error=d.note, v_status=d.http_status)
+        for d in decisions if d.action == SKIP
+    ]
+    if settled:
+        conn.execute(
+            sa.update(o).where(o.c.id == bindparam("k_id"))
+            .values(outcome=bindparam("v_outcome"), last_error=bindparam("v_error"),
+                    http_status=bindparam("v_status"), body=None, updated_at=now),
+            settled,
+        )
+
+
+@dataclass(frozen=True)
+class Result:
+    """One row's outcome for `record`. `sent`: the PUT went out (counts as an attempt)."""
+
+    item: Prepared
+    outcome: Outcome
+    sent: bool
+
+
+_record_ledger = (
+    sa.update(t)
+    .where(t.c.client_order_id == bindparam("k_coid"), t.c.claimed_by == bindparam("k_owner"))
     .values(
         state=bindparam("v_state"),
         http_status=bindparam("v_status"),
@@ -209,39 +232,89 @@ _record = (
 )
 
 
+def _outbox_update(*, drop_body: bool):
+    still_ours = sa.exists().where(t.c.client_order_id == bindparam("k_coid"), t.c.claimed_by == bindparam("k_owner"))
+    values: dict[str, Any] = dict(
+        outcome=bindparam("v_outcome"), http_status=bindparam("v_status"),
+        attempts=bindparam("v_tries"), last_error=bindparam("v_error"), updated_at=bindparam("v_now"),
+    )
+    if drop_body:
+        values["body"] = None  # settled: the PHI goes
+    return sa.update(o).where(o.c.id == bindparam("k_id"), still_ours).values(**values)
+
+
+_record_settled, _record_open = _outbox_update(drop_body=True), _outbox_update(drop_body=False)
+
+
+def outbox_outcome(state: str, tries: int, max_attempts: int) -> str:
+    """The outbox outcome for a ledger outcome: `failed` becomes `given_up` once the row has been
+    sent `max_attempts` times. A ledger state the outbox does not name (one added later, not
+    settled) counts as `failed` here, so the row goes out again instead of being stranded."""
+    if state not in OutboxState.__members__.values():
+        state = FAILED
+    if state == FAILED and tries >= max_attempts:
+        return OutboxState.GIVEN_UP
+    return state
+
+
 def record(
-    engine: Engine, results: Iterable[tuple[str, Outcome]], *, run: str, now: datetime | None = None
+    engine: Engine,
+    results: Iterable[Result],
+    *,
+    owner: str,
+    max_attempts: int,
+    now: datetime | None = None,
 ) -> int:
-    """Store outcomes (one executemany) and release this run's claims. Returns rows written.
-    A row whose claim was taken over by another run is left to that run."""
-    now = now or datetime.now(UTC)
-    params = [
-        dict(k_coid=coid, k_run=run, v_state=o.state, v_status=o.http_status,
-             v_items=o.order_item_ids, v_attempts=o.attempts, v_error=o.error, v_now=now)
-        for coid, o in results
-    ]
-    if not params:
+    """Store outcomes in the outbox and the ledger (one transaction, executemany) and release
+    this owner's claims. A row whose claim was taken over meanwhile (our lease lapsed) is left
+    to the new owner, in both tables. Returns the ledger rows written."""
+    now = now or _now()
+    ledger_params, settled, open_ = [], [], []
+    for r in results:
+        out, item = r.outcome, r.item
+        tries = item.attempts + (1 if r.sent else 0)
+        outcome = outbox_outcome(out.state, tries, max_attempts)
+        row = dict(k_id=item.outbox_id, k_coid=item.client_order_id, k_owner=owner, v_outcome=outcome,
+                   v_status=out.http_status, v_tries=tries, v_error=out.error, v_now=now)
+        (settled if outcome in SETTLED_OUTBOX_STATES else open_).append(row)
+        ledger_params.append(dict(k_coid=item.client_order_id, k_owner=owner, v_state=out.state,
+                                  v_status=out.http_status, v_items=out.order_item_ids,
+                                  v_attempts=out.attempts, v_error=out.error, v_now=now))
+    if not ledger_params:
         return 0
     with engine.begin() as conn:
-        return conn.execute(_record, params).rowcount
+        if conn.dialect.name == "postgresql":
+            # lock our ledger rows first, in clientOrderId order, as `claim` does: the two never
+            # wait on each other in opposite orders
+            conn.execute(sa.select(t.c.client_order_id)
+                         .where(t.c.client_order_id.in_(sorted(p["k_coid"] for p in ledger_params)),
+                                t.c.claimed_by == owner)
+                         .order_by(t.c.client_order_id).with_for_update())
+        if settled:
+            conn.execute(_record_settled, settled)
+        if open_:
+            conn.execute(_record_open, open_)
+        return conn.execute(_record_ledger, ledger_params).rowcount
 
 
-def release(engine: Engine, client_order_ids: Iterable[str], *, run: str, error: str) -> int:
-    """Claimed but never sent (the batch stopped): mark `failed` so the next run sends them."""
-    return record(engine, ((c, Outcome(FAILED, None, attempts=0, error=error)) for c in client_order_ids), run=run)
+def release(engine: Engine, items: Iterable[Prepared], *, owner: str, error: str, max_attempts: int) -> int:
+    """Claimed but never sent (the batch stopped, the run was interrupted): `failed` with the
+    true reason, claim released, no attempt counted; a later run sends them."""
+    return record(engine, (Result(i, Outcome(FAILED, None, attempts=0, error=error), False) for i in items),
+                  owner=owner, max_attempts=max_attempts)
 
 
-def unclaim(engine: Engine, client_order_ids: Sequence[str], *, run: str) -> None:
-    """Drop this run's claim on rows whose outcome is unknown (left `pending`): the next run
-    sends them again without waiting for the lease."""
-    if not client_order_ids:
-        return
+def unclaim_all(engine: Engine, *, owner: str, error: str) -> int:
+    """Drop every claim `owner` still holds: rows whose outcome is unknown (cancelled mid-request,
+    or claimed by a statement that finished after an interruption). They stay `pending` with a
+    true reason in the outbox and go out again on the next run without waiting for the lease."""
+    held_here = sa.exists().where(t.c.client_order_id == o.c.client_order_id, t.c.batch_id == o.c.batch_id,
+                                  t.c.claimed_by == owner)
     with engine.begin() as conn:
-        conn.execute(
-            sa.update(t)
-            .where(t.c.client_order_id.in_(list(client_order_ids)), t.c.claimed_by == run)
-            .values(claimed_by=None, claimed_until=None)
-        )
+        conn.execute(sa.update(o).where(o.c.outcome == OutboxState.PENDING, held_here)
+                     .values(last_error=error, updated_at=_now()))
+        return conn.execute(sa.update(t).where(t.c.claimed_by == owner)
+                            .values(claimed_by=None, claimed_until=None)).rowcount
 
 
 def lookup(engine: Engine, client_order_ids: Sequence[str]) -> dict[str, Any]:
@@ -263,7 +336,9 @@ def would_send(row, sha256: str) -> bool:
     """The dry-run twin of `claim`'s decision (ignoring claims by live runs)."""
     if row is None or row.state in (PENDING, FAILED):
         return True
-    return row.state == REJECTED and row.payload_sha256 != sha256
+    if row.state in (ACCEPTED, CONFLICT):
+        return False
+    return row.state != REJECTED or row.payload_sha256 != sha256
 
 
 STATUS_COLUMNS = (

@@ -1,58 +1,63 @@
-"""Load validated rows into LetsGetChecked: one idempotent PUT per row, every outcome in the ledger.
+"""Load outbox rows into LetsGetChecked: one idempotent PUT per row, every outcome recorded.
 
-    load_rows(engine, settings, rows, batch_id=None, progress=None) -> LoadSummary
+    load_chunk(engine, settings, chunk, owner=...) -> LoadSummary     # what the DAG's load tasks,
+                                                                     # the CLI and `retry` call
+    load_rows(engine, settings, rows, ...) -> LoadSummary            # rows -> outbox -> load (tests, bench)
 
-is what the CLI and the Airflow DAG call (`aload_rows` is the same thing for callers that are
-already async). Rows are any iterable of validated row dicts (see etl.batches.validate); they
-are consumed window by window, so memory stays flat however large the batch is.
+A chunk is an id range of one batch's outbox rows (etl.lgc.outbox.Chunk). Pipeline: read a window
+of rows (their stored bodies) -> `ledger.claim` (pending written *before* sending; decides
+send / skip / busy; the outbox follows in the same transaction) -> a bounded queue -> N workers
+(`LgcSettings.concurrency`) sharing one httpx.AsyncClient, one token and one rate limiter ->
+outcomes buffered and written by `ledger.record` in batches, off the event loop. The next
+window is read and claimed while the current one is being sent.
 
-Pipeline: read a window of rows -> map each to its PUT body (etl.lgc.payload) -> `ledger.claim`
-(pending rows written *before* sending; decides send/skip/busy) -> a bounded queue -> N workers
-(`LgcSettings.concurrency`) sharing one httpx.AsyncClient, one token and one rate limiter
-(`LgcSettings.rate_limit` orders/s) -> outcomes buffered and written by `ledger.record` in
-batches, off the event loop. A crash between a PUT and its record leaves the row `pending`; the
-next run sends it again, which the API's idempotency makes safe.
+Claims are owned by `owner` (etl.claims: the Airflow task instance, or `cli:<uuid>`) and kept
+alive by a heartbeat thread while the load runs. A crash between a PUT and its record leaves
+the row `pending` under a claim that lapses; the next run sends it again, which the API's
+idempotency makes safe. Rows held by another live owner are `busy` and left to it.
 
-Concurrent runs on the same ledger (parallel DAG tasks, a second CLI run) are safe: a row is
-sent only by the run holding its claim; a row held by another live run is counted `busy` and
-left to that run (see etl.lgc.ledger). A clientOrderId that occurs twice in one run while its
-first row is still in flight is counted `duplicate` and not sent.
-
-A 401 that survives a token refresh stops the batch: rows already claimed but not yet sent are
-marked `failed` (the next run sends them) and no further rows are read.
+When the batch stops early, the rows claimed but not sent are released as `failed` with the
+true reason: LetsGetChecked refused the credentials (a 401 that survives a token refresh), the
+run was interrupted (Ctrl-C, a cancelled task), or the loader hit an error. Rows whose request
+was cut off mid-way keep `pending` (their outcome is unknown), lose the claim at once, and say
+why in `last_error`; a later run sends them again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-from itertools import islice
 from typing import Any
 
 import httpx
 from sqlalchemy import Engine
 
+from etl.claims import Heartbeat, cli_owner
 from etl.errors import AuthError, LabsyncError
 from etl.http import make_async_client
-from etl.lgc import ledger
+from etl.lgc import ledger, outbox
 from etl.lgc.auth import TokenProvider
-from etl.lgc.client import ACCEPTED, CONFLICT, FAILED, REJECTED, LgcClient, Outcome, RateLimiter
-from etl.lgc.ledger import BUSY, SEND, Prepared
-from etl.lgc.payload import PayloadError, build_payload, client_order_id, payload_sha256
+from etl.lgc.client import ACCEPTED, CONFLICT, FAILED, LgcClient, Outcome, RateLimiter
+from etl.lgc.ledger import BUSY, SEND, Prepared, Result
+from etl.lgc.outbox import Chunk, body_bytes  # noqa: F401  (body_bytes re-exported)
 from etl.settings import Settings
+from etl.states import OutboxState
 
 log = logging.getLogger(__name__)
 
 BUSY_STATE, DUPLICATE = "busy", "duplicate"
-OK_STATES = frozenset({ACCEPTED, CONFLICT})
+OK_STATES = frozenset({ACCEPTED, CONFLICT, OutboxState.ALREADY_SETTLED})
 STOPPED_ERROR = "not sent: the batch stopped after LetsGetChecked refused the credentials"
+INTERRUPTED_ERROR = "not sent: the load was interrupted; it goes out on the next run"
+INTERRUPTED_INFLIGHT = "interrupted while being sent; outcome unknown; sent again on the next run"
+CRASHED_ERROR = "not sent: the load stopped on an unexpected error; it goes out on the next run"
 
 
 @dataclass(frozen=True)
@@ -61,13 +66,13 @@ class RowResult:
 
     client_order_id: str | None
     line: int | None
-    state: str  # accepted rejected conflict failed busy duplicate
+    state: str  # accepted rejected conflict failed given_up already_settled busy duplicate
     sent: bool
 
 
 @dataclass
 class LoadSummary:
-    """What one load did. `counts` has one entry per row read, by final state."""
+    """What one load did. `counts` has one entry per row it handled, by outcome."""
 
     counts: Counter = field(default_factory=Counter)
     sent: int = 0  # rows this run PUT (whatever the answer)
@@ -76,6 +81,7 @@ class LoadSummary:
     token_fetches: int = 0
     stopped: str | None = None  # why the batch stopped early, if it did
     credentials_refused: bool = False  # the stop was a 401 / refused keys
+    interrupted: bool = False
     elapsed: float = 0.0
 
     @property
@@ -84,8 +90,8 @@ class LoadSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 all rows accepted or conflict; 1 some rows rejected/failed/busy/duplicate;
-        2 the credentials were refused (a configuration problem)."""
+        """0 all rows accepted, conflict or already settled; 1 some rows rejected / failed /
+        busy; 2 the credentials were refused (a configuration problem)."""
         if self.credentials_refused:
             return 2
         if self.stopped:
@@ -102,6 +108,7 @@ class LoadSummary:
             token_fetches=self.token_fetches + other.token_fetches,
             stopped=self.stopped or other.stopped,
             credentials_refused=self.credentials_refused or other.credentials_refused,
+            interrupted=self.interrupted or other.interrupted,
             elapsed=self.elapsed + other.elapsed,
         )
 
@@ -114,61 +121,37 @@ class LoadSummary:
         }
 
 
-def body_bytes(body: Mapping[str, Any]) -> bytes:
-    """The exact bytes sent (document key order, compact, UTF-8)."""
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def prepare(row: Mapping[str, Any]) -> Prepared:
-    """Row -> Prepared. Raises PayloadError only when the row has no client_order_id."""
-    coid = client_order_id(row)
-    line = row.get("line")
-    try:
-        body = build_payload(row)
-    except PayloadError as exc:
-        reason = f"row cannot be mapped to an order: {exc}"
-        return Prepared(coid, line, None, b"", payload_sha256({"unmappable": reason}), reason)
-    return Prepared(coid, line, body, body_bytes(body), payload_sha256(body))
-
-
-def _windows(rows: Iterable[Mapping[str, Any]], size: int) -> Iterator[list[Mapping[str, Any]]]:
-    it = iter(rows)
-    while window := list(islice(it, size)):
-        yield window
-
-
 class _Writer:
-    """Buffers outcomes and writes them with `ledger.record` in batches, in a worker thread, so
-    the event loop keeps sending while the warehouse commits."""
+    """Buffers outcomes and writes them with `ledger.record` in batches, in the loader's
+    database thread, so the event loop keeps sending while the warehouse commits."""
 
-    def __init__(self, engine: Engine, run: str, inflight: set[str], *, interval: float = 0.2,
-                 max_batch: int = 500) -> None:
-        self.engine, self.run, self.inflight = engine, run, inflight
+    def __init__(self, db: Callable, engine: Engine, owner: str, max_attempts: int, inflight: set[int],
+                 *, interval: float = 0.2, max_batch: int = 500) -> None:
+        self.db, self.engine, self.owner, self.max_attempts = db, engine, owner, max_attempts
+        self.inflight = inflight
         self.interval, self.max_batch = interval, max_batch
-        self._buf: list[tuple[str, Outcome]] = []
+        self._buf: list[Result] = []
         self._wake = asyncio.Event()
         self._closing = False
         self._task = asyncio.create_task(self._loop())
 
-    def add(self, coid: str, outcome: Outcome) -> None:
+    def add(self, result: Result) -> None:
         if self._task.done():
             self._task.result()  # re-raise the warehouse error that stopped the writer
-        self._buf.append((coid, outcome))
+        self._buf.append(result)
         if len(self._buf) >= self.max_batch:
             self._wake.set()
 
     async def _loop(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
-            except TimeoutError:
-                pass
             self._wake.clear()
             batch, self._buf = self._buf, []
             if batch:
-                await asyncio.to_thread(ledger.record, self.engine, batch, run=self.run)
-                for coid, _ in batch:
-                    self.inflight.discard(coid)
+                await self.db(ledger.record, self.engine, batch, owner=self.owner, max_attempts=self.max_attempts)
+                for r in batch:
+                    self.inflight.discard(r.item.outbox_id)
             if self._closing and not self._buf:
                 return
 
@@ -176,26 +159,6 @@ class _Writer:
         self._closing = True
         self._wake.set()
         await self._task
-
-
-def load_rows(
-    engine: Engine,
-    settings: Settings,
-    rows: Iterable[Mapping[str, Any]],
-    *,
-    batch_id: int | None = None,
-    progress: Callable[[RowResult], None] | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
-    lease: timedelta = ledger.DEFAULT_LEASE,
-) -> LoadSummary:
-    """Send every row (that the ledger does not already settle) and record each outcome.
-    Raises ConfigError for bad settings and AuthError if the token endpoint refuses the keys
-    (before any row is touched). Safe to run concurrently in several processes."""
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(
-            aload_rows(engine, settings, rows, batch_id=batch_id, progress=progress,
-                       transport=transport, lease=lease)
-        )
 
 
 def _loop_factory():
@@ -208,77 +171,117 @@ def _loop_factory():
     return uvloop.new_event_loop
 
 
-async def aload_rows(
+def load_chunk(
     engine: Engine,
     settings: Settings,
-    rows: Iterable[Mapping[str, Any]],
+    chunk: Chunk | Mapping[str, Any],
     *,
-    batch_id: int | None = None,
+    owner: str,
+    heartbeat_owners: Iterable[str] = (),
     progress: Callable[[RowResult], None] | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
-    lease: timedelta = ledger.DEFAULT_LEASE,
+) -> LoadSummary:
+    """Send the loadable rows of one chunk and record each outcome. Raises ConfigError for bad
+    settings and AuthError if the token endpoint refuses the keys (before any row is claimed).
+    Safe to run concurrently in several processes and to re-run (a retried task instance)."""
+    chunk = chunk if isinstance(chunk, Chunk) else Chunk.of(chunk)
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(
+            aload_chunk(engine, settings, chunk, owner=owner, heartbeat_owners=heartbeat_owners,
+                        progress=progress, transport=transport)
+        )
+
+
+async def aload_chunk(
+    engine: Engine,
+    settings: Settings,
+    chunk: Chunk,
+    *,
+    owner: str,
+    heartbeat_owners: Iterable[str] = (),
+    progress: Callable[[RowResult], None] | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> LoadSummary:
     lgc = settings.lgc.validated()
+    lease = timedelta(seconds=settings.lease_seconds)
+    max_attempts = settings.max_attempts
     started = time.monotonic()
-    run = ledger.new_run_id()
     summary = LoadSummary()
-    inflight: set[str] = set()  # claimed by this run and not yet recorded
+    batch_id = chunk.batch_id
+    inflight: set[int] = set()  # outbox ids claimed by this load and not recorded yet
     stop = asyncio.Event()
-    unsent: list[str] = []  # claimed, then not sent because the batch stopped
+    stop_reason: list[str] = []
+    unsent: list[Prepared] = []  # claimed, then not sent because the batch stopped
     window_size = max(50, min(1000, lgc.concurrency * 4))
     # room for a whole window beyond the one being sent: the next claim overlaps the sending
     queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=window_size + lgc.concurrency)
+    # one thread for the warehouse: claims, reads and records never run two at once, and an
+    # interruption can wait for the statement in flight before cleaning up after it
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labsync-db")
+    loop = asyncio.get_running_loop()
+
+    async def db(fn, *args, **kw):
+        return await loop.run_in_executor(executor, lambda: fn(*args, **kw))
 
     def report(coid: str | None, line: int | None, state: str, *, sent: bool) -> None:
         summary.counts[state] += 1
         if progress is not None:
             progress(RowResult(coid, line, state, sent))
 
+    def halt(reason: str, why: str | None = None) -> None:
+        """Stop the batch: `reason` is recorded on every row claimed and not sent, `why` is what
+        the summary (and the CLI) say stopped it."""
+        if not stop.is_set():
+            stop_reason.append(reason)
+            summary.stopped = summary.stopped or why or reason
+            stop.set()
+
     kw: dict[str, Any] = {"transport": transport} if transport is not None else {}
-    async with contextlib.AsyncExitStack() as stack:
-        # One keep-alive connection per worker, each its own one-connection transport: a single
-        # pool of N connections costs O(N) bookkeeping per request in httpcore, which caps
-        # throughput long before the network does. Token, rate limit and ledger stay shared.
-        ssl_context = httpx.create_ssl_context()  # load the CA bundle once, not per worker
-        http = await stack.enter_async_context(
-            make_async_client("", settings.retry, concurrency=1, verify=ssl_context, **kw)
-        )
-        tokens = TokenProvider(lgc, settings.retry)
-        limiter = RateLimiter(lgc.rate_limit)
-        await tokens.token(http)  # bad keys fail here, before any row is claimed
-        writer = _Writer(engine, run, inflight)
-
-        async def new_transport() -> httpx.AsyncBaseTransport:
-            if transport is not None:  # a test's transport: shared, closed with `http`
-                return transport
-            one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-            return await stack.enter_async_context(
-                httpx.AsyncHTTPTransport(verify=ssl_context, limits=one)
+    heartbeat = Heartbeat(engine, [owner, *heartbeat_owners], lease=lease,
+                          interval=settings.heartbeat_seconds).start()
+    failure: BaseException | None = None
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            # One keep-alive connection per worker, each its own one-connection transport: a
+            # single pool of N connections costs O(N) bookkeeping per request in httpcore, which
+            # caps throughput long before the network does. Token, rate limit and ledger are shared.
+            ssl_context = httpx.create_ssl_context()  # load the CA bundle once, not per worker
+            http = await stack.enter_async_context(
+                make_async_client("", settings.retry, concurrency=1, verify=ssl_context, **kw)
             )
+            tokens = TokenProvider(lgc, settings.retry)
+            limiter = RateLimiter(lgc.rate_limit)
+            await tokens.token(http)  # bad keys fail here, before any row is claimed
+            writer = _Writer(db, engine, owner, max_attempts, inflight)
 
-        crashed: list[BaseException] = []
+            async def new_transport() -> httpx.AsyncBaseTransport:
+                if transport is not None:  # a test's transport: shared, closed with `http`
+                    return transport
+                one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+                return await stack.enter_async_context(
+                    httpx.AsyncHTTPTransport(verify=ssl_context, limits=one)
+                )
 
-        async def worker() -> None:
-            """Send until the sentinel. A bug here must not leave the producer blocked on a
-            full queue: stop the batch, keep draining (those rows go back as `failed`), and let
-            the error surface after the clean-up."""
-            try:
-                await send_all()
-            except Exception as exc:
-                crashed.append(exc)
-                stop.set()
+            crashed: list[BaseException] = []
+
+            async def worker() -> None:
+                """Send until the sentinel. A bug here must not leave the producer blocked on
+                a full queue: stop the batch, keep draining (those rows go back as `failed`),
+                and let the error surface after the clean-up."""
+                try:
+                    await send_all()
+                except Exception as exc:
+                    crashed.append(exc)
+                    halt(CRASHED_ERROR)
+                    while (item := await queue.get()) is not None:
+                        unsent.append(item)
+
+            async def send_all() -> None:
+                client = LgcClient(lgc, settings.retry, http, tokens, limiter, await new_transport())
                 while (item := await queue.get()) is not None:
-                    unsent.append(item.client_order_id)
-
-        async def send_all() -> None:
-            client = LgcClient(lgc, settings.retry, http, tokens, limiter, await new_transport())
-            while (item := await queue.get()) is not None:
-                if stop.is_set():
-                    unsent.append(item.client_order_id)
-                    continue
-                if item.body is None:
-                    outcome = Outcome(REJECTED, None, attempts=0, error=item.error)
-                else:
+                    if stop.is_set():
+                        unsent.append(item)
+                        continue
                     try:
                         outcome = await client.put_order(item.client_order_id, item.body, item.content)
                     except LabsyncError as exc:  # the token endpoint failed during a refresh
@@ -287,99 +290,158 @@ async def aload_rows(
                     summary.sent += 1
                     summary.requests += outcome.attempts
                     summary.credentials_refused |= outcome.stop and outcome.http_status == 401
-                writer.add(item.client_order_id, outcome)
-                _log_outcome(item, outcome, batch_id)
-                report(item.client_order_id, item.line, outcome.state, sent=item.body is not None)
-                if outcome.stop and not stop.is_set():
-                    summary.stopped = outcome.error
-                    stop.set()
-                    log.error("batch %s stopped: %s", batch_id, outcome.error)
+                    tries = item.attempts + 1
+                    state = ledger.outbox_outcome(outcome.state, tries, max_attempts)
+                    writer.add(Result(item, outcome, True))
+                    _log_outcome(item, outcome, state)
+                    report(item.client_order_id, item.line, state, sent=True)
+                    if outcome.stop and not stop.is_set():
+                        refused = outcome.http_status == 401 or summary.credentials_refused
+                        halt(STOPPED_ERROR if refused else f"not sent: the batch stopped ({outcome.error}); "
+                             "it goes out on the next run", outcome.error or "stopped")
+                        log.error("batch %s stopped: %s", batch_id, outcome.error)
 
-        workers = [asyncio.create_task(worker()) for _ in range(lgc.concurrency)]
-        windows = _windows(rows, window_size)
-        try:
-            while not stop.is_set():
-                window = await asyncio.to_thread(next, windows, None)
-                if window is None:
-                    break
-                items = _prepare_window(window, inflight, batch_id, report)
-                decisions = await asyncio.to_thread(
-                    ledger.claim, engine, items, run=run, batch_id=batch_id, lease=lease
-                )
-                for d in decisions:
-                    coid = d.item.client_order_id
-                    if d.action == SEND:
-                        if stop.is_set():
-                            unsent.append(coid)
+            workers = [asyncio.create_task(worker()) for _ in range(lgc.concurrency)]
+            windows = outbox.pages(engine, chunk, size=window_size, max_attempts=max_attempts)
+            try:
+                while not stop.is_set():
+                    window = await db(next, windows, None)
+                    if window is None:
+                        break
+                    inflight.update(i.outbox_id for i in window)
+                    decisions = await db(ledger.claim, engine, window, owner=owner, lease=lease)
+                    for d in decisions:
+                        item = d.item
+                        if d.action == SEND:
+                            if stop.is_set():
+                                unsent.append(item)
+                            else:
+                                await queue.put(item)
+                            continue
+                        inflight.discard(item.outbox_id)
+                        if d.action == BUSY:
+                            log.warning("order %s (batch %s, line %s): %s; not sent",
+                                        item.client_order_id, batch_id, item.line, d.note)
+                            report(item.client_order_id, item.line, BUSY_STATE, sent=False)
                         else:
-                            await queue.put(d.item)
-                        continue
-                    inflight.discard(coid)
-                    if d.action == BUSY:
-                        log.warning("order %s (batch %s, line %s): %s; not sent",
-                                    coid, batch_id, d.item.line, d.note)
-                        report(coid, d.item.line, BUSY_STATE, sent=False)
-                    else:
-                        summary.skipped += 1
-                        log.debug("order %s (batch %s, line %s): %s", coid, batch_id, d.item.line, d.note)
-                        report(coid, d.item.line, d.state or CONFLICT, sent=False)
-            for _ in workers:
-                await queue.put(None)
-            await asyncio.gather(*workers)
-            if crashed:
-                raise crashed[0]
-        finally:
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-            while not queue.empty():
-                item = queue.get_nowait()
-                if item is not None:
-                    unsent.append(item.client_order_id)
-            await writer.close()
-            if unsent:
-                # failed + claim released, so the next run (or a concurrent one) sends them
-                await asyncio.to_thread(ledger.release, engine, unsent, run=run, error=STOPPED_ERROR)
-                for coid in unsent:
-                    inflight.discard(coid)
-                    report(coid, None, FAILED, sent=False)
-            if inflight:  # cancelled mid-request (an error above): outcome unknown, stays pending
-                await asyncio.to_thread(ledger.unclaim, engine, list(inflight), run=run)
-        summary.token_fetches = tokens.fetches
+                            summary.skipped += 1
+                            log.debug("order %s (batch %s, line %s): %s", item.client_order_id,
+                                      batch_id, item.line, d.note or d.state)
+                            report(item.client_order_id, item.line, d.state, sent=False)
+                for _ in workers:
+                    await queue.put(None)
+                await asyncio.gather(*workers)
+                if crashed:
+                    raise crashed[0]
+            except BaseException as exc:
+                failure = exc
+                if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+                    summary.interrupted = True
+                    halt(INTERRUPTED_ERROR)
+                else:
+                    halt(CRASHED_ERROR)
+                raise
+            finally:
+                for w in workers:
+                    w.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+                while not queue.empty():
+                    item = queue.get_nowait()
+                    if item is not None:
+                        unsent.append(item)
+                try:
+                    await _clean_up(db, engine, writer, unsent, inflight, owner=owner,
+                                    max_attempts=max_attempts, reason=stop_reason[0] if stop_reason
+                                    else CRASHED_ERROR, report=report)
+                except Exception:
+                    if failure is None:  # else the first error is the one to report
+                        raise
+            summary.token_fetches = tokens.fetches
+    except BaseException as exc:
+        failure = failure or exc
+        raise
+    finally:
+        heartbeat.stop()
+        executor.shutdown(wait=True)  # a statement cut off by an interruption finishes first
+        if failure is not None:
+            # whatever this owner still holds (e.g. claimed by a statement that completed after
+            # the interruption): release it now instead of letting the lease run out
+            with contextlib.suppress(Exception):
+                ledger.unclaim_all(engine, owner=owner, error=INTERRUPTED_INFLIGHT
+                                   if summary.interrupted else CRASHED_ERROR)
     summary.elapsed = time.monotonic() - started
-    log.info("batch %s loaded: %s", batch_id, ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items())))
+    log.info("batch %s rows %s-%s loaded: %s", batch_id, chunk.first_id, chunk.last_id,
+             ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items())) or "nothing to send")
     return summary
 
 
-def _prepare_window(window, inflight: set[str], batch_id, report) -> list[Prepared]:
-    items: list[Prepared] = []
-    for row in window:
-        line = row.get("line")
+async def _clean_up(db, engine, writer, unsent, inflight, *, owner, max_attempts, reason, report) -> None:
+    """Write what was answered, release what was never sent (with the true reason), and drop
+    the claims of rows cut off mid-request. Runs even when the warehouse is failing: each step
+    is tried, and the first warehouse error is raised at the end."""
+    errors: list[BaseException] = []
+    try:
+        await writer.close()
+    except Exception as exc:
+        errors.append(exc)
+    if unsent:
         try:
-            item = prepare(row)
-        except PayloadError:
-            log.warning("batch %s line %s: no client_order_id; not sent", batch_id, line)
-            report(None, line, REJECTED, sent=False)
-            continue
-        if item.client_order_id in inflight:
-            log.warning("order %s (batch %s, line %s): repeats a row still in flight; not sent",
-                        item.client_order_id, batch_id, line)
-            report(item.client_order_id, line, DUPLICATE, sent=False)
-            continue
-        inflight.add(item.client_order_id)
-        items.append(item)
-    return items
+            await db(ledger.release, engine, unsent, owner=owner, error=reason, max_attempts=max_attempts)
+        except Exception as exc:
+            errors.append(exc)
+        for item in unsent:
+            inflight.discard(item.outbox_id)
+            report(item.client_order_id, item.line, FAILED, sent=False)
+    if inflight:  # cut off mid-request: outcome unknown, stays pending, claim dropped
+        try:
+            await db(ledger.unclaim_all, engine, owner=owner, error=INTERRUPTED_INFLIGHT)
+        except Exception as exc:
+            errors.append(exc)
+        for _ in inflight:
+            report(None, None, OutboxState.PENDING, sent=True)
+        inflight.clear()
+    if errors:
+        raise errors[0]
 
 
-def _log_outcome(item: Prepared, outcome: Outcome, batch_id: int | None) -> None:
+def load_rows(
+    engine: Engine,
+    settings: Settings,
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    batch_id: int | None = None,
+    owner: str | None = None,
+    progress: Callable[[RowResult], None] | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> LoadSummary:
+    """Validated row dicts -> the outbox of `batch_id` (a new batch when None) -> loaded.
+
+    The shortcut for callers without a file (tests, bench/load.py); files go through
+    etl.batches (validate the whole file first, then load). Rows repeating a clientOrderId of
+    the batch are counted `duplicate` and not sent."""
+    batch_id = batch_id if batch_id is not None else outbox.adhoc_batch(engine)
+    written = outbox.write(engine, batch_id, rows)
+    summary = LoadSummary()
+    if written.duplicates:
+        summary.counts[DUPLICATE] += written.duplicates
+    if written.unmappable:
+        summary.counts[OutboxState.REJECTED] += written.unmappable
+    (whole,) = outbox.chunks(engine, [batch_id], 1 << 62, max_attempts=settings.max_attempts) or [None]
+    if whole is None:
+        return summary
+    return summary.merge(load_chunk(engine, settings, whole, owner=owner or cli_owner(),
+                                    progress=progress, transport=transport))
+
+
+def _log_outcome(item: Prepared, outcome: Outcome, state: str) -> None:
     """PHI-free: clientOrderId, batch, line, state, HTTP status; never the vendor's text."""
     if outcome.state == FAILED:
-        log.warning("order %s (batch %s, line %s): failed: %s",
-                    item.client_order_id, batch_id, item.line, outcome.error)
-    elif outcome.state == REJECTED:
+        log.warning("order %s (batch %s, line %s): %s: %s",
+                    item.client_order_id, item.batch_id, item.line, state, outcome.error)
+    elif outcome.state == OutboxState.REJECTED:
         log.info("order %s (batch %s, line %s): rejected (HTTP %s); see `labsync status %s`",
-                 item.client_order_id, batch_id, item.line, outcome.http_status, item.client_order_id)
+                 item.client_order_id, item.batch_id, item.line, outcome.http_status, item.client_order_id)
     else:
         log.debug("order %s (batch %s, line %s): %s (HTTP %s, %d attempts)",
-                  item.client_order_id, batch_id, item.line, outcome.state, outcome.http_status,
+                  item.client_order_id, item.batch_id, item.line, outcome.state, outcome.http_status,
                   outcome.attempts)

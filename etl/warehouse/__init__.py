@@ -1,7 +1,13 @@
-"""The warehouse: an engine from any SQLAlchemy URL, its schema kept current by Alembic.
+"""The warehouse: an engine from any SQLAlchemy URL, its schema managed by Alembic at deploy time.
 
 `connect(url)` is what callers use: it creates the engine (SQLite gets WAL and a busy timeout so
-threads and processes can share the file) and runs pending migrations once per process and URL.
+threads and processes can share the file) and checks, once per process and URL, that the schema
+is the one this code needs, by comparing the `alembic_version` row(s) with `SCHEMA_HEADS`. It
+never migrates and never imports Alembic: commands and tasks start fast, and a hundred tasks
+starting at once do not race to alter tables. `labsync db upgrade` (`upgrade()`) migrates, under
+a lock: `pg_advisory_xact_lock` on PostgreSQL; on SQLite `BEGIN IMMEDIATE`, which takes the
+database's one write lock before Alembic reads the version, so a second upgrade waits for the
+first and then finds nothing to do.
 """
 
 from __future__ import annotations
@@ -9,16 +15,16 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
-from etl.errors import ConfigError
+from etl.errors import ConfigError, WarehouseUnavailable
 
 from .tables import (  # noqa: F401  (re-exported)
+    SCHEMA_HEADS,
     batch_files,
     lgc_orders,
+    lgc_outbox,
     metadata,
     oauth_tokens,
     rejected_rows,
@@ -29,7 +35,10 @@ from .tables import (  # noqa: F401  (re-exported)
 )
 from .upsert import upsert  # noqa: F401
 
-_migrated: set[str] = set()
+# pg_advisory_xact_lock key for migrations: "labsync" in ASCII, as a bigint.
+MIGRATION_LOCK_KEY = 0x6C616273796E63
+
+_checked: set[str] = set()
 _lock = threading.Lock()
 
 
@@ -59,35 +68,129 @@ def make_engine(url: str) -> Engine:
     return create_engine(parsed, pool_pre_ping=True)
 
 
-def alembic_config() -> Config:
+def alembic_config():
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     return cfg
 
 
+def script_heads() -> set[str]:
+    """The heads of the migration scripts (imports Alembic; for `db upgrade` and tests)."""
+    from alembic.script import ScriptDirectory
+
+    return set(ScriptDirectory.from_config(alembic_config()).get_heads())
+
+
+def schema_heads(engine: Engine) -> set[str] | None:
+    """The revision(s) the database is at, or None when it has no labsync schema at all."""
+    with engine.connect() as conn:
+        try:
+            return set(conn.execute(text("SELECT version_num FROM alembic_version")).scalars())
+        except Exception as exc:
+            if as_unavailable(exc) is not None and not _is_missing_table(exc):
+                raise
+            return None
+
+
+def _is_missing_table(exc: BaseException) -> bool:
+    text_ = str(getattr(exc, "orig", exc)).lower()
+    return "no such table" in text_ or "does not exist" in text_
+
+
 def upgrade(engine: Engine, revision: str = "heads") -> None:
-    """Bring the schema to the newest revision (idempotent)."""
+    """Bring the schema to `revision` (idempotent), holding the migration lock throughout."""
+    from alembic import command
+
     cfg = alembic_config()
-    with engine.begin() as conn:
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+        elif conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+        conn.commit()
+    with _lock:
+        _checked.discard(_key(engine))
 
 
-def connect(url: str, *, migrate: bool = True) -> Engine:
-    """An engine for `url` whose schema is current (migrations run once per process and URL)."""
+def upgrade_url(url: str) -> Engine:
+    """`labsync db upgrade`: migrate the warehouse at `url`; return a checked engine."""
     engine = make_engine(url)
-    if migrate:
-        key = engine.url.render_as_string(hide_password=False)
-        with _lock:
-            if key not in _migrated:
-                try:
-                    upgrade(engine)
-                except ConfigError:
-                    raise
-                except Exception as exc:
-                    raise ConfigError(
-                        f"cannot reach or migrate the warehouse ({type(exc).__name__}); "
-                        "check LABSYNC_WAREHOUSE_URL"
-                    ) from exc
-                _migrated.add(key)
+    try:
+        upgrade(engine)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"cannot reach or migrate the warehouse ({type(exc).__name__}); check LABSYNC_WAREHOUSE_URL"
+        ) from exc
+    return connect(url)
+
+
+def _key(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=False)
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise ConfigError unless the database is at exactly SCHEMA_HEADS (checked once per URL)."""
+    key = _key(engine)
+    with _lock:
+        if key in _checked:
+            return
+    try:
+        heads = schema_heads(engine)
+    except Exception as exc:
+        raise ConfigError(
+            f"cannot reach the warehouse ({type(exc).__name__}); check LABSYNC_WAREHOUSE_URL"
+        ) from exc
+    if heads != set(SCHEMA_HEADS):
+        have = ", ".join(sorted(heads)) if heads else "nothing (no labsync tables)"
+        raise ConfigError(
+            f"the warehouse schema is at {have}, labsync needs {', '.join(sorted(SCHEMA_HEADS))}: "
+            "run `labsync db upgrade`"
+        )
+    with _lock:
+        _checked.add(key)
+
+
+def connect(url: str, *, check: bool = True) -> Engine:
+    """An engine for `url` whose schema is the one this code needs (never migrates)."""
+    engine = make_engine(url)
+    if check:
+        check_schema(engine)
     return engine
+
+
+# SQLSTATE classes meaning "the server is gone or cannot take writes": connection exceptions,
+# insufficient resources (disk full, out of memory), operator intervention (shutdown), system
+# errors; and 25006, a read-only transaction.
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57", "58")
+
+
+def as_unavailable(exc: BaseException) -> WarehouseUnavailable | None:
+    """A WarehouseUnavailable for a database error that means the warehouse is down, full or
+    read-only; None for anything else (a bug, or not a database error). The message names the
+    driver's error class only: the driver's text can quote the SQL parameters, which hold PHI."""
+    import sys
+
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is None or not isinstance(exc, sa_exc.DBAPIError):
+        return None
+    orig = getattr(exc, "orig", None)
+    state = str(getattr(orig, "sqlstate", "") or "")
+    down = (
+        isinstance(exc, sa_exc.OperationalError)
+        or exc.connection_invalidated
+        or state.startswith(_UNAVAILABLE_SQLSTATE_CLASSES)
+        or state == "25006"
+    )
+    if not down:
+        return None
+    kind = type(orig).__name__ if orig is not None else type(exc).__name__
+    return WarehouseUnavailable(
+        f"the warehouse is unavailable or refused a write ({kind}); nothing is lost: rows whose "
+        "outcome was not recorded stay in the outbox and go out on a later run"
+    )

@@ -29,6 +29,12 @@ metadata = MetaData(
     }
 )
 
+# The Alembic head(s) this code needs. `warehouse.connect()` compares the database's
+# `alembic_version` with this set instead of importing Alembic (commands that do not migrate start
+# fast); tests/test_warehouse.py asserts it equals the migration scripts' heads, so a new
+# migration without a matching change here fails the suite.
+SCHEMA_HEADS = frozenset({"0004_outbox"})
+
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 TS = DateTime(timezone=True)
 Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER PRIMARY KEY only
@@ -40,13 +46,19 @@ batch_files = Table(
     Column("id", Id, primary_key=True, autoincrement=True),
     Column("file_name", String(500), nullable=False),
     Column("sha256", String(64), nullable=False, unique=True),
-    Column("status", String(20), nullable=False),  # received, validated, loaded, unusable
+    Column("status", String(20), nullable=False),  # etl.states.BatchStatus
     Column("received_at", TS, nullable=False),
     Column("processed_at", TS),
     Column("total_rows", Integer),
     Column("valid_rows", Integer),
     Column("rejected_rows", Integer),
     Column("error", Text),  # why the file was unusable (no PHI)
+    # who is processing the file right now (migration 0004_outbox): an owner from etl.claims
+    # (an Airflow DAG run or `cli:<uuid>`), and until when; a lapsed claim is taken over.
+    Column("claimed_by", String(100)),
+    Column("claimed_until", TS),
+    # where the file ended up, relative to the inbox (e.g. processed/orders.csv); NULL until moved
+    Column("stored_as", String(1000)),
 )
 
 rejected_rows = Table(
@@ -83,6 +95,32 @@ lgc_orders = Table(
     Column("claimed_until", TS),
     Index("ix_lgc_orders_batch_id", "batch_id"),
     Index("ix_lgc_orders_state", "state"),
+    Index("ix_lgc_orders_claimed_by", "claimed_by"),  # heartbeats renew an owner's claims
+)
+
+# ---- the order outbox: one row per valid CSV row of a batch (migration 0004_outbox) ---------
+# `prepare` writes each row's exact PUT body here; load tasks read id ranges of it. The body
+# holds PHI: it is set to NULL as soon as the row is settled (accepted, rejected, conflict,
+# already_settled) and kept while the row may still have to go out (queued, pending, failed,
+# given_up).
+lgc_outbox = Table(
+    "lgc_outbox",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("batch_id", Id, ForeignKey("batch_files.id", ondelete="CASCADE"), nullable=False),
+    Column("line", Integer),
+    Column("client_order_id", String(100), nullable=False),
+    Column("body", Text),  # the exact bytes PUT, as UTF-8 text; NULL once settled
+    Column("body_sha256", String(64), nullable=False),  # etl.lgc.payload.payload_sha256
+    Column("outcome", String(20), nullable=False),  # etl.states.OutboxState
+    Column("http_status", Integer),
+    Column("attempts", Integer, nullable=False, default=0),  # loads that sent it, across runs
+    Column("last_error", Text),  # no PHI
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    UniqueConstraint("batch_id", "client_order_id"),
+    Index("ix_lgc_outbox_batch_id_id", "batch_id", "id"),
+    Index("ix_lgc_outbox_outcome", "outcome"),
 )
 
 # ---- Rupa Health copies ----------------------------------------------------------------

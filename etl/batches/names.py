@@ -1,0 +1,16 @@
+"""The names of the files labsync writes beside a batch file (no heavy imports: the inbox moves
+them without loading the validation stack)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def rejects_path_for(path: Path) -> Path:
+    """`orders.csv` -> `orders.rejects.csv`, beside the file."""
+    return path.with_name(f"{path.stem}.rejects.csv")
+
+
+def summary_path(path: Path) -> Path:
+    """`orders.csv` -> `orders.summary.html`, beside the file."""
+    return path.with_name(f"{path.stem}.summary.html")

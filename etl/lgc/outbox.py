@@ -1,0 +1,325 @@
+"""The order outbox (`lgc_outbox`): every valid row of a batch as the exact PUT body to send.
+
+Written in bulk by `prepare` (through `write`) once a file has been read; read back by the load
+tasks in id ranges (`Chunk`), so nothing passes between tasks or workers on a local disk and XCom
+carries only `{"batch_id", "first_id", "last_id", "rows", "file"}`. Each row keeps its own outcome
+(etl.states.OutboxState) and its attempts across runs, so a batch's counts come from this one
+table, and rows that did not go through are sent again by later runs (`retry_batches`,
+`labsync retry`) from the stored body, with no file needed.
+
+PHI: `body` holds the patient's data. It is set to NULL in the same statement that records a
+row as settled (accepted, rejected, conflict, already_settled) and kept while the row may still
+have to go out (queued, pending, failed) or waits for a person (given_up).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection, Engine
+from sqlalchemy.dialects import postgresql, sqlite
+
+from etl.claims import now as _now
+from etl.lgc.ledger import Prepared
+from etl.lgc.payload import PayloadError, build_payload, client_order_id, payload_sha256
+from etl.states import RETRYABLE_OUTBOX_STATES, BatchStatus, OutboxState
+from etl.warehouse.tables import batch_files, lgc_orders, lgc_outbox
+
+o = lgc_outbox
+INSERT_PAGE = 2_000
+RETRYABLE = sorted(RETRYABLE_OUTBOX_STATES)
+
+
+def body_bytes(body: Mapping[str, Any]) -> bytes:
+    """The exact bytes sent (document key order, compact, UTF-8)."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A range of one batch's outbox rows for one load task. PHI-free, JSON-safe (XCom)."""
+
+    batch_id: int
+    first_id: int
+    last_id: int
+    rows: int
+    file: str = ""
+
+    def as_dict(self) -> dict:
+        return {"batch_id": self.batch_id, "first_id": self.first_id, "last_id": self.last_id,
+                "rows": self.rows, "file": self.file}
+
+    @classmethod
+    def of(cls, d: Mapping[str, Any]) -> Chunk:
+        return cls(int(d["batch_id"]), int(d["first_id"]), int(d["last_id"]), int(d["rows"]), str(d.get("file") or ""))
+
+
+@dataclass
+class Written:
+    rows: int = 0  # outbox rows written (queued, or rejected when unmappable)
+    unmappable: int = 0  # rows that passed validation but cannot be mapped: outcome rejected
+    duplicates: int = 0  # rows repeating a clientOrderId of the same call: not written
+    existing: int = 0  # rows the batch already had (written by an earlier call): kept as they are
+
+
+def _insert(conn: Connection):
+    return postgresql.insert(o) if conn.dialect.name == "postgresql" else sqlite.insert(o)
+
+
+def staged(row: Mapping[str, Any], batch_id: int, now: datetime) -> dict:
+    """One validated row -> its outbox row: the body built once, by the one mapping
+    (etl.lgc.payload). A row that cannot be mapped is stored `rejected` with the reason, no body."""
+    coid = client_order_id(row)
+    line = row.get("line")
+    try:
+        body = build_payload(row)
+    except PayloadError as exc:
+        reason = f"row cannot be mapped to an order: {exc}"
+        return dict(batch_id=batch_id, line=line, client_order_id=coid, body=None,
+                    body_sha256=payload_sha256({"unmappable": reason}), outcome=OutboxState.REJECTED,
+                    attempts=0, last_error=reason, created_at=now, updated_at=now)
+    return dict(batch_id=batch_id, line=line, client_order_id=coid, body=body_bytes(body).decode(),
+                body_sha256=payload_sha256(body), outcome=OutboxState.QUEUED, attempts=0,
+                last_error=None, created_at=now, updated_at=now)
+
+
+def write(
+    engine: Engine,
+    batch_id: int,
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    fence: Callable[[Connection], None] | None = None,
+    page: int = INSERT_PAGE,
+) -> Written:
+    """Write the outbox rows of `rows` for a batch, a page per transaction (executemany).
+
+    `fence(conn)` runs first in every page's transaction: the caller checks there that it
+    still owns the batch (and renews its lease), so a run that lost its claim cannot add rows
+    to a batch another run took over. A clientOrderId repeated within `rows` is written once
+    (the others counted in `duplicates`); one the batch already had keeps its row (`existing`)."""
+    done = Written()
+    seen: set[str] = set()
+    buf: list[dict] = []
+
+    def flush() -> None:
+        if not buf:
+            return
+        with engine.begin() as conn:
+            if fence is not None:
+                fence(conn)
+            stmt = _insert(conn).on_conflict_do_nothing(index_elements=["batch_id", "client_order_id"])
+            inserted = len(conn.execute(stmt.returning(o.c.id), buf).all())
+        done.rows += inserted
+        done.existing += len(buf) - inserted
+        if inserted == len(buf):
+            done.unmappable += sum(1 for r in buf if r["outcome"] == OutboxState.REJECTED)
+        buf.clear()
+
+    now = _now()
+    for row in rows:
+        item = staged(row, batch_id, now)
+        if item["client_order_id"] in seen:
+            done.duplicates += 1
+            continue
+        seen.add(item["client_order_id"])
+        buf.append(item)
+        if len(buf) >= page:
+            flush()
+    flush()
+    return done
+
+
+def delete_batch(conn: Connection, batch_id: int) -> int:
+    """Drop a batch's outbox rows (a file that proved unusable; a re-validation after takeover)."""
+    return conn.execute(sa.delete(o).where(o.c.batch_id == batch_id)).rowcount
+
+
+def _loadable(max_attempts: int):
+    return sa.and_(o.c.outcome.in_(RETRYABLE), o.c.body.is_not(None), o.c.attempts < max_attempts)
+
+
+def chunks(
+    engine: Engine,
+    batch_ids: Sequence[int],
+    size: int,
+    *,
+    max_attempts: int,
+    names: Mapping[int, str] | None = None,
+) -> list[Chunk]:
+    """Split the loadable rows (queued, pending, failed, with a body) of these batches into id
+    ranges of at most `size` rows, in one query (a window function numbers the rows)."""
+    if not batch_ids:
+        return []
+    numbered = (
+        sa.select(
+            o.c.batch_id, o.c.id,
+            ((sa.func.row_number().over(partition_by=o.c.batch_id, order_by=o.c.id) - 1) // size).label("g"),
+        )
+        .where(o.c.batch_id.in_(list(batch_ids)), _loadable(max_attempts))
+        .subquery()
+    )
+    q = (
+        sa.select(numbered.c.batch_id, sa.func.min(numbered.c.id), sa.func.max(numbered.c.id), sa.func.count())
+        .group_by(numbered.c.batch_id, numbered.c.g)
+        .order_by(numbered.c.batch_id, sa.func.min(numbered.c.id))
+    )
+    with engine.connect() as conn:
+        return [Chunk(b, first, last, n, (names or {}).get(b, "")) for b, first, last, n in conn.execute(q)]
+
+
+def read(
+    conn: Connection, chunk: Chunk, *, after_id: int, limit: int, max_attempts: int
+) -> list[Prepared]:
+    """The next `limit` loadable rows of a chunk after `after_id`, oldest first (keyset paging)."""
+    rows = conn.execute(
+        sa.select(o.c.id, o.c.client_order_id, o.c.line, o.c.body, o.c.body_sha256, o.c.attempts)
+        .where(o.c.batch_id == chunk.batch_id, o.c.id > after_id, o.c.id <= chunk.last_id,
+               _loadable(max_attempts))
+        .order_by(o.c.id)
+        .limit(limit)
+    ).all()
+    return [
+        Prepared(r.id, chunk.batch_id, r.client_order_id, r.line, json.loads(r.body), r.body.encode(),
+                 r.body_sha256, r.attempts)
+        for r in rows
+    ]
+
+
+def pages(engine: Engine, chunk: Chunk, *, size: int, max_attempts: int) -> Iterator[list[Prepared]]:
+    after = chunk.first_id - 1
+    while True:
+        with engine.connect() as conn:
+            page = read(conn, chunk, after_id=after, limit=size, max_attempts=max_attempts)
+        if not page:
+            return
+        after = page[-1].outbox_id
+        yield page
+
+
+def counts(engine: Engine, batch_ids: Sequence[int]) -> dict[int, Counter]:
+    """Rows per outcome for each batch."""
+    out: dict[int, Counter] = {b: Counter() for b in batch_ids}
+    if not batch_ids:
+        return out
+    with engine.connect() as conn:
+        for b, outcome, n in conn.execute(
+            sa.select(o.c.batch_id, o.c.outcome, sa.func.count())
+            .where(o.c.batch_id.in_(list(batch_ids)))
+            .group_by(o.c.batch_id, o.c.outcome)
+        ):
+            out[b][outcome] = n
+    return out
+
+
+def unsettled(c: Mapping[str, int]) -> int:
+    """Rows of a batch that may still go out by themselves."""
+    return sum(c.get(s, 0) for s in RETRYABLE_OUTBOX_STATES)
+
+
+def rows_of(engine: Engine, batch_id: int) -> list[dict]:
+    """Every outbox row of a batch with the ledger's order-item ids, for summaries and status
+    (PHI-free: no body)."""
+    q = (
+        sa.select(
+            o.c.id, o.c.client_order_id, o.c.batch_id, batch_files.c.file_name.label("batch"), o.c.line,
+            o.c.outcome.label("state"), o.c.http_status, o.c.attempts, o.c.last_error,
+            o.c.body_sha256.label("payload_sha256"), lgc_orders.c.order_item_ids,
+            o.c.created_at, o.c.updated_at,
+        )
+        .select_from(
+            o.join(batch_files, o.c.batch_id == batch_files.c.id)
+            .outerjoin(lgc_orders, sa.and_(lgc_orders.c.client_order_id == o.c.client_order_id,
+                                           lgc_orders.c.payload_sha256 == o.c.body_sha256))
+        )
+        .where(o.c.batch_id == batch_id)
+        .order_by(o.c.line, o.c.id)
+    )
+    with engine.connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(q)]
+    for r in rows:  # order items belong to accepted rows only (a conflict row's ids are another's)
+        if r["state"] not in (OutboxState.ACCEPTED, OutboxState.ALREADY_SETTLED):
+            r["order_item_ids"] = None
+    return rows
+
+
+def given_up(engine: Engine, batch_ids: Sequence[int] | None = None) -> int:
+    q = sa.select(sa.func.count()).select_from(o).where(o.c.outcome == OutboxState.GIVEN_UP)
+    if batch_ids is not None:
+        q = q.where(o.c.batch_id.in_(list(batch_ids)))
+    with engine.connect() as conn:
+        return conn.execute(q).scalar_one()
+
+
+def reset_given_up(engine: Engine, batch_ids: Sequence[int] | None = None) -> int:
+    """A person asks for given-up rows to go out again (the file dropped again, or
+    `labsync retry --given-up`): back to `failed` with a fresh attempt budget."""
+    q = sa.update(o).where(o.c.outcome == OutboxState.GIVEN_UP, o.c.body.is_not(None))
+    if batch_ids is not None:
+        q = q.where(o.c.batch_id.in_(list(batch_ids)))
+    with engine.begin() as conn:
+        return conn.execute(q.values(outcome=OutboxState.FAILED, attempts=0, updated_at=_now())).rowcount
+
+
+def give_up_exhausted(engine: Engine, batch_ids: Sequence[int], *, max_attempts: int, now: datetime) -> int:
+    """Rows sent `max_attempts` times that are still not settled become `given_up` (unless a live
+    claim is sending them right now)."""
+    if not batch_ids:
+        return 0
+    live = sa.exists().where(lgc_orders.c.client_order_id == o.c.client_order_id,
+                             lgc_orders.c.claimed_by.is_not(None), lgc_orders.c.claimed_until >= now)
+    with engine.begin() as conn:
+        return conn.execute(
+            sa.update(o)
+            .where(o.c.batch_id.in_(list(batch_ids)), o.c.outcome.in_(RETRYABLE),
+                   o.c.attempts >= max_attempts, ~live)
+            .values(outcome=OutboxState.GIVEN_UP,
+                    last_error=sa.func.coalesce(o.c.last_error, "no outcome after the last attempt"),
+                    updated_at=now)
+        ).rowcount
+
+
+def retry_batches(engine: Engine, *, owner: str, lease_until: datetime, now: datetime, max_attempts: int) -> list[int]:
+    """Batches whose unsettled rows go out again now: `incomplete` batches that still have rows
+    to send (rows that used their `max_attempts` become `given_up` first), and each `validated`
+    batch whose claimer's lease lapsed (its run died before finishing), which `owner` claims
+    here so that only one run resumes it."""
+    b = batch_files
+    with engine.connect() as conn:
+        incomplete = list(conn.execute(sa.select(b.c.id).where(b.c.status == BatchStatus.INCOMPLETE)).scalars())
+    give_up_exhausted(engine, incomplete, max_attempts=max_attempts, now=now)
+    with engine.begin() as conn:
+        has_work = sa.exists().where(o.c.batch_id == b.c.id, _loadable(max_attempts))
+        resumable = list(conn.execute(
+            sa.select(b.c.id).where(b.c.status == BatchStatus.INCOMPLETE, has_work)).scalars())
+        orphans = list(conn.execute(
+            sa.select(b.c.id).where(b.c.status == BatchStatus.VALIDATED,
+                                    sa.or_(b.c.claimed_by.is_(None), b.c.claimed_until < now))
+        ).scalars())
+        taken = []
+        for batch_id in orphans:
+            if conn.execute(
+                sa.update(b).where(b.c.id == batch_id, b.c.status == BatchStatus.VALIDATED,
+                                   sa.or_(b.c.claimed_by.is_(None), b.c.claimed_until < now))
+                .values(claimed_by=owner, claimed_until=lease_until)
+            ).rowcount:
+                taken.append(batch_id)
+    give_up_exhausted(engine, taken, max_attempts=max_attempts, now=now)
+    return sorted(resumable + taken)
+
+
+def adhoc_batch(engine: Engine, name: str = "(rows)") -> int:
+    """A batch for rows that come from no file (`load_rows`: tests and benches)."""
+    with engine.begin() as conn:
+        return conn.execute(
+            sa.insert(batch_files)
+            .values(file_name=name, sha256=uuid.uuid4().hex.ljust(64, "0"), status=BatchStatus.VALIDATED,
+                    received_at=_now())
+            .returning(batch_files.c.id)
+        ).scalar_one()
