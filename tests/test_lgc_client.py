@@ -14,7 +14,7 @@ import pytest
 from etl.errors import AuthError
 from etl.http import make_async_client
 from etl.lgc.auth import TokenProvider
-from etl.lgc.client import LgcClient, RateLimiter, mask_reason
+from etl.lgc.client import LgcClient, mask_reason
 from etl.lgc.load import STOPPED_ERROR, load_rows, prepare
 from etl.settings import RetrySettings, Settings
 from tests.conftest import FAST_RETRY
@@ -110,7 +110,7 @@ def test_transient_faults_are_retried_then_accepted_once(engine, settings, sandb
     rows = [order_row(i) for i in range(len(faults))]
     summary = load_rows(engine, fast(settings, concurrency=1), rows)
     assert summary.counts == {"accepted": 4}
-    assert _lgc(sandbox).faults.injected == {"errors": 4, "throttled": 2, "dropped": 2}
+    assert _lgc(sandbox).faults.injected == {"errors": 4, "throttled": 2, "dropped": 2, "hung": 0}
     for coid, row in ledger(engine).items():
         assert row["attempts"] == 3
         assert _lgc(sandbox).accepted_count[coid] == 1
@@ -166,7 +166,7 @@ def test_a_401_refreshes_the_token_once_for_all_requests_holding_it(bare, sandbo
         lgc = settings.lgc.validated()
         async with make_async_client("", settings.retry, concurrency=20) as http:
             tokens = TokenProvider(lgc, settings.retry)
-            client = LgcClient(lgc, settings.retry, http, tokens, RateLimiter(0))
+            client = LgcClient(lgc, settings.retry, http, tokens)
             await tokens.token(http)
             lgc_state.expire_tokens()  # every request now holds a stale token
             items = [prepare(order_row(i)) for i in range(20)]

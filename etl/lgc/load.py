@@ -20,6 +20,11 @@ first row is still in flight is counted `duplicate` and not sent.
 
 A 401 that survives a token refresh stops the batch: rows already claimed but not yet sent are
 marked `failed` (the next run sends them) and no further rows are read.
+
+Every request waits for the vendor budget shared by all loaders through the warehouse
+(etl.lgc.budget). The load's breaker (etl.lgc.breaker) stops it after LGC_BREAKER_FAILURES
+failed attempts in a row or at LGC_LOAD_DEADLINE: nothing new is sent, and every row left,
+read or not, is recorded `failed` with that reason so the next run sends it.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ from etl.errors import AuthError, LabsyncError
 from etl.http import make_async_client
 from etl.lgc import ledger
 from etl.lgc.auth import TokenProvider
-from etl.lgc.client import ACCEPTED, CONFLICT, FAILED, REJECTED, LgcClient, Outcome, RateLimiter
+from etl.lgc.breaker import Breaker
+from etl.lgc.budget import AsyncBudget
+from etl.lgc.client import ACCEPTED, CONFLICT, FAILED, REJECTED, LgcClient, Outcome
 from etl.lgc.ledger import BUSY, SEND, Prepared
 from etl.lgc.payload import PayloadError, build_payload, client_order_id, payload_sha256
 from etl.settings import Settings
@@ -244,8 +251,19 @@ async def aload_rows(
             make_async_client("", settings.retry, concurrency=1, verify=ssl_context, **kw)
         )
         tokens = TokenProvider(lgc, settings.retry)
-        limiter = RateLimiter(lgc.rate_limit)
         await tokens.token(http)  # bad keys fail here, before any row is claimed
+        budget = await stack.enter_async_context(AsyncBudget(lgc, engine, holder=run))
+        tripped: list[str] = []  # the breaker stopped the batch: drain the rest as failed
+
+        def on_trip(cause: str) -> None:
+            if not stop.is_set():
+                tripped.append(breaker.reason)
+                summary.stopped = cause
+                stop.set()
+            log.error("batch %s stopped: %s", batch_id, cause)
+
+        breaker = Breaker.for_load(lgc, on_trip=on_trip).start()
+        stack.callback(breaker.close)
         writer = _Writer(engine, run, inflight)
 
         async def new_transport() -> httpx.AsyncBaseTransport:
@@ -271,7 +289,7 @@ async def aload_rows(
                     unsent.append(item.client_order_id)
 
         async def send_all() -> None:
-            client = LgcClient(lgc, settings.retry, http, tokens, limiter, await new_transport())
+            client = LgcClient(lgc, settings.retry, http, tokens, budget, await new_transport(), breaker)
             while (item := await queue.get()) is not None:
                 if stop.is_set():
                     unsent.append(item.client_order_id)
@@ -298,7 +316,7 @@ async def aload_rows(
         workers = [asyncio.create_task(worker()) for _ in range(lgc.concurrency)]
         windows = _windows(rows, window_size)
         try:
-            while not stop.is_set():
+            while not stop.is_set() or tripped:
                 window = await asyncio.to_thread(next, windows, None)
                 if window is None:
                     break
@@ -339,7 +357,8 @@ async def aload_rows(
             await writer.close()
             if unsent:
                 # failed + claim released, so the next run (or a concurrent one) sends them
-                await asyncio.to_thread(ledger.release, engine, unsent, run=run, error=STOPPED_ERROR)
+                error = tripped[0] if tripped else STOPPED_ERROR
+                await asyncio.to_thread(ledger.release, engine, unsent, run=run, error=error)
                 for coid in unsent:
                     inflight.discard(coid)
                     report(coid, None, FAILED, sent=False)

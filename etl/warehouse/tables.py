@@ -8,6 +8,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -81,6 +82,25 @@ lgc_orders = Table(
     Column("claimed_until", TS),
     Index("ix_lgc_orders_batch_id", "batch_id"),
     Index("ix_lgc_orders_state", "state"),
+)
+
+# ---- the vendor budget, shared by every loader of the deployment (etl.lgc.budget) ----------
+# Times are seconds since the epoch on the *database's* clock (loaders' clocks may disagree).
+vendor_budget = Table(
+    "vendor_budget",
+    metadata,
+    Column("vendor", String(200), primary_key=True),  # one LetsGetChecked account: host + clientId
+    Column("next_slot", Double, nullable=False),  # the next free send slot (rate limit)
+)
+
+vendor_budget_leases = Table(
+    "vendor_budget_leases",
+    metadata,
+    Column("vendor", String(200), primary_key=True),
+    Column("holder", String(200), primary_key=True),  # one loader (a load task or CLI run)
+    Column("want", Integer, nullable=False),  # requests in flight it could use
+    Column("held", Integer, nullable=False),  # requests in flight it may have (concurrency limit)
+    Column("lease_until", Double, nullable=False),  # lapsed: its slots count for nobody
 )
 
 # ---- Rupa Health copies ----------------------------------------------------------------
