@@ -25,9 +25,9 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from etl.commands import core, lgc, rupa
+    from etl.commands import budget, core, lgc, rupa
 
-    for module in (core, lgc, rupa):
+    for module in (core, lgc, rupa, budget):
         module.register(app)
 
 

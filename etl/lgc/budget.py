@@ -94,6 +94,26 @@ def fair_shares(total: int, wants: Mapping[str, int]) -> dict[str, int]:
     return alloc
 
 
+def budget_status(engine: Engine, lgc: LgcSettings) -> dict:
+    """What `labsync budget` shows: the limits, the pool size, and the live loaders now."""
+    key = budget_key(lgc)
+    with engine.connect() as conn:
+        now = float(conn.execute(sa.select(_db_now(conn.dialect.name))).scalar_one())
+        next_slot = conn.execute(sa.select(vb.c.next_slot).where(vb.c.vendor == key)).scalar()
+        rows = conn.execute(
+            sa.select(lease_t.c.holder, lease_t.c.want, lease_t.c.held, lease_t.c.lease_until)
+            .where(lease_t.c.vendor == key, lease_t.c.lease_until > now)
+            .order_by(lease_t.c.holder)
+        ).all()
+    return {
+        "vendor": key, "rate_limit": lgc.rate_limit, "concurrency": lgc.concurrency,
+        "pool_slots": pool_slots(lgc),
+        "booked_ahead": round(max(0.0, (next_slot or 0.0) - now), 3),
+        "loaders": [{"holder": r.holder, "want": r.want, "held": r.held,
+                     "lease_left": round(r.lease_until - now, 1)} for r in rows],
+    }
+
+
 def _db_now(dialect: str):
     """Seconds since the epoch on the database's clock, as a SQL expression."""
     if dialect == "postgresql":

@@ -273,6 +273,7 @@ class Traffic:
             self.in_flight = 0
             self.max_in_flight = 0
             self.starts: list[float] = []  # time.monotonic() when each PUT arrived
+            self.order_ids: list[str] = []  # and its clientOrderId
 
     def counting(self, app):
         """ASGI middleware around `app` that counts PUTs to the orders path."""
@@ -280,8 +281,10 @@ class Traffic:
         async def counted(scope, receive, send):
             if scope["type"] != "http" or scope.get("method") != "PUT" or ORDERS_MARK not in scope.get("path", ""):
                 return await app(scope, receive, send)
+            raw = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
             with self._lock:
                 self.starts.append(time.monotonic())
+                self.order_ids.append(unquote(raw.split(ORDERS_MARK, 1)[-1].split("?")[0]))
                 self.in_flight += 1
                 self.max_in_flight = max(self.max_in_flight, self.in_flight)
             try:
