@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 import sqlalchemy as sa
 
-from etl.lgc.budget import AsyncBudget, budget_key, fair_shares, pool_slots
+from etl.lgc.budget import BLOCK_SECONDS, AsyncBudget, budget_key, fair_shares, pool_slots
 from etl.sandbox.lgc import max_in_window
 from etl.settings import LgcSettings
 from etl.warehouse.tables import vendor_budget_leases
@@ -58,8 +58,11 @@ def test_four_parallel_loader_processes_stay_under_the_rate_and_concurrency_limi
     assert seen["puts"] == loaders * rows
     assert set(lgc.accepted_count.values()) == {1} and len(lgc.orders) == loaders * rows
     assert seen["max_in_flight"] <= concurrency, seen["max_in_flight"]
-    block = round(rate * 0.2)
-    assert max_in_window(seen["starts"]) <= rate + block, max_in_window(seen["starts"])
+    # slots are spaced 1/rate apart in the warehouse; a loader may use one up to a block late
+    # (BLOCK_SECONDS) and the sandbox stamps arrivals with a loaded machine's jitter: allow a
+    # block for each. Four loaders each at their own limit would show about 4 x 40.
+    block = rate * BLOCK_SECONDS
+    assert max_in_window(seen["starts"]) <= rate + 2 * block, max_in_window(seen["starts"])
     # the loaders did run at once: their orders interleave at the vendor
     order = [c.split("-")[0] for c in lgc.traffic.order_ids]
     switches = sum(1 for a, b in zip(order, order[1:], strict=False) if a != b)
@@ -165,9 +168,11 @@ def test_rate_slots_are_shared_between_loaders_in_one_warehouse(engine, settings
 
     times = asyncio.run(go())
     assert len(times) == 80
-    # 80 slots at 50/s: the slots span at least 1.4 s, and no second holds more than 50 + a block
-    assert max(times) - min(times) >= (80 - 1 - 10) / 50
-    assert max_in_window(times) <= 50 + 10
+    # 80 slots at 50/s span at least 79/50 s less a late block; no second holds more than
+    # 50 + a block (+ a block of scheduling jitter on a loaded machine)
+    block = 50 * BLOCK_SECONDS
+    assert max(times) - min(times) >= (80 - 1 - block) / 50
+    assert max_in_window(times) <= 50 + 2 * block
 
 
 def test_fair_shares_water_fill():

@@ -4,13 +4,13 @@ load tasks on different machines, CLI runs), because they share it through the w
 only thing they have in common.
 
 Rate: `vendor_budget` holds, per LetsGetChecked account, the next free send slot. A loader
-reserves a block of slots (about `BLOCK_SECONDS` worth: 20 slots at 100/s) with one atomic
+reserves a block of slots (about `BLOCK_SECONDS` worth: 10 slots at 100/s) with one atomic
 `UPDATE … RETURNING`, computed with the database's clock, so machines whose clocks disagree
 still get disjoint slots; it then spaces its requests locally, one slot each. Idle time is not
-banked (a block starts at the later of the next free slot and now), and a slot the loader was
-too slow to use within one block's time is dropped rather than used late, so the aggregate
-never bursts: any second holds at most the limit plus one block. A loader writes about one row
-per block: a few writes per second.
+banked (a block starts at the later of the next free slot and now), and a slot is used at most
+one block's time late (a slower loader drops the rest rather than send them in a burst), so any
+second holds at most the limit plus one block (10 %). All loaders together
+write about ten reservations a second, whatever their number.
 
 Concurrency: `vendor_budget_leases` has a row per live loader: how many requests it could use
 (`want`), how many it may have in flight (`held`) and until when that holds (`lease_until`, DB
@@ -50,7 +50,7 @@ from etl.warehouse.tables import vendor_budget, vendor_budget_leases
 
 log = logging.getLogger(__name__)
 
-BLOCK_SECONDS = 0.2  # rate slots reserved at a time, in seconds' worth
+BLOCK_SECONDS = 0.1  # rate slots reserved at a time, in seconds' worth
 TICK = 0.5  # how often a loader renews its lease and re-balances concurrency
 LEASE = 15.0  # a loader that stops renewing loses its slots after this long
 MIN_SHARE = 2  # requests in flight a load task should get, for pool_slots
