@@ -26,10 +26,10 @@ def register(app: typer.Typer) -> None:
         from etl.lgc.budget import budget_status, pool_slots
 
         settings = Settings.from_env()
-        lgc = settings.lgc.validated()
-        if pool_slots_only:
-            typer.echo(pool_slots(lgc))
+        if pool_slots_only:  # needs LGC_CONCURRENCY only: works where no credentials are set
+            typer.echo(pool_slots(settings.lgc))
             raise typer.Exit(0)
+        lgc = settings.lgc.validated()
         from etl import warehouse
 
         status = budget_status(warehouse.connect(settings.warehouse_url), lgc)

@@ -206,6 +206,15 @@ class AsyncBudget:
             self.release()
             raise
 
+    def try_acquire(self) -> bool:
+        """`acquire` without waiting, when nothing needs waiting for (no rate limit, a slot
+        free, nobody queued): the common case, without a coroutine."""
+        if self.interval or self.in_use >= self.limit or self._waiters or self._error is not None:
+            return False
+        self._peak_demand = max(self._peak_demand, self.in_use + 1)
+        self._take()
+        return True
+
     def release(self) -> None:
         """The request's answer is in (or it never started): its concurrency slot is free."""
         self.in_use -= 1

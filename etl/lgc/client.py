@@ -185,7 +185,7 @@ class LgcClient:
         """One attempt: wait for the budget, start only if the breaker allows, tell it how the
         vendor did. Raises Tripped instead of sending once the breaker is open."""
         breaker, budget = self.breaker, self.budget
-        if budget is not None:
+        if budget is not None and not budget.try_acquire():
             try:
                 await budget.acquire(breaker.future)
             except Aborted:
