@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from etl.errors import ConfigError
+from etl.errors import ApiError, ConfigError
 from etl.lgc.breaker import Breaker, Tripped
 from etl.lgc.load import load_rows
 from etl.settings import RetrySettings, Settings
@@ -114,6 +114,15 @@ def test_a_huge_retry_after_fails_fast_with_the_cap_in_the_reason(engine, settin
             "LGC_MAX_RETRY_AFTER (60s); sent again on the next run"
         )
     assert _puts(sandbox) == 2
+
+
+def test_a_token_endpoint_asking_to_wait_an_hour_fails_before_any_row(engine, settings, sandbox):
+    _lgc(sandbox).faults.update(throttle_rate=1.0, retry_after=3600)
+    started = time.monotonic()
+    with pytest.raises(ApiError, match=r"HTTP 429 asking to wait 3600s \(Retry-After\), longer than the 60s cap"):
+        load_rows(engine, fast(settings, max_retry_after=60), [order_row(1)])
+    assert time.monotonic() - started < 60
+    assert ledger(engine) == {} and _lgc(sandbox).faults.injected["throttled"] == 1  # asked once
 
 
 def test_too_long_retry_after_answers_count_toward_the_breaker(engine, settings, sandbox):
