@@ -9,6 +9,7 @@ import asyncio
 import json
 import signal
 import subprocess
+import time
 from dataclasses import replace
 
 import pytest
@@ -17,7 +18,7 @@ import sqlalchemy as sa
 from etl.lgc.budget import BLOCK_SECONDS, AsyncBudget, budget_key, fair_shares, pool_slots
 from etl.sandbox.lgc import max_in_window
 from etl.settings import LgcSettings
-from etl.warehouse.tables import vendor_budget_leases
+from etl.warehouse.tables import vendor_budget, vendor_budget_leases
 from tests.test_lgc_support import LABSYNC, REPO, cli_env, fast, ledger
 
 
@@ -120,7 +121,9 @@ def test_two_loaders_share_the_concurrency_fairly_and_never_exceed_it(engine, se
         # `a` keeps wanting 4 (it holds 4) but must shrink to its fair share; it hands slots
         # back as its requests end
         sums = []
-        for _ in range(200):
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 60  # a bound for a stuck test, not a speed check
+        while loop.time() < give_up:
             await asyncio.sleep(0.02)
             if a.in_use > a.limit:
                 a.release()
@@ -173,6 +176,23 @@ def test_rate_slots_are_shared_between_loaders_in_one_warehouse(engine, settings
     block = 50 * BLOCK_SECONDS
     assert max(times) - min(times) >= (80 - 1 - block) / 50
     assert max_in_window(times) <= 50 + 2 * block
+
+
+def test_a_database_clock_set_back_does_not_stall_the_loaders(engine, settings):
+    """A next free slot an hour ahead can only mean the clock went back: start from now."""
+    lgc = replace(settings.lgc, rate_limit=50.0).validated()
+
+    async def go() -> None:
+        budget = AsyncBudget(lgc, engine, holder="clock")
+        await budget.start()
+        with engine.begin() as conn:
+            conn.execute(sa.update(vendor_budget).values(next_slot=time.time() + 3600))
+        try:
+            await asyncio.wait_for(budget.acquire(), timeout=30)
+        finally:
+            await budget.close()
+
+    asyncio.run(go())
 
 
 def test_fair_shares_water_fill():

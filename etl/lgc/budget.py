@@ -54,6 +54,9 @@ BLOCK_SECONDS = 0.1  # rate slots reserved at a time, in seconds' worth
 TICK = 0.5  # how often a loader renews its lease and re-balances concurrency
 LEASE = 15.0  # a loader that stops renewing loses its slots after this long
 MIN_SHARE = 2  # requests in flight a load task should get, for pool_slots
+# Loaders book at most a block ahead each, so the next free slot is never far off; one further
+# ahead than this means the database's clock was set back: start again from now.
+MAX_AHEAD = 60.0
 
 vb, lease_t = vendor_budget, vendor_budget_leases
 
@@ -319,10 +322,11 @@ class AsyncBudget:
             dialect = conn.dialect.name
             now = _db_now(dialect)
             later = sa.func.greatest if dialect == "postgresql" else sa.func.max
+            start = sa.case((vb.c.next_slot > now + MAX_AHEAD, now), else_=later(vb.c.next_slot, now))
             row = conn.execute(
                 sa.update(vb)
                 .where(vb.c.vendor == self.key)
-                .values(next_slot=later(vb.c.next_slot, now) + span)
+                .values(next_slot=start + span)
                 .returning(vb.c.next_slot, now.label("now"))
             ).one()
         return float(row.next_slot) - span, float(row.now)
