@@ -42,7 +42,8 @@ class Faults:
     seed: int | None = None
     exempt_paths: list[str] = field(default_factory=list)
     # counters, for tests and the demo
-    injected: dict = field(default_factory=lambda: {"errors": 0, "throttled": 0, "dropped": 0, "hung": 0})
+    # (and "hung" once a request was held by `hang`)
+    injected: dict = field(default_factory=lambda: {"errors": 0, "throttled": 0, "dropped": 0})
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -65,7 +66,7 @@ class Faults:
             self.hang = False
             self.script = []
             self.exempt_paths = []
-            self.injected = {"errors": 0, "throttled": 0, "dropped": 0, "hung": 0}
+            self.injected = {"errors": 0, "throttled": 0, "dropped": 0}
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items()}
@@ -92,7 +93,7 @@ class Faults:
 
     def count(self, what: str) -> None:
         with self._lock:
-            self.injected[what] += 1
+            self.injected[what] = self.injected.get(what, 0) + 1
 
 
 class FaultMiddleware:
