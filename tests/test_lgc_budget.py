@@ -26,8 +26,9 @@ def _lgc(sandbox):
     return sandbox.sandbox.lgc
 
 
-def _probe_env(settings, **extra):
-    return cli_env(settings, **extra)
+def _probe() -> list[str]:
+    """A loader process configured like the CLI (tests/lgc_loader_probe.py)."""
+    return [LABSYNC[0], "-m", "tests.lgc_loader_probe"]
 
 
 def test_four_parallel_loader_processes_stay_under_the_rate_and_concurrency_limits(
@@ -40,7 +41,7 @@ def test_four_parallel_loader_processes_stay_under_the_rate_and_concurrency_limi
     lgc.faults.update(latency=0.03)
     rate, concurrency, loaders, rows = 40.0, 3, 4, 30
     # every process runs 3 workers at 40/s; the budget allows that much for all four together
-    env = _probe_env(fast(settings, concurrency=concurrency, rate_limit=rate))
+    env = cli_env(fast(settings, concurrency=concurrency, rate_limit=rate))
     go = tmp_path / "go"
     procs = [
         subprocess.Popen([*_probe(), f"L{n}", str(rows), str(go)], env=env, cwd=REPO,
@@ -71,13 +72,9 @@ def test_four_parallel_loader_processes_stay_under_the_rate_and_concurrency_limi
     assert {r["state"] for r in ledger(engine).values()} == {"accepted"}
 
 
-def _probe() -> list[str]:
-    return [LABSYNC[0], "-m", "tests.lgc_loader_probe"]
-
-
 def test_a_killed_loaders_slots_come_back_when_its_lease_lapses(engine, settings, tmp_path):
     lgc = replace(settings.lgc, concurrency=2).validated()
-    env = _probe_env(replace(settings, lgc=lgc))
+    env = cli_env(replace(settings, lgc=lgc))
     holder = subprocess.Popen([*_probe(), "hold", "1.5"], env=env, cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -219,12 +216,23 @@ def test_labsync_budget_prints_the_pool_size_and_the_live_loaders(engine, settin
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "3"
-    shown = subprocess.run([*LABSYNC, "budget", "--json"], env=env, capture_output=True, text=True,
-                           timeout=60)
+    holder = subprocess.Popen([*_probe(), "hold", "30"], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().split() == ["holding", "6"]
+        shown = subprocess.run([*LABSYNC, "budget", "--json"], env=env, capture_output=True,
+                               text=True, timeout=60)
+        table = subprocess.run([*LABSYNC, "budget"], env=env, capture_output=True, text=True,
+                               timeout=60)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.communicate()
     assert shown.returncode == 0, shown.stderr
     data = json.loads(shown.stdout)
     assert data["rate_limit"] == 30 and data["concurrency"] == 6 and data["pool_slots"] == 3
-    assert data["loaders"] == []
+    [loader] = data["loaders"]
+    assert loader["holder"].startswith("probe-hold:") and loader["held"] == 6
+    assert "airflow pools set lgc_api 3" in table.stdout and "loaders now: 1" in table.stdout
 
 
 @pytest.mark.parametrize("rate", [0.0, 20.0])
