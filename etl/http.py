@@ -4,6 +4,12 @@ Both vendor clients retry the same things the same way: 429, 500, 502, 503, 504,
 broken connections, with exponential backoff and full jitter, honouring `Retry-After` when the
 server sends one, up to `RetrySettings.max_attempts`. Everything else is the caller's to handle.
 
+A caller may cap what it honours (`max_retry_after`, e.g. LGC_MAX_RETRY_AFTER): an answer asking
+for a longer wait raises `RetryAfterTooLong` at once instead of sleeping, so a row fails now with
+a true reason rather than holding a batch for hours. Without a cap, waits are clipped at
+`MAX_RETRY_AFTER`. A caller may also hand in its own `sleep` (e.g. one a circuit breaker can cut
+short).
+
 Usage (sync or async)::
 
     for attempt in retrying(settings.retry):
@@ -42,14 +48,29 @@ class RetryableStatus(Exception):
         self.response = response
 
 
-def raise_for_retryable(response: httpx.Response) -> httpx.Response:
-    """Return the response unless its status is one the retry policy retries."""
+class RetryAfterTooLong(RetryableStatus):
+    """A 'try again later' whose Retry-After asks for more than the caller's cap: not retried."""
+
+    def __init__(self, response: httpx.Response, asked: float, cap: float) -> None:
+        super().__init__(response)
+        self.asked, self.cap = asked, cap
+
+
+def raise_for_retryable(response: httpx.Response, *, max_retry_after: float | None = None) -> httpx.Response:
+    """Return the response unless its status is one the retry policy retries. With
+    `max_retry_after`, a Retry-After longer than that raises RetryAfterTooLong (not retried)."""
     if response.status_code in RETRYABLE_STATUSES:
+        if max_retry_after is not None:
+            asked = parse_retry_after(response.headers.get("Retry-After"))
+            if asked is not None and asked > max_retry_after:
+                raise RetryAfterTooLong(response, asked, max_retry_after)
         raise RetryableStatus(response)
     return response
 
 
 def is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, RetryAfterTooLong):
+        return False
     return isinstance(exc, RetryableStatus | httpx.TransportError)
 
 
@@ -74,15 +95,16 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 class wait_retry_after_or_backoff(tenacity.wait.wait_base):
     """Wait what the server asked for in Retry-After, else exponential backoff with full jitter."""
 
-    def __init__(self, initial: float, maximum: float) -> None:
+    def __init__(self, initial: float, maximum: float, cap: float = MAX_RETRY_AFTER) -> None:
         self.backoff = wait_random_exponential(multiplier=initial, max=maximum)
+        self.cap = cap
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         if isinstance(exc, RetryableStatus):
             asked = parse_retry_after(exc.response.headers.get("Retry-After"))
             if asked is not None:
-                return min(asked, MAX_RETRY_AFTER)
+                return min(asked, self.cap)
         return self.backoff(retry_state)
 
 
@@ -98,10 +120,16 @@ def _log_retry(retry_state: tenacity.RetryCallState) -> None:
     log.info("retrying after %s (attempt %d, waiting %.2fs)", _describe(exc), retry_state.attempt_number, wait)
 
 
-def retry_kwargs(settings: RetrySettings, *, sleep: Callable | None = None) -> dict:
+def retry_kwargs(
+    settings: RetrySettings, *, sleep: Callable | None = None, max_retry_after: float | None = None
+) -> dict:
+    """The policy as tenacity arguments. `max_retry_after`: the caller's cap on Retry-After (pass
+    the same cap to `raise_for_retryable` so longer asks fail at once); `sleep`: the caller's
+    sleep (sync or async to match the Retrying)."""
+    cap = MAX_RETRY_AFTER if max_retry_after is None else max_retry_after
     kwargs = dict(
         stop=tenacity.stop_after_attempt(settings.max_attempts),
-        wait=wait_retry_after_or_backoff(settings.initial_wait, settings.max_wait),
+        wait=wait_retry_after_or_backoff(settings.initial_wait, settings.max_wait, cap),
         retry=tenacity.retry_if_exception(is_retryable),
         before_sleep=_log_retry,
         reraise=True,
@@ -149,6 +177,9 @@ def make_async_client(
 
 def describe_transport_error(exc: BaseException) -> str:
     """A short, PHI-free description of why a request did not complete."""
+    if isinstance(exc, RetryAfterTooLong):
+        return (f"HTTP {exc.response.status_code} asking to wait {exc.asked:.0f}s (Retry-After), "
+                f"longer than the {exc.cap:g}s cap")
     if isinstance(exc, RetryableStatus):
         return f"HTTP {exc.response.status_code} after retries"
     if isinstance(exc, httpx.TimeoutException):

@@ -59,8 +59,16 @@ class LgcSettings:
     access_key: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)
     api_token: str | None = field(default=None, repr=False)
-    concurrency: int = 8
+    # The vendor budget (etl.lgc.budget): both hold for the whole deployment, shared through the
+    # warehouse by every loader at once, not per process.
+    concurrency: int = 8  # requests in flight
     rate_limit: float = 50.0  # orders per second, 0 = unlimited
+    # How a load gives up (etl.lgc.breaker): a longer Retry-After fails the row now; this many
+    # failed attempts in a row (transport errors, 5xx) stop the batch; no request starts after
+    # the deadline. 0 switches the breaker or the deadline off.
+    max_retry_after: float = 60.0  # seconds
+    breaker_failures: int = 10
+    load_deadline: float = 900.0  # seconds per load (one CLI file, one DAG load task)
 
     def validated(self) -> LgcSettings:
         """Fill the sandbox defaults where allowed and check the documented formats."""
@@ -89,6 +97,12 @@ class LgcSettings:
             raise ConfigError("LGC_CONCURRENCY must be at least 1")
         if s.rate_limit < 0:
             raise ConfigError("LGC_RATE_LIMIT must be 0 (unlimited) or a positive number")
+        if s.max_retry_after < 0:
+            raise ConfigError("LGC_MAX_RETRY_AFTER must be 0 or a positive number of seconds")
+        if s.breaker_failures < 0:
+            raise ConfigError("LGC_BREAKER_FAILURES must be 0 (off) or a positive whole number")
+        if s.load_deadline < 0:
+            raise ConfigError("LGC_LOAD_DEADLINE must be 0 (none) or a positive number of seconds")
         return s
 
 
@@ -224,6 +238,9 @@ class Settings:
                 api_token=get("LGC_API_TOKEN"),
                 concurrency=num("LGC_CONCURRENCY", d.lgc.concurrency, int),
                 rate_limit=num("LGC_RATE_LIMIT", d.lgc.rate_limit),
+                max_retry_after=num("LGC_MAX_RETRY_AFTER", d.lgc.max_retry_after),
+                breaker_failures=num("LGC_BREAKER_FAILURES", d.lgc.breaker_failures, int),
+                load_deadline=num("LGC_LOAD_DEADLINE", d.lgc.load_deadline),
             ),
             rupa=RupaSettings(
                 base_url=get("RUPA_BASE_URL", d.rupa.base_url).rstrip("/"),

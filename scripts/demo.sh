@@ -56,9 +56,10 @@ PY
 
 step "preparing a throwaway Airflow home in $AIRFLOW_HOME"
 "$bin/airflow" db migrate > "$demo/logs/airflow-db.log" 2>&1
-# the pool the order_batches load tasks run in (LABSYNC_LGC_POOL); its size caps the load tasks
-# that talk to LetsGetChecked at once across every DAG run
-"$bin/airflow" pools set "${LABSYNC_LGC_POOL:-lgc_api}" "${LABSYNC_LGC_POOL_SLOTS:-4}" "LetsGetChecked API slots" \
+# the pool the order_batches load tasks run in (LABSYNC_LGC_POOL), sized from the vendor budget
+# (`labsync budget --pool-slots`: one load task per two requests in flight); the budget in the
+# warehouse is what bounds LetsGetChecked, the pool keeps workers from waiting idle for it
+"$bin/airflow" pools set "${LABSYNC_LGC_POOL:-lgc_api}" "$("$bin/labsync" budget --pool-slots)" "LetsGetChecked API slots" \
   > "$demo/logs/airflow-pool.log" 2>&1
 "$bin/airflow" pools get "${LABSYNC_LGC_POOL:-lgc_api}" 2>/dev/null | sed 's/^/  /'
 "$bin/airflow" dags reserialize > "$demo/logs/airflow-reserialize.log" 2>&1

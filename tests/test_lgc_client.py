@@ -14,7 +14,7 @@ import pytest
 from etl.errors import AuthError
 from etl.http import make_async_client
 from etl.lgc.auth import TokenProvider
-from etl.lgc.client import LgcClient, RateLimiter, mask_reason
+from etl.lgc.client import LgcClient, mask_reason
 from etl.lgc.load import STOPPED_ERROR, load_rows
 from etl.settings import RetrySettings, Settings
 from tests.conftest import FAST_RETRY, migrated
@@ -166,7 +166,7 @@ def test_a_401_refreshes_the_token_once_for_all_requests_holding_it(bare, sandbo
         lgc = settings.lgc.validated()
         async with make_async_client("", settings.retry, concurrency=20) as http:
             tokens = TokenProvider(lgc, settings.retry)
-            client = LgcClient(lgc, settings.retry, http, tokens, RateLimiter(0))
+            client = LgcClient(lgc, settings.retry, http, tokens)
             await tokens.token(http)
             lgc_state.expire_tokens()  # every request now holds a stale token
             items = [put_item(order_row(i)) for i in range(20)]

@@ -81,7 +81,8 @@ class TokenProvider:
         auth = httpx.BasicAuth(self._lgc.access_key or "", self._lgc.secret_key or "")
         url = f"{self._lgc.base_url}{TOKEN_PATH}"
         try:
-            async for attempt in async_retrying(self._retry):
+            cap = self._lgc.max_retry_after  # a token endpoint asking for hours fails now
+            async for attempt in async_retrying(self._retry, max_retry_after=cap):
                 with attempt:
                     response = raise_for_retryable(
                         await client.post(
@@ -90,7 +91,8 @@ class TokenProvider:
                             data={"grant_type": "client_credentials"},
                             auth=auth,
                             headers={"Accept": "application/json"},
-                        )
+                        ),
+                        max_retry_after=cap,
                     )
         except (RetryableStatus, httpx.TransportError) as exc:
             raise ApiError(

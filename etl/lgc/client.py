@@ -9,7 +9,12 @@ Status handling (the PUT Order document + issue 3):
     401           failed     after one token refresh; `stop` is set: the batch stops
     404/406/410/415 and anything else unexpected: failed with a plain cause
     429/5xx, timeouts, broken connections: retried by the shared policy (etl.http), honouring
-                  Retry-After, then failed
+                  Retry-After up to LGC_MAX_RETRY_AFTER (a longer ask fails the row at once),
+                  then failed
+
+Every attempt first waits for the vendor budget (etl.lgc.budget: the deployment-wide rate and
+concurrency limits) and asks the load's breaker (etl.lgc.breaker) whether it may start; its
+result tells the breaker whether the vendor is failing.
 
 PHI: the vendor's `detail` may echo the values it disliked. `mask_reason` replaces every string
 value of the order's body found in it (and anything shaped like an email, a date or a phone
@@ -18,10 +23,8 @@ number) with `***` before it is stored or shown; nothing of the body is ever log
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,13 +33,18 @@ from urllib.parse import quote
 import httpx
 
 from etl.http import (
+    RETRYABLE_STATUSES,
     USER_AGENT,
     RetryableStatus,
+    RetryAfterTooLong,
     async_retrying,
     describe_transport_error,
+    parse_retry_after,
     raise_for_retryable,
 )
 from etl.lgc.auth import TokenProvider
+from etl.lgc.breaker import AGAIN, Breaker, Tripped
+from etl.lgc.budget import Aborted, AsyncBudget
 from etl.settings import LgcSettings, RetrySettings
 from etl.states import SETTLED_ORDER_STATES, OrderState
 
@@ -139,32 +147,10 @@ def order_url(lgc: LgcSettings, client_order_id: str) -> str:
     )
 
 
-class RateLimiter:
-    """At most `rate` request starts per second across all tasks (0 = unlimited): each caller
-    gets the next free slot and sleeps until it. Spacing, not bursts, so the vendor sees a
-    steady stream."""
-
-    def __init__(self, rate: float, *, clock=time.monotonic) -> None:
-        self._interval = 1.0 / rate if rate > 0 else 0.0
-        self._clock = clock
-        self._next = 0.0
-        self._lock = asyncio.Lock()
-
-    async def wait(self) -> None:
-        if not self._interval:
-            return
-        async with self._lock:
-            now = self._clock()
-            slot = max(now, self._next)
-            self._next = slot + self._interval
-        delay = slot - now
-        if delay > 0:
-            await asyncio.sleep(delay)
-
-
 @dataclass
 class LgcClient:
-    """PUTs orders; the token, the rate limit and the retry policy are shared by all workers.
+    """PUTs orders; the token, the vendor budget, the breaker and the retry policy are shared by
+    all workers of a load.
 
     `http` (from etl.http.make_async_client) fetches tokens and sends the PUTs, unless a
     `transport` is given: the loader hands each worker its own one-connection transport and
@@ -177,8 +163,9 @@ class LgcClient:
     retry: RetrySettings
     http: httpx.AsyncClient
     tokens: TokenProvider
-    limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0))
+    budget: AsyncBudget | None = None  # None: no limit (tests of the client alone)
     transport: httpx.AsyncBaseTransport | None = None
+    breaker: Breaker = field(default_factory=Breaker)  # default: never opens
 
     def __post_init__(self) -> None:
         self._timeout = httpx.Timeout(self.retry.timeout).as_dict()
@@ -195,45 +182,102 @@ class LgcClient:
         }
 
     async def _send(self, url: str, content: bytes, token: str) -> httpx.Response:
-        await self.limiter.wait()
-        request = httpx.Request(
-            "PUT", url, content=content,
-            headers={"User-Agent": USER_AGENT, **self.headers(token)},
-            extensions={"timeout": self._timeout},
-        )
-        if self.transport is None:
-            return await self.http.send(request)
-        response = await self.transport.handle_async_request(request)
+        """One attempt: wait for the budget, start only if the breaker allows, tell it how the
+        vendor did. Raises Tripped instead of sending once the breaker is open."""
+        breaker, budget = self.breaker, self.budget
+        if budget is not None and not budget.try_acquire():
+            try:
+                await budget.acquire(breaker.future)
+            except Aborted:
+                breaker.check()
+                raise
         try:
-            await response.aread()
+            breaker.check()
+            request = httpx.Request(
+                "PUT", url, content=content,
+                headers={"User-Agent": USER_AGENT, **self.headers(token)},
+                extensions={"timeout": self._timeout},
+            )
+            try:
+                if self.transport is None:
+                    response = await self.http.send(request)
+                else:
+                    response = await self.transport.handle_async_request(request)
+                    try:
+                        await response.aread()
+                    finally:
+                        await response.aclose()
+            except httpx.TransportError as exc:
+                breaker.failure("timed out" if isinstance(exc, httpx.TimeoutException)
+                                else "connection failed")
+                raise
         finally:
-            await response.aclose()
+            if budget is not None:
+                budget.release()
+        self._observe(response)
         return response
+
+    def _observe(self, response: httpx.Response) -> None:
+        status = response.status_code
+        if status in RETRYABLE_STATUSES:
+            asked = parse_retry_after(response.headers.get("Retry-After"))
+            if asked is not None and asked > self.lgc.max_retry_after:
+                self.breaker.failure(f"HTTP {status} with Retry-After {asked:.0f}s")
+                return
+        if status >= 500:
+            self.breaker.failure(f"HTTP {status}")
+        elif status != 429:
+            self.breaker.success()
 
     async def put_order(self, client_order_id: str, body: Mapping[str, Any], content: bytes) -> Outcome:
         """PUT one order (body already serialised as `content`) and classify the answer."""
         url = self.order_url(client_order_id)
         attempts = 0
         refreshed = False
+        last: str | None = None  # what went wrong with the previous attempt (for the reason)
+        status: int | None = None
+
+        async def send(token: str) -> httpx.Response:
+            nonlocal attempts, last, status
+            attempts += 1
+            try:
+                response = await self._send(url, content, token)
+            except Tripped:
+                attempts -= 1  # never started
+                raise
+            except httpx.TransportError as exc:
+                last = describe_transport_error(exc)
+                raise
+            status, last = response.status_code, f"HTTP {response.status_code}"
+            return response
 
         async def once() -> httpx.Response:
-            nonlocal attempts, refreshed
+            nonlocal refreshed
             token = await self.tokens.token(self.http)
-            attempts += 1
-            response = await self._send(url, content, token)
+            response = await send(token)
             if response.status_code == 401 and not refreshed:
                 refreshed = True
                 new = await self.tokens.refresh(self.http, token)
                 if new is not None:
                     log.info("order %s: HTTP 401, retrying once with a fresh token", client_order_id)
-                    attempts += 1
-                    response = await self._send(url, content, new)
-            return raise_for_retryable(response)
+                    response = await send(new)
+            return raise_for_retryable(response, max_retry_after=self.lgc.max_retry_after)
 
         try:
-            async for attempt in async_retrying(self.retry):
+            async for attempt in async_retrying(self.retry, sleep=self.breaker.sleep,
+                                                max_retry_after=self.lgc.max_retry_after):
                 with attempt:
                     response = await once()
+        except Tripped:
+            error = (self.breaker.reason if not attempts or last is None
+                     else self.breaker.reason_after(last, attempts))
+            return Outcome(FAILED, status, attempts=attempts, error=error)
+        except RetryAfterTooLong as exc:
+            return Outcome(
+                FAILED, exc.response.status_code, attempts=attempts,
+                error=f"HTTP {exc.response.status_code}: LetsGetChecked asked to wait "
+                f"{exc.asked:.0f}s (Retry-After), more than LGC_MAX_RETRY_AFTER ({exc.cap:g}s); {AGAIN}",
+            )
         except (RetryableStatus, httpx.TransportError) as exc:
             status = exc.response.status_code if isinstance(exc, RetryableStatus) else None
             return Outcome(

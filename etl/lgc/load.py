@@ -7,7 +7,7 @@
 A chunk is an id range of one batch's outbox rows (etl.lgc.outbox.Chunk). Pipeline: read a window
 of rows (their stored bodies) -> `ledger.claim` (pending written *before* sending; decides
 send / skip / busy; the outbox follows in the same transaction) -> a bounded queue -> N workers
-(`LgcSettings.concurrency`) sharing one httpx.AsyncClient, one token and one rate limiter ->
+(`LgcSettings.concurrency`) sharing one httpx.AsyncClient, one token and the vendor budget ->
 outcomes buffered and written by `ledger.record` in batches, off the event loop. The next
 window is read and claimed while the current one is being sent.
 
@@ -44,7 +44,9 @@ from etl.errors import AuthError, LabsyncError
 from etl.http import make_async_client
 from etl.lgc import ledger, outbox
 from etl.lgc.auth import TokenProvider
-from etl.lgc.client import ACCEPTED, CONFLICT, FAILED, LgcClient, Outcome, RateLimiter
+from etl.lgc.breaker import Breaker
+from etl.lgc.budget import AsyncBudget
+from etl.lgc.client import ACCEPTED, CONFLICT, FAILED, LgcClient, Outcome
 from etl.lgc.ledger import BUSY, SEND, Prepared, Result
 from etl.lgc.outbox import Chunk, body_bytes  # noqa: F401  (body_bytes re-exported)
 from etl.settings import Settings
@@ -250,8 +252,17 @@ async def aload_chunk(
                 make_async_client("", settings.retry, concurrency=1, verify=ssl_context, **kw)
             )
             tokens = TokenProvider(lgc, settings.retry)
-            limiter = RateLimiter(lgc.rate_limit)
             await tokens.token(http)  # bad keys fail here, before any row is claimed
+            # the vendor budget shared by every loader of the deployment (etl.lgc.budget) and
+            # this load's breaker: N failed attempts in a row, or the deadline, stop the batch
+            budget = await stack.enter_async_context(AsyncBudget(lgc, engine, holder=owner))
+
+            def on_trip(cause: str) -> None:
+                halt(breaker.reason, cause)
+                log.error("batch %s stopped: %s", batch_id, cause)
+
+            breaker = Breaker.for_load(lgc, on_trip=on_trip).start()
+            stack.callback(breaker.close)
             writer = _Writer(db, engine, owner, max_attempts, inflight)
 
             async def new_transport() -> httpx.AsyncBaseTransport:
@@ -277,7 +288,7 @@ async def aload_chunk(
                         unsent.append(item)
 
             async def send_all() -> None:
-                client = LgcClient(lgc, settings.retry, http, tokens, limiter, await new_transport())
+                client = LgcClient(lgc, settings.retry, http, tokens, budget, await new_transport(), breaker)
                 while (item := await queue.get()) is not None:
                     if stop.is_set():
                         unsent.append(item)
@@ -333,6 +344,10 @@ async def aload_chunk(
                 await asyncio.gather(*workers)
                 if crashed:
                     raise crashed[0]
+                if stop_reason:  # stopped cleanly: the rows not read yet get the same true reason
+                    left = await db(outbox.fail_rest, engine, chunk, stop_reason[0], max_attempts=max_attempts)
+                    for _ in range(left):
+                        report(None, None, FAILED, sent=False)
             except BaseException as exc:
                 failure = exc
                 if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):

@@ -203,6 +203,19 @@ def pages(engine: Engine, chunk: Chunk, *, size: int, max_attempts: int) -> Iter
         yield page
 
 
+def fail_rest(engine: Engine, chunk: Chunk, reason: str, *, max_attempts: int) -> int:
+    """A load that stopped (breaker, deadline, refused credentials) records the rows of its range
+    it never read as `failed` with the same true reason, without spending an attempt: they go
+    out on a later run like any failed row. Returns how many rows it marked."""
+    with engine.begin() as conn:
+        return int(conn.execute(
+            sa.update(o)
+            .where(o.c.batch_id == chunk.batch_id, o.c.id.between(chunk.first_id, chunk.last_id),
+                   o.c.outcome == OutboxState.QUEUED, _loadable(max_attempts))
+            .values(outcome=OutboxState.FAILED, last_error=reason, updated_at=_now())
+        ).rowcount or 0)
+
+
 def counts(engine: Engine, batch_ids: Sequence[int]) -> dict[int, Counter]:
     """Rows per outcome for each batch."""
     out: dict[int, Counter] = {b: Counter() for b in batch_ids}

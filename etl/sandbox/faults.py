@@ -9,6 +9,8 @@ the fields below) or in code through `Faults`:
 - retry_after:    seconds sent in Retry-After (may be fractional)
 - drop_rate:      fraction of requests that are processed (the order is stored, the page is
                   served) and whose connection is then dropped before the response completes
+- hang:           true: accept every request and never answer it (a vendor that hangs); the
+                  held requests are answered 503, unprocessed, once it is switched off again
 - script:         a list of statuses (500, 503, 429) or "drop", consumed one per request
                   before the random switches: deterministic faults for tests
 - seed:           seed for the random switches (reproducible storms)
@@ -35,10 +37,12 @@ class Faults:
     throttle_rate: float = 0.0
     retry_after: float = 1.0
     drop_rate: float = 0.0
+    hang: bool = False
     script: list = field(default_factory=list)
     seed: int | None = None
     exempt_paths: list[str] = field(default_factory=list)
     # counters, for tests and the demo
+    # (and "hung" once a request was held by `hang`)
     injected: dict = field(default_factory=lambda: {"errors": 0, "throttled": 0, "dropped": 0})
 
     def __post_init__(self) -> None:
@@ -48,7 +52,8 @@ class Faults:
     def update(self, **changes) -> None:
         with self._lock:
             for key, value in changes.items():
-                if key not in {"latency", "error_rate", "throttle_rate", "retry_after", "drop_rate", "script", "seed", "exempt_paths"}:
+                if key not in {"latency", "error_rate", "throttle_rate", "retry_after", "drop_rate", "hang", "script",
+                               "seed", "exempt_paths"}:
                     raise ValueError(f"unknown fault switch {key!r}")
                 setattr(self, key, value)
             if "seed" in changes:
@@ -58,6 +63,7 @@ class Faults:
         with self._lock:
             self.latency = self.error_rate = self.throttle_rate = self.drop_rate = 0.0
             self.retry_after = 1.0
+            self.hang = False
             self.script = []
             self.exempt_paths = []
             self.injected = {"errors": 0, "throttled": 0, "dropped": 0}
@@ -66,10 +72,12 @@ class Faults:
         return {k: v for k, v in asdict(self).items()}
 
     def decide(self, path: str) -> str | int | None:
-        """What to do with this request: None (serve), 500/503/429, or "drop"."""
+        """What to do with this request: None (serve), 500/503/429, "drop" or "hang"."""
         if any(path.startswith(p) for p in self.exempt_paths):
             return None
         with self._lock:
+            if self.hang:
+                return "hang"
             if self.script:
                 return self.script.pop(0)
             r = self._rng.random()
@@ -85,7 +93,7 @@ class Faults:
 
     def count(self, what: str) -> None:
         with self._lock:
-            self.injected[what] += 1
+            self.injected[what] = self.injected.get(what, 0) + 1
 
 
 class FaultMiddleware:
@@ -110,6 +118,11 @@ class FaultMiddleware:
                 send, 429, {"title": "Too Many Requests", "status": 429},
                 [(b"retry-after", str(self.faults.retry_after).encode())],
             )
+        if decision == "hang":
+            self.faults.count("hung")
+            while self.faults.hang:  # hold the connection open, answer nothing
+                await asyncio.sleep(0.05)
+            return await _plain(send, 503, {"title": "Service Unavailable", "status": 503})
         if decision == "drop":
             self.faults.count("dropped")
             return await self._drop_after(scope, receive, send)

@@ -17,8 +17,10 @@ What it does like the real API (per the PUT Order document):
 - `forced[clientOrderId] = status` answers that status (e.g. 410) for one order; a forced 400
   is a business-rule rejection whose detail echoes the patient's name, dob, email and phone.
 
-Faults (latency, 500/503, 429, dropped connections) come from `etl.sandbox.faults` around this
-app. State is in memory and guarded by a lock: the server runs in its own thread while tests
+Faults (latency, 500/503, 429, dropped connections, hanging) come from `etl.sandbox.faults`
+around this app. `traffic` records what arrived, outside the faults: order PUTs in flight now,
+the most ever in flight at once, and when each started (how tests and bench/budget.py check the
+deployment-wide rate and concurrency limits from the vendor's side). State is in memory and guarded by a lock: the server runs in its own thread while tests
 read `orders`, `put_count` and `accepted_count`.
 """
 
@@ -248,6 +250,58 @@ def problem(status: int, title: str, detail: str | None = None, *,
                         headers=headers)
 
 
+def max_in_window(starts: list[float], window: float = 1.0) -> int:
+    """The most start times falling in any `window` seconds (a sliding window)."""
+    times = sorted(starts)
+    best, first = 0, 0
+    for last, t in enumerate(times):
+        while t - times[first] >= window:
+            first += 1
+        best = max(best, last - first + 1)
+    return best
+
+
+class Traffic:
+    """Order PUTs as the vendor sees them: counted around the whole app, faults included."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.in_flight = 0
+            self.max_in_flight = 0
+            self.starts: list[float] = []  # time.monotonic() when each PUT arrived
+            self.order_ids: list[str] = []  # and its clientOrderId
+
+    def counting(self, app):
+        """ASGI middleware around `app` that counts PUTs to the orders path."""
+
+        async def counted(scope, receive, send):
+            if scope["type"] != "http" or scope.get("method") != "PUT" or ORDERS_MARK not in scope.get("path", ""):
+                return await app(scope, receive, send)
+            raw = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+            with self._lock:
+                self.starts.append(time.monotonic())
+                self.order_ids.append(unquote(raw.split(ORDERS_MARK, 1)[-1].split("?")[0]))
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                return await app(scope, receive, send)
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
+
+        return counted
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            starts = list(self.starts)
+            return {"in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
+                    "puts": len(starts), "max_per_second": max_in_window(starts), "starts": starts}
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -270,6 +324,7 @@ class LgcSandbox:
         self.put_count: Counter = Counter()  # every PUT that reached the handler
         self.accepted_count: Counter = Counter()  # orders created (must never exceed 1)
         self.status_count: Counter = Counter()
+        self.traffic = Traffic()
         self._secret = secrets.token_bytes(32)
         self._lock = threading.Lock()
 
@@ -289,6 +344,7 @@ class LgcSandbox:
             self.token_requests = 0
             self.reject_tokens = False
         self.faults.reset()
+        self.traffic.reset()
 
     # ---- tokens -------------------------------------------------------------------------
     def _new_token(self) -> str:

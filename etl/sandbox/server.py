@@ -4,6 +4,7 @@
     /rupa/...                   the Rupa Health sandbox   (etl.sandbox.rupa)
     GET/POST /_sandbox/{vendor}/faults   read / change that vendor's fault switches
     POST /_sandbox/{vendor}/reset        switch every fault off
+    GET  /_sandbox/lgc/traffic           order PUTs seen: in flight now, the most at once, start times
     GET  /_sandbox/health
 
 `SandboxServer` runs it in a background thread (tests, bench, demo); `serve()` runs it in the
@@ -59,6 +60,9 @@ class Sandbox:
             vendor.faults.reset()
             return JSONResponse(vendor.faults.as_dict())
 
+        async def traffic(request: Request):
+            return JSONResponse(self.lgc.traffic.snapshot())
+
         async def health(request: Request):
             return JSONResponse({"ok": True})
 
@@ -73,7 +77,10 @@ class Sandbox:
                 Route("/oauth/callback", oauth_callback),
                 Route("/_sandbox/{vendor}/faults", faults, methods=["GET", "POST"]),
                 Route("/_sandbox/{vendor}/reset", reset, methods=["POST"]),
-                Mount("/lgc", app=FaultMiddleware(self.lgc.app(), self.lgc.faults)),
+                Route("/_sandbox/lgc/traffic", traffic),
+                # counted outside the faults, so added latency is time in flight
+                Mount("/lgc", app=self.lgc.traffic.counting(
+                    FaultMiddleware(self.lgc.app(), self.lgc.faults))),
                 Mount("/rupa", app=FaultMiddleware(self.rupa.app(), self.rupa.faults)),
             ]
         )
@@ -93,6 +100,11 @@ class SandboxServer(BackgroundServer):
     @property
     def rupa_url(self) -> str:
         return f"{self.url}/rupa"
+
+    def stop(self) -> None:
+        for vendor in self.sandbox.vendors().values():
+            vendor.faults.update(hang=False)  # let held requests end, or shutdown waits for them
+        super().stop()
 
 
 def serve(sandbox: Sandbox, host: str = SANDBOX_HOST, port: int = 8765) -> None:

@@ -8,6 +8,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -33,7 +34,7 @@ metadata = MetaData(
 # `alembic_version` with this set instead of importing Alembic (commands that do not migrate start
 # fast); tests/test_warehouse.py asserts it equals the migration scripts' heads, so a new
 # migration without a matching change here fails the suite.
-SCHEMA_HEADS = frozenset({"0004_outbox"})
+SCHEMA_HEADS = frozenset({"0005_budget"})
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 TS = DateTime(timezone=True)
@@ -121,6 +122,25 @@ lgc_outbox = Table(
     UniqueConstraint("batch_id", "client_order_id"),
     Index("ix_lgc_outbox_batch_id_id", "batch_id", "id"),
     Index("ix_lgc_outbox_outcome", "outcome"),
+)
+
+# ---- the vendor budget, shared by every loader of the deployment (etl.lgc.budget) ----------
+# Times are seconds since the epoch on the *database's* clock (loaders' clocks may disagree).
+vendor_budget = Table(
+    "vendor_budget",
+    metadata,
+    Column("vendor", String(200), primary_key=True),  # one LetsGetChecked account: host + clientId
+    Column("next_slot", Double, nullable=False),  # the next free send slot (rate limit)
+)
+
+vendor_budget_leases = Table(
+    "vendor_budget_leases",
+    metadata,
+    Column("vendor", String(200), primary_key=True),
+    Column("holder", String(200), primary_key=True),  # one loader (a load task or CLI run)
+    Column("want", Integer, nullable=False),  # requests in flight it could use
+    Column("held", Integer, nullable=False),  # requests in flight it may have (concurrency limit)
+    Column("lease_until", Double, nullable=False),  # lapsed: its slots count for nobody
 )
 
 # ---- Rupa Health copies ----------------------------------------------------------------
