@@ -51,28 +51,27 @@ def register_batch(engine: Engine, path: Path | str, sha256: str) -> int:
 
 def record_rejects(engine: Engine, batch_id: int, rejects_csv: Path | None) -> int:
     """Replace the batch's rejected rows with those of a rejects report; return how many."""
-    import csv
+    from etl.batches.csvsafe import read_rows
 
     with engine.begin() as conn:
         conn.execute(sa.delete(rejected_rows).where(rejected_rows.c.batch_id == batch_id))
         if rejects_csv is None or not Path(rejects_csv).exists():
             return 0
         count = 0
-        with open(rejects_csv, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            page: list[dict] = []
-            for rec in reader:
-                page.append(
-                    dict(batch_id=batch_id, line=int(rec["line"]), client_order_id=rec["client_order_id"] or None,
-                         column_name=rec["column"], value=rec["value"] or None, reason=rec["reason"])
-                )
-                if len(page) >= INSERT_PAGE:
-                    conn.execute(sa.insert(rejected_rows), page)
-                    count += len(page)
-                    page = []
-            if page:
+        # the report is formula-safe; read_rows gives back the original values
+        page: list[dict] = []
+        for rec in read_rows(Path(rejects_csv)):
+            page.append(
+                dict(batch_id=batch_id, line=int(rec["line"]), client_order_id=rec["client_order_id"] or None,
+                     column_name=rec["column"], value=rec["value"] or None, reason=rec["reason"])
+            )
+            if len(page) >= INSERT_PAGE:
                 conn.execute(sa.insert(rejected_rows), page)
                 count += len(page)
+                page = []
+        if page:
+            conn.execute(sa.insert(rejected_rows), page)
+            count += len(page)
     return count
 
 
