@@ -33,3 +33,27 @@ class AuthError(ApiError):
     """Credentials were refused (bad keys, revoked or expired refresh token). Exit code 2."""
 
     exit_code = 2
+
+
+class UnsafeIdError(LabsyncError):
+    """An id that cannot travel in a URL path exactly as written (exit code 2). The message
+    names the id (ids are not PHI) with control characters escaped."""
+
+    exit_code = 2
+
+
+class ResponseTooLarge(ApiError):
+    """A vendor's answer was larger than the cap for it; the rest was not read."""
+
+    def __init__(self, limit: int, *, status: int | None = None) -> None:
+        super().__init__(f"the answer was larger than {size_text(limit)}", status=status)
+        self.limit = limit
+
+
+def size_text(n: int) -> str:
+    """`1 MiB`, `512 KiB`, `300 bytes`."""
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            value = n / size
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} bytes"

@@ -18,10 +18,13 @@ class OrderState(StrEnum):
     REJECTED = "rejected"  # 400: the vendor refused the order; a corrected payload may go again
     CONFLICT = "conflict"  # 409, or accepted earlier with a different payload; never re-sent
     FAILED = "failed"  # not sent or no usable answer; sent again on a later run
+    UNCONFIRMED = "unconfirmed"  # a 2xx whose body is not the documented order; sent again later
 
 
 # Final for the ledger: a row in one of these states is never sent again with the same payload.
 SETTLED_ORDER_STATES = frozenset({OrderState.ACCEPTED, OrderState.REJECTED, OrderState.CONFLICT})
+# Not settled: the row is sent again by a later run (a batch holding one is `incomplete`).
+UNSETTLED_ORDER_STATES = frozenset({OrderState.PENDING, OrderState.FAILED, OrderState.UNCONFIRMED})
 
 
 class BatchStatus(StrEnum):

@@ -41,7 +41,7 @@ from etl.settings import Settings
 
 log = logging.getLogger(__name__)
 
-UNSETTLED = ("pending", "failed")
+UNSETTLED = ("pending", "failed", "unconfirmed")  # etl.states.UNSETTLED_ORDER_STATES
 
 
 @dataclass(frozen=True)
@@ -71,14 +71,30 @@ class InboxPaths:
 
 
 def _is_batch_file(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() == ".csv" and not p.name.startswith(".") and not p.name.endswith(".rejects.csv")
+    """Any file whose name ends in .csv (any case, trailing spaces ignored), dotted names such as
+    `..csv` included: an odd name is processed, not ignored. Our own reject reports are not."""
+    name = p.name.rstrip().lower()
+    return p.is_file() and name.endswith(".csv") and not name.endswith(".rejects.csv")
+
+
+def _why_not_a_batch(p: Path) -> str:
+    if p.name.rstrip().lower().endswith(".rejects.csv"):
+        return "its name ends in .rejects.csv, the name labsync gives its reject reports"
+    return "labsync reads files whose name ends in .csv"
 
 
 def discover(paths: InboxPaths, *, settle_seconds: float = 0.0) -> list[Path]:
     """CSV files waiting in the inbox, oldest first. A file modified within the last
-    `settle_seconds` may still be being copied in and is left for the next run."""
+    `settle_seconds` may still be being copied in and is left for the next run. Any other file
+    is left where it is and reported in the log (never silently ignored)."""
     now = time.time()
-    found = [p for p in paths.root.iterdir() if _is_batch_file(p) and now - p.stat().st_mtime >= settle_seconds]
+    found = []
+    for p in paths.root.iterdir():
+        if _is_batch_file(p):
+            if now - p.stat().st_mtime >= settle_seconds:
+                found.append(p)
+        elif p.is_file():
+            log.warning("inbox: left %s where it is: not a batch file (%s)", p.name, _why_not_a_batch(p))
     return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
 
 
@@ -258,8 +274,8 @@ def finish(engine: Engine, settings: Settings, prepared: dict, results: list[dic
         rejects = rejects_path_for(path)
         rejected = _read_rejects(rejects)
         accepted = [r for r in ledger_rows if r["state"] == "accepted"]
-        problems = [r for r in ledger_rows if r["state"] in ("rejected", "failed", "pending")]
-        ok = not any(counts.get(s) for s in ("failed", "pending", "rejected", "busy"))
+        problems = [r for r in ledger_rows if r["state"] in ("rejected", *UNSETTLED)]
+        ok = not any(counts.get(s) for s in ("rejected", "busy", *UNSETTLED))
         outcome = (
             "All valid rows went through." if ok else "Some rows did not go through; see below."
         ) + f" {batch['valid_rows']} of {batch['total_rows']} rows were valid."
@@ -269,7 +285,7 @@ def finish(engine: Engine, settings: Settings, prepared: dict, results: list[dic
         target = _move_with_reports(path, paths.processed)
         # `incomplete`: some rows were never settled (a load task died, the vendor was down);
         # dropping the file again sends them, where a `loaded` copy counts as a duplicate.
-        status = "incomplete" if any(counts.get(s) for s in ("failed", "pending", "busy")) else "loaded"
+        status = "incomplete" if any(counts.get(s) for s in ("busy", *UNSETTLED)) else "loaded"
         records.set_status(engine, batch_id, status)
         shutil.rmtree(paths.work / str(batch_id), ignore_errors=True)
         log.info("inbox: batch %d %s, %s", batch_id, status, dict(counts))
@@ -279,12 +295,11 @@ def finish(engine: Engine, settings: Settings, prepared: dict, results: list[dic
 
 
 def _read_rejects(path: Path) -> list[dict]:
-    import csv
+    from etl.batches.csvsafe import read_rows
 
     if not path.exists():
         return []
-    with path.open(encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
+    return list(read_rows(path))
 
 
 def run_once(engine: Engine, settings: Settings, **kw) -> list[dict]:

@@ -14,6 +14,8 @@ STATE_HELP = {
     "conflict": "already submitted earlier and cannot be changed (nothing new was sent)",
     "rejected": "LetsGetChecked refused the order; see its reason in labsync status",
     "failed": "could not be sent; drop the file into the inbox again to retry these rows",
+    "unconfirmed": "LetsGetChecked answered without the order it documents (e.g. a proxy's page); "
+    "not counted as accepted: drop the file again to send these rows again",
     "pending": "sending did not finish; drop the file again to retry",
     "busy": "another run was sending this order at the same time",
     "duplicate": "the same clientOrderId appeared twice in this batch",

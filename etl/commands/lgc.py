@@ -21,7 +21,7 @@ from rich.table import Table
 
 from etl.settings import Settings
 
-STATE_ORDER = ("accepted", "conflict", "rejected", "failed", "pending", "busy", "duplicate")
+STATE_ORDER = ("accepted", "conflict", "rejected", "failed", "unconfirmed", "pending", "busy", "duplicate")
 
 
 def _counts_text(counts: dict) -> str:
@@ -97,7 +97,11 @@ def register(app: typer.Typer) -> None:
             else:
                 typer.echo(f"ledger: {_counts_text(counts)}")
             raise typer.Exit(0)
+        from etl.redact import clean
+
         rows = ledger.status_rows(engine, client_order_id=client_order_id, batch_ids=batch_ids)
+        for r in rows:  # stored clean; cleaned again for rows an older labsync stored
+            r["last_error"] = clean(r["last_error"])
         if not rows:
             typer.echo(f"labsync: {client_order_id!r} is not in the ledger", err=True)
             raise typer.Exit(1)

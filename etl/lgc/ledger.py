@@ -41,7 +41,7 @@ import sqlalchemy as sa
 from sqlalchemy import Engine, bindparam
 from sqlalchemy.dialects import postgresql, sqlite
 
-from etl.lgc.client import ACCEPTED, CONFLICT, FAILED, PENDING, REJECTED, Outcome
+from etl.lgc.client import ACCEPTED, CONFLICT, FAILED, PENDING, REJECTED, UNCONFIRMED, Outcome
 from etl.warehouse.tables import JSONType, batch_files, lgc_orders
 
 t = lgc_orders
@@ -261,7 +261,7 @@ def lookup(engine: Engine, client_order_ids: Sequence[str]) -> dict[str, Any]:
 
 def would_send(row, sha256: str) -> bool:
     """The dry-run twin of `claim`'s decision (ignoring claims by live runs)."""
-    if row is None or row.state in (PENDING, FAILED):
+    if row is None or row.state in (PENDING, FAILED, UNCONFIRMED):  # unconfirmed: like failed
         return True
     return row.state == REJECTED and row.payload_sha256 != sha256
 
