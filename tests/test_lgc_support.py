@@ -88,6 +88,7 @@ def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
         LABSYNC_RETRY_INITIAL_WAIT=str(settings.retry.initial_wait),
         LABSYNC_RETRY_MAX_WAIT=str(settings.retry.max_wait),
         LABSYNC_HTTP_TIMEOUT=str(settings.retry.timeout),
+        LABSYNC_FERNET_KEY=settings.fernet_key or "",
         PYTHONPATH=str(REPO),
     )
     env.update(extra)

@@ -23,6 +23,28 @@ def register(app: typer.Typer) -> None:
         engine = warehouse.connect(settings.warehouse_url)
         typer.echo(f"warehouse schema is current ({engine.url.render_as_string(hide_password=True)})")
 
+    @db.command("new-key")
+    def db_new_key() -> None:
+        """Print a new Fernet key for LABSYNC_FERNET_KEY (the tokens stored in the warehouse)."""
+        from etl.vault import new_key
+
+        typer.echo(new_key())
+
+    @db.command("rotate-key")
+    def db_rotate_key() -> None:
+        """Re-encrypt every stored token with the first key of LABSYNC_FERNET_KEY="new,old".
+
+        Rows stored in plain text by an older labsync are encrypted too. Afterwards the old key
+        can be dropped from LABSYNC_FERNET_KEY."""
+        from etl import warehouse
+        from etl.vault import rotate_all, vault_for
+
+        settings = Settings.from_env()
+        engine = warehouse.connect(settings.warehouse_url)
+        vault = vault_for(settings.fernet_key, engine)
+        n = rotate_all(engine, vault)
+        typer.echo(f"re-encrypted {n} token row{'s' if n != 1 else ''} with the first key of {vault.source}")
+
     app.add_typer(db, name="db")
 
     @app.command()
@@ -76,13 +98,16 @@ def register(app: typer.Typer) -> None:
         if not outcomes:
             typer.echo(f"inbox {settings.inbox}: nothing to do")
             raise typer.Exit(0)
+        from etl.redact import clean
+
         bad = False
         for o in outcomes:
             counts = ", ".join(f"{k} {v}" for k, v in o.get("counts", {}).items() if v)
-            typer.echo(f"{o['name']}: {o['status']}" + (f" ({counts})" if counts else "")
-                       + (f": {o['error']}" if o.get("error") else ""))
+            typer.echo(clean(f"{o['name']}: {o['status']}" + (f" ({counts})" if counts else "")
+                             + (f": {o['error']}" if o.get("error") else ""), limit=None))
             bad = bad or o["status"] in ("unusable", "incomplete") or any(
-                o.get("counts", {}).get(k) for k in ("failed", "pending", "rejected", "rejected before sending"))
+                o.get("counts", {}).get(k)
+                for k in ("failed", "pending", "unconfirmed", "rejected", "rejected before sending"))
         raise typer.Exit(1 if bad else 0)
 
     @app.command()
@@ -99,6 +124,7 @@ def register(app: typer.Typer) -> None:
 
         from etl import warehouse
         from etl.lgc import ledger
+        from etl.redact import clean
         from etl.warehouse import batch_files
 
         engine = warehouse.connect(Settings.from_env().warehouse_url)
@@ -110,18 +136,20 @@ def register(app: typer.Typer) -> None:
             out.append({
                 "batch": b["id"], "file": b["file_name"], "status": b["status"], "rows": b["total_rows"],
                 "rejected_before_sending": b["rejected_rows"], **{s: counts.get(s, 0) for s in
-                ("accepted", "conflict", "rejected", "failed", "pending")}, "error": b["error"],
+                ("accepted", "conflict", "rejected", "failed", "unconfirmed", "pending")},
+                "error": clean(b["error"]),
             })
         if json_out:
             typer.echo(json.dumps(out, indent=2))
             raise typer.Exit(0)
         table = Table(title="labsync batches")
-        for col in ("batch", "file", "status", "rows", "invalid", "accepted", "conflict", "rejected", "failed", "pending"):
+        for col in ("batch", "file", "status", "rows", "invalid", "accepted", "conflict", "rejected", "failed",
+                    "unconfirmed", "pending"):
             table.add_column(col, justify="right" if col not in ("file", "status") else "left")
         for o in out:
             table.add_row(*(str(v) if v is not None else "" for v in (
                 o["batch"], o["file"], o["status"], o["rows"], o["rejected_before_sending"], o["accepted"],
-                o["conflict"], o["rejected"], o["failed"], o["pending"])))
+                o["conflict"], o["rejected"], o["failed"], o["unconfirmed"], o["pending"])))
         Console(width=None if sys.stdout.isatty() else 160).print(table)
         for o in out:
             if o["error"]:
