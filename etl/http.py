@@ -182,21 +182,42 @@ def _capped(response: httpx.Response, request: httpx.Request, body: bytes, over:
                           extensions={**response.extensions, OVER_CAP: over})
 
 
+def _unread(response: httpx.Response, request: httpx.Request, limit: int) -> httpx.Response | None:
+    """The answer without reading its body, when the status or the declared size settle it."""
+    if response.status_code in RETRYABLE_STATUSES:
+        return _capped(response, request, b"", False)  # retried: its body is never read
+    if _declared_too_large(response, limit):
+        return _capped(response, request, b"", True)
+    return None
+
+
+class _Body:
+    """Collects chunks until `limit`; `add` says False once the body is over it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.size, self.chunks = limit, 0, []
+
+    def add(self, chunk: bytes) -> bool:
+        self.size += len(chunk)
+        self.chunks.append(chunk)
+        return self.size <= self.limit
+
+    def response(self, response: httpx.Response, request: httpx.Request) -> httpx.Response:
+        over = self.size > self.limit
+        return _capped(response, request, b"" if over else b"".join(self.chunks), over)
+
+
 async def aread_capped(response: httpx.Response, request: httpx.Request, limit: int) -> httpx.Response:
     """A streamed response, read up to `limit` bytes and closed, as a complete response. A
     retryable status's body is not read at all (it is retried)."""
     try:
-        if response.status_code in RETRYABLE_STATUSES:
-            return _capped(response, request, b"", False)
-        if _declared_too_large(response, limit):
-            return _capped(response, request, b"", True)
-        chunks, size = [], 0
+        if (done := _unread(response, request, limit)) is not None:
+            return done
+        body = _Body(limit)
         async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > limit:
-                return _capped(response, request, b"", True)
-            chunks.append(chunk)
-        return _capped(response, request, b"".join(chunks), False)
+            if not body.add(chunk):
+                break
+        return body.response(response, request)
     finally:
         await response.aclose()
 
@@ -204,17 +225,13 @@ async def aread_capped(response: httpx.Response, request: httpx.Request, limit: 
 def read_capped(response: httpx.Response, request: httpx.Request, limit: int) -> httpx.Response:
     """The sync twin of `aread_capped`."""
     try:
-        if response.status_code in RETRYABLE_STATUSES:
-            return _capped(response, request, b"", False)
-        if _declared_too_large(response, limit):
-            return _capped(response, request, b"", True)
-        chunks, size = [], 0
+        if (done := _unread(response, request, limit)) is not None:
+            return done
+        body = _Body(limit)
         for chunk in response.iter_bytes():
-            size += len(chunk)
-            if size > limit:
-                return _capped(response, request, b"", True)
-            chunks.append(chunk)
-        return _capped(response, request, b"".join(chunks), False)
+            if not body.add(chunk):
+                break
+        return body.response(response, request)
     finally:
         response.close()
 

@@ -26,13 +26,9 @@ def _lgc(sandbox):
 
 
 @pytest.fixture
-def lite(tmp_path):
+def lite(lite_engine):
     """A SQLite warehouse only, for tests about HTTP behaviour rather than the ledger."""
-    from etl import warehouse
-
-    eng = warehouse.connect(f"sqlite:///{tmp_path / 'lite.db'}")
-    yield eng
-    eng.dispose()
+    return lite_engine
 
 
 @pytest.fixture
