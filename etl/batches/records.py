@@ -88,7 +88,9 @@ def finish_validation(engine: Engine, batch_id: int, result: ValidationResult) -
 
 
 def set_status(engine: Engine, batch_id: int, status: str, *, error: str | None = None) -> None:
-    values: dict = {"status": status, "error": error}
+    from etl.redact import clean
+
+    values: dict = {"status": status, "error": clean(error)}  # file names may hold control characters
     if status in ("loaded", "incomplete", "unusable"):
         values["processed_at"] = _now()
     with engine.begin() as conn:
