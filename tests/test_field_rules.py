@@ -13,10 +13,14 @@ PCP = dict(pcp_id="PCP1", pcp_first_name="Grace", pcp_last_name="Hopper",
            pcp_address_line1="1 Main St", pcp_city="Boston", pcp_state="MA", pcp_postal_code="02134")
 
 
-def _problems(tmp_path, **row) -> list[dict]:
-    path = write_csv(tmp_path / "rules.csv", [seed_row(**row)])
+def _validate_all(folder, rows: list[dict]) -> list[list[dict]]:
+    """Validate every row of a table in one file (one validation, not one per case); the
+    problems of each row, in order. Each row gets its own client_order_id."""
+    path = write_csv(folder / "rules.csv", [seed_row(**{**row, "client_order_id": f"R{i}"})
+                                            for i, row in enumerate(rows)])
     result = validate_file(path)
-    return read_rejects(result.rejects_path) if result.rejects_path else []
+    problems = read_rejects(result.rejects_path) if result.rejects_path else []
+    return [[p for p in problems if p["client_order_id"] == f"R{i}"] for i in range(len(rows))]
 
 
 # (value, words the reason must contain; None = valid)
@@ -36,10 +40,19 @@ ZIPS = [
 ]
 
 
-@pytest.mark.parametrize("column", ["postal_code", "pcp_postal_code"])
-@pytest.mark.parametrize("value,words", ZIPS)
-def test_postal_codes_are_us_zips(tmp_path, column, value, words):
-    problems = [p for p in _problems(tmp_path, **{**PCP, column: value}) if p["column"] == column]
+ZIP_CASES = [(column, value, words) for column in ("postal_code", "pcp_postal_code") for value, words in ZIPS]
+
+
+@pytest.fixture(scope="module")
+def zip_problems(tmp_path_factory):
+    rows = [{**PCP, column: value} for column, value, _ in ZIP_CASES]
+    return dict(zip([(c, v) for c, v, _ in ZIP_CASES], _validate_all(tmp_path_factory.mktemp("zip"), rows),
+                    strict=True))
+
+
+@pytest.mark.parametrize("column,value,words", ZIP_CASES)
+def test_postal_codes_are_us_zips(zip_problems, column, value, words):
+    problems = [p for p in zip_problems[(column, value)] if p["column"] == column]
     if words is None:
         assert problems == []
         return
@@ -48,11 +61,18 @@ def test_postal_codes_are_us_zips(tmp_path, column, value, words):
         assert word in problems[0]["reason"], problems[0]["reason"]
 
 
-@pytest.mark.parametrize("value,ok", [
-    ("0001-01-01", False), ("1899-12-31", False), ("1900-01-01", True), ("1961-02-11", True),
-])
-def test_dob_is_not_before_1900(tmp_path, value, ok):
-    problems = [p for p in _problems(tmp_path, dob=value) if p["column"] == "dob"]
+DOBS = [("0001-01-01", False), ("1899-12-31", False), ("1900-01-01", True), ("1961-02-11", True)]
+
+
+@pytest.fixture(scope="module")
+def dob_problems(tmp_path_factory):
+    found = _validate_all(tmp_path_factory.mktemp("dob"), [{"dob": v} for v, _ in DOBS])
+    return dict(zip([v for v, _ in DOBS], found, strict=True))
+
+
+@pytest.mark.parametrize("value,ok", DOBS)
+def test_dob_is_not_before_1900(dob_problems, value, ok):
+    problems = [p for p in dob_problems[value] if p["column"] == "dob"]
     if ok:
         assert problems == []
     else:
@@ -73,18 +93,28 @@ FILLERS = {"email": lambda n: "a" * (n - 12) + "@example.org", "order_items": la
            "diagnosis_codes": lambda n: "D" * n}
 
 
-@pytest.mark.parametrize("column,limit", LIMITS)
-def test_free_text_has_length_limits(tmp_path, column, limit):
-    make = FILLERS.get(column, lambda n: "x" * n)
+def _limit_row(column: str, length: int) -> dict:
     extra = dict(physician_first_name="A", physician_last_name="B", physician_npi="1234567893") \
         if column.startswith("physician") else {}
     if column.startswith("pcp"):
         extra = dict(PCP)
     if column.startswith("insurance"):
         extra = dict(insurance_policy_number="P1", insurance_plan_name="Plan")
-    fits = [p for p in _problems(tmp_path, **{**extra, column: make(limit)}) if p["column"] == column]
+    return {**extra, column: FILLERS.get(column, lambda n: "x" * n)(length)}
+
+
+@pytest.fixture(scope="module")
+def limit_problems(tmp_path_factory):
+    keys = [(c, n) for c, limit in LIMITS for n in (limit, limit + 1)]
+    found = _validate_all(tmp_path_factory.mktemp("limits"), [_limit_row(c, n) for c, n in keys])
+    return dict(zip(keys, found, strict=True))
+
+
+@pytest.mark.parametrize("column,limit", LIMITS)
+def test_free_text_has_length_limits(limit_problems, column, limit):
+    fits = [p for p in limit_problems[(column, limit)] if p["column"] == column]
     assert fits == []
-    problems = [p for p in _problems(tmp_path, **{**extra, column: make(limit + 1)}) if p["column"] == column]
+    problems = [p for p in limit_problems[(column, limit + 1)] if p["column"] == column]
     assert len(problems) == 1, problems
     assert f"at most {limit}" in problems[0]["reason"] and f"{limit + 1} characters" in problems[0]["reason"]
 

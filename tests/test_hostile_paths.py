@@ -54,16 +54,27 @@ def _put(settings: Settings, coid: str):
     return asyncio.run(go())
 
 
+@pytest.fixture(scope="module")
+def shared_sandbox():
+    """One sandbox for the whole table (each case clears what it recorded)."""
+    from etl.sandbox.server import SandboxServer
+
+    with SandboxServer() as server:
+        yield server
+
+
 @pytest.fixture
-def bare(sandbox):
+def bare(shared_sandbox):
+    shared_sandbox.sandbox.received.clear()
+    shared_sandbox.sandbox.lgc.reset()
     base = Settings()
-    return replace(base, lgc=replace(base.lgc, base_url=sandbox.lgc_url), retry=FAST_RETRY)
+    return replace(base, lgc=replace(base.lgc, base_url=shared_sandbox.lgc_url), retry=FAST_RETRY)
 
 
 @pytest.mark.parametrize("coid", SAFE_IDS + UNSAFE_IDS + CONTROL_IDS, ids=repr)
-def test_the_client_reaches_exactly_the_orders_endpoint_or_sends_nothing(bare, sandbox, coid):
+def test_the_client_reaches_exactly_the_orders_endpoint_or_sends_nothing(bare, shared_sandbox, coid):
     outcome = _put(bare, coid)
-    puts = sandbox.sandbox.paths("PUT")
+    puts = shared_sandbox.sandbox.paths("PUT")
     if coid in SAFE_IDS:
         assert puts == [ORDERS + coid.encode()]
         assert outcome.state == "accepted"
@@ -74,24 +85,29 @@ def test_the_client_reaches_exactly_the_orders_endpoint_or_sends_nothing(bare, s
         assert "\n" not in outcome.error and "\r" not in outcome.error
 
 
-@pytest.mark.parametrize("coid", UNSAFE_IDS, ids=repr)
-def test_validation_rejects_ids_that_cannot_be_sent_safely(tmp_path, coid):
+@pytest.fixture(scope="module")
+def validated_ids(tmp_path_factory):
+    """Every id of the table in one file, validated once: {id: the problems of its row}."""
     from etl.batches.validate import validate_file
 
-    path = write_csv(tmp_path / "ids.csv", [csv_row(1, client_order_id=coid), csv_row(2)])
+    ids = SAFE_IDS + UNSAFE_IDS
+    path = write_csv(tmp_path_factory.mktemp("ids") / "ids.csv",
+                     [csv_row(i, client_order_id=c) for i, c in enumerate(ids)])
     result = validate_file(path)
-    assert (result.valid_rows, result.rejected_rows) == (1, 1)
-    problems = [p for p in read_rejects(result.rejects_path) if p["column"] == "client_order_id"]
-    assert len(problems) == 1
+    problems = read_rejects(result.rejects_path) if result.rejects_path else []
+    return {c: [p for p in problems if p["line"] == str(i + 2)] for i, c in enumerate(ids)}
+
+
+@pytest.mark.parametrize("coid", UNSAFE_IDS, ids=repr)
+def test_validation_rejects_ids_that_cannot_be_sent_safely(validated_ids, coid):
+    problems = validated_ids[coid]
+    assert [p["column"] for p in problems] == ["client_order_id"]
     assert "letters, digits" in problems[0]["reason"] and "URL" in problems[0]["reason"]
 
 
 @pytest.mark.parametrize("coid", SAFE_IDS, ids=repr)
-def test_validation_keeps_ids_that_travel_unchanged(tmp_path, coid):
-    from etl.batches.validate import validate_file
-
-    path = write_csv(tmp_path / "ids.csv", [csv_row(1, client_order_id=coid)])
-    assert validate_file(path).valid_rows == 1
+def test_validation_keeps_ids_that_travel_unchanged(validated_ids, coid):
+    assert validated_ids[coid] == []
 
 
 def test_hostile_ids_in_a_batch_reach_only_the_orders_endpoint(settings, sandbox, engine, tmp_path, monkeypatch, capsys):
