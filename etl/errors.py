@@ -42,14 +42,6 @@ class UnsafeIdError(LabsyncError):
     exit_code = 2
 
 
-class ResponseTooLarge(ApiError):
-    """A vendor's answer was larger than the cap for it; the rest was not read."""
-
-    def __init__(self, limit: int, *, status: int | None = None) -> None:
-        super().__init__(f"the answer was larger than {size_text(limit)}", status=status)
-        self.limit = limit
-
-
 def size_text(n: int) -> str:
     """`1 MiB`, `512 KiB`, `300 bytes`."""
     for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):

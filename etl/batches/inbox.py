@@ -38,10 +38,11 @@ from etl.batches import records, summary
 from etl.batches.validate import rejects_path_for
 from etl.errors import UnusableInputError
 from etl.settings import Settings
+from etl.states import UNSETTLED_ORDER_STATES
 
 log = logging.getLogger(__name__)
 
-UNSETTLED = ("pending", "failed", "unconfirmed")  # etl.states.UNSETTLED_ORDER_STATES
+UNSETTLED = tuple(sorted(s.value for s in UNSETTLED_ORDER_STATES))  # failed, pending, unconfirmed
 
 
 @dataclass(frozen=True)
