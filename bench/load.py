@@ -41,6 +41,7 @@ from etl import warehouse  # noqa: E402
 from etl.lgc import outbox  # noqa: E402
 from etl.lgc.load import load_chunk, load_rows  # noqa: E402
 from etl.settings import RetrySettings, Settings  # noqa: E402
+from etl.vault import vault_for  # noqa: E402
 from schemas.columns import COLUMNS  # noqa: E402
 
 
@@ -115,7 +116,8 @@ def main() -> None:
             cpu0 = _cpu()
             started = time.perf_counter()
             batch = outbox.adhoc_batch(engine, "bench")
-            outbox.write(engine, batch, (_row(i, "BENCH") for i in range(args.orders)))
+            outbox.write(engine, batch, (_row(i, "BENCH") for i in range(args.orders)),
+                         vault=vault_for(settings.fernet_key, engine))  # sealed, as in production
             (chunk,) = outbox.chunks(engine, [batch], args.orders, max_attempts=fast.max_attempts)
             staged = time.perf_counter() - started
             summary = load_chunk(engine, fast, chunk, owner="cli:bench")

@@ -42,7 +42,23 @@ class WarehouseUnavailable(LabsyncError):
     exit_code = 2
 
 
+class UnsafeIdError(LabsyncError):
+    """An id that cannot travel in a URL path exactly as written (exit code 2). The message
+    names the id (ids are not PHI) with control characters escaped."""
+
+    exit_code = 2
+
+
 class Interrupted(LabsyncError):
     """Ctrl-C (SIGINT) or SIGTERM stopped a command; claimed rows were released (exit 130)."""
 
     exit_code = 130
+
+
+def size_text(n: int) -> str:
+    """`1 MiB`, `512 KiB`, `300 bytes`."""
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            value = n / size
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} bytes"

@@ -31,7 +31,7 @@ import tenacity
 from tenacity import wait_random_exponential
 
 from etl import __version__
-from etl.settings import RetrySettings
+from etl.settings import BEARER_TOKEN_RE, RetrySettings
 
 log = logging.getLogger(__name__)
 
@@ -187,3 +187,117 @@ def describe_transport_error(exc: BaseException) -> str:
     if isinstance(exc, httpx.TransportError):
         return f"connection problem ({type(exc).__name__})"
     return type(exc).__name__
+
+
+# ---- answers read under a size cap ---------------------------------------------------------------
+# A vendor (or a proxy in front of it) may answer with anything, of any size. Bodies are read as
+# a stream and counted as they arrive (after content decoding, so a compressed bomb counts at
+# its real size); past the cap reading stops and the connection is dropped, so a 200 MB answer
+# never sits in memory. Requests ask for an uncompressed answer, which keeps the overshoot of one
+# network read small. `labsync.over_cap` in a capped response's extensions says it was cut.
+OVER_CAP = "labsync.over_cap"
+NO_COMPRESSION = {"Accept-Encoding": "identity"}
+_DROPPED_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+
+
+def _declared_too_large(response: httpx.Response, limit: int) -> bool:
+    try:
+        return int(response.headers.get("content-length", "0")) > limit
+    except ValueError:
+        return False
+
+
+def _capped(response: httpx.Response, request: httpx.Request, body: bytes, over: bool) -> httpx.Response:
+    headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _DROPPED_HEADERS]
+    return httpx.Response(response.status_code, headers=headers, content=body, request=request,
+                          extensions={**response.extensions, OVER_CAP: over})
+
+
+def _unread(response: httpx.Response, request: httpx.Request, limit: int) -> httpx.Response | None:
+    """The answer without reading its body, when the status or the declared size settle it."""
+    if response.status_code in RETRYABLE_STATUSES:
+        return _capped(response, request, b"", False)  # retried: its body is never read
+    if _declared_too_large(response, limit):
+        return _capped(response, request, b"", True)
+    return None
+
+
+class _Body:
+    """Collects chunks until `limit`; `add` says False once the body is over it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.size, self.chunks = limit, 0, []
+
+    def add(self, chunk: bytes) -> bool:
+        self.size += len(chunk)
+        self.chunks.append(chunk)
+        return self.size <= self.limit
+
+    def response(self, response: httpx.Response, request: httpx.Request) -> httpx.Response:
+        over = self.size > self.limit
+        return _capped(response, request, b"" if over else b"".join(self.chunks), over)
+
+
+async def aread_capped(response: httpx.Response, request: httpx.Request, limit: int) -> httpx.Response:
+    """A streamed response, read up to `limit` bytes and closed, as a complete response. A
+    retryable status's body is not read at all (it is retried)."""
+    try:
+        if (done := _unread(response, request, limit)) is not None:
+            return done
+        body = _Body(limit)
+        async for chunk in response.aiter_bytes():
+            if not body.add(chunk):
+                break
+        return body.response(response, request)
+    finally:
+        await response.aclose()
+
+
+def read_capped(response: httpx.Response, request: httpx.Request, limit: int) -> httpx.Response:
+    """The sync twin of `aread_capped`."""
+    try:
+        if (done := _unread(response, request, limit)) is not None:
+            return done
+        body = _Body(limit)
+        for chunk in response.iter_bytes():
+            if not body.add(chunk):
+                break
+        return body.response(response, request)
+    finally:
+        response.close()
+
+
+def over_cap(response: httpx.Response) -> bool:
+    return bool(response.extensions.get(OVER_CAP))
+
+
+def send_capped(client: httpx.Client, request: httpx.Request, limit: int, **kw) -> httpx.Response:
+    """Send through `client` (`kw`: send()'s options, e.g. auth) and read the answer under the cap."""
+    return read_capped(client.send(request, stream=True, **kw), request, limit)
+
+
+async def asend_capped(client: httpx.AsyncClient, request: httpx.Request, limit: int, **kw) -> httpx.Response:
+    return await aread_capped(await client.send(request, stream=True, **kw), request, limit)
+
+
+def access_token_from(response: httpx.Response) -> tuple[str | None, dict]:
+    """(the usable access token of an OAuth token answer or None, the answer's JSON object).
+
+    Usable means a non-empty string that can follow `Bearer ` in a header as it is (RFC 6750's
+    b64token): a null, a number, or a token with spaces or line breaks would otherwise go out as
+    `Bearer None` or break the header."""
+    if over_cap(response):
+        return None, {}
+    try:
+        body = response.json()
+    except ValueError:
+        return None, {}
+    if not isinstance(body, dict):
+        return None, {}
+    token = body.get("access_token")
+    if not isinstance(token, str) or not BEARER_TOKEN_RE.match(token):
+        return None, body
+    return token, body
+
+
+TOKEN_ANSWER_LIMIT = 64 << 10  # a token answer is a few hundred bytes

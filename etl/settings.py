@@ -35,6 +35,27 @@ RUPA_AUTHORIZE_URL = "https://labs.rupahealth.com/oauth/authorize"
 
 _CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9]{1,4}$")
 _KEY_RE = re.compile(r"^[A-Za-z0-9]{25}$")
+# RFC 6750's b64token: what may follow "Bearer " in a header without breaking or bending it.
+BEARER_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
+_URL_PATH_RE = re.compile(r"^(?:/[A-Za-z0-9._~-]*)*$")
+MiB = 1 << 20
+
+
+def check_base_url(name: str, url: str) -> None:
+    """A vendor base URL that every request path can be appended to and read back unchanged:
+    http(s), a host, a plain path without `.`/`..` segments, no query, fragment or user info."""
+    parts = urlsplit(url)
+    segments = parts.path.split("/")[1:]
+    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment
+            or "@" in parts.netloc or "#" in url or "?" in url or not _URL_PATH_RE.match(parts.path)
+            or any(seg in (".", "..") for seg in segments)):
+        raise ConfigError(f"{name} must be an http(s) URL with a plain path and no query or "
+                          "fragment, e.g. https://api.example.com/v1")
+
+
+def check_api_token(name: str, token: str | None) -> None:
+    if token is not None and not BEARER_TOKEN_RE.match(token):
+        raise ConfigError(f"{name} is not a bearer token (letters, digits and - . _ ~ + / only)")
 
 
 def _is_loopback(url: str) -> bool:
@@ -69,9 +90,12 @@ class LgcSettings:
     max_retry_after: float = 60.0  # seconds
     breaker_failures: int = 10
     load_deadline: float = 900.0  # seconds per load (one CLI file, one DAG load task)
+    max_response_bytes: int = 1 * MiB  # a PUT's answer is a small order; more is not read
 
     def validated(self) -> LgcSettings:
         """Fill the sandbox defaults where allowed and check the documented formats."""
+        check_base_url("LGC_BASE_URL", self.base_url)
+        check_api_token("LGC_API_TOKEN", self.api_token)
         s = self
         if _is_loopback(s.base_url):
             s = replace(
@@ -103,6 +127,8 @@ class LgcSettings:
             raise ConfigError("LGC_BREAKER_FAILURES must be 0 (off) or a positive whole number")
         if s.load_deadline < 0:
             raise ConfigError("LGC_LOAD_DEADLINE must be 0 (none) or a positive number of seconds")
+        if s.max_response_bytes < 1024:
+            raise ConfigError("LGC_MAX_RESPONSE_BYTES must be at least 1024")
         return s
 
 
@@ -115,8 +141,12 @@ class RupaSettings:
     redirect_uri: str = "http://127.0.0.1:8765/oauth/callback"
     authorize_url: str = RUPA_AUTHORIZE_URL
     page_size: int = 100
+    max_pages: int = 10_000  # pages per stream per run: a server whose paging never ends is stopped
+    max_response_bytes: int = 8 * MiB  # one page (or any answer); more is not read
 
     def validated(self) -> RupaSettings:
+        check_base_url("RUPA_BASE_URL", self.base_url)
+        check_api_token("RUPA_API_TOKEN", self.api_token)
         s = self
         if _is_loopback(s.base_url):
             s = replace(
@@ -133,6 +163,10 @@ class RupaSettings:
             )
         if not 1 <= s.page_size <= 1000:
             raise ConfigError("RUPA_PAGE_SIZE must be between 1 and 1000")
+        if s.max_pages < 1:
+            raise ConfigError("RUPA_MAX_PAGES must be at least 1")
+        if s.max_response_bytes < 1024:
+            raise ConfigError("RUPA_MAX_RESPONSE_BYTES must be at least 1024")
         return s
 
 
@@ -201,6 +235,9 @@ class Settings:
             raise ConfigError("LABSYNC_MAX_ATTEMPTS must be at least 1")
         return self
 
+    # Fernet key(s) for the tokens stored in the warehouse, "new,old" while rotating (etl.vault)
+    fernet_key: str | None = field(default=None, repr=False)
+
     # ---- sources -------------------------------------------------------------------------
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -241,6 +278,7 @@ class Settings:
                 max_retry_after=num("LGC_MAX_RETRY_AFTER", d.lgc.max_retry_after),
                 breaker_failures=num("LGC_BREAKER_FAILURES", d.lgc.breaker_failures, int),
                 load_deadline=num("LGC_LOAD_DEADLINE", d.lgc.load_deadline),
+                max_response_bytes=num("LGC_MAX_RESPONSE_BYTES", d.lgc.max_response_bytes, int),
             ),
             rupa=RupaSettings(
                 base_url=get("RUPA_BASE_URL", d.rupa.base_url).rstrip("/"),
@@ -250,6 +288,8 @@ class Settings:
                 redirect_uri=get("RUPA_REDIRECT_URI", d.rupa.redirect_uri),
                 authorize_url=get("RUPA_AUTHORIZE_URL", d.rupa.authorize_url),
                 page_size=num("RUPA_PAGE_SIZE", d.rupa.page_size, int),
+                max_pages=num("RUPA_MAX_PAGES", d.rupa.max_pages, int),
+                max_response_bytes=num("RUPA_MAX_RESPONSE_BYTES", d.rupa.max_response_bytes, int),
             ),
             retry=RetrySettings(
                 max_attempts=num("LABSYNC_RETRY_ATTEMPTS", d.retry.max_attempts, int),
@@ -268,6 +308,7 @@ class Settings:
                 rupa_encoding=get("RUPA_WEBHOOK_ENCODING", d.webhooks.rupa_encoding).lower(),
                 rupa_prefix=get("RUPA_WEBHOOK_PREFIX", d.webhooks.rupa_prefix),
             ),
+            fernet_key=get("LABSYNC_FERNET_KEY"),
         )
 
     @classmethod
@@ -291,6 +332,8 @@ class Settings:
         the vendors named in `require` ("lgc", "rupa"): a task that talks to a vendor with
         neither its Connection nor its base-URL variable fails with a message naming both,
         instead of silently aiming at the local sandbox.
+        The Fernet key for stored tokens: LABSYNC_FERNET_KEY, else the Variable
+        `labsync_fernet_secret` (Airflow masks it in logs: its name contains "secret").
         """
         env = os.environ if env is None else env
         base = cls.from_env(env)
@@ -326,7 +369,23 @@ class Settings:
                     f"the Airflow Connection {conn_id!r} does not exist and {variable} is not set: "
                     f"create the Connection (see the README) or set {variable}"
                 )
-        return replace(base, lgc=lgc, rupa=rupa, warehouse_url=warehouse_url)
+        fernet_key = base.fernet_key or _airflow_variable(FERNET_VARIABLE)
+        return replace(base, lgc=lgc, rupa=rupa, warehouse_url=warehouse_url, fernet_key=fernet_key)
+
+
+FERNET_VARIABLE = "labsync_fernet_secret"
+
+
+def _airflow_variable(key: str) -> str | None:
+    try:
+        from airflow.sdk import Variable
+    except ImportError:  # pragma: no cover - the DAGs always have Airflow
+        return None
+    try:
+        value = Variable.get(key, default=None)
+    except Exception:  # not found, no API server: fall back to the other sources
+        return None
+    return value.strip() if isinstance(value, str) and value.strip() else None
 
 
 def _airflow_connection(conn_id: str):

@@ -18,10 +18,13 @@ class OrderState(StrEnum):
     REJECTED = "rejected"  # 400: the vendor refused the order; a corrected payload may go again
     CONFLICT = "conflict"  # 409, or accepted earlier with a different payload; never re-sent
     FAILED = "failed"  # not sent or no usable answer; sent again on a later run
+    UNCONFIRMED = "unconfirmed"  # a 2xx whose body is not the documented order; sent again later
 
 
 # Final for the ledger: a row in one of these states is never sent again with the same payload.
 SETTLED_ORDER_STATES = frozenset({OrderState.ACCEPTED, OrderState.REJECTED, OrderState.CONFLICT})
+# Not settled: the row is sent again by a later run (a batch holding one is `incomplete`).
+UNSETTLED_ORDER_STATES = frozenset({OrderState.PENDING, OrderState.FAILED, OrderState.UNCONFIRMED})
 
 
 class BatchStatus(StrEnum):
@@ -56,6 +59,7 @@ class OutboxState(StrEnum):
     REJECTED = "rejected"  # by LetsGetChecked (400), or locally when the row cannot be mapped
     CONFLICT = "conflict"  # 409, or accepted earlier with a different payload: not sent
     FAILED = "failed"  # no usable answer, or not sent (stopped, interrupted); sent again later
+    UNCONFIRMED = "unconfirmed"  # a 2xx that was not the documented order; sent again later
     GIVEN_UP = "given_up"  # failed LABSYNC_MAX_ATTEMPTS times: needs a person
     ALREADY_SETTLED = "already_settled"  # an earlier batch settled this clientOrderId; nothing sent
 
@@ -65,4 +69,6 @@ SETTLED_OUTBOX_STATES = frozenset({
     OutboxState.ACCEPTED, OutboxState.REJECTED, OutboxState.CONFLICT, OutboxState.ALREADY_SETTLED,
 })
 # Rows in these states go out again by themselves (a later run or `labsync retry`).
-RETRYABLE_OUTBOX_STATES = frozenset({OutboxState.QUEUED, OutboxState.PENDING, OutboxState.FAILED})
+RETRYABLE_OUTBOX_STATES = frozenset({
+    OutboxState.QUEUED, OutboxState.PENDING, OutboxState.FAILED, OutboxState.UNCONFIRMED,
+})

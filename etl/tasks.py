@@ -20,7 +20,9 @@ from etl.settings import Settings
 
 
 def _engine(settings: Settings):
-    from etl import warehouse
+    from etl import logs, warehouse
+
+    logs.install()  # Airflow configures the handlers; labsync's records still pass the redaction point
 
     return warehouse.connect(settings.warehouse_url)
 

@@ -35,6 +35,42 @@ LIST_SEPARATOR = ";"
 
 _ORDER_ITEM = re.compile(r"^(?P<code>[^:;\s]+)\s*(?::(?P<qty>.*))?$")
 
+# ---- ids that travel in a URL path ------------------------------------------------------------
+# clientOrderId (and clientId, and Rupa ids) become one segment of a URL path. Only the URL's
+# unreserved characters travel through every client, proxy and server exactly as written: no
+# percent-encoding for any hop to decode twice or not at all. Dots get two more rules, because
+# `.` and `..` are removed by URL normalisation (httpx does it before sending) and servers trim
+# trailing dots or block segments that start with one.
+PATH_ID_CHARACTERS = "letters, digits and - _ . ~ (no dot at the start or end, no two dots in a row)"
+PATH_ID_PATTERN = r"[A-Za-z0-9_~-](?:[A-Za-z0-9._~-]*[A-Za-z0-9_~-])?"
+_PATH_ID = re.compile(PATH_ID_PATTERN)
+_PATH_ID_CHAR = re.compile(r"[A-Za-z0-9._~-]")
+
+
+def _describe_char(ch: str) -> str:
+    if ch == " ":
+        return "a space"
+    if ch.isprintable() and ord(ch) < 0x80:
+        return repr(ch)
+    if ch.isprintable():
+        return f"{ch!r} (U+{ord(ch):04X}, not a plain ASCII character)"
+    return f"an invisible or control character (U+{ord(ch):04X})"
+
+
+def path_id_problem(value: str) -> str | None:
+    """Why `value` cannot travel as one URL path segment exactly as written, or None if it can.
+    The phrase completes a sentence such as "client_order_id contains '/'"."""
+    if not value:
+        return "is empty"
+    if _PATH_ID.fullmatch(value) and ".." not in value:
+        return None
+    bad = next((ch for ch in value if not _PATH_ID_CHAR.fullmatch(ch)), None)
+    if bad is not None:
+        return f"contains {_describe_char(bad)}"
+    if ".." in value:
+        return "has two dots in a row"
+    return "starts or ends with a dot"
+
 
 def is_custom(column: str) -> bool:
     return column.startswith(CUSTOM_PREFIX) and len(column) > len(CUSTOM_PREFIX)

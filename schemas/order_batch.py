@@ -13,23 +13,61 @@ import difflib
 import re
 from collections.abc import Callable
 from datetime import date
+from typing import Optional
 
 import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
 
 from schemas import vocab
-from schemas.columns import OrderItemError, parse_order_items
+from schemas.columns import (
+    PATH_ID_CHARACTERS,
+    PATH_ID_PATTERN,
+    OrderItemError,
+    is_custom,
+    parse_order_items,
+    path_id_problem,
+)
 
-MAX_CLIENT_ORDER_ID = 100
-MAX_ADDRESS_LINE = 35
-MAX_POLICY_NUMBER = 30
+# The longest value each column may hold, in one table. LetsGetChecked documents four of them
+# (DOCUMENTED_LENGTHS); the others are labsync's bounds for sane people and sane files: a first
+# name of ten megabytes is a broken export, not a name. The README's contract table states the
+# same numbers. `custom.*` covers every custom.<key> column.
+MAX_LENGTH: dict[str, int] = {
+    "client_order_id": 100,
+    "program_code": 50,
+    "participant_id": 100,
+    "first_name": 50, "middle_name": 50, "last_name": 50,
+    "email": 254,  # the longest address SMTP can carry
+    "health_plan_name": 100,
+    "address_line1": 35, "address_line2": 35,
+    "city": 50,
+    "order_items": 500, "diagnosis_codes": 500,
+    "note": 1000,
+    "physician_first_name": 50, "physician_middle_name": 50, "physician_last_name": 50,
+    "pcp_id": 100, "pcp_first_name": 50, "pcp_middle_name": 50, "pcp_last_name": 50,
+    "pcp_address_line1": 35, "pcp_address_line2": 35, "pcp_city": 50,
+    "pcp_phone": 30, "pcp_phone2": 30, "pcp_fax": 30, "pcp_vendor_name": 100,
+    "insurance_policy_number": 30, "insurance_plan_name": 100,
+    "insurance_group_name": 100, "insurance_group_number": 50,
+    "rupa_patient_id": 100,
+    "custom.*": 500,
+}
+DOCUMENTED_LENGTHS = frozenset({"client_order_id", "address_line1", "address_line2",
+                                "pcp_address_line1", "pcp_address_line2", "insurance_policy_number"})
+
+MAX_CLIENT_ORDER_ID = MAX_LENGTH["client_order_id"]
+MAX_ADDRESS_LINE = MAX_LENGTH["address_line1"]
+MAX_POLICY_NUMBER = MAX_LENGTH["insurance_policy_number"]
 MAX_PCP_FULL_NAME = 99  # "less than 100 characters"
+MIN_DOB = date(1900, 1, 1)
 
 _PHONE_CC = re.compile(r"^\+\d{1,4}$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _PHONE = re.compile(r"^[0-9]{4,15}$")
+_ZIP = re.compile(r"[0-9]{5}(?:-[0-9]{4})?")  # [0-9], not \d: fullwidth digits are not a ZIP
+_ZIP_LOST_ZERO = re.compile(r"(?P<head>[0-9]{3,4})(?P<tail>-[0-9]{4})?")
 
 # The multi-column rules: when any column of a block is filled, these must be too.
 PHYSICIAN_BLOCK = ("physician_first_name", "physician_middle_name", "physician_last_name", "physician_npi")
@@ -70,7 +108,7 @@ def npi_is_valid(npi: str) -> bool:
 def _dates_ok(s: pd.Series) -> pd.Series:
     shaped = s.str.match(_DATE.pattern)
     parsed = pd.to_datetime(s.where(shaped), format="%Y-%m-%d", errors="coerce")
-    return parsed.notna() & (parsed < pd.Timestamp(date.today()))
+    return parsed.notna() & (parsed < pd.Timestamp(date.today())) & (parsed >= pd.Timestamp(MIN_DOB))
 
 
 def _memo_map(s: pd.Series, fn: Callable[[str], bool]) -> pd.Series:
@@ -98,20 +136,23 @@ def _block_requires(block: str, column: str) -> Callable[[pd.DataFrame], pd.Seri
     return check
 
 
-def _text(nullable: bool = True, **kw) -> pa.Field:
+def _text(nullable: bool = True, *, column: str | None = None, **kw) -> pa.Field:
+    """A text column; with `column`, its length limit from MAX_LENGTH."""
+    if column is not None:
+        kw["str_length"] = {"max_value": MAX_LENGTH[column]}
     return pa.Field(nullable=nullable, **kw)
 
 
 class OrderBatch(pa.DataFrameModel):
     """One row per order. Column names are the CSV header; see schemas/columns.py."""
 
-    client_order_id: Series[str] = _text(False, str_length={"max_value": MAX_CLIENT_ORDER_ID})
-    program_code: Series[str] = _text(False)
-    participant_id: Series[str] = _text(False)
-    first_name: Series[str] = _text(False)
-    middle_name: Series[str] = _text()
-    last_name: Series[str] = _text(False)
-    email: Series[str] = _text()
+    client_order_id: Series[str] = _text(False, column="client_order_id")
+    program_code: Series[str] = _text(False, column="program_code")
+    participant_id: Series[str] = _text(False, column="participant_id")
+    first_name: Series[str] = _text(False, column="first_name")
+    middle_name: Series[str] = _text(column="middle_name")
+    last_name: Series[str] = _text(False, column="last_name")
+    email: Series[str] = _text(column="email")
     phone_country_code: Series[str] = _text(False)
     phone_number: Series[str] = _text(False)
     gender: Series[str] = _text(False, isin=list(vocab.GENDERS))
@@ -119,43 +160,56 @@ class OrderBatch(pa.DataFrameModel):
     ethnicity: Series[str] = _text(False, isin=list(vocab.ETHNICITIES))
     race: Series[str] = _text(False, isin=list(vocab.RACES))
     participant_language: Series[str] = _text(isin=list(vocab.LANGUAGES))
-    health_plan_name: Series[str] = _text()
-    address_line1: Series[str] = _text(False, str_length={"max_value": MAX_ADDRESS_LINE})
-    address_line2: Series[str] = _text(str_length={"max_value": MAX_ADDRESS_LINE})
-    city: Series[str] = _text(False)
+    health_plan_name: Series[str] = _text(column="health_plan_name")
+    address_line1: Series[str] = _text(False, column="address_line1")
+    address_line2: Series[str] = _text(column="address_line2")
+    city: Series[str] = _text(False, column="city")
     state: Series[str] = _text(isin=vocab.STATES)
     postal_code: Series[str] = _text(False)
     country: Series[str] = _text(isin=list(vocab.COUNTRIES))
-    order_items: Series[str] = _text(False)
-    diagnosis_codes: Series[str] = _text()
-    note: Series[str] = _text()
-    physician_first_name: Series[str] = _text()
-    physician_middle_name: Series[str] = _text()
-    physician_last_name: Series[str] = _text()
+    order_items: Series[str] = _text(False, column="order_items")
+    diagnosis_codes: Series[str] = _text(column="diagnosis_codes")
+    note: Series[str] = _text(column="note")
+    physician_first_name: Series[str] = _text(column="physician_first_name")
+    physician_middle_name: Series[str] = _text(column="physician_middle_name")
+    physician_last_name: Series[str] = _text(column="physician_last_name")
     physician_npi: Series[str] = _text()
-    pcp_id: Series[str] = _text()
-    pcp_first_name: Series[str] = _text()
-    pcp_middle_name: Series[str] = _text()
-    pcp_last_name: Series[str] = _text()
-    pcp_address_line1: Series[str] = _text(str_length={"max_value": MAX_ADDRESS_LINE})
-    pcp_address_line2: Series[str] = _text(str_length={"max_value": MAX_ADDRESS_LINE})
-    pcp_city: Series[str] = _text()
+    pcp_id: Series[str] = _text(column="pcp_id")
+    pcp_first_name: Series[str] = _text(column="pcp_first_name")
+    pcp_middle_name: Series[str] = _text(column="pcp_middle_name")
+    pcp_last_name: Series[str] = _text(column="pcp_last_name")
+    pcp_address_line1: Series[str] = _text(column="pcp_address_line1")
+    pcp_address_line2: Series[str] = _text(column="pcp_address_line2")
+    pcp_city: Series[str] = _text(column="pcp_city")
     pcp_state: Series[str] = _text(isin=vocab.STATES)
     pcp_postal_code: Series[str] = _text()
     pcp_country: Series[str] = _text(isin=list(vocab.COUNTRIES))
-    pcp_phone: Series[str] = _text()
-    pcp_phone2: Series[str] = _text()
-    pcp_fax: Series[str] = _text()
-    pcp_vendor_name: Series[str] = _text()
-    insurance_policy_number: Series[str] = _text(str_length={"max_value": MAX_POLICY_NUMBER})
-    insurance_plan_name: Series[str] = _text()
+    pcp_phone: Series[str] = _text(column="pcp_phone")
+    pcp_phone2: Series[str] = _text(column="pcp_phone2")
+    pcp_fax: Series[str] = _text(column="pcp_fax")
+    pcp_vendor_name: Series[str] = _text(column="pcp_vendor_name")
+    insurance_policy_number: Series[str] = _text(column="insurance_policy_number")
+    insurance_plan_name: Series[str] = _text(column="insurance_plan_name")
     insurance_hierarchy: Series[str] = _text(isin=list(vocab.INSURANCE_HIERARCHIES))
-    insurance_group_name: Series[str] = _text()
-    insurance_group_number: Series[str] = _text()
+    insurance_group_name: Series[str] = _text(column="insurance_group_name")
+    insurance_group_number: Series[str] = _text(column="insurance_group_number")
+    # present only in files that have them: Optional, so a file without them is fine
+    rupa_patient_id: Optional[Series[str]] = _text(column="rupa_patient_id")  # noqa: UP045
+    custom: Optional[Series[str]] = pa.Field(  # noqa: UP045  (pandera reads Optional[...] here)
+        alias=r"^custom\..+$", regex=True, nullable=True,
+        str_length={"max_value": MAX_LENGTH["custom.*"]})
 
     class Config:
         strict = False  # custom.<key> and rupa_patient_id columns ride along
         coerce = False  # never coerce: a failed coercion would hide the column's other checks
+
+    @pa.check("client_order_id", name="path_safe_id")
+    def _path_safe_id(cls, s: Series[str]) -> Series[bool]:
+        return s.str.fullmatch(PATH_ID_PATTERN) & ~s.str.contains("..", regex=False)
+
+    @pa.check("postal_code", "pcp_postal_code", name="us_zip")
+    def _zip(cls, s: Series[str]) -> Series[bool]:
+        return s.str.fullmatch(_ZIP.pattern)
 
     @pa.check("phone_country_code", name="phone_country_code_format")
     def _phone_cc(cls, s: Series[str]) -> Series[bool]:
@@ -250,10 +304,25 @@ def _one_of(column: str, value: str, allowed) -> str:
     return f"{column} {value!r} is not an allowed value (allowed: {', '.join(allowed)}){hint}"
 
 
-def _length(limit: int) -> Callable[[str, str], str]:
-    return lambda column, value: (
-        f"{column} is {len(value)} characters; LetsGetChecked allows at most {limit}"
-    )
+def _length(column: str, value: str) -> str:
+    key = "custom.*" if is_custom(column) else column
+    who = "LetsGetChecked" if key in DOCUMENTED_LENGTHS else "labsync"
+    return f"{column} is {len(value)} characters; {who} allows at most {MAX_LENGTH[key]}"
+
+
+def _path_id_reason(column: str, value: str) -> str:
+    return (f"{column} {path_id_problem(value)}: LetsGetChecked receives this id in the URL, "
+            f"so use only {PATH_ID_CHARACTERS}")
+
+
+def _zip_reason(column: str, value: str) -> str:
+    lost = _ZIP_LOST_ZERO.fullmatch(value)
+    if lost:
+        fixed = lost.group("head").zfill(5) + (lost.group("tail") or "")
+        return (f"{column} {value!r} looks like a ZIP that lost its leading zero, e.g. {fixed} "
+                "(Excel drops it); format the column as Text and type the ZIP again")
+    return (f"{column} {value!r} is not a US ZIP code: use 5 digits or ZIP+4 with a dash "
+            "(12345 or 12345-6789)")
 
 
 def _dob_reason(column: str, value: str) -> str:
@@ -265,6 +334,8 @@ def _dob_reason(column: str, value: str) -> str:
         return f"{column} {value!r} is not a real calendar date"
     if when >= date.today():
         return f"{column} {value!r} is not in the past; a date of birth must be before today"
+    if when < MIN_DOB:
+        return f"{column} {value!r} is before {MIN_DOB.isoformat()}; check the year"
     return f"{column} {value!r} is not a valid date of birth"
 
 
@@ -296,6 +367,9 @@ def _requires_reason(check_name: str) -> Callable[[str, str], str]:
 
 REASONS: dict[str, Callable[[str, str], str]] = {
     "not_nullable": lambda column, _v: f"{column} is required but empty",
+    "path_safe_id": _path_id_reason,
+    "us_zip": _zip_reason,
+    "str_length": _length,
     "phone_country_code_format": lambda column, value: (
         f"{column} {value!r} must be '+' followed by 1 to 4 digits, e.g. +1"
     ),
@@ -326,10 +400,17 @@ def _statistics() -> dict[tuple[str, str], dict]:
 _STATS = _statistics()
 
 
+MAX_QUOTED = 80  # a reason quotes at most this much of a value (the report's value column has it)
+
+
 def reason_for(check: str, column: str, value: str | None) -> str:
     """The sentence for one failed check on one cell."""
     value = "" if value is None else value
     check = check.split("(", 1)[0]  # pandera reports built-ins as e.g. "str_length(None, 35)"
+    if check == "str_length":
+        return _length(column, value)  # counts the whole value
+    if len(value) > MAX_QUOTED:
+        value = value[: MAX_QUOTED - 1] + "…"
     if check in REASONS:
         return REASONS[check](column, value)
     if check.startswith("requires:"):
@@ -337,8 +418,6 @@ def reason_for(check: str, column: str, value: str | None) -> str:
     stats = _STATS.get((column, check), {})
     if "allowed_values" in stats:
         return _one_of(column, value, stats["allowed_values"])
-    if stats.get("max_value") is not None and check == "str_length":
-        return _length(stats["max_value"])(column, value)
     return f"{column} {value!r} breaks the rule {check}"
 
 

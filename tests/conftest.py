@@ -4,7 +4,10 @@
   server (tests/pgserver.py starts one per test session, or LABSYNC_TEST_POSTGRES_URL points at one).
 - `engine`: that warehouse (migrated once by `warehouse_url`, as `labsync db upgrade` would).
 - `sandbox`: both sandbox APIs served on 127.0.0.1 in a background thread (fresh per test).
-- `settings`: Settings pointing at the sandbox and the warehouse, with fast retries.
+- `settings`: Settings pointing at the sandbox and the warehouse, with fast retries and a
+  Fernet key for the stored tokens (a server warehouse has no key file).
+- `lite_engine`, `lite_settings`: the same on a SQLite file only, for tests about files and HTTP
+  answers rather than about the warehouse (they run once instead of once per database).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def sandbox():
 
 
 FAST_RETRY = RetrySettings(max_attempts=5, initial_wait=0.01, max_wait=0.05, timeout=5.0)
+TEST_FERNET_KEY = "m0QzYcYlMbd3KQ5V4mVjzk9XqgL0nL0yS4t8f3m4VqE="  # tests only; never a real key
 
 
 @pytest.fixture
@@ -79,4 +83,28 @@ def settings(warehouse_url, sandbox, tmp_path):
         lgc=replace(base.lgc, base_url=sandbox.lgc_url),
         rupa=replace(base.rupa, base_url=sandbox.rupa_url),
         retry=FAST_RETRY,
+        fernet_key=TEST_FERNET_KEY,
+    )
+
+
+@pytest.fixture
+def lite_engine(tmp_path):
+    from etl import warehouse
+
+    eng = warehouse.connect(migrated(f"sqlite:///{tmp_path / 'lite.db'}"))
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def lite_settings(lite_engine, sandbox, tmp_path):
+    base = Settings()
+    return replace(
+        base,
+        warehouse_url=lite_engine.url.render_as_string(hide_password=False),
+        inbox=tmp_path / "inbox",
+        lgc=replace(base.lgc, base_url=sandbox.lgc_url),
+        rupa=replace(base.rupa, base_url=sandbox.rupa_url),
+        retry=FAST_RETRY,
+        fernet_key=TEST_FERNET_KEY,
     )

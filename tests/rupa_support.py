@@ -50,6 +50,7 @@ def cli_env(monkeypatch, settings: Settings, *, page_size: int = 7) -> dict:
         "LABSYNC_RETRY_INITIAL_WAIT": str(settings.retry.initial_wait),
         "LABSYNC_RETRY_MAX_WAIT": str(settings.retry.max_wait),
         "LABSYNC_HTTP_TIMEOUT": str(settings.retry.timeout),
+        "LABSYNC_FERNET_KEY": settings.fernet_key or "",
     }
     for name in ("RUPA_API_TOKEN", "RUPA_CLIENT_ID", "RUPA_CLIENT_SECRET", "RUPA_AUTHORIZE_URL"):
         monkeypatch.delenv(name, raising=False)

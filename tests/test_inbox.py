@@ -203,8 +203,10 @@ def test_a_run_that_died_while_validating_is_redone_from_scratch(box, sandbox):
     sha = inbox.fingerprint(paths.root / "orders.csv")
     taken = staging.take(engine, settings, "orders.csv", sha, owner="cli:dead")
     from etl.lgc import outbox
+    from etl.vault import vault_for
 
-    outbox.write(engine, taken.batch_id, [{"line": 2, "client_order_id": "HALF-WRITTEN"}])  # half a file
+    outbox.write(engine, taken.batch_id, [{"line": 2, "client_order_id": "HALF-WRITTEN"}],  # half a file
+                 vault=vault_for(settings.fernet_key, engine))
     lapse_every_claim(engine)
     (outcome,) = run(engine, settings, owner=OWNER)
     assert outcome["status"] == "loaded" and outcome["counts"] == {"accepted": 10, "rejected before sending": 0}
@@ -279,6 +281,7 @@ def test_cli_load_of_a_file_unusable_at_its_last_line_sends_nothing(settings, sa
 def test_cli_inbox_exit_codes(box, sandbox, monkeypatch, capsys):
     settings, paths, engine = box
     monkeypatch.setenv("LABSYNC_WAREHOUSE_URL", settings.warehouse_url)
+    monkeypatch.setenv("LABSYNC_FERNET_KEY", settings.fernet_key)
     monkeypatch.setenv("LGC_BASE_URL", settings.lgc.base_url)
     monkeypatch.setenv("LABSYNC_INBOX_SETTLE_SECONDS", "0")
     write_csv(paths.root / "one.csv", [seed_row(client_order_id="CLI-1")])
@@ -314,6 +317,7 @@ def test_rows_of_a_load_task_that_died_go_out_on_the_next_run(box, sandbox):
 def test_cli_inbox_with_the_vendor_down_finishes_every_file_and_the_next_run_sends(box, sandbox, monkeypatch, capsys):
     settings, paths, engine = box
     monkeypatch.setenv("LABSYNC_WAREHOUSE_URL", settings.warehouse_url)
+    monkeypatch.setenv("LABSYNC_FERNET_KEY", settings.fernet_key)
     monkeypatch.setenv("LGC_BASE_URL", settings.lgc.base_url)
     monkeypatch.setenv("LABSYNC_INBOX_SETTLE_SECONDS", "0")
     monkeypatch.setenv("LABSYNC_RETRY_INITIAL_WAIT", "0.01")

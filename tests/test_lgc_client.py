@@ -14,10 +14,10 @@ import pytest
 from etl.errors import AuthError
 from etl.http import make_async_client
 from etl.lgc.auth import TokenProvider
-from etl.lgc.client import LgcClient, mask_reason
+from etl.lgc.client import LgcClient, vendor_reason
 from etl.lgc.load import STOPPED_ERROR, load_rows
 from etl.settings import RetrySettings, Settings
-from tests.conftest import FAST_RETRY, migrated
+from tests.conftest import FAST_RETRY
 from tests.test_lgc_support import fast, ledger, order_row, put_item
 
 
@@ -26,13 +26,9 @@ def _lgc(sandbox):
 
 
 @pytest.fixture
-def lite(tmp_path):
+def lite(lite_engine):
     """A SQLite warehouse only, for tests about HTTP behaviour rather than the ledger."""
-    from etl import warehouse
-
-    eng = warehouse.connect(migrated(f"sqlite:///{tmp_path / 'lite.db'}"))
-    yield eng
-    eng.dispose()
+    return lite_engine
 
 
 @pytest.fixture
@@ -61,11 +57,11 @@ def test_400_rejected_keeps_the_vendors_reason_without_phi(engine, settings, san
     assert summary.counts == {"rejected": 2} and summary.exit_code == 1
     rows = ledger(engine)
     eligible = rows["ORD-00001"]["last_error"]
-    assert eligible.startswith("HTTP 400 Participant not eligible: participant *** *** born ***")
+    assert eligible.startswith("HTTP 400 Participant not eligible")  # the title; never the detail
     for phi in ("Ada", "Lovelace", "1961-02-11", "ada1@example.org", "5550100001"):
         assert phi not in eligible
     dob = rows["ORD-00002"]["last_error"]
-    assert "patientInfo.dob" in dob and "1961-02-30" not in dob
+    assert "fields: patientInfo.dob" in dob and "1961-02-30" not in dob
     assert rows["ORD-00002"]["http_status"] == 400 and rows["ORD-00002"]["attempts"] == 1
 
 
@@ -239,25 +235,32 @@ def test_rate_limit_spaces_requests(lite, bare, sandbox):
     assert summary.elapsed >= 19 / 40 * 0.95
 
 
-def test_mask_reason_removes_the_orders_own_values_and_phi_shapes():
+def test_vendor_reason_keeps_structured_parts_and_drops_free_text():
     body = {"patientInfo": {"firstName": "Zelda", "email": "z@x.org"}}
-    text = mask_reason("zelda (z@x.org, other@y.com) born 1970-01-02, call +1 555 010 9999", body)
-    assert text == "*** (***, ***) born ***, call ***"
+    answer = httpx.Response(400, json={
+        "title": "Participant not eligible", "detail": "zelda (z@x.org) born 1970-01-02, call +1 555 010 9999",
+        "errors": {"patientInfo.email": ["z@x.org is taken"]}})
+    assert vendor_reason(answer, body) == "HTTP 400 Participant not eligible; fields: patientInfo.email"
+    plain = httpx.Response(400, text="zelda (z@x.org) is already enrolled")
+    assert vendor_reason(plain, body) == "HTTP 400 Bad Request"
 
 
-def test_the_client_url_encodes_the_client_order_id(bare, sandbox):
+def test_an_id_that_would_not_travel_unchanged_is_never_sent(bare, sandbox):
+    """(tests/test_hostile_paths.py has the full table against the sandbox.)"""
     settings = bare
     seen = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request.url.raw_path)
-        return httpx.Response(202, json={"orderItems": []})
+        return httpx.Response(202, json={"clientOrderId": "A-1", "orderItems": [{"code": "X", "id": "1"}]})
 
-    async def go():
+    async def go(coid):
         lgc = replace(settings.lgc, api_token="t").validated()
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
             client = LgcClient(lgc, settings.retry, http, TokenProvider(lgc, settings.retry))
-            return await client.put_order("A/B é?x", {}, b"{}")
+            return await client.put_order(coid, {}, b"{}")
 
-    assert asyncio.run(go()).state == "accepted"
-    assert seen == [b"/lgc/DEMO/api/v2/orders/A%2FB%20%C3%A9%3Fx"]
+    refused = asyncio.run(go("A/B é?x"))
+    assert refused.state == "rejected" and refused.attempts == 0 and seen == []
+    assert asyncio.run(go("A-1")).state == "accepted"
+    assert seen == [b"/lgc/DEMO/api/v2/orders/A-1"]

@@ -49,7 +49,11 @@ class _Spy(httpx.AsyncBaseTransport):
 
 def _items(engine, batch_id: int) -> list[lg.Prepared]:
     (chunk,) = outbox.chunks(engine, [batch_id], 1 << 40, max_attempts=5)
-    return [i for page in outbox.pages(engine, chunk, size=1000, max_attempts=5) for i in page]
+    from etl.vault import vault_for
+    from tests.conftest import TEST_FERNET_KEY
+
+    vault = vault_for(TEST_FERNET_KEY, engine)
+    return [i for page in outbox.pages(engine, chunk, size=1000, max_attempts=5, vault=vault) for i in page]
 
 
 def test_the_row_is_pending_and_claimed_before_its_put(engine, settings, sandbox):
@@ -233,6 +237,8 @@ def test_a_crash_inside_the_loader_surfaces_and_leaves_no_claims(engine, setting
 
 def test_a_ledger_state_the_outbox_does_not_name_goes_out_again():
     """A state added to the ledger later (not settled) must not strand its outbox row."""
-    assert lg.outbox_outcome("unconfirmed", 1, 5) == "failed"
+    assert lg.outbox_outcome("some_new_state", 1, 5) == "failed"
+    assert lg.outbox_outcome("some_new_state", 5, 5) == "given_up"
+    assert lg.outbox_outcome("unconfirmed", 1, 5) == "unconfirmed"  # named: goes out again
     assert lg.outbox_outcome("unconfirmed", 5, 5) == "given_up"
     assert lg.outbox_outcome("accepted", 1, 5) == "accepted"

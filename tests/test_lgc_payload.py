@@ -9,6 +9,8 @@ from etl.batches.validate import CsvValidation
 from etl.claims import now
 from etl.lgc.outbox import body_bytes, staged
 from etl.lgc.payload import build_payload, payload_sha256
+from etl.vault import Vault
+from tests.conftest import TEST_FERNET_KEY
 from tests.test_lgc_support import order_row, write_csv
 
 # The sample request of the PUT Order document (../shared/seeds/004_…), verbatim except the
@@ -112,19 +114,24 @@ def test_partial_blocks_and_custom_pairs_keep_only_filled_values():
     assert body["customData"] == [{"key": "kept", "value": "v"}]
 
 
+VAULT = Vault([TEST_FERNET_KEY.encode()], "tests")
+
+
 def test_payload_hash_is_stable_and_changes_with_the_order():
     at = now()
-    a = staged(order_row(1), 1, at)
-    b = staged(dict(reversed(list(order_row(1).items()))), 1, at)
-    c = staged(order_row(1, order_items="GLCS"), 1, at)
+    a = staged(order_row(1), 1, at, VAULT)
+    b = staged(dict(reversed(list(order_row(1).items()))), 1, at, VAULT)
+    c = staged(order_row(1, order_items="GLCS"), 1, at, VAULT)
     body = build_payload(order_row(1))
     assert a["body_sha256"] == b["body_sha256"] == payload_sha256(body)
     assert a["body_sha256"] != c["body_sha256"]
-    assert a["body"].encode() == body_bytes(body)  # the outbox keeps the exact bytes sent
+    # the outbox keeps the exact bytes sent, sealed: no patient data in the column's text
+    assert a["body"].startswith("fernet:") and "Ada" not in a["body"]
+    assert VAULT.open(a["body"]).encode() == body_bytes(body)
 
 
 def test_a_row_that_cannot_be_mapped_is_staged_as_a_local_rejection():
-    item = staged(order_row(1, order_items="GLCS:zero"), 1, now())
+    item = staged(order_row(1, order_items="GLCS:zero"), 1, now(), VAULT)
     assert item["body"] is None and item["outcome"] == "rejected" and "quantity" in item["last_error"]
 
 

@@ -88,6 +88,7 @@ def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
         LABSYNC_RETRY_INITIAL_WAIT=str(settings.retry.initial_wait),
         LABSYNC_RETRY_MAX_WAIT=str(settings.retry.max_wait),
         LABSYNC_HTTP_TIMEOUT=str(settings.retry.timeout),
+        LABSYNC_FERNET_KEY=settings.fernet_key or "",
         PYTHONPATH=str(REPO),
     )
     env.update(extra)
@@ -123,9 +124,11 @@ def outbox_rows(engine, batch_id: int | None = None) -> dict[str, dict]:
 def stage_rows(engine, rows: list[dict], *, name: str = "(rows)") -> int:
     """A batch whose outbox holds `rows` (queued), as prepare leaves it; returns its id."""
     from etl.lgc import outbox
+    from etl.vault import vault_for
+    from tests.conftest import TEST_FERNET_KEY
 
     batch_id = outbox.adhoc_batch(engine, name)
-    outbox.write(engine, batch_id, rows)
+    outbox.write(engine, batch_id, rows, vault=vault_for(TEST_FERNET_KEY, engine))
     return batch_id
 
 

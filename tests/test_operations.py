@@ -33,6 +33,8 @@ from tests.test_lgc_support import (
     write_csv,
 )
 
+(HEAD,) = warehouse.SCHEMA_HEADS  # the one head the migrations lead to
+
 
 def _lgc(sandbox):
     return sandbox.sandbox.lgc
@@ -62,7 +64,7 @@ def test_connect_checks_the_revision_and_never_migrates_nor_imports_alembic(tmp_
         return done.stdout
 
     empty = connect()
-    assert "the warehouse schema is at nothing (no labsync tables), labsync needs 0004_outbox: " \
+    assert f"the warehouse schema is at nothing (no labsync tables), labsync needs {HEAD}: " \
            "run `labsync db upgrade`" in empty
     assert "ALEMBIC False" in empty
     engine = warehouse.make_engine(url)
@@ -70,7 +72,7 @@ def test_connect_checks_the_revision_and_never_migrates_nor_imports_alembic(tmp_
         assert sa.inspect(conn).get_table_names() == []
     warehouse.upgrade(engine, "0002_lgc")  # a warehouse left behind by an older labsync
     behind = connect()
-    assert "the warehouse schema is at 0002_lgc, labsync needs 0004_outbox: run `labsync db upgrade`" in behind
+    assert f"the warehouse schema is at 0002_lgc, labsync needs {HEAD}: run `labsync db upgrade`" in behind
     warehouse.upgrade(engine)
     assert "ERR" not in connect() and "ALEMBIC False" in connect()
 
@@ -83,7 +85,7 @@ def test_commands_say_to_upgrade_when_the_schema_is_behind(tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert "run `labsync db upgrade`" in err and "Traceback" not in err
     assert main(["db", "upgrade"]) == 0
-    assert "current at 0004_outbox" in capsys.readouterr().out
+    assert f"current at {HEAD}" in capsys.readouterr().out
     assert main(["status"]) == 0
 
 
@@ -96,16 +98,17 @@ def test_two_upgrades_at_once_both_succeed(warehouse_url, tmp_path):
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-        assert "current at 0004_outbox" in out
+        assert f"current at {HEAD}" in out
     engine = warehouse.connect(fresh)
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all() == ["0004_outbox"]
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all() == [HEAD]
 
 
 def _settings(url: str):
     from etl.settings import Settings
+    from tests.conftest import TEST_FERNET_KEY
 
-    return Settings(warehouse_url=url)
+    return Settings(warehouse_url=url, fernet_key=TEST_FERNET_KEY)
 
 
 @pytest.mark.postgres
@@ -128,7 +131,7 @@ def test_upgrade_waits_for_the_advisory_lock(pg_admin_url):
         conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": warehouse.MIGRATION_LOCK_KEY})
         out, err = upgrade.communicate(timeout=120)
     assert upgrade.returncode == 0, err
-    assert warehouse.schema_heads(holder) == {"0004_outbox"}
+    assert warehouse.schema_heads(holder) == {HEAD}
     holder.dispose()
 
 

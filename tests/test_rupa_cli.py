@@ -102,7 +102,7 @@ def test_authorize_takes_the_redirected_url_and_stores_the_tokens(engine, settin
     assert main(["rupa", "authorize"]) == 0
     out = capsys.readouterr().out
     assert "tokens stored in the warehouse" in out
-    stored = TokenStore(engine).load()
+    stored = TokenStore.for_settings(engine, settings).load()
     assert stored is not None and stored.refresh_token in rupa.refresh_tokens()
     assert stored.access_token not in out and stored.refresh_token not in out
     assert main(["extract", "patients", "--no-progress"]) == 0

@@ -226,7 +226,7 @@ def test_a_401_mid_run_refreshes_once_and_the_rotated_refresh_token_is_persisted
 
     assert rupa.stats["401"] == 1 and rupa.stats["grant:refresh_token"] == 1
     assert s.inserted == N_PATIENTS and s.pages == 10  # the refused page was fetched again, none lost
-    stored = TokenStore(engine).load()
+    stored = TokenStore.for_settings(engine, settings).load()
     assert stored.refresh_token != original.refresh_token  # rotated ...
     assert rupa.refresh_tokens() == {stored.refresh_token}  # ... and the live one is what we kept
     assert stored.access_token != original.access_token
@@ -242,14 +242,14 @@ def test_two_runs_refreshing_at_once_spend_the_refresh_token_only_once(engine, s
     """Patients and lab tests run as parallel Airflow tasks: both see the same expired token."""
     authorize(engine, settings)
     rupa.expire_access_tokens()
-    stale = TokenStore(engine).load().access_token
+    stale = TokenStore.for_settings(engine, settings).load().access_token
     rupa_settings = settings.rupa.validated()
     results, errors = [], []
 
     def refresh():
         with httpx.Client() as http:
             try:
-                results.append(OAuthTokens(rupa_settings, settings.retry, TokenStore(engine), http).after_401(stale))
+                results.append(OAuthTokens(rupa_settings, settings.retry, TokenStore.for_settings(engine, settings), http).after_401(stale))
             except Exception as exc:  # pragma: no cover - reported below
                 errors.append(exc)
 
@@ -260,7 +260,7 @@ def test_two_runs_refreshing_at_once_spend_the_refresh_token_only_once(engine, s
         t.join(30)
     assert not errors
     assert rupa.stats["grant:refresh_token"] == 1 and rupa.stats["refresh_refused"] == 0
-    assert len(set(results)) == 1 and results[0] == TokenStore(engine).load().access_token
+    assert len(set(results)) == 1 and results[0] == TokenStore.for_settings(engine, settings).load().access_token
 
 
 def test_no_phi_or_tokens_in_any_log_line(engine, settings, rupa, caplog):
@@ -282,7 +282,7 @@ def test_no_phi_or_tokens_in_any_log_line(engine, settings, rupa, caplog):
 
     text = caplog.text + "\n" + str(info.value) + "\n" + str(state_of(engine, "patients")["error"])
     assert "retrying after" in caplog.text and "refreshed the Rupa access token" in caplog.text
-    stored = TokenStore(engine).load()
+    stored = TokenStore.for_settings(engine, settings).load()
     for secret in (tokens.access_token, tokens.refresh_token, stored.access_token, stored.refresh_token,
                    settings.rupa.validated().client_secret):
         assert secret not in text

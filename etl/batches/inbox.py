@@ -83,19 +83,31 @@ class InboxPaths:
 
 
 def _is_batch_file(p: Path) -> bool:
-    return (p.is_file() and p.suffix.lower() == ".csv" and not p.name.startswith(".")
-            and not p.name.endswith(".rejects.csv"))
+    """Any file whose name ends in .csv (any case, trailing spaces ignored), dotted names such as
+    `..csv` included: an odd name is processed, not ignored. Our own reject reports are not."""
+    name = p.name.rstrip().lower()
+    return p.is_file() and name.endswith(".csv") and not name.endswith(".rejects.csv")
+
+
+def _why_not_a_batch(p: Path) -> str:
+    if p.name.rstrip().lower().endswith(".rejects.csv"):
+        return "its name ends in .rejects.csv, the name labsync gives its reject reports"
+    return "labsync reads files whose name ends in .csv"
 
 
 def discover(paths: InboxPaths, *, settle_seconds: float = 0.0) -> list[Path]:
     """CSV files waiting in the inbox, oldest first. A file modified within the last
-    `settle_seconds` may still be being copied in and is left for the next run."""
+    `settle_seconds` may still be being copied in and is left for the next run. Any other file
+    is left where it is and reported in the log (never silently ignored)."""
     now = time.time()
     found = []
     for p in paths.root.iterdir():
         with contextlib.suppress(FileNotFoundError):  # moved by another run meanwhile
-            if _is_batch_file(p) and now - p.stat().st_mtime >= settle_seconds:
-                found.append((p.stat().st_mtime, p.name, p))
+            if _is_batch_file(p):
+                if now - p.stat().st_mtime >= settle_seconds:
+                    found.append((p.stat().st_mtime, p.name, p))
+            elif p.is_file():
+                log.warning("inbox: left %s where it is: not a batch file (%s)", p.name, _why_not_a_batch(p))
     return [p for *_, p in sorted(found)]
 
 

@@ -71,27 +71,26 @@ def record_rejects(engine: Engine, batch_id: int, rejects_csv: Path | None) -> i
 
 
 def _record_rejects(conn: sa.Connection, batch_id: int, rejects_csv: Path | None) -> int:
-    import csv
+    from etl.batches.csvsafe import read_rows
 
     conn.execute(sa.delete(rejected_rows).where(rejected_rows.c.batch_id == batch_id))
     if rejects_csv is None or not Path(rejects_csv).exists():
         return 0
     count = 0
-    with open(rejects_csv, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        page: list[dict] = []
-        for rec in reader:
-            page.append(
-                dict(batch_id=batch_id, line=int(rec["line"]), client_order_id=rec["client_order_id"] or None,
-                     column_name=rec["column"], value=rec["value"] or None, reason=rec["reason"])
-            )
-            if len(page) >= INSERT_PAGE:
-                conn.execute(sa.insert(rejected_rows), page)
-                count += len(page)
-                page = []
-        if page:
+    # the report is formula-safe; read_rows gives back the original values
+    page: list[dict] = []
+    for rec in read_rows(Path(rejects_csv)):
+        page.append(
+            dict(batch_id=batch_id, line=int(rec["line"]), client_order_id=rec["client_order_id"] or None,
+                 column_name=rec["column"], value=rec["value"] or None, reason=rec["reason"])
+        )
+        if len(page) >= INSERT_PAGE:
             conn.execute(sa.insert(rejected_rows), page)
             count += len(page)
+            page = []
+    if page:
+        conn.execute(sa.insert(rejected_rows), page)
+        count += len(page)
     return count
 
 
@@ -122,7 +121,9 @@ def finish_validation(
 
 
 def set_status(engine: Engine, batch_id: int, status: str, *, error: str | None = None, fence=None) -> None:
-    values: dict = {"status": status, "error": error}
+    from etl.redact import clean
+
+    values: dict = {"status": status, "error": clean(error)}  # file names may hold control characters
     if status in (BatchStatus.LOADED, BatchStatus.INCOMPLETE, BatchStatus.UNUSABLE):
         values["processed_at"] = _now()
     with engine.begin() as conn:

@@ -30,6 +30,7 @@ from etl.errors import UnusableInputError
 from etl.lgc import outbox
 from etl.settings import Settings
 from etl.states import BatchStatus, OutboxState
+from etl.vault import vault_for
 from etl.warehouse import batch_files, lgc_outbox
 
 VALIDATION_CHUNK_ROWS = 20_000  # rows validated (and staged) per step: bounds memory
@@ -126,7 +127,8 @@ def stage(
     try:
         validation = CsvValidation(path, rupa_lookup=records.rupa_lookup_for(engine), rejects_path=rejects,
                                    chunk_rows=VALIDATION_CHUNK_ROWS)
-        outbox.write(engine, batch_id, _rows(validation), fence=fence)
+        outbox.write(engine, batch_id, _rows(validation), fence=fence,
+                     vault=vault_for(settings.fernet_key, engine))
     except UnusableInputError as exc:
         reason = str(exc)
         with engine.begin() as conn:

@@ -1,6 +1,7 @@
 """The batch summary page a program manager opens: counts per state, rejected rows with their
 reasons, accepted clientOrderIds with their LetsGetChecked order-item ids. One self-contained
-HTML file, no scripts, written beside the processed file."""
+HTML file, no scripts, written beside the processed file. Every cell is HTML-escaped; error
+texts (ledger errors, the note) also pass the redaction point (etl.redact)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import html
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+
+from etl.redact import clean
 
 STATE_HELP = {
     "accepted": "LetsGetChecked accepted the order",
@@ -19,6 +22,8 @@ STATE_HELP = {
     "queued": "not sent yet (the load stopped or never ran); labsync sends these on its next runs",
     "given_up": "failed on every attempt: needs a person. Fix the cause, then drop the file again "
     "(or run labsync retry --given-up)",
+    "unconfirmed": "LetsGetChecked answered without the order it documents (e.g. a proxy's page); "
+    "not counted as accepted: labsync sends these again by itself on its next runs",
     "busy": "another run was sending this order at the same time",
     "duplicate": "the same clientOrderId appeared twice in this batch",
     "rejected before sending": "did not pass validation, so nothing was sent; see the rejected rows below",
@@ -64,7 +69,7 @@ def render(
         f"<p><strong>{_e(outcome)}</strong> <span class='muted'>({when})</span></p>",
     ]
     if note:
-        parts.append(f"<p>{_e(note)}</p>")
+        parts.append(f"<p>{_e(clean(note, limit=None))}</p>")
     rows = [(state, n, STATE_HELP.get(state, "")) for state, n in counts.items() if n]
     if rows:
         parts.append("<h2>Rows by outcome</h2>")
@@ -73,7 +78,7 @@ def render(
         parts.append("<h2 class='bad'>Orders that did not go through</h2>")
         parts.append(_table(
             ("line", "clientOrderId", "state", "HTTP status", "reason"),
-            [(r.get("line"), r.get("client_order_id"), r.get("state"), r.get("http_status"), r.get("last_error"))
+            [(r.get("line"), r.get("client_order_id"), r.get("state"), r.get("http_status"), clean(r.get("last_error")))
              for r in problem_rows],
         ))
     if rejected:

@@ -36,6 +36,7 @@ import pandera.errors
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from etl.batches import csvsafe
 from etl.batches.names import rejects_path_for  # noqa: F401  (re-exported)
 from etl.errors import UnusableInputError
 from schemas.columns import (
@@ -52,6 +53,7 @@ from schemas.vocab import CANONICAL
 log = logging.getLogger(__name__)
 
 REJECT_COLUMNS = ("line", "client_order_id", "column", "value", "reason")
+MAX_CUSTOM_NAME = 100  # custom.<key> header names
 UPPERCASE = ("state", "country", "pcp_state", "pcp_country")
 PHONE_SEPARATORS = r"[\s\-.()]"
 _ROW = "(row)"  # the `column` of a problem that concerns the whole row
@@ -73,7 +75,20 @@ class Problem:
     reason: str
 
     def as_row(self) -> list:
-        return [self.line, self.client_order_id or "", self.column, "" if self.value is None else self.value, self.reason]
+        return [self.line, _shown(self.client_order_id, MAX_ID_SHOWN), self.column, _shown(self.value),
+                self.reason]
+
+
+MAX_SHOWN = 1000  # a longer value is a broken export: the report shows its start and its length
+MAX_ID_SHOWN = 200  # the width of rejected_rows.client_order_id
+
+
+def _shown(value: str | None, limit: int = MAX_SHOWN) -> str:
+    if value is None:
+        return ""
+    if len(value) <= limit:
+        return value
+    return f"{value[:60]}… ({len(value)} characters in all)"
 
 
 @dataclass
@@ -133,7 +148,33 @@ def _scan(path: Path) -> str:
     return digest.hexdigest()
 
 
+MAX_NAMED = 5  # unknown columns named in a reason; the rest are counted
+MAX_NAME_SHOWN = 40
+
+
+def _some(names: list[str], hints: dict[str, str] | None = None, *, quote: bool = True) -> str:
+    """`'a', 'b' (did you mean 'c'?) and 9,995 more`: a bounded list for a one-line reason."""
+    shown = []
+    for n in names[:MAX_NAMED]:
+        text = n if len(n) <= MAX_NAME_SHOWN else n[: MAX_NAME_SHOWN - 1] + "…"
+        text = repr(text) if quote else text
+        shown.append(text + (f" (did you mean {hints[n]!r}?)" if hints and n in hints else ""))
+    rest = len(names) - len(shown)
+    return ", ".join(shown) + (f" and {rest:,} more" if rest else "")
+
+
 def _canonical_header(raw: list[str], file_name: str) -> list[str]:
+    known = set(COLUMNS) | {RUPA_PATIENT_ID}
+    if not any(c.strip().lower() in known or is_custom(c.strip()) for c in raw):
+        # a data row where the header should be: say so without echoing its cells (PHI)
+        if len(raw) == 1 and any(sep in raw[0] for sep in (";", "\t", "|")):
+            raise UnusableInputError(
+                f"{file_name}: the header is one single column; labsync reads comma-separated files"
+            )
+        raise UnusableInputError(
+            f"{file_name}: has no header line (line 1 holds none of the column names of "
+            "examples/template.csv); add the header as the first line"
+        )
     names: list[str] = []
     for i, cell in enumerate(raw, start=1):
         name = cell.strip()
@@ -144,24 +185,27 @@ def _canonical_header(raw: list[str], file_name: str) -> list[str]:
         else:
             name = name.lower()
         names.append(name)
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    dupes = sorted(n for n, c in counts.items() if c > 1)
     if dupes:
-        raise UnusableInputError(f"{file_name}: the header repeats {', '.join(dupes)}")
-    known = set(COLUMNS) | {RUPA_PATIENT_ID}
+        raise UnusableInputError(f"{file_name}: the header repeats {_some(dupes, quote=False)}")
     unknown = [n for n in names if n not in known and not is_custom(n)]
     if unknown:
-        if len(names) == 1 and any(sep in raw[0] for sep in (";", "\t", "|")):
-            raise UnusableInputError(
-                f"{file_name}: the header is one single column; labsync reads comma-separated files"
-            )
-        hints = []
-        for n in unknown:
-            guess = difflib.get_close_matches(n, sorted(known), n=1, cutoff=0.75)
-            hints.append(f"{n!r} (did you mean {guess[0]!r}?)" if guess else repr(n))
+        hints = {}
+        for n in unknown[:MAX_NAMED]:
+            guess = difflib.get_close_matches(n[:100], sorted(known), n=1, cutoff=0.75)
+            if guess:
+                hints[n] = guess[0]
         raise UnusableInputError(
-            f"{file_name}: unknown column {', '.join(hints)}; use the columns of "
+            f"{file_name}: unknown column {_some(unknown, hints)}; use the columns of "
             "examples/template.csv, or custom.<key> for custom data"
         )
+    too_long = [n for n in names if is_custom(n) and len(n) > MAX_CUSTOM_NAME]
+    if too_long:
+        raise UnusableInputError(f"{file_name}: the custom column name {_some(too_long)} is longer "
+                                 f"than {MAX_CUSTOM_NAME} characters")
     required = set(REQUIRED)
     if RUPA_PATIENT_ID in names:
         required -= set(RUPA_FILLABLE)
@@ -260,7 +304,7 @@ class CsvValidation:
                 if problems:
                     if writer is None:
                         writer_file = tmp.open("w", encoding="utf-8", newline="")
-                        writer = csv.writer(writer_file)
+                        writer = csvsafe.open_writer(writer_file)  # formula-safe cells
                         writer.writerow(REJECT_COLUMNS)
                     writer.writerows(p.as_row() for p in problems)
                 self.result.total_rows += len(lines)

@@ -11,7 +11,8 @@ from etl.errors import Interrupted
 from etl.settings import SANDBOX_PORT, Settings
 
 # `labsync batches`: rows per outcome, from the outbox (etl.states.OutboxState)
-BATCH_COLUMNS = ("accepted", "already_settled", "conflict", "rejected", "failed", "pending", "queued", "given_up")
+BATCH_COLUMNS = ("accepted", "already_settled", "conflict", "rejected", "failed", "unconfirmed", "pending",
+                 "queued", "given_up")
 BATCH_HEADERS = {"already_settled": "settled before", "given_up": "needs a person"}
 
 
@@ -45,6 +46,29 @@ def register(app: typer.Typer) -> None:
         engine = warehouse.upgrade_url(settings.warehouse_url)
         heads = ", ".join(sorted(warehouse.SCHEMA_HEADS))
         typer.echo(f"warehouse schema is current at {heads} ({engine.url.render_as_string(hide_password=True)})")
+
+    @db.command("new-key")
+    def db_new_key() -> None:
+        """Print a new Fernet key for LABSYNC_FERNET_KEY (the tokens stored in the warehouse)."""
+        from etl.vault import new_key
+
+        typer.echo(new_key())
+
+    @db.command("rotate-key")
+    def db_rotate_key() -> None:
+        """Re-encrypt every stored token with the first key of LABSYNC_FERNET_KEY="new,old".
+
+        Rows stored in plain text by an older labsync are encrypted too. Afterwards the old key
+        can be dropped from LABSYNC_FERNET_KEY."""
+        from etl import warehouse
+        from etl.vault import rotate_all, vault_for
+
+        settings = Settings.from_env()
+        engine = warehouse.connect(settings.warehouse_url)
+        vault = vault_for(settings.fernet_key, engine)
+        tokens, bodies = rotate_all(engine, vault)
+        typer.echo(f"re-encrypted {tokens} token row{'s' if tokens != 1 else ''} and {bodies} waiting "
+                   f"order bod{'ies' if bodies != 1 else 'y'} with the first key of {vault.source}")
 
     app.add_typer(db, name="db")
 
@@ -103,14 +127,16 @@ def register(app: typer.Typer) -> None:
         if not outcomes and run.error is None:
             typer.echo(f"inbox {settings.inbox}: nothing to do")
             raise typer.Exit(0)
+        from etl.redact import clean
+
         bad = False
         for o in outcomes:
             counts = ", ".join(f"{k} {v}" for k, v in o.get("counts", {}).items() if v)
             label = f"{o['name']}" + (" (rows sent again)" if o.get("retried") else "")
-            typer.echo(f"{label}: {o['status']}" + (f" ({counts})" if counts else "")
-                       + (f": {o['error']}" if o.get("error") else ""))
+            typer.echo(clean(f"{label}: {o['status']}" + (f" ({counts})" if counts else "")
+                             + (f": {o['error']}" if o.get("error") else ""), limit=None))
             bad = bad or o["status"] in ("unusable", "incomplete") or any(
-                o.get("counts", {}).get(k) for k in ("failed", "pending", "queued", "given_up", "rejected",
+                o.get("counts", {}).get(k) for k in ("failed", "unconfirmed", "pending", "queued", "given_up", "rejected",
                                                       "rejected before sending"))
         if run.error is not None:
             typer.echo(f"labsync: {run.error}; the rows not sent wait in the outbox and go out on the next "
@@ -132,6 +158,7 @@ def register(app: typer.Typer) -> None:
 
         from etl import warehouse
         from etl.lgc import outbox
+        from etl.redact import clean
         from etl.warehouse import batch_files
 
         engine = warehouse.connect(Settings.from_env().warehouse_url)
@@ -144,7 +171,7 @@ def register(app: typer.Typer) -> None:
             out.append({
                 "batch": b["id"], "file": b["file_name"], "status": b["status"], "rows": b["total_rows"],
                 "rejected_before_sending": b["rejected_rows"], **{s: counts.get(s, 0) for s in BATCH_COLUMNS},
-                "error": b["error"],
+                "error": clean(b["error"]),
             })
         if json_out:
             typer.echo(json.dumps(out, indent=2))
@@ -157,7 +184,7 @@ def register(app: typer.Typer) -> None:
             table.add_row(*(str(v) if v is not None else "" for v in (
                 o["batch"], o["file"], o["status"], o["rows"], o["rejected_before_sending"],
                 *(o[c] for c in BATCH_COLUMNS))))
-        Console(width=None if sys.stdout.isatty() else 160).print(table)
+        Console(width=None if sys.stdout.isatty() else 220).print(table)
         for o in out:
             if o["error"]:
                 typer.echo(f"batch {o['batch']} ({o['file']}): {o['error']}")

@@ -25,8 +25,8 @@ from rich.table import Table
 
 from etl.settings import Settings
 
-STATE_ORDER = ("accepted", "already_settled", "conflict", "rejected", "failed", "pending", "queued",
-               "given_up", "busy", "duplicate")
+STATE_ORDER = ("accepted", "already_settled", "conflict", "rejected", "failed", "unconfirmed", "pending",
+               "queued", "given_up", "busy", "duplicate")
 
 
 def _counts_text(counts: dict) -> str:
@@ -116,12 +116,16 @@ def register(app: typer.Typer) -> None:
                                "attempts (labsync status --batch NAME shows them; fix the cause, then "
                                "labsync retry --given-up)")
             raise typer.Exit(0)
+        from etl.redact import clean
+
         if batch_ids is not None and client_order_id is None:  # this batch's own rows, from the outbox
             rows = [r for b in batch_ids for r in outbox.rows_of(engine, b)]
             for r in rows:
                 r.pop("id", None)
         else:
             rows = ledger.status_rows(engine, client_order_id=client_order_id, batch_ids=batch_ids)
+        for r in rows:  # stored clean; cleaned again for rows an older labsync stored
+            r["last_error"] = clean(r.get("last_error"))
         if not rows:
             what = f"{client_order_id!r} is not in the ledger" if client_order_id else f"batch {batch!r} has no rows to send"
             typer.echo(f"labsync: {what}", err=True)
@@ -316,7 +320,7 @@ def _dry_run(engine, settings: Settings, lgc, file: Path, out: Path | None) -> i
             }) + "\n")
         at = now()
         for chunk in validation.chunks():
-            items = [outbox.staged(row, 0, at) for row in chunk]  # the very bodies a load would store
+            items = [outbox.staged(row, 0, at, None) for row in chunk]  # the very bodies a load would store
             known = ledger.lookup(engine, [i["client_order_id"] for i in items])
             for item in items:
                 if item["outcome"] != OutboxState.QUEUED:

@@ -21,7 +21,11 @@ import httpx
 
 from etl.errors import ApiError, AuthError
 from etl.http import (
+    NO_COMPRESSION,
+    TOKEN_ANSWER_LIMIT,
     RetryableStatus,
+    access_token_from,
+    asend_capped,
     async_retrying,
     describe_transport_error,
     raise_for_retryable,
@@ -84,16 +88,15 @@ class TokenProvider:
             cap = self._lgc.max_retry_after  # a token endpoint asking for hours fails now
             async for attempt in async_retrying(self._retry, max_retry_after=cap):
                 with attempt:
-                    response = raise_for_retryable(
-                        await client.post(
-                            url,
-                            params={"grant_type": "client_credentials"},
-                            data={"grant_type": "client_credentials"},
-                            auth=auth,
-                            headers={"Accept": "application/json"},
-                        ),
-                        max_retry_after=cap,
+                    request = client.build_request(
+                        "POST", url,
+                        params={"grant_type": "client_credentials"},
+                        data={"grant_type": "client_credentials"},
+                        headers={"Accept": "application/json", **NO_COMPRESSION},
                     )
+                    response = raise_for_retryable(
+                        await asend_capped(client, request, TOKEN_ANSWER_LIMIT, auth=auth),
+                        max_retry_after=cap)
         except (RetryableStatus, httpx.TransportError) as exc:
             raise ApiError(
                 f"could not get a LetsGetChecked token: {describe_transport_error(exc)}"
@@ -109,12 +112,13 @@ class TokenProvider:
                 f"the LetsGetChecked token endpoint answered HTTP {response.status_code}",
                 status=response.status_code,
             )
+        token, data = access_token_from(response)  # never `Bearer None` or a header-breaking token
+        if token is None:
+            raise ApiError("the LetsGetChecked token endpoint answered without a usable access token")
         try:
-            data = response.json()
-            token = str(data["access_token"])
             expires_in = float(data.get("expires_in") or DEFAULT_EXPIRES_IN)
-        except (ValueError, KeyError, TypeError):
-            raise ApiError("the LetsGetChecked token endpoint answered without an access_token") from None
+        except (ValueError, TypeError):
+            expires_in = DEFAULT_EXPIRES_IN
         early = min(MAX_EARLY_REFRESH, expires_in * 0.1)
         self._token = token
         self._expires_at = self._clock() + max(0.0, expires_in - early)

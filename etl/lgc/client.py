@@ -1,10 +1,14 @@
 """The LetsGetChecked order client: one idempotent PUT per order, its answer turned into an
 `Outcome` the ledger can store.
 
-Status handling (the PUT Order document + issue 3):
+Status handling (the PUT Order document + issues 3 and 10):
 
-    200/201/202   accepted   order-item ids kept
-    400           rejected   the vendor's reason (Problem Details title/detail, masked, see below)
+    2xx           accepted   only when the body is the documented order: a JSON object whose
+                             clientOrderId is the one sent and whose orderItems is a non-empty
+                             list of items with ids (kept). Anything else (an HTML page from a
+                             proxy, invalid JSON, no orderItems) is `unconfirmed`: never counted
+                             as accepted, sent again on a later run (the PUT is idempotent)
+    400           rejected   the vendor's reason, structured parts only (see below)
     409           conflict   already submitted with other data; not retried, not a batch error
     401           failed     after one token refresh; `stop` is set: the batch stops
     404/406/410/415 and anything else unexpected: failed with a plain cause
@@ -16,43 +20,58 @@ Every attempt first waits for the vendor budget (etl.lgc.budget: the deployment-
 concurrency limits) and asks the load's breaker (etl.lgc.breaker) whether it may start; its
 result tells the breaker whether the vendor is failing.
 
-PHI: the vendor's `detail` may echo the values it disliked. `mask_reason` replaces every string
-value of the order's body found in it (and anything shaped like an email, a date or a phone
-number) with `***` before it is stored or shown; nothing of the body is ever logged.
+Paths: `order_url` is the final guard for ids in the URL. clientId and clientOrderId must be
+ids that travel unchanged (schemas.columns.path_id_problem, the rule validation applies), and
+the finished URL must read back, through httpx's own parser, as exactly the path we meant.
+Otherwise nothing is sent and the row is rejected locally.
+
+Answers are read as a stream under `LgcSettings.max_response_bytes` (1 MiB): past it reading
+stops, and the cut answer is an error with a plain reason.
+
+PHI: a vendor's free text (`detail`, raw bodies) may echo the request (names, dob, the bearer
+token). Only the structured parts of its errors are kept: the HTTP status, the Problem Details
+`title` and `type` when they look like fixed strings, and the names of the fields it blames
+(etl.redact). Every `Outcome.error` passes the one redaction point before it is stored.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 
+from etl.errors import UnsafeIdError, size_text
 from etl.http import (
+    NO_COMPRESSION,
     RETRYABLE_STATUSES,
     USER_AGENT,
     RetryableStatus,
     RetryAfterTooLong,
+    aread_capped,
     async_retrying,
     describe_transport_error,
+    over_cap,
     parse_retry_after,
     raise_for_retryable,
 )
 from etl.lgc.auth import TokenProvider
 from etl.lgc.breaker import AGAIN, Breaker, Tripped
 from etl.lgc.budget import Aborted, AsyncBudget
+from etl.redact import clean, escape_controls, field_names, fixed_text
 from etl.settings import LgcSettings, RetrySettings
 from etl.states import SETTLED_ORDER_STATES, OrderState
+from schemas.columns import path_id_problem
 
 log = logging.getLogger(__name__)
 
 # The ledger's state names live in etl.states; these aliases keep call sites short.
 ACCEPTED, REJECTED, CONFLICT = OrderState.ACCEPTED, OrderState.REJECTED, OrderState.CONFLICT
-FAILED, PENDING = OrderState.FAILED, OrderState.PENDING
+FAILED, PENDING, UNCONFIRMED = OrderState.FAILED, OrderState.PENDING, OrderState.UNCONFIRMED
 TERMINAL = SETTLED_ORDER_STATES
 MAX_REASON = 500
 
@@ -65,14 +84,24 @@ _FAILED_CAUSES = {
     415: "HTTP 415 Unsupported Media Type: the API did not accept the JSON body",
 }
 
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-_DATE = re.compile(r"\b\d{4}-\d{1,2}-\d{1,2}\b|\b\d{1,2}/\d{1,2}/\d{2,4}\b")
-_PHONEISH = re.compile(r"\+?\d[\d\s().-]{5,}\d")
+# Every field name of the PUT Order document (request and response), for telling the field
+# names in an error apart from echoed values. Compared case-insensitively.
+LGC_FIELDS = frozenset("""
+    address addressLine1 addressLine2 city countryIsoAlpha2 postalCode state patientInfo
+    participantId firstName middleName lastName email phoneNumber phoneCountryCode gender dob
+    ethnicity race participantLanguage healthPlanName programCode orderItems code quantity id
+    diagnosisCodes physicianInfo npi primaryCareProvider phone phone2 fax vendorName insurance
+    insurancePlan policyNumber planName hierarchy groupName groupNumber customData key value note
+    clientOrderId clientId body request model payload
+""".split())
+MAX_ORDER_ITEM_TEXT = 100  # an order item's code or id longer than this is not a plain id
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one PUT. `error` is PHI-free. `stop` asks the loader to stop the batch."""
+    """What happened to one PUT. `error` passes the redaction point (etl.redact.clean) here, so
+    whatever builds an Outcome, the ledger only ever stores clean text. `stop` asks the loader
+    to stop the batch."""
 
     state: str
     http_status: int | None = None
@@ -81,8 +110,13 @@ class Outcome:
     error: str | None = None
     stop: bool = False
 
+    def __post_init__(self) -> None:
+        if self.error is not None:
+            object.__setattr__(self, "error", clean(self.error, limit=MAX_REASON))
+
 
 def _strings(value: Any) -> list[str]:
+    """Every string (and number) in a request body: the values an answer must not echo."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, Mapping):
@@ -94,57 +128,120 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
-def mask_reason(text: str, body: Mapping[str, Any] | None) -> str:
-    """Remove anything of the order's own data (and PHI-shaped strings) from a vendor message."""
-    values = sorted({s for s in _strings(body or {}) if len(s) >= 3}, key=len, reverse=True)
-    for value in values:
-        text = re.sub(re.escape(value), "***", text, flags=re.IGNORECASE)
-    text = _EMAIL.sub("***", text)
-    text = _DATE.sub("***", text)
-    text = _PHONEISH.sub("***", text)
-    text = " ".join(text.split())
-    return text[:MAX_REASON]
+def _keys(value: Any) -> set[str]:
+    if isinstance(value, Mapping):
+        return {str(k) for k in value} | {k for v in value.values() for k in _keys(v)}
+    if isinstance(value, list | tuple):
+        return {k for v in value for k in _keys(v)}
+    return set()
+
+
+def _json(response: httpx.Response) -> Any:
+    if over_cap(response) or not response.content:
+        return None
+    try:
+        return json.loads(response.content)
+    except ValueError:
+        return None
+
+
+def _blamed(errors: Any) -> Iterable[object]:
+    """Field names from an `errors` member: ASP.NET's {field: [messages]}, or a list of
+    {field|name|propertyName|pointer|source.pointer}."""
+    if isinstance(errors, Mapping):
+        return list(errors)
+    if isinstance(errors, list):
+        out = []
+        for e in errors:
+            if isinstance(e, Mapping):
+                source = e.get("source") if isinstance(e.get("source"), Mapping) else {}
+                out.append(e.get("field") or e.get("name") or e.get("propertyName")
+                           or e.get("pointer") or source.get("pointer"))
+        return out
+    return []
+
+
+def problem_parts(response: httpx.Response, body: Mapping[str, Any] | None) -> str:
+    """The structured parts of an error answer that may be kept, as one phrase:
+    `<title> [<type>]; fields: a, b` (each part only when it passes etl.redact's tests)."""
+    doc = _json(response)
+    if not isinstance(doc, Mapping):
+        return ""
+    values = _strings(body or {})
+    title = fixed_text(doc.get("title"), values)
+    kind = fixed_text(doc.get("type"), values, max_len=200, max_digits=4, uri=True)
+    fields, dropped = field_names(_blamed(doc.get("errors")), values, known=LGC_FIELDS | _keys(body or {}))
+    text = title or ""
+    if kind and kind != "about:blank":
+        text += f" [{kind}]"
+    if fields or dropped:
+        listed = ", ".join(fields) + (f" (+{dropped} not shown)" if dropped else "")
+        text += ("; " if text else "") + "fields: " + listed.lstrip(" ")
+    return text.strip()
 
 
 def vendor_reason(response: httpx.Response, body: Mapping[str, Any] | None) -> str:
-    """`HTTP 400 <title>: <detail>` from a Problem Details body, else the raw text; masked."""
-    title = detail = None
-    try:
-        data = response.json()
-        if isinstance(data, Mapping):
-            title, detail = data.get("title"), data.get("detail")
-            if not detail and isinstance(data.get("errors"), Mapping):
-                detail = "; ".join(
-                    f"{k}: {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                    for k, v in data["errors"].items()
-                )
-    except ValueError:
-        pass
-    if title is None and detail is None:
-        detail = response.text
-    parts = [p for p in (str(title) if title else None, str(detail) if detail else None) if p]
-    return f"HTTP {response.status_code} " + mask_reason(": ".join(parts), body)
+    """`HTTP 400 <title> [<type>]; fields: a, b`: only the structured parts of the answer, never
+    its free text. Without a usable title, the standard phrase for the status."""
+    status = response.status_code
+    parts = problem_parts(response, body)
+    if over_cap(response):
+        return f"HTTP {status} (the answer was larger than the cap and was not read)"
+    if not parts or parts.startswith("fields:"):
+        phrase = httpx.codes.get_reason_phrase(status)
+        parts = f"{phrase}; {parts}" if parts else phrase
+    return f"HTTP {status} {parts}".strip()
 
 
-def _order_items(response: httpx.Response) -> list | None:
-    try:
-        data = response.json()
-    except ValueError:
-        return None
-    items = data.get("orderItems") if isinstance(data, Mapping) else None
-    if not isinstance(items, list):
-        return None
-    return [
-        {"code": i.get("code"), "id": i.get("id")} for i in items if isinstance(i, Mapping)
-    ]
+def _plain_id(value: Any) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return True
+    return (isinstance(value, str) and 0 < len(value) <= MAX_ORDER_ITEM_TEXT
+            and escape_controls(value) == value and value.strip() == value)
+
+
+def confirmed_order(response: httpx.Response, client_order_id: str) -> tuple[list | None, str | None]:
+    """(order-item ids, None) when a 2xx carries the documented order for `client_order_id`,
+    else (None, why not) with a PHI-free reason."""
+    if over_cap(response):
+        return None, "its answer was larger than the cap and was not read"
+    if not response.content:
+        return None, "its answer was empty"
+    doc = _json(response)
+    if doc is None:
+        return None, "its answer was not JSON"
+    if not isinstance(doc, Mapping):
+        return None, "its answer was not a JSON object"
+    if doc.get("clientOrderId") != client_order_id:
+        return None, ("its answer named another clientOrderId" if doc.get("clientOrderId") is not None
+                      else "its answer had no clientOrderId")
+    items = doc.get("orderItems")
+    if not isinstance(items, list) or not items:
+        return None, "its answer had no orderItems"
+    out = []
+    for item in items:
+        if not isinstance(item, Mapping) or not _plain_id(item.get("id")):
+            return None, "an order item in its answer had no plain id"
+        code = item.get("code")
+        out.append({"code": code if _plain_id(code) else None, "id": item.get("id")})
+    return out, None
 
 
 def order_url(lgc: LgcSettings, client_order_id: str) -> str:
-    """`{base}/{clientId}/api/v2/orders/{clientOrderId}`, both path parts URL-encoded."""
-    return (
-        f"{lgc.base_url}/{quote(lgc.client_id, safe='')}/api/v2/orders/"
-        f"{quote(client_order_id, safe='')}"
-    )
+    """`{base}/{clientId}/api/v2/orders/{clientOrderId}`, or UnsafeIdError (nothing is sent)
+    when an id could be changed on its way or the URL would not read back as this path."""
+    for what, value in (("clientId", lgc.client_id), ("clientOrderId", client_order_id)):
+        problem = path_id_problem(value)
+        if problem:
+            shown = escape_controls(value if len(value) <= 100 else value[:99] + "…")
+            raise UnsafeIdError(f"{what} {shown!r} cannot be sent safely in the URL: it {problem}")
+    tail = f"/{quote(lgc.client_id, safe='')}/api/v2/orders/{quote(client_order_id, safe='')}"
+    url = f"{lgc.base_url}{tail}"
+    expected = (urlsplit(lgc.base_url).path + tail).encode("ascii")
+    if httpx.URL(url).raw_path != expected:
+        raise UnsafeIdError("the order URL cannot be sent safely: it would not reach "
+                            "{clientId}/api/v2/orders/{clientOrderId} unchanged; check LGC_BASE_URL")
+    return url
 
 
 @dataclass
@@ -183,7 +280,8 @@ class LgcClient:
 
     async def _send(self, url: str, content: bytes, token: str) -> httpx.Response:
         """One attempt: wait for the budget, start only if the breaker allows, tell it how the
-        vendor did. Raises Tripped instead of sending once the breaker is open."""
+        vendor did. The answer is read under the size cap (etl.http.aread_capped). Raises
+        Tripped instead of sending once the breaker is open."""
         breaker, budget = self.breaker, self.budget
         if budget is not None and not budget.try_acquire():
             try:
@@ -195,18 +293,15 @@ class LgcClient:
             breaker.check()
             request = httpx.Request(
                 "PUT", url, content=content,
-                headers={"User-Agent": USER_AGENT, **self.headers(token)},
+                headers={"User-Agent": USER_AGENT, **NO_COMPRESSION, **self.headers(token)},
                 extensions={"timeout": self._timeout},
             )
             try:
                 if self.transport is None:
-                    response = await self.http.send(request)
+                    response = await self.http.send(request, stream=True)
                 else:
                     response = await self.transport.handle_async_request(request)
-                    try:
-                        await response.aread()
-                    finally:
-                        await response.aclose()
+                response = await aread_capped(response, request, self.lgc.max_response_bytes)
             except httpx.TransportError as exc:
                 breaker.failure("timed out" if isinstance(exc, httpx.TimeoutException)
                                 else "connection failed")
@@ -231,7 +326,10 @@ class LgcClient:
 
     async def put_order(self, client_order_id: str, body: Mapping[str, Any], content: bytes) -> Outcome:
         """PUT one order (body already serialised as `content`) and classify the answer."""
-        url = self.order_url(client_order_id)
+        try:
+            url = self.order_url(client_order_id)
+        except UnsafeIdError as exc:  # validation refuses such ids; this is the last guard
+            return Outcome(REJECTED, None, attempts=0, error=f"not sent: {exc}")
         attempts = 0
         refreshed = False
         last: str | None = None  # what went wrong with the previous attempt (for the reason)
@@ -284,15 +382,28 @@ class LgcClient:
                 FAILED, status, attempts=attempts,
                 error=f"{describe_transport_error(exc)} ({attempts} attempts)",
             )
-        return classify(response, body, attempts)
+        return classify(response, body, attempts, client_order_id, self.lgc.max_response_bytes)
 
 
-def classify(response: httpx.Response, body: Mapping[str, Any] | None, attempts: int) -> Outcome:
+def classify(response: httpx.Response, body: Mapping[str, Any] | None, attempts: int,
+             client_order_id: str, limit: int | None = None) -> Outcome:
     status = response.status_code
-    if status in (200, 201, 202):
-        return Outcome(ACCEPTED, status, _order_items(response), attempts)
+    cap = f" ({size_text(limit)}, LGC_MAX_RESPONSE_BYTES)" if limit else ""
+    if 200 <= status < 300:
+        items, why = confirmed_order(response, client_order_id)
+        if items is not None:
+            return Outcome(ACCEPTED, status, items, attempts)
+        if over_cap(response):
+            why = f"its answer was larger than the cap{cap} and was not read"
+        return Outcome(UNCONFIRMED, status, attempts=attempts, error=(
+            f"HTTP {status} but {why}, so it is not the documented order: not counted as "
+            "accepted; sent again on the next run (the PUT is idempotent)"))
+    if over_cap(response):
+        reason = f"HTTP {status}; the answer was larger than the cap{cap} and was not read"
+    else:
+        reason = None
     if status == 400:
-        return Outcome(REJECTED, status, attempts=attempts, error=vendor_reason(response, body))
+        return Outcome(REJECTED, status, attempts=attempts, error=reason or vendor_reason(response, body))
     if status == 409:
         return Outcome(
             CONFLICT, status, attempts=attempts,
@@ -300,5 +411,8 @@ def classify(response: httpx.Response, body: Mapping[str, Any] | None, attempts:
         )
     if status == 401:
         return Outcome(FAILED, status, attempts=attempts, error=_FAILED_CAUSES[401], stop=True)
-    cause = _FAILED_CAUSES.get(status) or f"unexpected HTTP {status} from LetsGetChecked"
-    return Outcome(FAILED, status, attempts=attempts, error=cause)
+    cause = _FAILED_CAUSES.get(status)
+    if cause is None:
+        parts = problem_parts(response, body)
+        cause = f"unexpected HTTP {status} from LetsGetChecked" + (f": {parts}" if parts else "")
+    return Outcome(FAILED, status, attempts=attempts, error=reason or cause)

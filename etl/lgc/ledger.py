@@ -46,7 +46,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from etl.claims import aware
 from etl.claims import now as _now
-from etl.lgc.client import ACCEPTED, CONFLICT, FAILED, PENDING, REJECTED, Outcome
+from etl.lgc.client import ACCEPTED, CONFLICT, FAILED, PENDING, REJECTED, UNCONFIRMED, Outcome
 from etl.states import SETTLED_OUTBOX_STATES, OutboxState
 from etl.warehouse.tables import JSONType, batch_files, lgc_orders, lgc_outbox
 
@@ -252,7 +252,7 @@ def outbox_outcome(state: str, tries: int, max_attempts: int) -> str:
     settled) counts as `failed` here, so the row goes out again instead of being stranded."""
     if state not in OutboxState.__members__.values():
         state = FAILED
-    if state == FAILED and tries >= max_attempts:
+    if state in (FAILED, UNCONFIRMED) and tries >= max_attempts:
         return OutboxState.GIVEN_UP
     return state
 
@@ -334,7 +334,7 @@ def lookup(engine: Engine, client_order_ids: Sequence[str]) -> dict[str, Any]:
 
 def would_send(row, sha256: str) -> bool:
     """The dry-run twin of `claim`'s decision (ignoring claims by live runs)."""
-    if row is None or row.state in (PENDING, FAILED):
+    if row is None or row.state in (PENDING, FAILED, UNCONFIRMED):  # unconfirmed: like failed
         return True
     if row.state in (ACCEPTED, CONFLICT):
         return False

@@ -51,6 +51,7 @@ from etl.lgc.ledger import BUSY, SEND, Prepared, Result
 from etl.lgc.outbox import Chunk, body_bytes  # noqa: F401  (body_bytes re-exported)
 from etl.settings import Settings
 from etl.states import OutboxState
+from etl.vault import vault_for
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +314,8 @@ async def aload_chunk(
                         log.error("batch %s stopped: %s", batch_id, outcome.error)
 
             workers = [asyncio.create_task(worker()) for _ in range(lgc.concurrency)]
-            windows = outbox.pages(engine, chunk, size=window_size, max_attempts=max_attempts)
+            windows = outbox.pages(engine, chunk, size=window_size, max_attempts=max_attempts,
+                                   vault=vault_for(settings.fernet_key, engine))
             try:
                 while not stop.is_set():
                     window = await db(next, windows, None)
@@ -435,7 +437,7 @@ def load_rows(
     etl.batches (validate the whole file first, then load). Rows repeating a clientOrderId of
     the batch are counted `duplicate` and not sent."""
     batch_id = batch_id if batch_id is not None else outbox.adhoc_batch(engine)
-    written = outbox.write(engine, batch_id, rows)
+    written = outbox.write(engine, batch_id, rows, vault=vault_for(settings.fernet_key, engine))
     summary = LoadSummary()
     if written.duplicates:
         summary.counts[DUPLICATE] += written.duplicates

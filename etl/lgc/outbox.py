@@ -7,9 +7,10 @@ carries only `{"batch_id", "first_id", "last_id", "rows", "file"}`. Each row kee
 table, and rows that did not go through are sent again by later runs (`retry_batches`,
 `labsync retry`) from the stored body, with no file needed.
 
-PHI: `body` holds the patient's data. It is set to NULL in the same statement that records a
-row as settled (accepted, rejected, conflict, already_settled) and kept while the row may still
-have to go out (queued, pending, failed) or waits for a person (given_up).
+PHI: `body` holds the patient's data, so it is stored encrypted (etl.vault: Fernet, the key of
+LABSYNC_FERNET_KEY, as for the stored tokens) and set to NULL in the same statement that records
+a row as settled (accepted, rejected, conflict, already_settled). It is kept while the row may
+still have to go out (queued, pending, failed, unconfirmed) or waits for a person (given_up).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from etl.claims import now as _now
 from etl.lgc.ledger import Prepared
 from etl.lgc.payload import PayloadError, build_payload, client_order_id, payload_sha256
 from etl.states import RETRYABLE_OUTBOX_STATES, BatchStatus, OutboxState
+from etl.vault import Vault
 from etl.warehouse.tables import batch_files, lgc_orders, lgc_outbox
 
 o = lgc_outbox
@@ -73,9 +75,10 @@ def _insert(conn: Connection):
     return postgresql.insert(o) if conn.dialect.name == "postgresql" else sqlite.insert(o)
 
 
-def staged(row: Mapping[str, Any], batch_id: int, now: datetime) -> dict:
+def staged(row: Mapping[str, Any], batch_id: int, now: datetime, vault: Vault | None) -> dict:
     """One validated row -> its outbox row: the body built once, by the one mapping
-    (etl.lgc.payload). A row that cannot be mapped is stored `rejected` with the reason, no body."""
+    (etl.lgc.payload), and sealed by the vault (`None` only for the dry run, which stores
+    nothing). A row that cannot be mapped is stored `rejected` with the reason, no body."""
     coid = client_order_id(row)
     line = row.get("line")
     try:
@@ -85,9 +88,13 @@ def staged(row: Mapping[str, Any], batch_id: int, now: datetime) -> dict:
         return dict(batch_id=batch_id, line=line, client_order_id=coid, body=None,
                     body_sha256=payload_sha256({"unmappable": reason}), outcome=OutboxState.REJECTED,
                     attempts=0, last_error=reason, created_at=now, updated_at=now)
-    return dict(batch_id=batch_id, line=line, client_order_id=coid, body=body_bytes(body).decode(),
+    return dict(batch_id=batch_id, line=line, client_order_id=coid, body=_sealed(body_bytes(body).decode(), vault),
                 body_sha256=payload_sha256(body), outcome=OutboxState.QUEUED, attempts=0,
                 last_error=None, created_at=now, updated_at=now)
+
+
+def _sealed(text: str, vault: Vault | None) -> str:
+    return text if vault is None else vault.seal(text)
 
 
 def write(
@@ -95,10 +102,12 @@ def write(
     batch_id: int,
     rows: Iterable[Mapping[str, Any]],
     *,
+    vault: Vault,
     fence: Callable[[Connection], None] | None = None,
     page: int = INSERT_PAGE,
 ) -> Written:
-    """Write the outbox rows of `rows` for a batch, a page per transaction (executemany).
+    """Write the outbox rows of `rows` for a batch, a page per transaction (executemany); each
+    body sealed by `vault` (etl.vault.vault_for(settings.fernet_key, engine)).
 
     `fence(conn)` runs first in every page's transaction: the caller checks there that it
     still owns the batch (and renews its lease), so a run that lost its claim cannot add rows
@@ -124,7 +133,7 @@ def write(
 
     now = _now()
     for row in rows:
-        item = staged(row, batch_id, now)
+        item = staged(row, batch_id, now, vault)
         if item["client_order_id"] in seen:
             done.duplicates += 1
             continue
@@ -175,9 +184,10 @@ def chunks(
 
 
 def read(
-    conn: Connection, chunk: Chunk, *, after_id: int, limit: int, max_attempts: int
+    conn: Connection, chunk: Chunk, *, after_id: int, limit: int, max_attempts: int, vault: Vault
 ) -> list[Prepared]:
-    """The next `limit` loadable rows of a chunk after `after_id`, oldest first (keyset paging)."""
+    """The next `limit` loadable rows of a chunk after `after_id`, oldest first (keyset paging),
+    their bodies opened by `vault`."""
     rows = conn.execute(
         sa.select(o.c.id, o.c.client_order_id, o.c.line, o.c.body, o.c.body_sha256, o.c.attempts)
         .where(o.c.batch_id == chunk.batch_id, o.c.id > after_id, o.c.id <= chunk.last_id,
@@ -185,18 +195,19 @@ def read(
         .order_by(o.c.id)
         .limit(limit)
     ).all()
-    return [
-        Prepared(r.id, chunk.batch_id, r.client_order_id, r.line, json.loads(r.body), r.body.encode(),
-                 r.body_sha256, r.attempts)
-        for r in rows
-    ]
+    out = []
+    for r in rows:
+        text = vault.open(r.body)
+        out.append(Prepared(r.id, chunk.batch_id, r.client_order_id, r.line, json.loads(text), text.encode(),
+                            r.body_sha256, r.attempts))
+    return out
 
 
-def pages(engine: Engine, chunk: Chunk, *, size: int, max_attempts: int) -> Iterator[list[Prepared]]:
+def pages(engine: Engine, chunk: Chunk, *, size: int, max_attempts: int, vault: Vault) -> Iterator[list[Prepared]]:
     after = chunk.first_id - 1
     while True:
         with engine.connect() as conn:
-            page = read(conn, chunk, after_id=after, limit=size, max_attempts=max_attempts)
+            page = read(conn, chunk, after_id=after, limit=size, max_attempts=max_attempts, vault=vault)
         if not page:
             return
         after = page[-1].outbox_id

@@ -11,6 +11,13 @@ Two token sources share one tiny interface (`token()`, `after_401(used)`):
 - `StaticToken`: `RUPA_API_TOKEN` / the Airflow extra `access_token`; a 401 is final.
 - `OAuthTokens`: refreshes shortly before expiry and once after a 401.
 
+Tokens are encrypted at rest (etl.vault: Fernet, the key from LABSYNC_FERNET_KEY, the Airflow
+Variable labsync_fernet_secret, or an embedded SQLite warehouse's key file). A row stored in
+plain text by an older labsync is encrypted the first time it is read.
+
+A token answer is used only when its access_token is a string that can follow `Bearer ` as it
+is (etl.http.access_token_from): never `Bearer None`, never a token that breaks the header.
+
 Nothing here logs or raises with a token, a code or a client secret in the message.
 """
 
@@ -31,13 +38,18 @@ from sqlalchemy import Connection, Engine, select, update
 
 from etl.errors import ApiError, AuthError, ConfigError
 from etl.http import (
+    NO_COMPRESSION,
+    TOKEN_ANSWER_LIMIT,
     RetryableStatus,
+    access_token_from,
     describe_transport_error,
     make_client,
     raise_for_retryable,
     retrying,
+    send_capped,
 )
 from etl.settings import RetrySettings, RupaSettings, Settings
+from etl.vault import Vault, vault_for
 from etl.warehouse import oauth_tokens, upsert
 
 log = logging.getLogger(__name__)
@@ -77,24 +89,48 @@ def _aware(ts: datetime | None) -> datetime | None:
 
 
 class TokenStore:
-    """The `oauth_tokens` row for one provider."""
+    """The `oauth_tokens` row for one provider, its tokens encrypted by `vault`."""
 
-    def __init__(self, engine: Engine, provider: str = PROVIDER) -> None:
-        self.engine, self.provider = engine, provider
+    def __init__(self, engine: Engine, vault: Vault, provider: str = PROVIDER) -> None:
+        self.engine, self.vault, self.provider = engine, vault, provider
+
+    @classmethod
+    def for_settings(cls, engine: Engine, settings: Settings) -> TokenStore:
+        """ConfigError (before anything is sent) when there is no key for this warehouse."""
+        return cls(engine, vault_for(settings.fernet_key, engine))
+
+    def _row(self, conn: Connection):
+        return conn.execute(select(oauth_tokens).where(oauth_tokens.c.provider == self.provider)).mappings().first()
 
     def _read(self, conn: Connection) -> Tokens | None:
-        row = conn.execute(select(oauth_tokens).where(oauth_tokens.c.provider == self.provider)).mappings().first()
+        row = self._row(conn)
         if row is None or not row["access_token"]:
             return None
-        return Tokens(row["access_token"], row["refresh_token"], _aware(row["expires_at"]), _aware(row["updated_at"]))
+        return Tokens(self.vault.open(row["access_token"]), self.vault.open(row["refresh_token"]),
+                      _aware(row["expires_at"]), _aware(row["updated_at"]))
 
     def load(self) -> Tokens | None:
         with self.engine.connect() as conn:
-            return self._read(conn)
+            row = self._row(conn)
+            tokens = self._read(conn)
+        if row is not None and tokens is not None and not self.vault.is_sealed(row["access_token"]):
+            self._encrypt_plain_row(row)
+        return tokens
+
+    def _encrypt_plain_row(self, row) -> None:
+        """A row an older labsync stored in plain text: write it back encrypted, unless another
+        run changed it meanwhile (then that run's row stands)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(oauth_tokens)
+                         .where(oauth_tokens.c.provider == self.provider,
+                                oauth_tokens.c.access_token == row["access_token"])
+                         .values(access_token=self.vault.reseal(row["access_token"]),
+                                 refresh_token=self.vault.reseal(row["refresh_token"])))
+        log.info("encrypted the stored %s tokens at rest", self.provider)
 
     def save(self, tokens: Tokens, conn: Connection | None = None) -> None:
-        row = dict(provider=self.provider, access_token=tokens.access_token,
-                   refresh_token=tokens.refresh_token, expires_at=tokens.expires_at,
+        row = dict(provider=self.provider, access_token=self.vault.seal(tokens.access_token),
+                   refresh_token=self.vault.seal(tokens.refresh_token), expires_at=tokens.expires_at,
                    updated_at=tokens.issued_at or datetime.now(UTC))
         if conn is not None:
             upsert(conn, oauth_tokens, [row], key=["provider"])
@@ -143,15 +179,13 @@ def request_tokens(http: httpx.Client, settings: RupaSettings, retry: RetrySetti
     try:
         for attempt in retrying(retry):
             with attempt:
-                response = raise_for_retryable(http.post(token_endpoint(settings), data=form,
-                                                         headers={"Accept": "application/json"}))
+                request = http.build_request("POST", token_endpoint(settings), data=form,
+                                             headers={"Accept": "application/json", **NO_COMPRESSION})
+                response = raise_for_retryable(send_capped(http, request, TOKEN_ANSWER_LIMIT))
     except (RetryableStatus, httpx.TransportError) as exc:
         raise ApiError(f"Rupa token endpoint failed: {describe_transport_error(exc)}") from None
-    try:
-        body = response.json()
-    except ValueError:
-        body = {}
-    if response.status_code >= 400 or not isinstance(body, dict):
+    access, body = access_token_from(response)
+    if response.status_code >= 400:
         error = body.get("error") if isinstance(body, dict) else None
         if error == "invalid_client" or response.status_code == 401:
             raise AuthError("Rupa refused the client credentials: check RUPA_CLIENT_ID and "
@@ -162,11 +196,11 @@ def request_tokens(http: httpx.Client, settings: RupaSettings, retry: RetrySetti
             raise AuthError("Rupa refused the authorization code (expired, already used, or a "
                             "different redirect URI); run `labsync rupa authorize` again",
                             status=response.status_code)
+        shown = error if isinstance(error, str) and error.isidentifier() and len(error) <= 40 else None
         raise ApiError(f"Rupa token endpoint answered HTTP {response.status_code}"
-                       + (f" ({error})" if isinstance(error, str) else ""), status=response.status_code)
-    access = body.get("access_token")
-    if not isinstance(access, str) or not access:
-        raise ApiError("Rupa token endpoint answered without an access token")
+                       + (f" ({shown})" if shown else ""), status=response.status_code)
+    if access is None:  # never `Bearer None`, never a token that would break the header
+        raise ApiError("Rupa token endpoint answered without a usable access token")
     now = datetime.now(UTC)
     expires_at = None
     try:
@@ -232,7 +266,7 @@ def token_source(settings: Settings, engine: Engine | None, http: httpx.Client) 
         return StaticToken(rupa.api_token)
     if engine is None:
         raise ConfigError("Rupa OAuth needs the warehouse to keep its tokens; set LABSYNC_WAREHOUSE_URL")
-    return OAuthTokens(rupa, settings.retry, TokenStore(engine), http)
+    return OAuthTokens(rupa, settings.retry, TokenStore.for_settings(engine, settings), http)
 
 
 # ---- the one-time authorization ----------------------------------------------------------------
@@ -269,11 +303,13 @@ def parse_authorization_response(text: str, expected_state: str | None = None) -
 
 
 def exchange_code(engine: Engine, settings: Settings, code: str) -> Tokens:
-    """Trade an authorization code for tokens and store them in `oauth_tokens` at once."""
+    """Trade an authorization code for tokens and store them in `oauth_tokens` at once. The
+    key for storing them is checked first: the code is single-use."""
     rupa = settings.rupa.validated()
+    store = TokenStore.for_settings(engine, settings)
     with make_client(rupa.base_url, settings.retry) as http:
         tokens = request_tokens(http, rupa, settings.retry, {
             "grant_type": "authorization_code", "code": code, "redirect_uri": rupa.redirect_uri})
-    TokenStore(engine).save(tokens)
+    store.save(tokens)
     log.info("stored new Rupa tokens")
     return tokens

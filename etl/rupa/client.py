@@ -5,11 +5,21 @@ scheme (cursor, offset, numbers), and an interrupted extraction can resume from 
 of the next page. Only the first request carries our page size (`page[size]`, as JSON:API
 suggests). A `next` link pointing at another host is refused: it would receive our token.
 
-Errors: a JSON:API `errors` array becomes a `RupaApiError` whose message lists each error's
-status, code, title and source pointer. The free-text `detail` is kept on the exception
-(`.errors`) but left out of the message, because servers often echo submitted values (names,
-emails) there. 429/5xx/timeouts/broken connections go through `etl.http.retrying`; a 401 gets
-one token refresh and one more try.
+Paging with a memory: `pages()` remembers every page URL of the run (normalised: scheme and host
+case, percent-encoding, parameter order and fragments do not make a page new) and stops with
+`RupaPageLoop` on any repeat, so a cycle over two or more pages ends at once. A run also has a
+page budget (`RUPA_MAX_PAGES`): a server that mints new cursors forever ends in `RupaPageBudget`.
+
+Ids in URLs (`/patients/{id}`) must be ids that travel unchanged (the rule of
+schemas.columns.path_id_problem); any other is refused before anything is sent. Answers are read
+as a stream under `RUPA_MAX_RESPONSE_BYTES`.
+
+Errors: a JSON:API `errors` array becomes a `RupaApiError` whose message keeps only structured
+parts of each error: status, `code` and `title` when they look like fixed strings, and the
+source pointer or parameter when it is plainly a field name (etl.redact). Free text (`detail`)
+is kept on the exception (`.errors`) but never in the message, because servers echo submitted
+values (names, emails, tokens) there. 429/5xx/timeouts/broken connections go through
+`etl.http.retrying`; a 401 gets one token refresh and one more try.
 """
 
 from __future__ import annotations
@@ -19,21 +29,26 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urljoin, urlsplit
 
 import httpx
 from sqlalchemy import Engine
 
-from etl.errors import ApiError, AuthError
+from etl.errors import ApiError, AuthError, UnsafeIdError, size_text
 from etl.http import (
+    NO_COMPRESSION,
     RetryableStatus,
     describe_transport_error,
     make_client,
+    over_cap,
     raise_for_retryable,
     retrying,
+    send_capped,
 )
+from etl.redact import escape_controls, field_names, fixed_text
 from etl.rupa.auth import TokenSource, token_source
 from etl.settings import RetrySettings, RupaSettings, Settings
+from schemas.columns import path_id_problem
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +64,32 @@ class RupaApiError(ApiError):
 
     @property
     def codes(self) -> list[str]:
-        return [str(e.get("code")) for e in self.errors if e.get("code")]
+        return [str(e.get("code")) for e in self.errors if isinstance(e, dict) and e.get("code")]
+
+
+class RupaPageLoop(RupaApiError):
+    """`links.next` led back to a page this run already read. The stored resume point is
+    dropped (links from a looping server are not trusted): the next run starts over."""
+
+
+class RupaPageBudget(RupaApiError):
+    """The run read RUPA_MAX_PAGES pages without reaching the end. The resume point is kept, so
+    a clinic that really is that big is finished by later runs."""
+
+
+# JSON:API's own member names and paging parameters: field names Rupa may blame.
+JSONAPI_FIELDS = frozenset("data attributes relationships type id meta links included page size "
+                           "after before number offset limit cursor filter sort include fields".split())
+
+
+def page_key(url: str) -> tuple:
+    """A URL as a page identity: scheme and host case, default ports, percent-encoding, the
+    order of query parameters and the fragment do not make a page new."""
+    p = urlsplit(url)
+    port = p.port if p.port not in (None, 80 if p.scheme.lower() == "http" else 443) else None
+    host = (p.hostname or "").lower()
+    return (p.scheme.lower(), host, port, unquote(p.path).rstrip("/") or "/",
+            tuple(sorted(parse_qsl(p.query, keep_blank_values=True))))
 
 
 @dataclass(frozen=True)
@@ -69,21 +109,45 @@ class OrderIntent:
     resource: dict
 
 
-def describe_errors(status: int, errors: Iterable[dict]) -> str:
-    """`HTTP 422: Missing required attribute [missing_attribute] at /data/attributes/email; ...`"""
+def describe_errors(status: int, errors: Iterable[dict], sent: Iterable[str] = (),
+                    known: Iterable[str] = ()) -> str:
+    """`HTTP 422: Missing required attribute [missing_attribute] at /data/attributes/email; ...`
+    from the structured parts only; `sent` are the values of the request (never echoed)."""
+    sent = list(sent)
+    fields = JSONAPI_FIELDS | set(known)
     parts = []
     for err in errors:
         if not isinstance(err, dict):
             continue
-        text = str(err.get("title") or err.get("code") or "error")
-        if err.get("code") and err.get("title"):
-            text += f" [{err['code']}]"
-        source = err.get("source") or {}
-        where = source.get("pointer") or source.get("parameter") if isinstance(source, dict) else None
+        title = fixed_text(err.get("title"), sent)
+        code = fixed_text(err.get("code"), sent, max_len=60)
+        text = title or code or "error"
+        if code and title:
+            text += f" [{code}]"
+        source = err.get("source") if isinstance(err.get("source"), dict) else {}
+        where, _ = field_names([source.get("pointer") or source.get("parameter")], sent, known=fields)
         if where:
-            text += f" at {where}"
-        parts.append(text[:200])
+            text += f" at {where[0]}"
+        parts.append(text)
     return f"HTTP {status}: " + ("; ".join(parts[:5]) or "no details")
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _keys(value: object) -> set[str]:
+    if isinstance(value, dict):
+        return {str(k) for k in value} | {k for v in value.values() for k in _keys(v)}
+    if isinstance(value, list):
+        return {k for v in value for k in _keys(v)}
+    return set()
 
 
 class RupaClient:
@@ -111,6 +175,16 @@ class RupaClient:
             return path_or_url
         return f"{self.settings.base_url.rstrip('/')}/{path_or_url.lstrip('/')}"
 
+    @staticmethod
+    def path(collection: str, resource_id: str) -> str:
+        """`/{collection}/{id}`, or UnsafeIdError (nothing is sent) for an id that could be
+        changed on its way (`..`, `/`, `%2e`, look-alikes, ...)."""
+        problem = path_id_problem(str(resource_id))
+        if problem:
+            shown = escape_controls(str(resource_id)[:100])
+            raise UnsafeIdError(f"the Rupa id {shown!r} cannot be sent safely in the URL: it {problem}")
+        return f"/{collection}/{quote(str(resource_id), safe='')}"
+
     def _send_once(self, method: str, url: str, body: dict | None) -> tuple[httpx.Response, str]:
         """One logical request through the retry policy. Returns the response and the token used."""
         used = ""
@@ -118,14 +192,15 @@ class RupaClient:
             for attempt in retrying(self.retry):
                 with attempt:
                     used = self.auth.token()
-                    headers = {"Authorization": f"Bearer {used}", "Accept": JSONAPI}
+                    headers = {"Authorization": f"Bearer {used}", "Accept": JSONAPI, **NO_COMPRESSION}
                     content = None
                     if body is not None:
                         headers["Content-Type"] = JSONAPI
                         content = json.dumps(body)
                     self.requests += 1
+                    request = self.http.build_request(method, url, headers=headers, content=content)
                     response = raise_for_retryable(
-                        self.http.request(method, url, headers=headers, content=content))
+                        send_capped(self.http, request, self.settings.max_response_bytes))
         except (RetryableStatus, httpx.TransportError) as exc:
             raise ApiError(f"Rupa {method} {urlsplit(url).path} failed: {describe_transport_error(exc)}") from None
         return response, used
@@ -142,24 +217,32 @@ class RupaClient:
             if response.status_code == 401:
                 raise AuthError("Rupa refused the access token even after refreshing it; "
                                 "run `labsync rupa authorize` again", status=401)
-        return self._document(response)
+        return self._document(response, body)
 
-    def _document(self, response: httpx.Response) -> dict:
+    def _document(self, response: httpx.Response, sent: dict | None = None) -> dict:
         status = response.status_code
+        if over_cap(response):
+            raise RupaApiError(
+                f"Rupa answered {escape_controls(urlsplit(str(response.request.url)).path)} with more "
+                f"than {size_text(self.settings.max_response_bytes)} (RUPA_MAX_RESPONSE_BYTES); "
+                "lower RUPA_PAGE_SIZE or raise the cap", status=status)
         try:
-            doc = response.json()
+            doc = json.loads(response.content) if response.content else None
         except ValueError:
             doc = None
+        values, known = _strings(sent or {}), _keys(sent or {})
+        errors = doc.get("errors") if isinstance(doc, dict) else None
         if status >= 400:
-            errors = doc.get("errors") if isinstance(doc, dict) else None
             if isinstance(errors, list) and errors:
-                raise RupaApiError(f"Rupa API error {describe_errors(status, errors)}", status=status, errors=errors)
+                raise RupaApiError(f"Rupa API error {describe_errors(status, errors, values, known)}",
+                                   status=status, errors=errors)
             raise RupaApiError(f"Rupa API error HTTP {status}", status=status)
         if not isinstance(doc, dict):
             raise RupaApiError(f"Rupa answered HTTP {status} with a body that is not a JSON document", status=status)
-        if doc.get("errors") and "data" not in doc:
-            raise RupaApiError(f"Rupa API error {describe_errors(status, doc['errors'])}", status=status,
-                               errors=doc["errors"])
+        if errors and "data" not in doc:
+            listed = errors if isinstance(errors, list) else []
+            raise RupaApiError(f"Rupa API error {describe_errors(status, listed, values, known)}", status=status,
+                               errors=listed)
         return doc
 
     def _next_url(self, doc: dict, current: str) -> str | None:
@@ -171,10 +254,8 @@ class RupaClient:
             return None
         absolute = urljoin(current, str(nxt))
         parts = urlsplit(absolute)
-        if (parts.scheme, parts.netloc) != self._origin:
+        if (parts.scheme.lower(), parts.netloc.lower()) != (self._origin[0].lower(), self._origin[1].lower()):
             raise RupaApiError("Rupa's links.next points at another host; refusing to send the token there")
-        if absolute == current:
-            raise RupaApiError("Rupa's links.next points at the page just read; paging would never end")
         return absolute
 
     # ---- list endpoints ------------------------------------------------------------------------
@@ -182,9 +263,19 @@ class RupaClient:
         return f"{self._url(path)}?page%5Bsize%5D={self.settings.page_size}"
 
     def pages(self, path: str, *, start_url: str | None = None) -> Iterator[Page]:
-        """Every page of a list endpoint, from `start_url` (a stored `next` link) or the first."""
+        """Every page of a list endpoint, from `start_url` (a stored `next` link) or the first.
+        Raises RupaPageLoop when a `next` link repeats a page of this run, RupaPageBudget after
+        RUPA_MAX_PAGES pages."""
         url: str | None = start_url or self.first_page_url(path)
+        seen: set[tuple] = set()
+        budget = self.settings.max_pages
         while url:
+            if len(seen) >= budget:
+                raise RupaPageBudget(
+                    f"Rupa sent {budget} pages of {path} without an end (RUPA_MAX_PAGES={budget}); "
+                    "if the clinic really has that many, raise RUPA_MAX_PAGES: the next run goes on "
+                    "from here")
+            seen.add(page_key(url))
             doc = self.request("GET", url)
             data = doc.get("data")
             if not isinstance(data, list):
@@ -192,6 +283,11 @@ class RupaClient:
             meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
             total = meta.get("total") if isinstance(meta.get("total"), int) else None
             next_url = self._next_url(doc, url)
+            if next_url is not None and page_key(next_url) in seen:
+                raise RupaPageLoop(
+                    f"Rupa's links.next for {path} repeats a page already read in this run (after "
+                    f"{len(seen)} pages); paging would never end, so this run stops and the next "
+                    "one starts over")
             yield Page(url=url, data=data, next_url=next_url, total=total)
             url = next_url
 
@@ -206,7 +302,7 @@ class RupaClient:
         return self.iter_resources("/lab_tests")
 
     def get_patient(self, patient_id: str) -> dict:
-        return self.request("GET", f"/patients/{patient_id}")["data"]
+        return self.request("GET", self.path("patients", patient_id))["data"]
 
     # ---- writes ----------------------------------------------------------------------------------
     def create_patient(self, first_name: str, last_name: str, email: str, **attributes: Any) -> dict:

@@ -36,7 +36,8 @@ from sqlalchemy import Connection, Engine, Table, func, select, update
 
 from etl.errors import ConfigError, LabsyncError
 from etl.http import describe_transport_error
-from etl.rupa.client import Page, RupaApiError, RupaClient, open_client
+from etl.redact import clean
+from etl.rupa.client import Page, RupaApiError, RupaClient, RupaPageLoop, open_client
 from etl.settings import Settings
 from etl.warehouse import rupa_lab_tests, rupa_patients, sync_state, upsert
 
@@ -178,12 +179,16 @@ def _start(engine: Engine, spec: Stream, *, fresh: bool = False) -> _Run:
 
 
 def _fail(engine: Engine, spec: Stream, exc: BaseException) -> None:
-    """Record why the run stopped (no PHI: exception type and our own plain messages only)."""
+    """Record why the run stopped (no PHI: exception type and our own plain messages only,
+    through the redaction point). After a paging loop the resume point is dropped: the next run
+    starts over instead of following a looping server's links."""
     reason = str(exc) if isinstance(exc, LabsyncError) else describe_transport_error(exc)
+    restart = {"resume_url": None} if isinstance(exc, RupaPageLoop) else {}
     try:
         with engine.begin() as conn:
             conn.execute(update(sync_state).where(sync_state.c.stream == spec.name)
-                         .values(status="failed", run_finished_at=datetime.now(UTC), error=reason[:500]))
+                         .values(status="failed", run_finished_at=datetime.now(UTC),
+                                 error=clean(reason), **restart))
     except Exception:  # the warehouse itself may be why we failed; the original error matters more
         log.warning("could not record the failed %s run in sync_state", spec.name)
 

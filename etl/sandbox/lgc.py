@@ -16,6 +16,10 @@ What it does like the real API (per the PUT Order document):
   unknown clientId, 406 for an Accept it cannot serve, 415 for a body that is not JSON.
 - `forced[clientOrderId] = status` answers that status (e.g. 410) for one order; a forced 400
   is a business-rule rejection whose detail echoes the patient's name, dob, email and phone.
+- `token_answer = fn(request) -> Response` answers the token endpoint instead (a hostile one).
+- `answers[clientOrderId] = fn(request, body_bytes) -> Response` answers one order with whatever
+  `fn` builds, after the token check: a hostile vendor in a test (an HTML 200, a 202 that is not
+  JSON, an endless body, an error that echoes the bearer token).
 
 Faults (latency, 500/503, 429, dropped connections, hanging) come from `etl.sandbox.faults`
 around this app. `traffic` records what arrived, outside the faults: order PUTs in flight now,
@@ -37,6 +41,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from datetime import date
 from typing import Any
 from urllib.parse import unquote
@@ -317,6 +322,8 @@ class LgcSandbox:
         self.static_tokens: set[str] = set()  # accepted forever, like a ready LGC_API_TOKEN
         self.reject_tokens = False  # True: every PUT answers 401, even with a fresh token
         self.forced: dict[str, int] = {}  # clientOrderId -> status to answer
+        self.answers: dict[str, Callable[[Request, bytes], Response]] = {}  # scripted answers
+        self.token_answer: Callable[[Request], Response] | None = None
         self.tokens: dict[str, float] = {}  # token -> expiry (time.monotonic)
         self.token_requests = 0
         self.issued: list[str] = []
@@ -341,6 +348,7 @@ class LgcSandbox:
             self.status_count.clear()
             self.tokens.clear()
             self.forced.clear()
+            self.answers.clear()
             self.token_requests = 0
             self.reject_tokens = False
         self.faults.reset()
@@ -358,6 +366,8 @@ class LgcSandbox:
     async def token_endpoint(self, request: Request) -> Response:
         with self._lock:
             self.token_requests += 1
+        if self.token_answer is not None:
+            return self.token_answer(request)
         if request.query_params.get("grant_type") != "client_credentials":
             return JSONResponse({"error": "unsupported_grant_type"}, status_code=400)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -408,6 +418,9 @@ class LgcSandbox:
         if not self._token_ok(request):
             return problem(401, "Unauthorized", "missing, invalid or expired bearer token",
                            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        scripted = self.answers.get(coid)
+        if scripted is not None:
+            return scripted(request, raw)
         if client_id not in self.client_ids:
             return problem(404, "Not Found", "unknown clientId")
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()

@@ -19,6 +19,11 @@ Routes (relative to the mount point, `/rupa` in `etl.sandbox.server`):
     GET  /oauth/authorize       redirects to redirect_uri with ?code=...&state=...
     POST /oauth/token           grant_type authorization_code | refresh_token
 
+Hostile-vendor knobs for tests: `rewrite_next(url, next_url) -> next_url` changes the `links.next`
+of every list page (cycles, endless paging); `answer(request) -> Response | None` answers any
+authorized request with a scripted response (None serves it normally); `token_answer(request)`
+answers the token endpoint instead.
+
 Test helpers: `update_patient`, `delete_patient`, `update_lab_test`, `delete_lab_test`,
 `revoke_all`, `expire_access_tokens`, `issue_code`, `mint_access_token`, `stats`, `requests`.
 """
@@ -141,6 +146,9 @@ class RupaSandbox:
         self.order_intents: dict[str, dict] = {}
         self.stats: collections.Counter[str] = collections.Counter()
         self.requests: collections.deque[str] = collections.deque(maxlen=10_000)
+        self.rewrite_next: Callable[[str, str | None], str | None] | None = None
+        self.answer: Callable[[Request], Response | None] | None = None
+        self.token_answer: Callable[[Request], Response] | None = None
         self._identities: dict[tuple[str, str, str], int] = {}  # edited or added patients
         self._codes: dict[str, tuple[str, float]] = {}  # code -> (redirect_uri, expires)
         self._access: dict[str, float] = {}  # access token -> monotonic expiry
@@ -277,7 +285,7 @@ class RupaSandbox:
         self.requests.append(f"{request.method} {request.url.path}?{request.url.query}")
         self.stats[f"{request.method} {request.url.path.rsplit('/rupa', 1)[-1]}"] += 1
         if self._authorized(request):
-            return None
+            return self.answer(request) if self.answer is not None else None
         self.stats["401"] += 1
         return _errors(401, "invalid_token", "Unauthorized",
                        "The access token is missing, invalid or expired.",
@@ -317,6 +325,8 @@ class RupaSandbox:
         if cursor is not None:
             links["next"] = str(request.url.replace(
                 query=urlencode({"page[size]": size, "page[after]": cursor})))
+        if self.rewrite_next is not None:
+            links["next"] = self.rewrite_next(str(request.url), links["next"])
         return _doc({"data": data, "links": links, "meta": {"total": total}})
 
     async def _list_patients(self, request: Request) -> Response:
@@ -437,6 +447,8 @@ class RupaSandbox:
         return RedirectResponse(f"{q['redirect_uri']}{sep}{urlencode(params)}", status_code=302)
 
     async def _token(self, request: Request) -> Response:
+        if self.token_answer is not None:
+            return self.token_answer(request)
         form = await request.form()
         client_id, client_secret = form.get("client_id"), form.get("client_secret")
         basic = request.headers.get("authorization", "")

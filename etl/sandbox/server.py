@@ -7,11 +7,18 @@
     GET  /_sandbox/lgc/traffic           order PUTs seen: in flight now, the most at once, start times
     GET  /_sandbox/health
 
+Every request that reaches the server is recorded as it arrived on the wire, before any routing
+or normalisation: `Sandbox.received` holds (method, raw path) pairs, e.g. ("PUT",
+b"/lgc/DEMO/api/v2/orders/A%2FB"). Tests of path safety assert on it: a request that the client
+stack re-routed shows up here under the path it really reached.
+
 `SandboxServer` runs it in a background thread (tests, bench, demo); `serve()` runs it in the
 foreground (`labsync sandbox`). It binds to 127.0.0.1 only (etl.asgi does the serving).
 """
 
 from __future__ import annotations
+
+import collections
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -32,6 +39,12 @@ class Sandbox:
     def __init__(self, lgc: LgcSandbox | None = None, rupa: RupaSandbox | None = None) -> None:
         self.lgc = lgc or LgcSandbox()
         self.rupa = rupa or RupaSandbox()
+        self.received: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=100_000)
+
+    def paths(self, method: str | None = None, prefix: bytes = b"") -> list[bytes]:
+        """Raw paths received (optionally of one method, under one prefix), oldest first."""
+        return [p for m, p in list(self.received)
+                if (method is None or m == method) and p.startswith(prefix)]
 
     @classmethod
     def with_seed(cls, *, patients: int = 50, lab_tests: int = 20, seed: int = 0) -> Sandbox:
@@ -41,7 +54,7 @@ class Sandbox:
     def vendors(self) -> dict:
         return {"lgc": self.lgc, "rupa": self.rupa}
 
-    def asgi(self) -> Starlette:
+    def asgi(self) -> _Recorder:
         async def faults(request: Request):
             vendor = self.vendors().get(request.path_params["vendor"])
             if vendor is None:
@@ -71,7 +84,7 @@ class Sandbox:
             return HTMLResponse("<h1>Rupa sandbox: access granted</h1><p>Copy this page's full URL "
                                 "from the address bar and paste it into <code>labsync rupa authorize</code>.</p>")
 
-        return Starlette(
+        app = Starlette(
             routes=[
                 Route("/_sandbox/health", health),
                 Route("/oauth/callback", oauth_callback),
@@ -84,6 +97,20 @@ class Sandbox:
                 Mount("/rupa", app=FaultMiddleware(self.rupa.app(), self.rupa.faults)),
             ]
         )
+        return _Recorder(app, self.received)
+
+
+class _Recorder:
+    """ASGI middleware: remember each HTTP request's method and raw path (query excluded)."""
+
+    def __init__(self, app, received: collections.deque) -> None:
+        self.app, self.received = app, received
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            raw = scope.get("raw_path") or scope.get("path", "").encode()
+            self.received.append((scope.get("method", ""), bytes(raw).split(b"?", 1)[0]))
+        return await self.app(scope, receive, send)
 
 
 class SandboxServer(BackgroundServer):
