@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from datetime import date
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
@@ -91,8 +92,9 @@ def _block_requires(block: str, column: str) -> Callable[[pd.DataFrame], pd.Seri
     members = BLOCKS[block][0]
 
     def check(df: pd.DataFrame) -> pd.Series:
-        filled = df[list(members)].notna().any(axis=1)
-        return ~(filled & df[column].isna())
+        # column by column: df[list(members)] would copy the block's columns for each check
+        filled = np.logical_or.reduce([df[m].notna().to_numpy() for m in members])
+        return pd.Series(~(filled & df[column].isna().to_numpy()), index=df.index)
 
     check.__name__ = f"requires_{column}"
     return check

@@ -15,9 +15,6 @@ from datetime import date, datetime
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from etl.settings import Settings
 
@@ -79,6 +76,9 @@ def register(app: typer.Typer) -> None:
         limit: int = typer.Option(50, help="At most this many rows in a table (0 = all)."),
     ) -> None:
         """Show what happened to orders: per clientOrderId, per batch, or counts for the ledger."""
+        from rich.console import Console
+        from rich.table import Table
+
         from etl import warehouse
         from etl.lgc import ledger
 
@@ -125,6 +125,9 @@ def register(app: typer.Typer) -> None:
 
 
 def _load(engine, settings: Settings, file: Path) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from etl.batches.records import close_batch, open_batch, set_status
     from etl.lgc.load import load_rows
 
