@@ -17,9 +17,16 @@ import numpy as np
 import pandas as pd
 
 
+def hash64(ids: np.ndarray) -> np.ndarray:
+    """64-bit hashes of an object array of strings (pandas' SipHash, vectorised)."""
+    return pd.util.hash_array(ids, categorize=False)
+
+
 class SeenIds:
-    def __init__(self, id_at: Callable[[int], str | None]) -> None:
+    def __init__(self, id_at: Callable[[int], str | None], *,
+                 hash_fn: Callable[[np.ndarray], np.ndarray] = hash64) -> None:
         self._id_at = id_at  # the id on a line already checked, read again from the file
+        self._hash = hash_fn
         self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted uint64 hashes, int32 first lines)
         self._collided: dict[str, int] = {}  # id -> first line, for ids whose hash another id had first
 
@@ -39,7 +46,7 @@ class SeenIds:
             return []
         ids = ids[present]
         lines = np.asarray(lines)[present]
-        hashes = pd.util.hash_array(ids, categorize=False)
+        hashes = np.asarray(self._hash(ids), dtype=np.uint64)
         uniq, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
         before = self._lookup(uniq)
         hits = np.flatnonzero((before[inverse] >= 0) | (np.arange(len(hashes)) != first[inverse]))

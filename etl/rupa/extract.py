@@ -181,26 +181,9 @@ def _apply_page(writer: PageWriter, spec: Stream, resources: list[dict], seen_at
         if isinstance(res, dict) and res.get("id") is not None:
             rec = row_for(spec, res)
             records[rec.id] = rec
-    if not records:
-        return 0, 0, 0, None
-    existing = writer.existing(list(records))
-    writes: list[Record] = []
-    unchanged: list[str] = []
-    inserted = updated = 0
-    for rid, rec in records.items():
-        prev = existing.get(rid)
-        if prev is not None and prev[0] == rec.content_sha256 and not prev[1]:
-            unchanged.append(rid)
-            continue
-        if prev is None:
-            inserted += 1
-        else:
-            updated += 1
-        writes.append(rec)
-    writer.write(writes, seen_at)
-    writer.touch(unchanged, seen_at)
+    inserted, updated, unchanged = writer.apply(records, seen_at)
     stamps = [r.updated_raw for r in records.values() if r.updated_raw]
-    return inserted, updated, len(unchanged), max(stamps) if stamps else None
+    return inserted, updated, unchanged, max(stamps) if stamps else None
 
 
 def _pages_from(client: RupaClient, engine: Engine, spec: Stream, run: _Run) -> tuple[Iterator[Page], _Run]:
@@ -241,15 +224,14 @@ def extract_stream(engine: Engine, settings: Settings, stream: str, *,
         summary = run.summary
         ahead = ReadAhead(pages, name=f"rupa-{spec.name}-pages")
         stack.callback(ahead.close)
+        conn = stack.enter_context(engine.connect())  # one session for the run, a transaction a page
+        writer = PageWriter(conn, spec.table, spec.typed)
+        stack.callback(writer.close)
         for page in ahead:
             # never stamp a row earlier than the run start, even if this host's clock is behind
             seen_at = max(datetime.now(UTC), run.started_at)
-            with engine.begin() as conn:
-                writer = PageWriter(conn, spec.table, spec.typed)
-                try:
-                    ins, upd, same, newest = _apply_page(writer, spec, page.data, seen_at)
-                finally:
-                    writer.close()
+            with conn.begin():
+                ins, upd, same, newest = _apply_page(writer, spec, page.data, seen_at)
                 summary.inserted += ins
                 summary.updated += upd
                 summary.unchanged += same
