@@ -191,3 +191,15 @@ def test_a_record_is_read_again_by_its_line(tmp_path):
     note = COLUMNS.index("note")
     spanning = next(line for line, cid in rows if cid == "M-5")  # its note spans two lines
     assert reader.cell_at(spanning, note) == "first line\nsecond line, with a comma"
+
+
+def test_phone_separators_include_every_unicode_space(tmp_path):
+    """Python's \\s (what the phone clean-up always used) is every str.isspace() character; the
+    Arrow regex engine's is ASCII only, so the class is spelled out: a no-break space or an
+    em space between digits is still removed."""
+    spaces = [chr(i) for i in range(0x3001) if chr(i).isspace() and chr(i) not in "\r\n"]
+    rows = [seed_row(client_order_id=f"S{i}", phone_number=f"555{c}123{c}4567") for i, c in enumerate(spaces)]
+    path = tmp_path / "phones.csv"
+    path.write_text("\n".join([",".join(COLUMNS), *(csv_line(r) for r in rows)]) + "\n", encoding="utf-8")
+    valid = [r for chunk in CsvValidation(path).chunks() for r in chunk]
+    assert [r["phone_number"] for r in valid] == ["5551234567"] * len(spaces)

@@ -331,7 +331,7 @@ class Reader:
         table = pv.read_csv(
             pa.py_buffer(data),
             read_options=pv.ReadOptions(column_names=names, block_size=max(1 << 20, 2 * longest),
-                                        use_threads=True),
+                                        use_threads=False),
             parse_options=pv.ParseOptions(quote_char='"' if quoted else False, double_quote=True,
                                           newlines_in_values=False, ignore_empty_lines=False,
                                           invalid_row_handler=invalid),
