@@ -97,7 +97,9 @@ def main() -> None:
     args = ap.parse_args()
     py = sys.executable
     labsync = [py, "-m", "etl.cli"]
-    print(f"{bytecode_share()}; PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}")
+    prefix = os.environ.get("PYTHONPYCACHEPREFIX")
+    print(f"{bytecode_share()}; PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}"
+          + (f"; PYTHONPYCACHEPREFIX={prefix!r} (bytecode looked for there instead)" if prefix else ""))
     with tempfile.TemporaryDirectory(prefix="labsync-bench-") as tmp:
         tmpdir = Path(tmp)
         env = {**os.environ, "LABSYNC_WAREHOUSE_URL": f"sqlite:///{tmpdir / 'w.db'}",

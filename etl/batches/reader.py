@@ -136,9 +136,6 @@ class _Lines:
         start = int(self.ends[i - 1]) if i else 0
         return self.buf[start:int(self.ends[i])].decode("utf-8")
 
-    def start_of(self, i: int) -> int:
-        return int(self.ends[i - 1]) if i else 0
-
     def drop(self, n: int) -> None:
         """Forget buf's first n lines."""
         if n <= 0:
