@@ -14,9 +14,9 @@ being marked deleted) or `unchanged` (only `last_seen_at` moves). The hash cover
 and `relationships`, so any change the API shows is caught.
 
 Speed: the next page is fetched (a one-page read-ahead thread, `etl.rupa.readahead`) while the
-current one is written; a page is written as one lookup, one upsert and one touch of the
-unchanged rows (`etl.rupa.store`), each record serialised once, never a server-prepared
-statement on PostgreSQL. The read-ahead page is not written until the current page's
+current one is written; a page is written as one lookup of its ids, then an upsert of the new
+and changed rows and a touch of the unchanged ones (`etl.rupa.store`), each record serialised
+once, never a server-prepared statement on PostgreSQL. The read-ahead page is not written until the current page's
 transaction has committed, so the crash story above is unchanged: a kill loses at most the page
 being written and the one fetched ahead, and the next run resumes from the stored URL.
 
