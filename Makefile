@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 .PHONY: venv demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/bootstrap-venv.sh
 	@bash scripts/bootstrap-venv.sh "$(VENV)"
 	@touch "$(STAMP)"
 

@@ -71,7 +71,7 @@ def main() -> None:
             url = args.warehouse or f"sqlite:///{Path(tmp) / 'bench.db'}"
             from etl import warehouse
 
-            warehouse.connect(url).dispose()  # migrate once, before the loaders start
+            warehouse.upgrade_url(url).dispose()  # migrate once, before the loaders start
             env = {k: v for k, v in os.environ.items() if not k.startswith(("LGC_", "LABSYNC_"))}
             env.update(LGC_BASE_URL=f"{base}/lgc", LABSYNC_WAREHOUSE_URL=url,
                        LGC_RATE_LIMIT=str(args.rate), LGC_CONCURRENCY=str(args.concurrency),

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import difflib
 import re
+import weakref
 from collections.abc import Callable
 from datetime import date
 from typing import Optional
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
@@ -112,9 +114,12 @@ def _dates_ok(s: pd.Series) -> pd.Series:
 
 
 def _memo_map(s: pd.Series, fn: Callable[[str], bool]) -> pd.Series:
-    """Element-wise check run once per distinct value (kit codes and NPIs repeat a lot)."""
-    verdict = {v: fn(v) for v in s.unique()}
-    return s.map(verdict).astype(bool)
+    """Element-wise check run once per distinct value (kit codes and NPIs repeat a lot). The
+    values are numbered by pd.factorize (Arrow's dictionary encoding: no Python per row);
+    pandera has already dropped missing cells (a missing cell here would count as passing)."""
+    codes, uniques = pd.factorize(s)
+    verdict = np.fromiter((fn(v) for v in uniques), dtype=bool, count=len(uniques))
+    return pd.Series(np.where(codes >= 0, verdict[codes], True), index=s.index)
 
 
 def _order_items_ok(value: str) -> bool:
@@ -125,12 +130,25 @@ def _order_items_ok(value: str) -> bool:
     return True
 
 
-def _block_requires(block: str, column: str) -> Callable[[pd.DataFrame], pd.Series]:
-    members = BLOCKS[block][0]
+_filled_cache: tuple[weakref.ref, dict[str, np.ndarray]] | None = None  # the last frame checked
 
+
+def _block_filled(df: pd.DataFrame, block: str) -> np.ndarray:
+    """Rows where any column of the block is filled; computed once per frame and block (each
+    block has several `requires:` checks), column by column rather than by copying df[members]."""
+    global _filled_cache
+    entry = _filled_cache
+    if entry is None or entry[0]() is not df:
+        entry = _filled_cache = (weakref.ref(df), {})
+    per_block = entry[1]
+    if block not in per_block:
+        per_block[block] = np.logical_or.reduce([df[m].notna().to_numpy() for m in BLOCKS[block][0]])
+    return per_block[block]
+
+
+def _block_requires(block: str, column: str) -> Callable[[pd.DataFrame], pd.Series]:
     def check(df: pd.DataFrame) -> pd.Series:
-        filled = df[list(members)].notna().any(axis=1)
-        return ~(filled & df[column].isna())
+        return pd.Series(~(_block_filled(df, block) & df[column].isna().to_numpy()), index=df.index)
 
     check.__name__ = f"requires_{column}"
     return check

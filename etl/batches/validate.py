@@ -11,8 +11,11 @@ What is checked where:
 - each row (here): the right number of cells, client_order_id unique within the file.
 - each row (schemas.order_batch, pandera, lazy): every rule of the LetsGetChecked document.
 
-Rows are read with the csv module so `line` is the true line number in the file (header = 1),
-blank lines are skipped and quoted cells may span lines. Memory is bounded by `chunk_rows`.
+Rows are read by `etl.batches.reader`: pyarrow's parser for lines that are whole records, the
+csv module from any line where a quoted cell may span lines, so `line` is the true line number in
+the file (header = 1), blank lines are skipped and quoted cells may span lines. Memory is bounded
+by `chunk_rows`, whatever the file's size: the duplicate-id check keeps 12 bytes an id
+(`etl.batches.seen`), not the ids themselves.
 The rejects file (`FILE.rejects.csv`) is written to a temporary name and renamed at the end; a
 file with no problems leaves no rejects file (a stale one from an earlier run is removed).
 """
@@ -22,22 +25,26 @@ from __future__ import annotations
 import codecs
 import csv
 import difflib
+import functools
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pandera.api.pandas.container
 import pandera.errors
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from etl.batches import csvsafe
 from etl.batches.names import rejects_path_for  # noqa: F401  (re-exported)
+from etl.batches.reader import Block, Reader
+from etl.batches.seen import SeenIds
 from etl.errors import UnusableInputError
 from schemas.columns import (
     COLUMNS,
@@ -64,6 +71,17 @@ RupaLookup = Callable[[list[str]], dict[str, dict]]
 
 csv.field_size_limit(16 * 1024 * 1024)
 _STR = pd.StringDtype("pyarrow", na_value=float("nan"))  # pandas 3's default "str" dtype
+_CANONICAL = {name: (pa.array(list(m)), pa.array(list(m.values()))) for name, m in CANONICAL.items()}
+
+
+def _re2_class(chars: str) -> str:
+    """A character class for RE2 (pyarrow's regex engine) holding exactly `chars`."""
+    return "[" + "".join(f"\\x{{{ord(c):x}}}" for c in sorted(set(chars))) + "]"
+
+
+# PHONE_SEPARATORS for pyarrow: Python's \s is every str.isspace() character, RE2's only ASCII
+# ones, so the class spells them out (a no-break space in a phone number is still removed).
+_PHONE_SEPARATORS_RE2 = _re2_class("".join(chr(i) for i in range(0x3001) if chr(i).isspace()) + "-.()")
 
 
 @dataclass(frozen=True)
@@ -134,7 +152,10 @@ def _scan(path: Path) -> str:
             if b"\x00" in block:
                 raise UnusableInputError(f"{path.name}: contains binary data; save it as CSV (UTF-8) and try again")
             try:
-                decoder.decode(block)
+                # plain ASCII is valid UTF-8: skip building a str of it (unless a character
+                # begun in the previous block is still open)
+                if not (block.isascii() and not decoder.getstate()[0]):
+                    decoder.decode(block)
             except UnicodeDecodeError as exc:
                 raise UnusableInputError(
                     f"{path.name}: is not UTF-8 text (bad byte at position {offset + exc.start}); "
@@ -237,7 +258,9 @@ class CsvValidation:
         except UnusableInputError as exc:
             exc.sha256 = sha  # lets the caller remember the unusable file by its content
             raise
-        self._seen_ids: dict[str, int] = {}
+        self._reader = Reader(self.path, len(self.header), target_rows=chunk_rows)
+        id_pos = self.header.index("client_order_id")
+        self._seen_ids = SeenIds(lambda line: self._reader.cell_at(line, id_pos))
 
     @property
     def sha256(self) -> str:
@@ -254,39 +277,6 @@ class CsvValidation:
                     return _canonical_header(raw, self.path.name)
         raise UnusableInputError(f"{self.path.name}: has no header line")
 
-    def _records(self) -> Iterator[tuple[int, list[str]]]:
-        """(first line of the record, cells) for every non-blank record after the header.
-
-        Lines without a quote character are split on commas directly (fast); a line with a quote
-        goes to the csv module, reading from the same line iterator, so a quoted cell that spans
-        lines consumes its continuation lines exactly as csv.reader would."""
-        with self._open() as f:
-            line_no = 0
-
-            def numbered():
-                nonlocal line_no
-                for raw in f:
-                    line_no += 1
-                    yield raw
-
-            lines = numbered()
-            seen_header = False
-            try:
-                for raw in lines:
-                    start = line_no
-                    if '"' in raw:
-                        cells = next(csv.reader(chain((raw,), lines)), [])
-                    else:
-                        cells = raw.rstrip("\r\n").split(",")
-                    if not "".join(cells).strip():
-                        continue  # blank line (or only commas)
-                    if not seen_header:
-                        seen_header = True
-                        continue
-                    yield start, cells
-            except csv.Error as exc:
-                raise UnusableInputError(f"{self.path.name}: line {line_no} is not valid CSV ({exc})") from None
-
     # ---- validating ----------------------------------------------------------------------
     def chunks(self) -> Iterator[list[dict]]:
         """Validate chunk by chunk; yield each chunk's valid rows as dicts; write the rejects file."""
@@ -295,21 +285,26 @@ class CsvValidation:
 
     def frames(self) -> Iterator[pd.DataFrame]:
         """Like chunks(), but each chunk's valid rows as a DataFrame indexed by line number."""
+        return self._frames(keep=True)
+
+    def _frames(self, *, keep: bool) -> Iterator[pd.DataFrame]:
+        """frames(); with keep=False the valid rows are counted but not copied out (run())."""
         tmp = self._rejects_final.with_name(self._rejects_final.name + ".tmp")
         writer_file = None
         writer = None
         try:
-            for lines, records in self._batched(self._records()):
-                valid, problems = self._check(lines, records)
+            for block in self._reader.blocks():
+                valid, problems = self._check(block, keep=keep)
                 if problems:
                     if writer is None:
                         writer_file = tmp.open("w", encoding="utf-8", newline="")
                         writer = csvsafe.open_writer(writer_file)  # formula-safe cells
                         writer.writerow(REJECT_COLUMNS)
                     writer.writerows(p.as_row() for p in problems)
-                self.result.total_rows += len(lines)
-                self.result.valid_rows += len(valid)
-                self.result.rejected_rows += len({p.line for p in problems})
+                self.result.total_rows += block.records
+                rejected = len({p.line for p in problems})
+                self.result.valid_rows += len(block.lines) - (rejected - len(block.bad))
+                self.result.rejected_rows += rejected
                 self.result.problems += len(problems)
                 log.debug("%s: checked %d rows so far", self.path.name, self.result.total_rows)
                 if len(valid):
@@ -327,43 +322,22 @@ class CsvValidation:
 
     def run(self) -> ValidationResult:
         """Validate the whole file without handing rows on; return the counts."""
-        for _ in self.frames():
+        for _ in self._frames(keep=False):
             pass
         return self.result
 
-    def _batched(self, records):
-        lines: list[int] = []
-        cells: list[list[str]] = []
-        for line, row in records:
-            lines.append(line)
-            cells.append(row)
-            if len(lines) >= self.chunk_rows:
-                yield lines, cells
-                lines, cells = [], []
-        if lines:
-            yield lines, cells
-
-    def _check(self, lines: list[int], records: list[list[str]]) -> tuple[pd.DataFrame, list[Problem]]:
+    def _check(self, block: Block, *, keep: bool = True) -> tuple[pd.DataFrame, list[Problem]]:
         width = len(self.header)
+        id_pos = self.header.index("client_order_id")
         problems: list[Problem] = []
-        if all(len(cells) == width for cells in records):
-            ok_lines, ok_records = lines, records  # the usual case: every row has its cells
-        else:
-            ok_lines, ok_records = [], []
-            id_pos = self.header.index("client_order_id")
-            for line, cells in zip(lines, records, strict=True):
-                extra_blank = len(cells) > width and not any(c.strip() for c in cells[width:])
-                if len(cells) != width and not extra_blank:
-                    cid = cells[id_pos].strip() if len(cells) > id_pos else None
-                    problems.append(Problem(line, cid or None, _ROW, None,
-                        f"line has {len(cells)} values but the header has {width} columns; "
-                        "check for a missing or extra comma, or an unclosed quote"))
-                    continue
-                ok_lines.append(line)
-                ok_records.append(cells[:width])
-        if not ok_lines:
+        for line, cells in block.bad:
+            cid = cells[id_pos].strip() if len(cells) > id_pos else None
+            problems.append(Problem(line, cid or None, _ROW, None,
+                f"line has {len(cells)} values but the header has {width} columns; "
+                "check for a missing or extra comma, or an unclosed quote"))
+        if not len(block.lines):
             return pd.DataFrame(), problems
-        frame = self._frame(ok_lines, ok_records)
+        frame = self._frame(block)
         rupa_problems = self._enrich(frame)
         unknown_rupa = {p.line for p in rupa_problems}
         problems.extend(rupa_problems)
@@ -374,38 +348,33 @@ class CsvValidation:
         )
         problems.extend(self._duplicate_ids(frame))
         problems.sort(key=lambda p: p.line)
-        bad = {p.line for p in problems}
-        good = frame.drop(index=[i for i in frame.index if i in bad]) if bad else frame
-        return good, problems
+        if not problems or not keep:
+            return frame if keep else pd.DataFrame(), problems
+        bad = np.fromiter({p.line for p in problems}, dtype=np.int64)
+        return frame[~np.isin(block.lines, bad)], problems
 
-    def _frame(self, lines: list[int], records: list[list[str]]) -> pd.DataFrame:
-        """The chunk as trimmed Arrow-backed strings (empty -> missing), normalised.
+    def _frame(self, block: Block) -> pd.DataFrame:
+        """The chunk as Arrow-backed strings (trimmed, empty -> missing), normalised.
 
-        All cells are flattened into one Arrow array, trimmed and nulled in two vectorised calls,
-        and each column taken back out with a strided index: ~2x faster than building each
-        column from Python tuples. Every record here has exactly one cell per header column."""
-        width = len(self.header)
-        index = pd.Index(lines, name="line")
-        flat = pa.array(list(chain.from_iterable(records)), type=pa.large_string())
-        flat = pc.utf8_trim_whitespace(flat)
-        flat = pc.if_else(pc.equal(flat, ""), pa.scalar(None, pa.large_string()), flat)
-        starts = np.arange(len(records), dtype=np.int64) * width
-        data = {
-            name: pd.Series(pd.array(flat.take(starts + j), dtype=_STR), index=index)
-            for j, name in enumerate(self.header)
-        }
-        frame = pd.DataFrame(data, index=index)
+        The reader hands over one Arrow array per column; normalising happens on those arrays
+        and pandas wraps them without copying the text."""
+        n = len(block.lines)
+        index = pd.Index(block.lines, name="line")
+        arrays = dict(zip(self.header, block.columns, strict=True))
         for name in COLUMNS:
-            if name not in frame.columns:
-                frame[name] = pd.Series(pd.NA, index=frame.index, dtype="str")
-        for name, mapping in CANONICAL.items():
-            s = frame[name]
-            frame[name] = s.str.lower().map(mapping).fillna(s)
+            if name not in arrays:
+                arrays[name] = pa.nulls(n, pa.string())
+        for name, (keys, values) in _CANONICAL.items():
+            arr = arrays[name]
+            if arr.null_count < n:
+                mapped = pc.take(values, pc.index_in(pc.utf8_lower(arr), value_set=keys))
+                arrays[name] = pc.coalesce(mapped, arr)
         for name in UPPERCASE:
-            frame[name] = frame[name].str.upper()
-        for name in ("phone_number",):
-            frame[name] = frame[name].str.replace(PHONE_SEPARATORS, "", regex=True)
-        return frame
+            if arrays[name].null_count < n:
+                arrays[name] = pc.utf8_upper(arrays[name])
+        arrays["phone_number"] = pc.replace_substring_regex(arrays["phone_number"], _PHONE_SEPARATORS_RE2, "")
+        return pd.DataFrame({name: pd.Series(pd.array(arr, dtype=_STR), index=index, copy=False)
+                             for name, arr in arrays.items()}, index=index, copy=False)
 
     def _enrich(self, frame: pd.DataFrame) -> list[Problem]:
         """Fill missing patient columns from the warehouse's Rupa copy (rupa_patient_id)."""
@@ -425,7 +394,8 @@ class CsvValidation:
                     if self.rupa_lookup
                     else "rupa_patient_id cannot be checked: no warehouse with Rupa patients was given"
                 )
-                problems.append(Problem(line, frame.at[line, "client_order_id"], RUPA_PATIENT_ID, rid, reason))
+                cid = frame.at[line, "client_order_id"]
+                problems.append(Problem(line, None if pd.isna(cid) else cid, RUPA_PATIENT_ID, rid, reason))
                 continue
             for col in RUPA_FILLABLE:
                 if pd.isna(frame.at[line, col]) and patient.get(col):
@@ -434,7 +404,7 @@ class CsvValidation:
 
     def _schema_problems(self, frame: pd.DataFrame) -> list[Problem]:
         try:
-            SCHEMA.validate(frame, lazy=True)
+            _schema_for(frame).validate(frame, lazy=True)
             return []
         except pandera.errors.SchemaErrors as exc:
             cases = exc.failure_cases
@@ -467,16 +437,10 @@ class CsvValidation:
         return list(problems.values())
 
     def _duplicate_ids(self, frame: pd.DataFrame) -> list[Problem]:
-        problems = []
-        ids = frame["client_order_id"]
-        for line, cid in zip(frame.index.tolist(), ids.tolist(), strict=True):
-            if cid is None or cid != cid:  # missing (NaN): reported as required elsewhere
-                continue
-            first = self._seen_ids.setdefault(cid, line)
-            if first != line:
-                problems.append(Problem(line, cid, "client_order_id", cid,
-                    f"client_order_id {cid!r} already appears on line {first}; each order needs its own id"))
-        return problems
+        ids = frame["client_order_id"].to_numpy(dtype=object, na_value=None)
+        return [Problem(line, cid, "client_order_id", cid,
+                        f"client_order_id {cid!r} already appears on line {first}; each order needs its own id")
+                for line, cid, first in self._seen_ids.check(frame.index.to_numpy(), ids)]
 
     @staticmethod
     def _as_dicts(frame: pd.DataFrame) -> list[dict]:
@@ -485,6 +449,39 @@ class CsvValidation:
         keys = ["line", *frame.columns]
         cols = [frame.index.tolist()] + [pa.array(frame[c]).to_pylist() for c in frame.columns]
         return [dict(zip(keys, vals, strict=True)) for vals in zip(*cols, strict=True)]
+
+
+# Columns of SCHEMA that can never fail: missing cells allowed, no check, no uniqueness.
+_UNCHECKED = frozenset(name for name, col in SCHEMA.columns.items()
+                       if col.nullable and not col.checks and not col.unique)
+
+
+@functools.lru_cache(maxsize=64)
+def _schema_without(skip: frozenset[str]) -> pandera.api.pandas.container.DataFrameSchema:
+    """SCHEMA as run on our frames: the same checks, minus pandera's fixed cost (~1-2 ms a column
+    a chunk, most of a chunk's validation time) where it can find nothing:
+    - no dtype checks: they hold by construction (`_frame` builds every column as Arrow-backed
+      `str`), yet pandera formats an empty report for each;
+    - no columns in `skip`: the ones that can never fail, and the nullable ones that are empty
+      throughout this chunk (every check skips missing cells). The dataframe-wide checks (the
+      blocks of columns that require each other) still see every column."""
+    schema = SCHEMA.update_columns({name: {"dtype": None} for name in SCHEMA.columns})
+    return schema.remove_columns(sorted(skip)) if skip else schema
+
+
+def _schema_for(frame: pd.DataFrame) -> pandera.api.pandas.container.DataFrameSchema:
+    n = len(frame)
+
+    def nothing_to_check(name: str, col) -> bool:
+        # a regex column (custom.<key>) stands for every column it matches; an optional column
+        # absent from the file (rupa_patient_id) has nothing to check either
+        names = [c for c in frame.columns if re.fullmatch(name, c)] if col.regex else \
+            ([name] if name in frame.columns else [])
+        return all(frame[c].isna().sum() == n for c in names)
+
+    empty = {name for name, col in SCHEMA.columns.items()
+             if col.nullable and name not in _UNCHECKED and nothing_to_check(name, col)}
+    return _schema_without(_UNCHECKED | empty)
 
 
 def validate_file(path: Path | str, **kw) -> ValidationResult:

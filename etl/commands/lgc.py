@@ -19,9 +19,6 @@ from datetime import date, datetime
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from etl.settings import Settings
 
@@ -93,6 +90,9 @@ def register(app: typer.Typer) -> None:
         limit: int = typer.Option(50, help="At most this many rows in a table (0 = all)."),
     ) -> None:
         """Show what happened to orders: per clientOrderId, per batch, or counts for the ledger."""
+        from rich.console import Console
+        from rich.table import Table
+
         from etl import warehouse
         from etl.lgc import ledger, outbox
 
@@ -157,6 +157,9 @@ def _load(engine, settings: Settings, file: Path) -> int:
     """Claim the file's batch, stage it whole into the outbox (unless a run before did), load
     it, finish it. The claim keeps two runs from staging the same file; the ledger keeps rows
     from going out twice."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from etl.batches import records, staging
     from etl.batches.validate import CsvValidation
     from etl.claims import Heartbeat, cli_owner

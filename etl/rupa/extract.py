@@ -13,8 +13,15 @@ Counting: a row is `inserted` (new id), `updated` (content hash changed, or it r
 being marked deleted) or `unchanged` (only `last_seen_at` moves). The hash covers `attributes`
 and `relationships`, so any change the API shows is caught.
 
-Memory stays flat: one page of resources is held at a time, and existing rows are looked up by
-the page's ids only.
+Speed: the next page is fetched (a one-page read-ahead thread, `etl.rupa.readahead`) while the
+current one is written; a page is written as one lookup of its ids, then an upsert of the new
+and changed rows and a touch of the unchanged ones (`etl.rupa.store`), each record serialised
+once, never a server-prepared statement on PostgreSQL. The read-ahead page is not written until the current page's
+transaction has committed, so the crash story above is unchanged: a kill loses at most the page
+being written and the one fetched ahead, and the next run resumes from the stored URL.
+
+Memory stays flat: at most two pages of resources are held at a time (the one being written and
+the one fetched ahead), and existing rows are looked up by the page's ids only.
 
 Watermark: the Rupa API documents no `updated_at` filter for list endpoints, so every run is a
 full sync; `sync_state.watermark` records the newest `updated_at` seen, for monitoring and for
@@ -23,11 +30,11 @@ an incremental mode should Rupa add a filter.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import chain
@@ -38,12 +45,12 @@ from etl.errors import ConfigError, LabsyncError
 from etl.http import describe_transport_error
 from etl.redact import clean
 from etl.rupa.client import Page, RupaApiError, RupaClient, RupaPageLoop, open_client
+from etl.rupa.readahead import ReadAhead
+from etl.rupa.store import PageWriter, Record, record_for
 from etl.settings import Settings
 from etl.warehouse import rupa_lab_tests, rupa_patients, sync_state, upsert
 
 log = logging.getLogger(__name__)
-
-LOOKUP_CHUNK = 500  # ids per IN (...) lookup
 
 # progress(rows_in_this_page, total_if_known)
 Progress = Callable[[int, int | None], None]
@@ -57,30 +64,16 @@ def _text(value: object, limit: int) -> str | None:
     return text[:limit]
 
 
-def _timestamp(value: object) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+def _patient_columns(attrs: dict) -> tuple:
+    return (_text(attrs.get("first_name"), 200), _text(attrs.get("last_name"), 200),
+            _text(attrs.get("birthday"), 10), _text(attrs.get("email"), 320))
 
 
-def _patient_columns(attrs: dict) -> dict:
-    return {
-        "first_name": _text(attrs.get("first_name"), 200),
-        "last_name": _text(attrs.get("last_name"), 200),
-        "birthday": _text(attrs.get("birthday"), 10),
-        "email": _text(attrs.get("email"), 320),
-    }
-
-
-def _lab_test_columns(attrs: dict) -> dict:
+def _lab_test_columns(attrs: dict) -> tuple:
     lab = attrs.get("lab_name") or attrs.get("lab_company_name") or attrs.get("lab")
     if isinstance(lab, dict):
         lab = lab.get("name")
-    return {"name": _text(attrs.get("name"), 500), "lab_name": _text(lab, 500)}
+    return _text(attrs.get("name"), 500), _text(lab, 500)
 
 
 @dataclass(frozen=True)
@@ -88,12 +81,14 @@ class Stream:
     name: str  # sync_state.stream
     path: str  # list endpoint
     table: Table
-    columns: Callable[[dict], dict]  # attributes -> typed columns
+    typed: tuple[str, ...]  # the table's typed columns ...
+    columns: Callable[[dict], tuple]  # ... and their values from a resource's attributes
 
 
 STREAMS: dict[str, Stream] = {
-    "patients": Stream("patients", "/patients", rupa_patients, _patient_columns),
-    "lab_tests": Stream("lab_tests", "/lab_tests", rupa_lab_tests, _lab_test_columns),
+    "patients": Stream("patients", "/patients", rupa_patients,
+                       ("first_name", "last_name", "birthday", "email"), _patient_columns),
+    "lab_tests": Stream("lab_tests", "/lab_tests", rupa_lab_tests, ("name", "lab_name"), _lab_test_columns),
 }
 
 
@@ -138,19 +133,9 @@ class _Run:
     counts: dict = field(default_factory=dict)
 
 
-def row_for(spec: Stream, resource: dict) -> dict:
-    """The warehouse columns for one JSON:API resource (without the seen/deleted timestamps)."""
-    attrs = resource.get("attributes") if isinstance(resource.get("attributes"), dict) else {}
-    rels = resource.get("relationships") if isinstance(resource.get("relationships"), dict) else {}
-    canonical = json.dumps({"attributes": attrs, "relationships": rels}, sort_keys=True, separators=(",", ":"))
-    return {
-        "id": str(resource["id"]),
-        **spec.columns(attrs),
-        "attributes": attrs,
-        "relationships": rels,
-        "content_sha256": hashlib.sha256(canonical.encode()).hexdigest(),
-        "updated_at": _timestamp(attrs.get("updated_at")),
-    }
+def row_for(spec: Stream, resource: dict) -> Record:
+    """What one JSON:API resource becomes in the warehouse (without the seen/deleted timestamps)."""
+    return record_for(resource, spec.columns)
 
 
 def _aware(ts: datetime | None) -> datetime | None:
@@ -194,43 +179,16 @@ def _fail(engine: Engine, spec: Stream, exc: BaseException) -> None:
 
 
 # ---- one page ------------------------------------------------------------------------------------
-def _apply_page(conn: Connection, spec: Stream, resources: list[dict], seen_at: datetime) -> tuple[int, int, int, str | None]:
+def _apply_page(writer: PageWriter, spec: Stream, resources: list[dict], seen_at: datetime) -> tuple[int, int, int, str | None]:
     """Upsert one page; returns (inserted, updated, unchanged, newest updated_at on the page)."""
-    table = spec.table
-    rows: dict[str, dict] = {}
+    records: dict[str, Record] = {}
     for res in resources:
         if isinstance(res, dict) and res.get("id") is not None:
-            row = row_for(spec, res)
-            rows[row["id"]] = row
-    if not rows:
-        return 0, 0, 0, None
-    ids = list(rows)
-    existing: dict[str, tuple[str, datetime | None]] = {}
-    for i in range(0, len(ids), LOOKUP_CHUNK):
-        chunk = ids[i:i + LOOKUP_CHUNK]
-        for rid, sha, deleted_at in conn.execute(
-                select(table.c.id, table.c.content_sha256, table.c.deleted_at).where(table.c.id.in_(chunk))):
-            existing[rid] = (sha, deleted_at)
-    writes: list[dict] = []
-    unchanged: list[str] = []
-    inserted = updated = 0
-    for rid, row in rows.items():
-        prev = existing.get(rid)
-        if prev is not None and prev[0] == row["content_sha256"] and prev[1] is None:
-            unchanged.append(rid)
-            continue
-        if prev is None:
-            inserted += 1
-        else:
-            updated += 1
-        writes.append({**row, "first_seen_at": seen_at, "last_seen_at": seen_at, "deleted_at": None})
-    if writes:
-        keep_first_seen = [c for c in writes[0] if c not in ("id", "first_seen_at")]
-        upsert(conn, table, writes, key=["id"], update=keep_first_seen)
-    for i in range(0, len(unchanged), LOOKUP_CHUNK):
-        conn.execute(update(table).where(table.c.id.in_(unchanged[i:i + LOOKUP_CHUNK])).values(last_seen_at=seen_at))
-    stamps = [str(r["attributes"].get("updated_at")) for r in rows.values() if r["attributes"].get("updated_at")]
-    return inserted, updated, len(unchanged), max(stamps) if stamps else None
+            rec = row_for(spec, res)
+            records[rec.id] = rec
+    inserted, updated, unchanged = writer.apply(records, seen_at)
+    stamps = [r.updated_raw for r in records.values() if r.updated_raw]
+    return inserted, updated, unchanged, max(stamps) if stamps else None
 
 
 def _pages_from(client: RupaClient, engine: Engine, spec: Stream, run: _Run) -> tuple[Iterator[Page], _Run]:
@@ -262,17 +220,23 @@ def extract_stream(engine: Engine, settings: Settings, stream: str, *,
         client = open_client(settings, engine)
     assert client is not None
     t0 = time.monotonic()
+    stack = ExitStack()
     try:
         run = _start(engine, spec)
         if run.summary.resumed:
             log.info("%s: resuming the interrupted run", spec.name)
         pages, run = _pages_from(client, engine, spec, run)
         summary = run.summary
-        for page in pages:
+        ahead = ReadAhead(pages, name=f"rupa-{spec.name}-pages")
+        stack.callback(ahead.close)
+        conn = stack.enter_context(engine.connect())  # one session for the run, a transaction a page
+        writer = PageWriter(conn, spec.table, spec.typed)
+        stack.callback(writer.close)
+        for page in ahead:
             # never stamp a row earlier than the run start, even if this host's clock is behind
             seen_at = max(datetime.now(UTC), run.started_at)
-            with engine.begin() as conn:
-                ins, upd, same, newest = _apply_page(conn, spec, page.data, seen_at)
+            with conn.begin():
+                ins, upd, same, newest = _apply_page(writer, spec, page.data, seen_at)
                 summary.inserted += ins
                 summary.updated += upd
                 summary.unchanged += same
@@ -292,9 +256,11 @@ def extract_stream(engine: Engine, settings: Settings, stream: str, *,
             if progress is not None:
                 progress(len(page.data), page.total)
     except BaseException as exc:
+        stack.close()  # stop fetching before recording the failure
         _fail(engine, spec, exc)
         raise
     finally:
+        stack.close()
         if own:
             client.close()
     summary.seconds = time.monotonic() - t0

@@ -1,0 +1,207 @@
+"""How one page of Rupa resources lands in the warehouse, in the caller's transaction, at the same
+speed on SQLite and PostgreSQL.
+
+Why not SQLAlchemy Core here: per row it runs each value through the column type's bind
+processor (the JSON columns serialise every record a second time, each timestamp is formatted),
+which was most of an extraction's CPU. Here each record is serialised once (`Record`: the same
+JSON text feeds the content hash and the JSON columns) and the page goes to the driver as plain
+tuples or arrays:
+
+- PostgreSQL: two statements a page, each with JSON text parameters: one reads which ids are
+  already there (`id = ANY(ARRAY(SELECT json_array_elements_text(...)))`, an index scan), one
+  upserts the new and changed rows (one JSON array, each record's JSON text spliced in, not
+  re-serialised, unpacked by `json_to_recordset`) and moves `last_seen_at` of the unchanged.
+  Measured against the alternatives: `id IN (...)` plus executemany (per-row parameter
+  handling in Python), arrays through `unnest` (psycopg quotes array elements in Python), `COPY`
+  into a temp table (its truncation at every commit cost more than the statements), and one
+  statement rewriting every row of the page (re-runs, where nearly every row is unchanged,
+  were 2x slower than touching `last_seen_at` alone). No statement is server-prepared (`prepare=False`): psycopg prepares a statement
+  after five runs and PostgreSQL may then keep a generic plan chosen while the table was empty,
+  a sequential scan that made each page's `id IN (...)` lookup ~20 ms on a 200k-row table.
+- SQLite (in process, no round trips): lookups by `IN (?, ...)` in chunks of 500 ids,
+  `executemany` of `INSERT ... ON CONFLICT` for new and changed rows, `last_seen_at` for the
+  others; timestamps are formatted by SQLAlchemy's own SQLite processor, so the stored text is
+  what Core would have written and reads back the same.
+
+Either way the SQL names come from the `Table` in `etl/warehouse/tables.py`; the first sighting
+(`first_seen_at`) of an existing row is never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Connection, Table
+
+LOOKUP_CHUNK = 500  # ids per IN (...) on SQLite
+
+_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+_dumps_text = json.JSONEncoder().encode  # a str or None as a JSON value
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One resource, ready to write: its typed columns, its JSON text (serialised once) and the
+    hash of that text."""
+
+    id: str
+    typed: tuple  # the stream's typed columns, in the order the writer was given
+    attributes: str  # JSON text
+    relationships: str  # JSON text
+    content_sha256: str
+    updated_at: datetime | None
+    updated_raw: str | None  # attributes.updated_at as the API gave it (for the watermark)
+
+
+def timestamp(value: object) -> datetime | None:
+    """An API timestamp as an aware UTC datetime; None when missing or unreadable."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def record_for(resource: dict, typed: Callable[[dict], tuple]) -> Record:
+    """The Record of one JSON:API resource. The hash covers exactly the text
+    `{"attributes":...,"relationships":...}` (sorted keys, no spaces): the same bytes the previous
+    writer hashed, so rows already in the warehouse keep their hash."""
+    attrs = resource.get("attributes")
+    attrs = attrs if isinstance(attrs, dict) else {}
+    rels = resource.get("relationships")
+    rels = rels if isinstance(rels, dict) else {}
+    a_text, r_text = _dumps(attrs), _dumps(rels)
+    canonical = '{"attributes":' + a_text + ',"relationships":' + r_text + "}"
+    raw = attrs.get("updated_at")
+    return Record(
+        id=str(resource["id"]),
+        typed=typed(attrs),
+        attributes=a_text,
+        relationships=r_text,
+        content_sha256=hashlib.sha256(canonical.encode()).hexdigest(),
+        updated_at=timestamp(raw),
+        updated_raw=str(raw) if raw else None,
+    )
+
+
+def classify(records: dict[str, Record], existing: dict[str, tuple[str, bool]]) -> tuple[list[Record], list[str], int]:
+    """(new or changed records, ids of unchanged ones, how many are new). A row marked deleted
+    that comes back counts as changed."""
+    changed: list[Record] = []
+    unchanged: list[str] = []
+    new = 0
+    for rid, rec in records.items():
+        prev = existing.get(rid)
+        if prev is not None and prev[0] == rec.content_sha256 and not prev[1]:
+            unchanged.append(rid)
+            continue
+        new += prev is None
+        changed.append(rec)
+    return changed, unchanged, new
+
+
+class PageWriter:
+    """Writes pages of one table through one connection, each inside the caller's transaction
+    (`with conn.begin(): writer.apply(...)`)."""
+
+    def __init__(self, conn: Connection, table: Table, typed: Sequence[str]) -> None:
+        self.conn = conn
+        self.table = table
+        self.dialect = conn.dialect.name
+        if self.dialect not in ("postgresql", "sqlite"):  # pragma: no cover - the two warehouses
+            raise NotImplementedError(f"extraction does not support {self.dialect}")
+        self._dbapi = conn.connection.driver_connection
+        self._cursor = self._dbapi.cursor()
+        prep = conn.dialect.identifier_preparer
+        q = prep.quote
+        self._name = prep.format_table(table)
+        self._data_cols = ["id", *typed, "attributes", "relationships", "content_sha256", "updated_at"]
+        cols = [*self._data_cols, "first_seen_at", "last_seen_at", "deleted_at"]
+        for c in cols:
+            table.c[c]  # noqa: B018 - a KeyError here if tables.py no longer has the column
+        self._cols = ", ".join(q(c) for c in cols)
+        self._set = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in cols if c not in ("id", "first_seen_at"))
+        self._q = q
+        if self.dialect == "sqlite":
+            self._ts = table.c.last_seen_at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+        else:
+            types = ["text"] * (1 + len(typed)) + ["jsonb", "jsonb", "text", "timestamptz"]
+            defs = ", ".join(f"{q(c)} {t}" for c, t in zip(self._data_cols, types, strict=True))
+            data = ", ".join(q(c) for c in self._data_cols)
+            ident = q("id")
+            ids = "SELECT json_array_elements_text(%s::json)"
+            self._lookup_sql = (f"SELECT {ident}, {q('content_sha256')}, {q('deleted_at')} IS NOT NULL "
+                                f"FROM {self._name} WHERE {ident} = ANY(ARRAY({ids}))")
+            self._write_sql = (
+                f"WITH page AS (SELECT * FROM json_to_recordset(%s::json) AS r({defs})), "
+                f"put AS (INSERT INTO {self._name} ({self._cols}) SELECT {data}, %s, %s, NULL FROM page "
+                f"ON CONFLICT ({ident}) DO UPDATE SET {self._set}) "
+                f"UPDATE {self._name} SET {q('last_seen_at')} = %s WHERE {ident} = ANY(ARRAY({ids}))")
+            keys = ",".join(f"{json.dumps(c)}:%s" for c in ["id", *typed])
+            self._row_json = ("{" + keys + ',"attributes":%s,"relationships":%s,"content_sha256":"%s",'
+                              '"updated_at":%s}')
+
+    def apply(self, records: dict[str, Record], seen_at: datetime) -> tuple[int, int, int]:
+        """Write one page: new and changed rows in full, `last_seen_at` for the others.
+        Returns (inserted, updated, unchanged)."""
+        if not records:
+            return 0, 0, 0
+        if self.dialect == "postgresql":
+            return self._apply_postgres(records, seen_at)
+        return self._apply_sqlite(records, seen_at)
+
+    def close(self) -> None:
+        self._cursor.close()
+
+    # ---- PostgreSQL: JSON parameters, two statements -----------------------------------------------
+    def _apply_postgres(self, records: dict[str, Record], seen_at: datetime) -> tuple[int, int, int]:
+        """Two round trips for the page. First the ids already there (the ids go as one JSON
+        array). Then one statement upserts the new and changed rows (sent as one JSON array,
+        each record's JSON text spliced in as serialised, never parsed back) and moves
+        last_seen_at of the unchanged ones, which on a re-run are nearly all of them."""
+        d = _dumps_text
+        self._cursor.execute(self._lookup_sql, (d(list(records)),), prepare=False)
+        existing = {rid: (sha, deleted) for rid, sha, deleted in self._cursor.fetchall()}
+        changed, unchanged, new = classify(records, existing)
+        fmt = self._row_json
+        rows = ",".join(fmt % (d(r.id), *map(d, r.typed), r.attributes, r.relationships, r.content_sha256,
+                               d(r.updated_at.isoformat()) if r.updated_at is not None else "null")
+                        for r in changed)
+        self._cursor.execute(self._write_sql, ("[" + rows + "]", seen_at, seen_at, seen_at, d(unchanged)),
+                             prepare=False)
+        return new, len(changed) - new, len(unchanged)
+
+    # ---- SQLite: executemany in process ------------------------------------------------------------
+    def _apply_sqlite(self, records: dict[str, Record], seen_at: datetime) -> tuple[int, int, int]:
+        q, cur, ts = self._q, self._cursor, self._ts
+        existing: dict[str, tuple[str, bool]] = {}
+        for chunk in _chunks(records):
+            cur.execute(f"SELECT {q('id')}, {q('content_sha256')}, {q('deleted_at')} IS NOT NULL "
+                        f"FROM {self._name} WHERE {q('id')} IN ({', '.join('?' * len(chunk))})", chunk)
+            existing.update((rid, (sha, bool(deleted))) for rid, sha, deleted in cur.fetchall())
+        changed, unchanged, new = classify(records, existing)
+        seen = ts(seen_at) if ts else seen_at
+        if changed:
+            marks = ", ".join("?" * (len(self._data_cols) + 3))
+            cur.executemany(
+                f"INSERT INTO {self._name} ({self._cols}) VALUES ({marks}) "
+                f"ON CONFLICT ({q('id')}) DO UPDATE SET {self._set}",
+                [(r.id, *r.typed, r.attributes, r.relationships, r.content_sha256,
+                  ts(r.updated_at) if ts and r.updated_at is not None else r.updated_at, seen, seen, None)
+                 for r in changed])
+        for chunk in _chunks(unchanged):
+            cur.execute(f"UPDATE {self._name} SET {q('last_seen_at')} = ? "
+                        f"WHERE {q('id')} IN ({', '.join('?' * len(chunk))})", [seen, *chunk])
+        return new, len(changed) - new, len(unchanged)
+
+
+def _chunks(ids: Iterable[str]) -> Iterable[list[str]]:
+    ids = list(ids)
+    for i in range(0, len(ids), LOOKUP_CHUNK):
+        yield ids[i:i + LOOKUP_CHUNK]

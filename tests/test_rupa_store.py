@@ -1,0 +1,127 @@
+"""The extraction write path on SQLite and PostgreSQL: counts, what is stored, the content hash
+kept from the previous writer, no server-prepared statements; and the one-page read-ahead."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from etl.rupa.extract import STREAMS, row_for
+from etl.rupa.readahead import ReadAhead
+from etl.rupa.store import PageWriter
+from etl.warehouse import rupa_patients
+
+SPEC = STREAMS["patients"]
+
+
+def resource(i: int, **attrs) -> dict:
+    return {"type": "patient", "id": f"pat_{i:04d}",
+            "attributes": {"first_name": "Ada", "last_name": f"L{i}", "birthday": "1990-01-02",
+                           "email": f"p{i}@example.test", "updated_at": "2025-03-04T05:06:07Z",
+                           "tags": ["x", {"b": 1, "a": 2}], **attrs},
+            "relationships": {"clinic": {"data": {"type": "clinic", "id": "c1"}}}}
+
+
+def aware(ts: datetime | None) -> datetime | None:
+    """SQLite gives back naive UTC timestamps (as SQLAlchemy always stored them there)."""
+    return ts.replace(tzinfo=UTC) if ts is not None and ts.tzinfo is None else ts
+
+
+def page(writer: PageWriter, conn, resources: list[dict], seen: datetime) -> tuple[int, int, int]:
+    with conn.begin():
+        return writer.apply({r["id"]: row_for(SPEC, r) for r in resources}, seen)
+
+
+def test_the_content_hash_is_the_one_the_previous_writer_stored():
+    res = resource(1, note="é ü \"quoted\"")
+    previous = hashlib.sha256(json.dumps({"attributes": res["attributes"], "relationships": res["relationships"]},
+                                         sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert row_for(SPEC, res).content_sha256 == previous
+
+
+def test_pages_are_counted_and_stored_the_same_on_both_warehouses(engine):
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    with engine.connect() as conn:
+        writer = PageWriter(conn, SPEC.table, SPEC.typed)
+        assert page(writer, conn, [resource(i) for i in range(5)], t0) == (5, 0, 0)
+        assert page(writer, conn, [resource(i) for i in range(5)], t0 + timedelta(hours=1)) == (0, 0, 5)
+        changed = [resource(0, last_name="Renamed"), *[resource(i) for i in range(1, 5)], resource(9)]
+        assert page(writer, conn, changed, t0 + timedelta(hours=2)) == (1, 1, 4)
+        with conn.begin():
+            conn.execute(sa.update(rupa_patients).where(rupa_patients.c.id == "pat_0002")
+                         .values(deleted_at=t0 + timedelta(hours=2)))
+        assert page(writer, conn, [resource(2)], t0 + timedelta(hours=3)) == (0, 1, 0)  # back to life
+        writer.close()
+    with engine.connect() as conn:
+        rows = {r["id"]: {k: aware(v) if isinstance(v, datetime) else v for k, v in r.items()}
+                for r in conn.execute(sa.select(rupa_patients)).mappings()}
+    first = rows["pat_0000"]
+    assert (first["last_name"], first["first_name"], first["birthday"], first["email"]) == (
+        "Renamed", "Ada", "1990-01-02", "p0@example.test")
+    assert first["attributes"] == resource(0, last_name="Renamed")["attributes"]
+    assert first["relationships"]["clinic"]["data"]["id"] == "c1"
+    assert first["first_seen_at"] == t0 and first["last_seen_at"] == t0 + timedelta(hours=2)
+    assert first["updated_at"] == datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
+    assert rows["pat_0003"]["last_seen_at"] == t0 + timedelta(hours=2)  # unchanged: seen again
+    assert rows["pat_0003"]["first_seen_at"] == t0
+    assert rows["pat_0002"]["deleted_at"] is None and rows["pat_0002"]["last_seen_at"] == t0 + timedelta(hours=3)
+    assert rows["pat_0009"]["first_seen_at"] == t0 + timedelta(hours=2)
+
+
+@pytest.mark.postgres
+def test_no_statement_is_ever_server_prepared(pg_admin_url):
+    """psycopg prepares a statement after five runs; a generic plan chosen while the table was
+    empty then made each page's lookup a sequential scan. Twenty pages, nothing prepared."""
+    from etl import warehouse
+    from tests.conftest import migrated
+    from tests.pgserver import create_database
+
+    engine = warehouse.connect(migrated(create_database(pg_admin_url)))
+    try:
+        with engine.connect() as conn:
+            writer = PageWriter(conn, SPEC.table, SPEC.typed)
+            for p in range(20):
+                page(writer, conn, [resource(p * 10 + i) for i in range(10)], datetime.now(UTC))
+            writer.close()
+            prepared = conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar_one()
+            assert prepared == 0
+            assert conn.execute(sa.select(sa.func.count()).select_from(rupa_patients)).scalar_one() == 200
+    finally:
+        engine.dispose()
+
+
+def test_read_ahead_yields_in_order_then_raises_the_sources_error():
+    def source():
+        yield from range(5)
+        raise ValueError("page 6 failed")
+
+    got = []
+    with pytest.raises(ValueError, match="page 6 failed"):
+        for item in ReadAhead(source()):
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4]
+
+
+def test_read_ahead_fetches_one_item_ahead_and_stops_when_closed():
+    fetched = []
+    wanted = threading.Condition()
+
+    def source():
+        for i in range(100):
+            with wanted:
+                fetched.append(i)
+                wanted.notify_all()
+            yield i
+
+    ahead = ReadAhead(source())
+    items = iter(ahead)
+    assert next(items) == 0
+    with wanted:  # while item 0 is being used, item 1 is fetched and handed over, item 2 waits
+        assert wanted.wait_for(lambda: len(fetched) >= 3, timeout=10)
+    ahead.close()
+    assert len(fetched) <= 4  # nothing more is fetched after close()
