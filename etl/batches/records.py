@@ -60,10 +60,11 @@ def record_rejects(engine: Engine, batch_id: int, rejects_csv: Path | None) -> i
         count = 0
         with open(rejects_csv, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
+            id_column = (reader.fieldnames or REJECT_COLUMNS)[1]  # the contract's row id (client_order_id, row_id)
             page: list[dict] = []
             for rec in reader:
                 page.append(
-                    dict(batch_id=batch_id, line=int(rec["line"]), client_order_id=rec["client_order_id"] or None,
+                    dict(batch_id=batch_id, line=int(rec["line"]), client_order_id=rec[id_column] or None,
                          column_name=rec["column"], value=rec["value"] or None, reason=rec["reason"])
                 )
                 if len(page) >= INSERT_PAGE:

@@ -43,8 +43,8 @@ from schemas.columns import (
     REQUIRED,
     RUPA_FILLABLE,
     RUPA_PATIENT_ID,
-    is_custom,
 )
+from schemas.contract import Contract
 from schemas.order_batch import SCHEMA, reason_for
 from schemas.vocab import CANONICAL
 
@@ -58,6 +58,10 @@ _ROW = "(row)"  # the `column` of a problem that concerns the whole row
 # A callable that maps Rupa patient ids to {"first_name", "last_name", "email", "dob"} for the
 # ids it knows (see etl.rupa.enrich); rows whose id is unknown are rejected.
 RupaLookup = Callable[[list[str]], dict[str, dict]]
+
+# A contract's checks against the warehouse (e.g. unknown Rupa ids): the chunk's frame in,
+# (line, column, value, reason) out for every cell that fails.
+CrossCheck = Callable[[pd.DataFrame], list[tuple[int, str, str | None, str]]]
 
 csv.field_size_limit(16 * 1024 * 1024)
 _STR = pd.StringDtype("pyarrow", na_value=float("nan"))  # pandas 3's default "str" dtype
@@ -94,6 +98,25 @@ class ValidationResult:
         if self.rejects_path:
             text += f" ({self.problems} problems, see {self.rejects_path})"
         return text
+
+
+def _normalise_order_batch(frame: pd.DataFrame) -> pd.DataFrame:
+    for name, mapping in CANONICAL.items():
+        s = frame[name]
+        frame[name] = s.str.lower().map(mapping).fillna(s)
+    for name in UPPERCASE:
+        frame[name] = frame[name].str.upper()
+    for name in ("phone_number",):
+        frame[name] = frame[name].str.replace(PHONE_SEPARATORS, "", regex=True)
+    return frame
+
+
+ORDER_BATCH = Contract(
+    name="order batch", columns=COLUMNS, required=REQUIRED, schema=SCHEMA, reason_for=reason_for,
+    id_column="client_order_id", extra_prefix=CUSTOM_PREFIX, template="examples/template.csv",
+    row_noun="order", extra_columns=(RUPA_PATIENT_ID,), relaxed_by=(RUPA_PATIENT_ID, RUPA_FILLABLE),
+    normalise=_normalise_order_batch,
+)
 
 
 def rejects_path_for(path: Path) -> Path:
@@ -137,22 +160,23 @@ def _scan(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _canonical_header(raw: list[str], file_name: str) -> list[str]:
+def _canonical_header(raw: list[str], file_name: str, contract: Contract = ORDER_BATCH) -> list[str]:
+    prefix = contract.extra_prefix
     names: list[str] = []
     for i, cell in enumerate(raw, start=1):
         name = cell.strip()
         if not name:
             raise UnusableInputError(f"{file_name}: column {i} of the header has no name")
-        if name.lower().startswith(CUSTOM_PREFIX):
-            name = CUSTOM_PREFIX + name[len(CUSTOM_PREFIX):].strip()
+        if name.lower().startswith(prefix):
+            name = prefix + name[len(prefix):].strip()
         else:
             name = name.lower()
         names.append(name)
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise UnusableInputError(f"{file_name}: the header repeats {', '.join(dupes)}")
-    known = set(COLUMNS) | {RUPA_PATIENT_ID}
-    unknown = [n for n in names if n not in known and not is_custom(n)]
+    known = set(contract.columns) | set(contract.extra_columns)
+    unknown = [n for n in names if n not in known and not contract.is_extra(n)]
     if unknown:
         if len(names) == 1 and any(sep in raw[0] for sep in (";", "\t", "|")):
             raise UnusableInputError(
@@ -164,12 +188,12 @@ def _canonical_header(raw: list[str], file_name: str) -> list[str]:
             hints.append(f"{n!r} (did you mean {guess[0]!r}?)" if guess else repr(n))
         raise UnusableInputError(
             f"{file_name}: unknown column {', '.join(hints)}; use the columns of "
-            "examples/template.csv, or custom.<key> for custom data"
+            f"{contract.template}, or {prefix}<key> for {'custom' if contract is ORDER_BATCH else 'your own'} data"
         )
-    required = set(REQUIRED)
-    if RUPA_PATIENT_ID in names:
-        required -= set(RUPA_FILLABLE)
-    missing = [c for c in REQUIRED if c in required and c not in names]
+    required = set(contract.required)
+    if contract.relaxed_by and contract.relaxed_by[0] in names:
+        required -= set(contract.relaxed_by[1])
+    missing = [c for c in contract.required if c in required and c not in names]
     if missing:
         raise UnusableInputError(f"{file_name}: required column missing: {', '.join(missing)}")
     return names
@@ -185,10 +209,14 @@ class CsvValidation:
         chunk_rows: int = 20_000,
         rejects_path: Path | None = None,
         rupa_lookup: RupaLookup | None = None,
+        contract: Contract = ORDER_BATCH,
+        cross_check: CrossCheck | None = None,
     ) -> None:
         self.path = Path(path)
         self.chunk_rows = chunk_rows
         self.rupa_lookup = rupa_lookup
+        self.contract = contract
+        self.cross_check = cross_check
         sha = _scan(self.path)
         self.result = ValidationResult(path=self.path, sha256=sha)
         self._rejects_final = rejects_path or rejects_path_for(self.path)
@@ -211,7 +239,7 @@ class CsvValidation:
         with self._open() as f:
             for raw in csv.reader(f):
                 if any(cell.strip() for cell in raw):
-                    return _canonical_header(raw, self.path.name)
+                    return _canonical_header(raw, self.path.name, self.contract)
         raise UnusableInputError(f"{self.path.name}: has no header line")
 
     def _records(self) -> Iterator[tuple[int, list[str]]]:
@@ -265,7 +293,7 @@ class CsvValidation:
                     if writer is None:
                         writer_file = tmp.open("w", encoding="utf-8", newline="")
                         writer = csv.writer(writer_file)
-                        writer.writerow(REJECT_COLUMNS)
+                        writer.writerow(self.contract.reject_columns)
                     writer.writerows(p.as_row() for p in problems)
                 self.result.total_rows += len(lines)
                 self.result.valid_rows += len(valid)
@@ -310,7 +338,7 @@ class CsvValidation:
             ok_lines, ok_records = lines, records  # the usual case: every row has its cells
         else:
             ok_lines, ok_records = [], []
-            id_pos = self.header.index("client_order_id")
+            id_pos = self.header.index(self.contract.id_column)
             for line, cells in zip(lines, records, strict=True):
                 extra_blank = len(cells) > width and not any(c.strip() for c in cells[width:])
                 if len(cells) != width and not extra_blank:
@@ -327,6 +355,10 @@ class CsvValidation:
         rupa_problems = self._enrich(frame)
         unknown_rupa = {p.line for p in rupa_problems}
         problems.extend(rupa_problems)
+        if self.cross_check is not None:
+            ids = frame[self.contract.id_column]
+            problems.extend(Problem(line, None if pd.isna(ids.get(line)) else ids.get(line), column, value, reason)
+                            for line, column, value, reason in self.cross_check(frame))
         problems.extend(
             p for p in self._schema_problems(frame)
             # an unknown rupa_patient_id is the one cause of its row's empty patient fields
@@ -355,21 +387,14 @@ class CsvValidation:
             for j, name in enumerate(self.header)
         }
         frame = pd.DataFrame(data, index=index)
-        for name in COLUMNS:
+        for name in self.contract.columns:
             if name not in frame.columns:
                 frame[name] = pd.Series(pd.NA, index=frame.index, dtype="str")
-        for name, mapping in CANONICAL.items():
-            s = frame[name]
-            frame[name] = s.str.lower().map(mapping).fillna(s)
-        for name in UPPERCASE:
-            frame[name] = frame[name].str.upper()
-        for name in ("phone_number",):
-            frame[name] = frame[name].str.replace(PHONE_SEPARATORS, "", regex=True)
-        return frame
+        return self.contract.normalise(frame) if self.contract.normalise else frame
 
     def _enrich(self, frame: pd.DataFrame) -> list[Problem]:
         """Fill missing patient columns from the warehouse's Rupa copy (rupa_patient_id)."""
-        if RUPA_PATIENT_ID not in frame.columns:
+        if self.contract.relaxed_by is None or RUPA_PATIENT_ID not in frame.columns:
             return []
         ids = frame[RUPA_PATIENT_ID].dropna()
         if ids.empty:
@@ -394,12 +419,12 @@ class CsvValidation:
 
     def _schema_problems(self, frame: pd.DataFrame) -> list[Problem]:
         try:
-            SCHEMA.validate(frame, lazy=True)
+            self.contract.schema.validate(frame, lazy=True)
             return []
         except pandera.errors.SchemaErrors as exc:
             cases = exc.failure_cases
         problems: dict[tuple[int, str, str], Problem] = {}
-        ids = frame["client_order_id"]
+        ids = frame[self.contract.id_column]
         for case in cases.itertuples(index=False):
             line, column, check = case.index, case.column, str(case.check)
             if line is None or pd.isna(line):
@@ -423,19 +448,20 @@ class CsvValidation:
                 value = shown = None if raw is None or pd.isna(raw) else str(raw)
             cid = ids.get(line)
             problems[key] = Problem(line, None if pd.isna(cid) else cid, column, shown,
-                                    reason_for(check, column, value))
+                                    self.contract.reason_for(check, column, value))
         return list(problems.values())
 
     def _duplicate_ids(self, frame: pd.DataFrame) -> list[Problem]:
         problems = []
-        ids = frame["client_order_id"]
+        col = self.contract.id_column
+        ids = frame[col]
         for line, cid in zip(frame.index.tolist(), ids.tolist(), strict=True):
             if cid is None or cid != cid:  # missing (NaN): reported as required elsewhere
                 continue
             first = self._seen_ids.setdefault(cid, line)
             if first != line:
-                problems.append(Problem(line, cid, "client_order_id", cid,
-                    f"client_order_id {cid!r} already appears on line {first}; each order needs its own id"))
+                problems.append(Problem(line, cid, col, cid,
+                    f"{col} {cid!r} already appears on line {first}; each {self.contract.row_noun} needs its own id"))
         return problems
 
     @staticmethod

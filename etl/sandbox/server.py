@@ -4,6 +4,8 @@
     /rupa/...                   the Rupa Health sandbox   (etl.sandbox.rupa)
     GET/POST /_sandbox/{vendor}/faults   read / change that vendor's fault switches
     POST /_sandbox/{vendor}/reset        switch every fault off
+    GET/POST /_sandbox/rupa/events       where and how Rupa events are sent (url, duplicates, reorder, hold, secret)
+    POST /_sandbox/rupa/orders/{id}      move an order on: {"status": "In Progress"}, {"results": true} (id "latest" works)
     GET  /_sandbox/health
 
 `SandboxServer` runs it in a background thread (tests, bench, demo); `serve()` runs it in the
@@ -71,6 +73,8 @@ class Sandbox:
             routes=[
                 Route("/_sandbox/health", health),
                 Route("/oauth/callback", oauth_callback),
+                Route("/_sandbox/rupa/events", self.rupa.checkout.control_events, methods=["GET", "POST"]),
+                Route("/_sandbox/rupa/orders/{id}", self.rupa.checkout.control_order, methods=["POST"]),
                 Route("/_sandbox/{vendor}/faults", faults, methods=["GET", "POST"]),
                 Route("/_sandbox/{vendor}/reset", reset, methods=["POST"]),
                 Mount("/lgc", app=FaultMiddleware(self.lgc.app(), self.lgc.faults)),
