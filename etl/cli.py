@@ -25,9 +25,9 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from etl.commands import core, lgc, rupa, webhooks
+    from etl.commands import core, intents, lgc, rupa, webhooks
 
-    for module in (core, lgc, rupa, webhooks):
+    for module in (core, lgc, rupa, webhooks, intents):
         module.register(app)
 
 

@@ -53,6 +53,15 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, RetryableStatus | httpx.TransportError)
 
 
+def is_retryable_unsent(exc: BaseException) -> bool:
+    """Retryable *and* surely not processed: a 429, or a connection that never carried the
+    request. For requests that are not idempotent (Rupa's POST /order_intents): any other
+    failure may have been processed, so the caller records an unknown outcome instead."""
+    if isinstance(exc, RetryableStatus):
+        return exc.response.status_code == 429
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+
+
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or an HTTP-date), else None."""
     if not value:
@@ -98,11 +107,12 @@ def _log_retry(retry_state: tenacity.RetryCallState) -> None:
     log.info("retrying after %s (attempt %d, waiting %.2fs)", _describe(exc), retry_state.attempt_number, wait)
 
 
-def retry_kwargs(settings: RetrySettings, *, sleep: Callable | None = None) -> dict:
+def retry_kwargs(settings: RetrySettings, *, sleep: Callable | None = None,
+                 retry_on: Callable[[BaseException], bool] = is_retryable) -> dict:
     kwargs = dict(
         stop=tenacity.stop_after_attempt(settings.max_attempts),
         wait=wait_retry_after_or_backoff(settings.initial_wait, settings.max_wait),
-        retry=tenacity.retry_if_exception(is_retryable),
+        retry=tenacity.retry_if_exception(retry_on),
         before_sleep=_log_retry,
         reraise=True,
     )

@@ -24,6 +24,23 @@ def rupa_extract(stream: str, settings: Settings | None = None) -> dict:
     return {**asdict(summary), "summary": summary.line()}
 
 
+def rupa_intents(settings: Settings | None = None) -> list[dict]:
+    """Send the order-intents files waiting in inbox/intents/ (one cart per row, checkout report)."""
+    from etl.rupa.intents import process_intents_inbox
+
+    settings = settings or Settings.from_airflow()
+    return process_intents_inbox(_engine(settings), settings)
+
+
+def rupa_events(settings: Settings | None = None) -> dict:
+    """Apply stored Rupa events to the warehouse and download new results."""
+    from etl.rupa.events import apply_events
+
+    settings = settings or Settings.from_airflow()
+    summary = apply_events(_engine(settings), settings)
+    return {**summary.as_dict(), "summary": summary.line()}
+
+
 def inbox_prepare(settings: Settings | None = None) -> dict:
     """Claim and validate new inbox files; stage their valid rows in chunks."""
     from etl.batches import inbox

@@ -72,3 +72,8 @@ def settings(warehouse_url, sandbox, tmp_path):
         rupa=replace(base.rupa, base_url=sandbox.rupa_url),
         retry=FAST_RETRY,
     )
+
+
+# Rupa Checkout fixtures (`rupa`: sandbox authorized + extracted; `receiver`: the webhook receiver
+# the sandbox sends its events to)
+from tests.checkout_fixtures import receiver, rupa  # noqa: E402, F401
