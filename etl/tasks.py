@@ -26,6 +26,9 @@ def rupa_extract(stream: str, settings: Settings | None = None) -> dict:
 
 def rupa_intents(settings: Settings | None = None) -> list[dict]:
     """Send the order-intents files waiting in inbox/intents/ (one cart per row, checkout report)."""
+    from etl import logs
+
+    logs.configure()  # httpx logs request URLs at INFO: result links must not reach the task log
     from etl.rupa.intents import process_intents_inbox
 
     settings = settings or Settings.from_airflow()
@@ -34,6 +37,9 @@ def rupa_intents(settings: Settings | None = None) -> list[dict]:
 
 def rupa_events(settings: Settings | None = None) -> dict:
     """Apply stored Rupa events to the warehouse and download new results."""
+    from etl import logs
+
+    logs.configure()  # httpx logs request URLs at INFO: result links must not reach the task log
     from etl.rupa.events import apply_events
 
     settings = settings or Settings.from_airflow()

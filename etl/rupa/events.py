@@ -312,11 +312,11 @@ def download_results(engine: Engine, settings: Settings, out: ApplySummary, *,
                     continue
                 digest = hashlib.sha256(content).hexdigest()
                 with engine.begin() as conn:
-                    new = conn.execute(_results_insert(conn), [dict(
+                    new = conn.execute(_results_insert(conn).values(
                         ordered_test_id=test["id"], order_id=test["order_id"], kind=kind, sha256=digest,
                         size=len(content), content_type=(ctype or "")[:100] or None, content=content,
-                        stored_at=datetime.now(UTC))]).rowcount
-                if new:
+                        stored_at=datetime.now(UTC)).returning(rupa_results.c.id)).scalar()
+                if new is not None:
                     out.results_stored += 1
                     log.info("rupa results: stored the %s of ordered test %s (order %s)", kind, test["id"], test["order_id"])
                 else:
