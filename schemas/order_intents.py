@@ -164,9 +164,3 @@ CONTRACT = Contract(
     reason_for=reason_for, id_column=ROW_ID, extra_prefix=METADATA_PREFIX,
     template="examples/intents_template.csv", row_noun="row", normalise=_normalise,
 )
-
-
-def is_intents_header(names: list[str]) -> bool:
-    """A header that names this contract's key columns (and not an order batch's)."""
-    lowered = {n.strip().lower() for n in names}
-    return ROW_ID in lowered and "return_url" in lowered and "client_order_id" not in lowered

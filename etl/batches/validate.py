@@ -182,6 +182,9 @@ def _canonical_header(raw: list[str], file_name: str, contract: Contract = ORDER
             raise UnusableInputError(
                 f"{file_name}: the header is one single column; labsync reads comma-separated files"
             )
+        if contract is ORDER_BATCH and {"row_id", "return_url"} <= set(names):
+            raise UnusableInputError(f"{file_name}: this is a Rupa order-intents file (row_id, return_url); "
+                                     "drop it into the inbox's intents/ folder or run `labsync intents FILE`")
         hints = []
         for n in unknown:
             guess = difflib.get_close_matches(n, sorted(known), n=1, cutoff=0.75)
