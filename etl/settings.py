@@ -101,6 +101,7 @@ class RupaSettings:
     redirect_uri: str = "http://127.0.0.1:8765/oauth/callback"
     authorize_url: str = RUPA_AUTHORIZE_URL
     page_size: int = 100
+    concurrency: int = 4  # order-intent rows sent at once (etl.rupa.intents)
 
     def validated(self) -> RupaSettings:
         s = self
@@ -117,6 +118,8 @@ class RupaSettings:
             raise ConfigError(
                 "Rupa credentials missing: set RUPA_CLIENT_ID and RUPA_CLIENT_SECRET, or RUPA_API_TOKEN"
             )
+        if not 1 <= s.concurrency <= 64:
+            raise ConfigError("RUPA_CONCURRENCY must be between 1 and 64")
         if not 1 <= s.page_size <= 1000:
             raise ConfigError("RUPA_PAGE_SIZE must be between 1 and 1000")
         return s
@@ -210,6 +213,7 @@ class Settings:
                 redirect_uri=get("RUPA_REDIRECT_URI", d.rupa.redirect_uri),
                 authorize_url=get("RUPA_AUTHORIZE_URL", d.rupa.authorize_url),
                 page_size=num("RUPA_PAGE_SIZE", d.rupa.page_size, int),
+                concurrency=num("RUPA_CONCURRENCY", d.rupa.concurrency, int),
             ),
             retry=RetrySettings(
                 max_attempts=num("LABSYNC_RETRY_ATTEMPTS", d.retry.max_attempts, int),

@@ -318,7 +318,7 @@ def download_results(engine: Engine, settings: Settings, out: ApplySummary, *,
                         stored_at=datetime.now(UTC)).returning(rupa_results.c.id)).scalar()
                 if new is not None:
                     out.results_stored += 1
-                    log.info("rupa results: stored the %s of ordered test %s (order %s)", kind, test["id"], test["order_id"])
+                    log.debug("rupa results: stored the %s of ordered test %s (order %s)", kind, test["id"], test["order_id"])
                 else:
                     out.results_repeated += 1
             with engine.begin() as conn:

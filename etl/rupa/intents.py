@@ -6,7 +6,7 @@ report out.
     dry_run(engine, settings, path, out)          -> (would send, already settled)
 
 Per valid row (schemas/order_intents.py, validated by the one validator with a warehouse
-cross-check): get or create the patient (`POST /patients`; Rupa returns the existing patient for
+cross-check; RUPA_CONCURRENCY rows at a time): get or create the patient (`POST /patients`; Rupa returns the existing patient for
 the same first name, last name and email), then create the order intent (`POST /order_intents`),
 recording every step in the ledger `rupa_order_intents`, keyed by the row's `row_id`.
 
@@ -29,8 +29,10 @@ import csv
 import hashlib
 import json
 import logging
+import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -257,25 +259,48 @@ class SendSummary:
 
 
 def send_rows(engine: Engine, client: RupaClient, rows: Iterable[Mapping], *, batch_id: int | None,
-              run: str | None = None, summary_: SendSummary | None = None) -> SendSummary:
+              run: str | None = None, summary_: SendSummary | None = None,
+              concurrency: int = 1) -> SendSummary:
     """Get or create each row's patient and create its order intent; every step in the ledger.
-    A refused token (AuthError) stops the run: the row in hand is marked `failed`, the rest
-    are left for the next run, and the error is re-raised."""
+    Up to `concurrency` rows are in flight at once (threads sharing the client). A refused token
+    (AuthError) stops the run: rows in hand are marked `failed`, no further row is claimed, the
+    rest are left for the next run, and the error is re-raised."""
     run = run or new_run_id()
     out = summary_ or SendSummary()
     start = client.requests
-    try:
-        for raw in rows:
-            row = IntentRow.from_row(raw)
-            decision = claim(engine, row, run=run, batch_id=batch_id)
-            if not decision.send:
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def one(raw: Mapping) -> None:
+        if stop.is_set():
+            return
+        row = IntentRow.from_row(raw)
+        decision = claim(engine, row, run=run, batch_id=batch_id)
+        if not decision.send:
+            with lock:
                 out.counts[decision.outcome] += 1
-                continue
-            if decision.resend:
+            return
+        if decision.resend:
+            with lock:
                 out.resent += 1
-                log.warning("intents: batch %s row %s (line %s) went out earlier with no answer recorded; "
-                            "sending it again (Rupa may hold a second, unused cart)", batch_id, row.row_id, row.line)
-            out.counts[_send_one(engine, client, row, run, decision, batch_id)] += 1
+            log.warning("intents: batch %s row %s (line %s) went out earlier with no answer recorded; "
+                        "sending it again (Rupa may hold a second, unused cart)", batch_id, row.row_id, row.line)
+        try:
+            result = _send_one(engine, client, row, run, decision, batch_id)
+        except AuthError:
+            stop.set()
+            raise
+        with lock:
+            out.counts[result] += 1
+
+    try:
+        if concurrency <= 1:
+            for raw in rows:
+                one(raw)
+        else:
+            with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="rupa-intents") as pool:
+                for future in [pool.submit(one, raw) for raw in rows]:
+                    future.result()
     except AuthError as exc:
         out.stopped = str(exc)
         raise
@@ -399,7 +424,8 @@ def process_intents_file(engine: Engine, settings: Settings, path: Path | str, *
             for r in chunk:
                 seen.append((r.get("line"), r["row_id"]))
                 names[r["row_id"]] = " ".join(p for p in (r.get("first_name"), r.get("last_name")) if p)
-            send_rows(engine, client, chunk, batch_id=batch_id, summary_=sent)
+            send_rows(engine, client, chunk, batch_id=batch_id, summary_=sent,
+                      concurrency=settings.rupa.concurrency)
     except AuthError:
         records.set_status(engine, batch_id, BatchStatus.INCOMPLETE, error="stopped: Rupa refused the credentials")
         raise
