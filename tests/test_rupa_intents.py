@@ -175,6 +175,23 @@ def test_unusable_files_send_nothing(engine, settings, rupa, tmp_path):
         assert set(conn.execute(sa.select(batch_files.c.status)).scalars()) == {"unusable"}
 
 
+def test_refused_credentials_stop_the_run_and_lose_nothing(engine, settings, rupa, tmp_path):
+    from etl.errors import AuthError
+
+    path = write_intents(tmp_path / "auth.csv", [row(f"R{i}", rupa_patient_id=f"pat_000000{i}") for i in range(1, 4)])
+    rupa.revoke_all()  # the practitioner disconnected labsync
+    with pytest.raises(AuthError, match="labsync rupa authorize"):
+        intents.process_intents_file(engine, settings, path)
+    assert rupa.order_intents == {} and all(r["state"] == IntentState.FAILED for r in ledger(engine).values())
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(batch_files.c.status)).scalar_one() == "incomplete"
+    from tests.rupa_support import authorize
+
+    authorize(engine, settings)
+    assert intents.process_intents_file(engine, settings, path).counts == {intents.CREATED: 3}
+    assert carts_by_row(rupa) == {"R1": 1, "R2": 1, "R3": 1}
+
+
 def test_the_inbox_subfolder_is_processed_and_filed(engine, settings, rupa, tmp_path):
     box = intents.IntentsInbox.of(settings).ensure()
     write_intents(box.root / "monday.csv", [row("R1", rupa_patient_id="pat_0000001"), row("R2")])
@@ -215,9 +232,11 @@ def test_cli_intents_dry_run_then_run(engine, settings, rupa, tmp_path, monkeypa
     assert "cli.summary.html" in done.stdout and "Dorothy" not in done.stdout + done.stderr
     again = _cli(env, "intents", str(path), "--dry-run", "--requests", "-")
     assert "0 rows would be sent (2 already settled" in again.stderr
-    unusable = tmp_path / "empty.csv"
-    unusable.write_text("")
-    assert _cli(env, "intents", str(unusable)).returncode == 2
+    box = intents.IntentsInbox.of(settings).ensure()
+    path.rename(box.root / "cli.csv")
+    inbox = _cli({**env, "LABSYNC_INBOX": str(settings.inbox), "LABSYNC_INBOX_SETTLE_SECONDS": "0"}, "intents", "--inbox")
+    assert inbox.returncode == 1 and "cli.csv: loaded (already created 2)" in inbox.stdout, inbox.stderr
+    assert (box.folder("processed") / "cli.checkout.csv").exists()
 
 
 def test_a_run_killed_mid_batch_sends_no_second_cart_for_any_row(engine, settings, rupa, tmp_path, monkeypatch):

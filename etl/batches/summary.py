@@ -56,6 +56,7 @@ def render(
     generated_at: datetime | None = None,
     title: str = "Order batch",
     checkout: Sequence[Mapping] = (),
+    id_label: str = "clientOrderId",
 ) -> str:
     """The page as a string. `rejected`: reject-report rows (line, client_order_id, column,
     value, reason); `accepted`: ledger rows (client_order_id, line, order_item_ids);
@@ -85,7 +86,7 @@ def render(
     if rejected:
         parts.append("<h2 class='bad'>Rejected rows (not sent): fix these and drop them in a new file</h2>")
         parts.append(_table(
-            ("line", "clientOrderId", "column", "value", "reason"),
+            ("line", id_label, "column", "value", "reason"),
             [(r.get("line"), r.get("client_order_id"), r.get("column"), r.get("value"), r.get("reason")) for r in rejected],
         ))
     if checkout:

@@ -1,4 +1,5 @@
-"""`labsync intents FILE.csv [--dry-run]`: Rupa order intents from a CSV (etl.rupa.intents).
+"""`labsync intents FILE.csv [--dry-run]` and `labsync intents --inbox`: Rupa order intents from
+a CSV (etl.rupa.intents).
 
 Exit codes: 0 every row has its cart, 1 some rows were rejected, failed or have an unknown
 outcome (the next run sends those again), 2 the file or the configuration is unusable
@@ -16,8 +17,10 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def intents(
-        file: Path = typer.Argument(..., help="The order-intents CSV (row_id, rupa_patient_id or "
-                                    "first_name/last_name/email, lab_test_ids, return_url)."),
+        file: Path | None = typer.Argument(None, help="The order-intents CSV (row_id, rupa_patient_id or "
+                                           "first_name/last_name/email, lab_test_ids, return_url)."),
+        inbox: bool = typer.Option(False, "--inbox", help="Instead of FILE: every file waiting in the "
+                                   "inbox's intents/ folder, once (what the rupa_checkout DAG does)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Validate and write the requests a run "
                                      "would send (tokens masked); send nothing, record nothing."),
         requests_file: Path | None = typer.Option(
@@ -32,7 +35,20 @@ def register(app: typer.Typer) -> None:
 
         settings = Settings.from_env()
         settings.rupa.validated()  # bad configuration: exit 2 before the file is touched
+        if (file is None) == (not inbox):
+            typer.echo("labsync: give one FILE.csv, or --inbox", err=True)
+            raise typer.Exit(2)
         engine = warehouse.connect(settings.warehouse_url)
+        if inbox:
+            outcomes = mod.process_intents_inbox(engine, settings)
+            if not outcomes:
+                typer.echo(f"inbox {mod.IntentsInbox.of(settings).root}: nothing to do")
+            for o in outcomes:
+                counts = ", ".join(f"{k} {v}" for k, v in (o.get("counts") or {}).items() if v)
+                typer.echo(f"{o['name']}: {o['status']}" + (f" ({counts})" if counts else "")
+                           + (f": {o['error']}" if o.get("error") else ""))
+            bad = any(o["status"] != "loaded" or o.get("rejected_rows") for o in outcomes)
+            raise typer.Exit(1 if bad else 0)
         if dry_run:
             target = requests_file or file.with_name(f"{file.stem}.requests.jsonl")
             to_stdout = str(target) == "-"

@@ -529,7 +529,7 @@ def write_report(engine: Engine, path: Path, outcome: IntentsOutcome,
     page = summary.render(
         file_name=path.name, title="Rupa order intents",
         outcome=f"{text} {outcome.valid_rows} of {outcome.total_rows} rows were valid.",
-        counts=counts, rejected=_read_rejects(rejects_path_for(path)), checkout=rows,
+        counts=counts, rejected=_read_rejects(rejects_path_for(path)), checkout=rows, id_label="row_id",
         note=f"The links are also in {links.name}.")
     summary.write(summary_path_for(path), page)
     outcome.summary_path, outcome.checkout_path = str(summary_path_for(path)), str(links)
