@@ -135,7 +135,7 @@ def _envelope(doc) -> tuple[datetime | None, dict, list]:
 
 def _apply_order(conn: Connection, obj: dict, included: list, when: datetime, out: ApplySummary) -> str:
     oid = obj.get("id")
-    if not oid or not str(obj.get("type", "order")).startswith("order"):
+    if not oid or str(obj.get("type", "order")) not in ("order", "orders"):
         raise BadEvent("data.object is not an order")
     oid = str(oid)
     now = datetime.now(UTC)
