@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import date
 from urllib.parse import urlsplit
 
 import pandas as pd
@@ -26,6 +25,7 @@ from pandera.typing import Series
 
 from schemas.columns import split_list
 from schemas.contract import Contract
+from schemas.order_batch import _EMAIL, _dates_ok, _dob_reason  # one date and email rule
 
 ROW_ID = "row_id"
 PATIENT_ID = "rupa_patient_id"
@@ -36,8 +36,6 @@ MAX_ROW_ID = 100
 COLUMNS: tuple[str, ...] = (ROW_ID, PATIENT_ID, *PATIENT_FIELDS, "birthday", "lab_test_ids", "return_url")
 REQUIRED: tuple[str, ...] = (ROW_ID, "return_url")
 
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _PATIENT_ID = re.compile(r"^pat_[A-Za-z0-9_-]+$")
 _LAB_TEST_ID = re.compile(r"^labts_[A-Za-z0-9_-]+$")
 
@@ -50,12 +48,6 @@ def _url_ok(value: str) -> bool:
 def _lab_tests_ok(value: str) -> bool:
     ids = split_list(value)
     return bool(ids) and all(_LAB_TEST_ID.match(i) for i in ids)
-
-
-def _past_date(s: pd.Series) -> pd.Series:
-    shaped = s.str.match(_DATE.pattern)
-    parsed = pd.to_datetime(s.where(shaped), format="%Y-%m-%d", errors="coerce")
-    return parsed.notna() & (parsed < pd.Timestamp(date.today()))
 
 
 def _patient_requires(column: str) -> Callable[[pd.DataFrame], pd.Series]:
@@ -89,7 +81,7 @@ class OrderIntents(pa.DataFrameModel):
 
     @pa.check("birthday", name="past_date")
     def _birthday(cls, s: Series[str]) -> Series[bool]:
-        return _past_date(s)
+        return _dates_ok(s)
 
     @pa.check("lab_test_ids", name="lab_test_ids_format")
     def _tests(cls, s: Series[str]) -> Series[bool]:
@@ -112,16 +104,6 @@ class OrderIntents(pa.DataFrameModel):
         return _patient_requires("email")(df)
 
 
-def _birthday_reason(column: str, value: str) -> str:
-    if not _DATE.match(value):
-        return f"{column} {value!r} is not a date in the form YYYY-MM-DD (e.g. 1980-04-23)"
-    try:
-        when = date.fromisoformat(value)
-    except ValueError:
-        return f"{column} {value!r} is not a real calendar date"
-    return f"{column} {value!r} is not in the past" if when >= date.today() else f"{column} {value!r} is not valid"
-
-
 def _lab_tests_reason(column: str, value: str) -> str:
     bad = [i for i in split_list(value) if not _LAB_TEST_ID.match(i)]
     if not bad:
@@ -134,7 +116,7 @@ REASONS: dict[str, Callable[[str, str], str]] = {
     "not_nullable": lambda column, _v: f"{column} is required but empty",
     "patient_id_format": lambda column, value: f"{column} {value!r} is not a Rupa patient id (pat_…)",
     "email_format": lambda column, value: f"{column} {value!r} is not an email address",
-    "past_date": _birthday_reason,
+    "past_date": _dob_reason,
     "lab_test_ids_format": _lab_tests_reason,
     "url": lambda column, value: (
         f"{column} {value!r} is not a web address; give a full http:// or https:// URL"),

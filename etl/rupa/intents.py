@@ -309,6 +309,11 @@ def send_rows(engine: Engine, client: RupaClient, rows: Iterable[Mapping], *, ba
     return out
 
 
+def _refused(exc: ApiError) -> bool:
+    """Rupa answered and said no (a 4xx other than 401): nothing was created."""
+    return isinstance(exc, RupaApiError) and exc.status is not None and 400 <= exc.status < 500 and exc.status != 401
+
+
 def _send_one(engine: Engine, client: RupaClient, row: IntentRow, run: str, decision: Claim,
               batch_id: int | None) -> str:
     patient_id = row.patient_id or decision.patient_id
@@ -317,18 +322,13 @@ def _send_one(engine: Engine, client: RupaClient, row: IntentRow, run: str, deci
         if patient_id is None:
             try:
                 patient = client.create_patient(**row.patient_attributes)
-            except RupaApiError as exc:
-                if exc.status is not None and 400 <= exc.status < 500 and exc.status != 401:
-                    _release(engine, row.row_id, run, IntentState.REJECTED, f"patient: {exc}")
-                    return REJECTED
-                _release(engine, row.row_id, run, IntentState.FAILED, f"patient: {exc}")
-                return FAILED
             except AuthError:
                 _release(engine, row.row_id, run, IntentState.FAILED, "not sent: Rupa refused the credentials")
                 raise
-            except ApiError as exc:
-                _release(engine, row.row_id, run, IntentState.FAILED, f"patient: {exc}")
-                return FAILED
+            except ApiError as exc:  # refused (4xx): rejected; no answer: failed, sent next run
+                state = IntentState.REJECTED if _refused(exc) else IntentState.FAILED
+                _release(engine, row.row_id, run, state, f"patient: {exc}")
+                return REJECTED if _refused(exc) else FAILED
             patient_id = str(patient["id"])
         # committed before the request: a crash from here on leaves `sending`
         _update(engine, row.row_id, run, state=IntentState.SENDING, patient_id=patient_id,
@@ -340,18 +340,15 @@ def _send_one(engine: Engine, client: RupaClient, row: IntentRow, run: str, deci
             return FAILED
     try:
         intent = client.create_order_intent(patient_id, return_url=row.return_url, lab_test_ids=row.lab_test_ids)
-    except RupaApiError as exc:
-        if exc.status is not None and 400 <= exc.status < 500 and exc.status != 401:
+    except AuthError:  # a 401 is an answer: nothing was created
+        _release(engine, row.row_id, run, IntentState.FAILED, "not sent: Rupa refused the credentials")
+        raise
+    except ApiError as exc:
+        if _refused(exc):
             _release(engine, row.row_id, run, IntentState.REJECTED, str(exc))
             log.info("intents: batch %s row %s (line %s) rejected by Rupa: %s", batch_id, row.row_id, row.line, exc)
             return REJECTED
-        _release(engine, row.row_id, run, IntentState.SENDING, f"{exc}; the outcome is unknown, sent again next run")
-        return UNKNOWN
-    except AuthError:
-        # a 401 is an answer: nothing was created
-        _release(engine, row.row_id, run, IntentState.FAILED, "not sent: Rupa refused the credentials")
-        raise
-    except ApiError as exc:  # no usable answer: the cart may or may not exist
+        # no usable answer (a lost connection, a 5xx): the cart may or may not exist
         _release(engine, row.row_id, run, IntentState.SENDING, f"{exc}; the outcome is unknown, sent again next run")
         log.warning("intents: batch %s row %s (line %s): no answer from Rupa; sent again next run",
                     batch_id, row.row_id, row.line)
