@@ -37,7 +37,7 @@ def executables() -> tuple[str, str]:
 
 
 @contextmanager
-def chromium(*, width: int = 1280, height: int = 900, timeout: float = 30.0) -> Iterator:
+def chromium(*, width: int = 1280, height: int = 900, timeout: float = 60.0) -> Iterator:
     """A selenium WebDriver on a freshly started headless Chromium; quit and cleaned up after."""
     os.environ.setdefault("SE_OFFLINE", "true")  # selenium's manager: never download anything
     from selenium import webdriver
@@ -61,7 +61,7 @@ def chromium(*, width: int = 1280, height: int = 900, timeout: float = 30.0) -> 
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def wait_for_element(driver, css: str, timeout: float = 15.0):
+def wait_for_element(driver, css: str, timeout: float = 30.0):
     """The first element matching `css`, once it is there (waits on the condition, not a sleep)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -70,7 +70,7 @@ def wait_for_element(driver, css: str, timeout: float = 15.0):
     return WebDriverWait(driver, timeout).until(ec.presence_of_element_located((By.CSS_SELECTOR, css)))
 
 
-def wait_until(driver, predicate, timeout: float = 15.0):
+def wait_until(driver, predicate, timeout: float = 30.0):
     from selenium.webdriver.support.ui import WebDriverWait
 
     return WebDriverWait(driver, timeout).until(lambda d: predicate(d))
