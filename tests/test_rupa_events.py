@@ -236,6 +236,7 @@ def test_patient_and_lab_test_events_update_the_copies_newest_wins(engine, setti
         assert conn.execute(sa.text("select attempts from webhook_events where state = 'failed'")).scalar_one() == events.MAX_ATTEMPTS
 
 
+@pytest.mark.parametrize("warehouse_url", ["sqlite"], indirect=True)  # the CLI is thin: one warehouse
 def test_cli_apply_events(engine, settings, rupa, receiver, tmp_path, monkeypatch):
     receiver()
     env = {**os.environ, **cli_env(monkeypatch, settings), "PYTHONPATH": str(REPO)}

@@ -211,6 +211,7 @@ def _cli(env: dict, *args: str, **kw) -> subprocess.CompletedProcess:
                           text=True, timeout=120, cwd=REPO, **kw)
 
 
+@pytest.mark.parametrize("warehouse_url", ["sqlite"], indirect=True)  # the CLI is thin: one warehouse
 def test_cli_intents_dry_run_then_run(engine, settings, rupa, tmp_path, monkeypatch):
     env = {**os.environ, **cli_env(monkeypatch, settings), "PYTHONPATH": str(REPO)}
     path = write_intents(tmp_path / "cli.csv", [
