@@ -249,3 +249,26 @@ def test_cli_apply_events(engine, settings, rupa, receiver, tmp_path, monkeypatc
     assert done.returncode == 0, done.stderr
     assert "applied 3" in done.stdout and "results stored 4" in done.stdout
     assert "/results/" not in done.stdout + done.stderr
+
+
+def test_a_patient_riding_along_in_an_order_event_does_not_undelete_it(engine, settings, rupa, receiver, tmp_path):
+    server = receiver()
+    cart = one_cart(engine, settings, tmp_path)
+    with engine.begin() as conn:  # extraction saw pat_0000004 disappear
+        conn.execute(sa.update(rupa_patients).where(rupa_patients.c.id == "pat_0000004")
+                     .values(deleted_at=sa.func.now()))
+    rupa.checkout.submit(cart["order_intent_id"])  # its order.updated event includes the patient
+    rupa.checkout.sender.flush()
+    events.apply_events(engine, settings)
+
+    def deleted() -> bool:
+        with engine.connect() as conn:
+            return conn.execute(sa.select(rupa_patients.c.deleted_at)
+                                .where(rupa_patients.c.id == "pat_0000004")).scalar_one() is not None
+
+    assert deleted()
+    body = {"type": "patient.updated", "created_at": "2026-03-02T00:00:00Z",
+            "data": {"object": rupa.patient("pat_0000004")}}
+    assert httpx.post(f"{server.url}/webhooks/rupa", json=body).status_code == 200
+    events.apply_events(engine, settings)
+    assert not deleted()  # Rupa said it exists

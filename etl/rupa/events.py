@@ -162,9 +162,9 @@ def _apply_order(conn: Connection, obj: dict, included: list, when: datetime, ou
                 out.ordered_tests += 1
                 result = APPLIED
         elif kind == "patient" and res.get("id"):
-            _apply_copy(conn, "patients", res, when)
+            _apply_copy(conn, "patients", res, when, revive=False)
         elif kind in ("lab_test", "labtest") and res.get("id"):
-            _apply_copy(conn, "lab_tests", res, when)
+            _apply_copy(conn, "lab_tests", res, when, revive=False)
     if intent_id:
         _link_intent(conn, order_id=oid, order_intent_id=intent_id)
     return result
@@ -201,9 +201,11 @@ def _without_links(attrs: dict) -> dict:
             for k, v in attrs.items()}
 
 
-def _apply_copy(conn: Connection, stream: str, res: dict, when: datetime | None) -> str:
+def _apply_copy(conn: Connection, stream: str, res: dict, when: datetime | None, *, revive: bool = True) -> str:
     """patient.* / labtest.* (and patients or lab tests included in order events): the
-    extraction's row, unless the stored one is newer (by the resource's own updated_at)."""
+    extraction's row, unless the stored one is newer (by the resource's own updated_at). Only a
+    patient/labtest event brings back a row extraction marked deleted (`revive`); a copy riding
+    along in an order event leaves `deleted_at` as it is."""
     spec = STREAMS[stream]
     row = row_for(spec, res)
     table = spec.table
@@ -213,7 +215,8 @@ def _apply_copy(conn: Connection, stream: str, res: dict, when: datetime | None)
         return STALE
     now = datetime.now(UTC)
     full = {**row, "first_seen_at": now, "last_seen_at": now, "deleted_at": None}
-    upsert(conn, table, [full], key=["id"], update=[c for c in full if c not in ("id", "first_seen_at")])
+    keep = ("id", "first_seen_at") if revive else ("id", "first_seen_at", "deleted_at")
+    upsert(conn, table, [full], key=["id"], update=[c for c in full if c not in keep])
     return APPLIED
 
 
