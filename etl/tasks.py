@@ -29,7 +29,7 @@ def rupa_intents(settings: Settings | None = None) -> list[dict]:
     from etl import logs
 
     logs.configure()  # httpx logs request URLs at INFO: result links must not reach the task log
-    from etl.rupa.intents import process_intents_inbox
+    from etl.rupa.intents_inbox import process_intents_inbox
 
     settings = settings or Settings.from_airflow()
     return process_intents_inbox(_engine(settings), settings)

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from etl.errors import UnusableInputError
-from etl.rupa import intents
+from etl.rupa import intents, intents_inbox
 from etl.states import IntentState
 from etl.warehouse import batch_files, rejected_rows
 from tests.helpers import REPO
@@ -193,17 +193,17 @@ def test_refused_credentials_stop_the_run_and_lose_nothing(engine, settings, rup
 
 
 def test_the_inbox_subfolder_is_processed_and_filed(engine, settings, rupa, tmp_path):
-    box = intents.IntentsInbox.of(settings).ensure()
+    box = intents_inbox.IntentsInbox.of(settings).ensure()
     write_intents(box.root / "monday.csv", [row("R1", rupa_patient_id="pat_0000001"), row("R2")])
     (box.root / "broken.csv").write_bytes(b"\x00\x01binary")
-    outcomes = {o["name"]: o for o in intents.process_intents_inbox(engine, settings, settle_seconds=0)}
+    outcomes = {o["name"]: o for o in intents_inbox.process_intents_inbox(engine, settings, settle_seconds=0)}
     assert outcomes["monday.csv"]["status"] == "loaded" and outcomes["monday.csv"]["counts"] == {intents.CREATED: 1}
     assert outcomes["broken.csv"]["status"] == "unusable"
     assert sorted(p.name for p in box.folder("processed").iterdir()) == [
         "monday.checkout.csv", "monday.csv", "monday.rejects.csv", "monday.summary.html"]
     assert sorted(p.name for p in box.folder("failed").iterdir()) == ["broken.csv", "broken.summary.html"]
     assert json.dumps(outcomes)  # fit for XCom
-    assert intents.process_intents_inbox(engine, settings, settle_seconds=0) == []
+    assert intents_inbox.process_intents_inbox(engine, settings, settle_seconds=0) == []
 
 
 def _cli(env: dict, *args: str, **kw) -> subprocess.CompletedProcess:
@@ -233,7 +233,7 @@ def test_cli_intents_dry_run_then_run(engine, settings, rupa, tmp_path, monkeypa
     assert "cli.summary.html" in done.stdout and "Dorothy" not in done.stdout + done.stderr
     again = _cli(env, "intents", str(path), "--dry-run", "--requests", "-")
     assert "0 rows would be sent (2 already settled" in again.stderr
-    box = intents.IntentsInbox.of(settings).ensure()
+    box = intents_inbox.IntentsInbox.of(settings).ensure()
     path.rename(box.root / "cli.csv")
     inbox = _cli({**env, "LABSYNC_INBOX": str(settings.inbox), "LABSYNC_INBOX_SETTLE_SECONDS": "0"}, "intents", "--inbox")
     assert inbox.returncode == 1 and "cli.csv: loaded (already created 2)" in inbox.stdout, inbox.stderr

@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         patient's checkout link for the practitioner, and FILE.checkout.csv of the links."""
         from etl import warehouse
         from etl.rupa import intents as mod
+        from etl.rupa.intents_inbox import IntentsInbox, process_intents_inbox
         from etl.settings import Settings
 
         settings = Settings.from_env()
@@ -40,9 +41,9 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2)
         engine = warehouse.connect(settings.warehouse_url)
         if inbox:
-            outcomes = mod.process_intents_inbox(engine, settings)
+            outcomes = process_intents_inbox(engine, settings)
             if not outcomes:
-                typer.echo(f"inbox {mod.IntentsInbox.of(settings).root}: nothing to do")
+                typer.echo(f"inbox {IntentsInbox.of(settings).root}: nothing to do")
             for o in outcomes:
                 counts = ", ".join(f"{k} {v}" for k, v in (o.get("counts") or {}).items() if v)
                 typer.echo(f"{o['name']}: {o['status']}" + (f" ({counts})" if counts else "")

@@ -2,13 +2,15 @@
 report out.
 
     process_intents_file(engine, settings, path)  -> IntentsOutcome   (`labsync intents`, the inbox)
-    process_intents_inbox(engine, settings)       -> [dict]           (the rupa_checkout DAG)
-    dry_run(engine, settings, path, out)          -> (would send, already settled)
+    dry_run(engine, settings, path, out)          -> (would send, already settled, validation)
+
+(The inbox subfolder is etl.rupa.intents_inbox; the report is etl.rupa.checkout_report.)
 
 Per valid row (schemas/order_intents.py, validated by the one validator with a warehouse
-cross-check; RUPA_CONCURRENCY rows at a time): get or create the patient (`POST /patients`; Rupa returns the existing patient for
-the same first name, last name and email), then create the order intent (`POST /order_intents`),
-recording every step in the ledger `rupa_order_intents`, keyed by the row's `row_id`.
+cross-check; RUPA_CONCURRENCY rows at a time): get or create the patient (`POST /patients`;
+Rupa returns the existing patient for the same first name, last name and email), then create
+the order intent (`POST /order_intents`), recording every step in the ledger
+`rupa_order_intents`, keyed by the row's `row_id`.
 
 Exactly once per row id. Rupa takes no idempotency key, so what a crash can leave unknown is kept
 to one request: the row is written `sending` (committed) right before the order-intent request
@@ -25,27 +27,30 @@ Names appear in those files, as in the CSV itself; logs carry row ids, batch ids
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
-from etl.batches import records, summary
-from etl.batches.validate import CsvValidation, rejects_path_for
-from etl.errors import ApiError, AuthError, UnusableInputError
+from etl.batches import records
+from etl.batches.validate import CsvValidation
+from etl.errors import ApiError, AuthError
 from etl.lgc.ledger import _claimer_is_dead, new_run_id
+from etl.rupa.checkout_report import (
+    RESENT,
+    ledger_rows,
+    write_report,
+)
 from etl.rupa.client import RupaApiError, RupaClient, open_client
 from etl.settings import Settings
 from etl.states import BatchStatus, IntentState
@@ -58,12 +63,10 @@ log = logging.getLogger(__name__)
 t = rupa_order_intents
 LEASE = timedelta(minutes=10)
 LOOKUP_CHUNK = 500
-CHECKOUT_COLUMNS = ("line", "row_id", "patient", "rupa_patient_id", "state", "checkout_url", "note")
 
 # outcomes of one run, per row (the report's and the CLI's counts)
 CREATED, ALREADY, REJECTED, FAILED, UNKNOWN, BUSY = (
     "created", "already created", "rejected by Rupa", "failed", "unknown outcome", "busy")
-RESENT = "re-sent after an unknown outcome"
 BAD_OUTCOMES = (REJECTED, FAILED, UNKNOWN, BUSY)
 
 
@@ -396,14 +399,6 @@ class IntentsOutcome:
         return f"{self.name}: {self.status}" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def summary_path_for(path: Path) -> Path:
-    return path.with_name(f"{path.stem}.summary.html")
-
-
-def checkout_path_for(path: Path) -> Path:
-    return path.with_name(f"{path.stem}.checkout.csv")
-
-
 def process_intents_file(engine: Engine, settings: Settings, path: Path | str, *,
                          client: RupaClient | None = None) -> IntentsOutcome:
     """Validate an intents file, send its valid rows, write its report beside it. An unusable
@@ -442,103 +437,6 @@ def process_intents_file(engine: Engine, settings: Settings, path: Path | str, *
     return outcome
 
 
-# ---- the report ---------------------------------------------------------------------------------
-def ledger_rows(engine: Engine, row_ids: Sequence[str]) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    ids = list(dict.fromkeys(row_ids))
-    with engine.connect() as conn:
-        for i in range(0, len(ids), LOOKUP_CHUNK):
-            for r in conn.execute(sa.select(t).where(t.c.row_id.in_(ids[i:i + LOOKUP_CHUNK]))).mappings():
-                out[r["row_id"]] = dict(r)
-    return out
-
-
-def _patient_names(engine: Engine, ids: Iterable[str]) -> dict[str, str]:
-    wanted = sorted({i for i in ids if i})
-    out: dict[str, str] = {}
-    with engine.connect() as conn:
-        for i in range(0, len(wanted), LOOKUP_CHUNK):
-            for pid, first, last in conn.execute(sa.select(
-                    rupa_patients.c.id, rupa_patients.c.first_name, rupa_patients.c.last_name)
-                    .where(rupa_patients.c.id.in_(wanted[i:i + LOOKUP_CHUNK]))):
-                out[pid] = " ".join(p for p in (first, last) if p)
-    return out
-
-
-def checkout_rows(engine: Engine, seen: Sequence[tuple[int | None, str]],
-                  names: Mapping[str, str] | None = None) -> list[dict]:
-    """Per valid row of a file: line, row id, patient, Rupa patient id, state and checkout link."""
-    ledger = ledger_rows(engine, [rid for _, rid in seen])
-    known = _patient_names(engine, (r.get("patient_id") for r in ledger.values()))
-    out = []
-    for line, rid in seen:
-        r = ledger.get(rid, {})
-        pid = r.get("patient_id")
-        note = r.get("last_error") or ""
-        if r.get("resends"):
-            note = (note + "; " if note else "") + (
-                f"sent {r['resends'] + 1} times after unknown outcomes: Rupa may hold an extra, unused cart")
-        out.append({"line": line, "row_id": rid, "patient": (names or {}).get(rid) or known.get(pid, ""),
-                    "rupa_patient_id": pid or "", "state": r.get("state", ""),
-                    "checkout_url": r.get("checkout_url") or "", "order_id": r.get("order_id") or "",
-                    "note": note})
-    return out
-
-
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def formula_safe(value) -> str:
-    """A cell a spreadsheet will not run as a formula. (Issue 10 adds the house's safe CSV
-    writer; point `write_csv` at it when it lands.)"""
-    text = "" if value is None else str(value)
-    return "'" + text if text.startswith(_FORMULA_START) else text
-
-
-def write_csv(path: Path, header: Sequence[str], rows: Iterable[Mapping]) -> Path:
-    """A UTF-8 (BOM) CSV with formula-safe cells, written to a temporary name and renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8-sig", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for r in rows:
-            w.writerow([formula_safe(r.get(c)) for c in header])
-    tmp.replace(path)
-    return path
-
-
-def safe_link(url: str | None) -> str | None:
-    """Only http(s) links become clickable."""
-    return url if url and urlsplit(url).scheme in ("http", "https") else None
-
-
-def write_report(engine: Engine, path: Path, outcome: IntentsOutcome,
-                 seen: Sequence[tuple[int | None, str]], names: Mapping[str, str]) -> None:
-    rows = checkout_rows(engine, seen, names)
-    links = write_csv(checkout_path_for(path), CHECKOUT_COLUMNS, rows)
-    counts = dict(outcome.counts)
-    if outcome.resent:
-        counts[RESENT] = outcome.resent
-    counts["rejected before sending"] = outcome.rejected_rows
-    ok = outcome.exit_code == 0
-    text = ("Every cart is ready: send each practitioner to its checkout link." if ok
-            else "Some rows did not become carts; see below.")
-    page = summary.render(
-        file_name=path.name, title="Rupa order intents",
-        outcome=f"{text} {outcome.valid_rows} of {outcome.total_rows} rows were valid.",
-        counts=counts, rejected=_read_rejects(rejects_path_for(path)), checkout=rows, id_label="row_id",
-        note=f"The links are also in {links.name}.")
-    summary.write(summary_path_for(path), page)
-    outcome.summary_path, outcome.checkout_path = str(summary_path_for(path)), str(links)
-
-
-def _read_rejects(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with path.open(encoding="utf-8", newline="") as f:
-        return [{**r, "client_order_id": r.get("row_id")} for r in csv.DictReader(f)]
-
-
 # ---- dry run ------------------------------------------------------------------------------------
 def dry_run(engine: Engine, settings: Settings, path: Path | str, out) -> tuple[int, int, CsvValidation]:
     """Validate, then write the requests a run would send as JSON lines (no tokens, nothing
@@ -568,94 +466,3 @@ def dry_run(engine: Engine, settings: Settings, path: Path | str, out) -> tuple[
                                   "body": intent_body(pid or "<the id POST /patients returns>", row)},
                                  ensure_ascii=False) + "\n")
     return would, settled, validation
-
-
-# ---- the inbox: inbox/intents/ ------------------------------------------------------------------
-@dataclass(frozen=True)
-class IntentsInbox:
-    """Order-intents files are dropped into their own subfolder of the inbox, so the order
-    batch pipeline never sees them and no file is ever taken for the wrong contract:
-
-        inbox/intents/              *.csv dropped here
-        inbox/intents/processing/   claimed by an atomic rename (a crash's leftovers go first next run)
-        inbox/intents/processed/    FILE.csv, FILE.rejects.csv, FILE.summary.html, FILE.checkout.csv
-        inbox/intents/failed/       unusable files, with FILE.summary.html saying why
-    """
-
-    root: Path
-
-    @classmethod
-    def of(cls, settings: Settings) -> IntentsInbox:
-        return cls(Path(settings.inbox) / "intents")
-
-    def folder(self, name: str) -> Path:
-        return self.root / name
-
-    def ensure(self) -> IntentsInbox:
-        for d in (self.root, self.folder("processing"), self.folder("processed"), self.folder("failed")):
-            d.mkdir(parents=True, exist_ok=True)
-        return self
-
-
-def _is_intents_file(p: Path) -> bool:
-    return (p.is_file() and p.suffix.lower() == ".csv" and not p.name.startswith(".")
-            and not p.name.endswith((".rejects.csv", ".checkout.csv")))
-
-
-def _free_name(folder: Path, name: str) -> Path:
-    target, n = folder / name, 2
-    while target.exists():
-        target = folder / f"{Path(name).stem}.{n}{Path(name).suffix}"
-        n += 1
-    return target
-
-
-def _move_with_reports(path: Path, folder: Path) -> Path:
-    target = _free_name(folder, path.name)
-    for companion in (rejects_path_for(path), summary_path_for(path), checkout_path_for(path)):
-        if companion.exists():
-            companion.replace(folder / companion.name.replace(path.stem, target.stem, 1))
-    path.replace(target)
-    return target
-
-
-def process_intents_inbox(engine: Engine, settings: Settings, *, settle_seconds: float | None = None) -> list[dict]:
-    """Every intents file waiting in inbox/intents/ (and leftovers of a crashed run), once."""
-    import time
-
-    box = IntentsInbox.of(settings).ensure()
-    settle = settings.inbox_settle_seconds if settle_seconds is None else settle_seconds
-    processing = box.folder("processing")
-    files = sorted(p for p in processing.iterdir() if _is_intents_file(p))
-    now = time.time()
-    for p in sorted((p for p in box.root.iterdir() if _is_intents_file(p) and now - p.stat().st_mtime >= settle),
-                    key=lambda p: (p.stat().st_mtime, p.name)):
-        target = _free_name(processing, p.name)
-        try:
-            p.rename(target)  # atomic: two runs cannot both claim it
-        except FileNotFoundError:
-            continue
-        files.append(target)
-    outcomes = []
-    client = open_client(settings, engine) if files else None
-    try:
-        for path in files:
-            try:
-                result = process_intents_file(engine, settings, path, client=client)
-            except UnusableInputError as exc:
-                target = _move_with_reports(path, box.folder("failed"))
-                summary.write(summary_path_for(target), summary.render(
-                    file_name=target.name, title="Rupa order intents",
-                    outcome="This file could not be used; nothing was sent.", counts={},
-                    note=str(exc).replace(f"{path.name}: ", "", 1)))
-                outcomes.append({"name": target.name, "batch_id": None, "status": BatchStatus.UNUSABLE,
-                                 "error": str(exc)})
-                continue
-            target = _move_with_reports(path, box.folder("processed"))
-            outcomes.append({**result.as_dict(), "name": target.name,
-                             "summary_path": str(summary_path_for(target)),
-                             "checkout_path": str(checkout_path_for(target))})
-    finally:
-        if client is not None:
-            client.close()
-    return outcomes
