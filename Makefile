@@ -20,6 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@bash scripts/ensure-postgres.sh
+	@bash scripts/ensure-chromium.sh
 	@$(VENV)/bin/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)

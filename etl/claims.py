@@ -31,7 +31,10 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from etl.warehouse.tables import batch_files, lgc_orders
+from etl.warehouse.tables import batch_files, lgc_orders, rupa_order_intents
+
+# every table whose rows carry a claim (claimed_by, claimed_until) that a heartbeat renews
+CLAIM_TABLES = (lgc_orders, batch_files, rupa_order_intents)
 
 log = logging.getLogger(__name__)
 
@@ -75,20 +78,17 @@ def is_live(claimed_by: str | None, claimed_until: datetime | None, *, at: datet
 
 
 def renew(engine: Engine, owners: Iterable[str], lease: timedelta) -> int:
-    """Push the lease of every claim these owners hold (order rows and batch files) to now+lease.
+    """Push the lease of every claim these owners hold (order rows, batch files, intents rows) to now+lease.
     Returns how many claims were renewed."""
     owners = [o for o in dict.fromkeys(owners) if o]
     if not owners:
         return 0
     until = now() + lease
     with engine.begin() as conn:
-        n = conn.execute(
-            sa.update(lgc_orders).where(lgc_orders.c.claimed_by.in_(owners)).values(claimed_until=until)
-        ).rowcount
-        n += conn.execute(
-            sa.update(batch_files).where(batch_files.c.claimed_by.in_(owners)).values(claimed_until=until)
-        ).rowcount
-    return n
+        return sum(
+            conn.execute(sa.update(t).where(t.c.claimed_by.in_(owners)).values(claimed_until=until)).rowcount
+            for t in CLAIM_TABLES
+        )
 
 
 class Heartbeat:

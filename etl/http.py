@@ -74,6 +74,15 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, RetryableStatus | httpx.TransportError)
 
 
+def is_retryable_unsent(exc: BaseException) -> bool:
+    """Retryable *and* surely not processed: a 429, or a connection that never carried the
+    request. For requests that are not idempotent (Rupa's POST /order_intents): any other
+    failure may have been processed, so the caller records an unknown outcome instead."""
+    if isinstance(exc, RetryableStatus):
+        return exc.response.status_code == 429
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+
+
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or an HTTP-date), else None."""
     if not value:
@@ -121,16 +130,18 @@ def _log_retry(retry_state: tenacity.RetryCallState) -> None:
 
 
 def retry_kwargs(
-    settings: RetrySettings, *, sleep: Callable | None = None, max_retry_after: float | None = None
+    settings: RetrySettings, *, sleep: Callable | None = None, max_retry_after: float | None = None,
+    retry_on: Callable[[BaseException], bool] = is_retryable,
 ) -> dict:
     """The policy as tenacity arguments. `max_retry_after`: the caller's cap on Retry-After (pass
     the same cap to `raise_for_retryable` so longer asks fail at once); `sleep`: the caller's
-    sleep (sync or async to match the Retrying)."""
+    sleep (sync or async to match the Retrying); `retry_on`: which errors are retried (a
+    request that is not idempotent retries only what surely never reached the server)."""
     cap = MAX_RETRY_AFTER if max_retry_after is None else max_retry_after
     kwargs = dict(
         stop=tenacity.stop_after_attempt(settings.max_attempts),
         wait=wait_retry_after_or_backoff(settings.initial_wait, settings.max_wait, cap),
-        retry=tenacity.retry_if_exception(is_retryable),
+        retry=tenacity.retry_if_exception(retry_on),
         before_sleep=_log_retry,
         reraise=True,
     )

@@ -56,6 +56,9 @@ def install() -> None:
             return record
 
         logging.setLogRecordFactory(factory)
+        # httpx logs every request's full URL at INFO: ids in paths, and signed result links
+        for noisy in ("httpx", "httpcore"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         _installed = True
 
 

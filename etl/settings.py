@@ -143,6 +143,7 @@ class RupaSettings:
     page_size: int = 100
     max_pages: int = 10_000  # pages per stream per run: a server whose paging never ends is stopped
     max_response_bytes: int = 8 * MiB  # one page (or any answer); more is not read
+    concurrency: int = 4  # order-intent rows sent at once (etl.rupa.intents)
 
     def validated(self) -> RupaSettings:
         check_base_url("RUPA_BASE_URL", self.base_url)
@@ -161,6 +162,8 @@ class RupaSettings:
             raise ConfigError(
                 "Rupa credentials missing: set RUPA_CLIENT_ID and RUPA_CLIENT_SECRET, or RUPA_API_TOKEN"
             )
+        if not 1 <= s.concurrency <= 64:
+            raise ConfigError("RUPA_CONCURRENCY must be between 1 and 64")
         if not 1 <= s.page_size <= 1000:
             raise ConfigError("RUPA_PAGE_SIZE must be between 1 and 1000")
         if s.max_pages < 1:
@@ -290,6 +293,7 @@ class Settings:
                 page_size=num("RUPA_PAGE_SIZE", d.rupa.page_size, int),
                 max_pages=num("RUPA_MAX_PAGES", d.rupa.max_pages, int),
                 max_response_bytes=num("RUPA_MAX_RESPONSE_BYTES", d.rupa.max_response_bytes, int),
+                concurrency=num("RUPA_CONCURRENCY", d.rupa.concurrency, int),
             ),
             retry=RetrySettings(
                 max_attempts=num("LABSYNC_RETRY_ATTEMPTS", d.retry.max_attempts, int),

@@ -72,3 +72,22 @@ SETTLED_OUTBOX_STATES = frozenset({
 RETRYABLE_OUTBOX_STATES = frozenset({
     OutboxState.QUEUED, OutboxState.PENDING, OutboxState.FAILED, OutboxState.UNCONFIRMED,
 })
+
+
+class IntentState(StrEnum):
+    """`rupa_order_intents.state`: what became of one intents-file row (its `row_id`).
+
+    Rupa takes no idempotency key, so the ledger is written before and right after each call:
+    a row left `sending` is one whose order-intent request went out with no answer recorded
+    (the process died, or the connection broke). It is sent again by the next run and counted
+    in `resends`, because that request may have left a second, unused cart at Rupa."""
+
+    PENDING = "pending"  # claimed; the patient step (idempotent at Rupa) not finished yet
+    SENDING = "sending"  # POST /order_intents went out; no answer recorded (outcome unknown)
+    CREATED = "created"  # the order intent exists; its checkout_url is recorded. Final
+    REJECTED = "rejected"  # Rupa refused the row (4xx): nothing was created; sent again only when the row changes
+    FAILED = "failed"  # stopped before the order-intent request went out (patient step, outage); sent next run
+
+
+# Final for the intents ledger (with the same row content): never sent again.
+SETTLED_INTENT_STATES = frozenset({IntentState.CREATED, IntentState.REJECTED})

@@ -22,7 +22,9 @@ from etl.settings import Settings
 def _engine(settings: Settings):
     from etl import logs, warehouse
 
-    logs.install()  # Airflow configures the handlers; labsync's records still pass the redaction point
+    # Airflow configures the handlers; labsync's records still pass the redaction point, and
+    # httpx's request lines (full URLs: ids, signed result links) stay out of the task logs
+    logs.install()
 
     return warehouse.connect(settings.warehouse_url)
 
@@ -64,6 +66,24 @@ def rupa_extract(stream: str, settings: Settings | None = None) -> dict:
     settings = settings or Settings.from_airflow(require=("rupa",))
     summary = extract_stream(_engine(settings), settings, stream)
     return {**asdict(summary), "summary": summary.line()}
+
+
+def rupa_intents(settings: Settings | None = None) -> list[dict]:
+    """Send the order-intents files waiting in inbox/intents/ (one cart per row, checkout report)."""
+    from etl.rupa.intents_inbox import process_intents_inbox
+
+    settings = settings or Settings.from_airflow(require=("rupa",))
+    ti, _ = _owners()  # a retry of this task instance takes its rows over at once
+    return process_intents_inbox(_engine(settings), settings, owner=ti)
+
+
+def rupa_events(settings: Settings | None = None) -> dict:
+    """Apply stored Rupa events to the warehouse and download new results."""
+    from etl.rupa.events import apply_events
+
+    settings = settings or Settings.from_airflow()
+    summary = apply_events(_engine(settings), settings)
+    return {**summary.as_dict(), "summary": summary.line()}
 
 
 @_plain_errors

@@ -107,3 +107,52 @@ cat <<TXT
   DAG logs:          $demo/logs/
 TXT
 find "$LABSYNC_INBOX/processed" "$LABSYNC_INBOX/failed" -type f | sort | sed 's/^/  /'
+
+step "Rupa Checkout: an order-intents batch, one cart checked out, its order and results in the warehouse"
+hooks_port=$("$bin/python" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+"$bin/labsync" webhooks serve --port "$hooks_port" > "$demo/logs/webhooks.log" 2>&1 &
+hooks_pid=$!
+trap 'kill $sandbox_pid $hooks_pid 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+  curl -fs "http://127.0.0.1:$hooks_port/healthz" >/dev/null 2>&1 && break
+  kill -0 $hooks_pid 2>/dev/null || { cat "$demo/logs/webhooks.log"; exit 1; }
+  sleep 0.2
+done
+curl -fs -X POST "http://127.0.0.1:$port/_sandbox/rupa/events" \
+  -d "{\"url\": \"http://127.0.0.1:$hooks_port/webhooks/rupa\"}" >/dev/null
+echo "  webhook receiver on 127.0.0.1:$hooks_port; the Rupa sandbox sends its events there"
+mkdir -p "$LABSYNC_INBOX/intents"
+sed "s#https://practice.example/rupa/return#http://127.0.0.1:$hooks_port/webhooks/rupa/return#" \
+  examples/intents.csv > "$LABSYNC_INBOX/intents/intents.csv"
+echo "  inbox: intents/intents.csv (5 rows: known patients, new ones, an unknown id, a missing email)"
+"$bin/airflow" dags test rupa_checkout > "$demo/logs/rupa_checkout.log" 2>&1 || { tail -40 "$demo/logs/rupa_checkout.log"; exit 1; }
+echo "  the checkout links (intents/processed/intents.checkout.csv):"
+cut -d, -f2,5,6 "$LABSYNC_INBOX/intents/processed/intents.checkout.csv" | sed 's/^\xEF\xBB\xBF//; s/^/    /'
+echo "  a practitioner opens the first link and submits the checkout (as a browser would):"
+"$bin/python" - <<'PY'
+import csv, os, httpx
+path = os.path.join(os.environ["LABSYNC_INBOX"], "intents", "processed", "intents.checkout.csv")
+first = next(csv.DictReader(open(path, encoding="utf-8-sig")))
+page = httpx.post(first["checkout_url"], data={"payer": "Patient"}, follow_redirects=True)
+print(f"    {first['row_id']}: returned to {page.url.path}?{page.url.query.decode()}")
+PY
+echo "  the lab moves the order on and posts results (sandbox):"
+curl -fs -X POST "http://127.0.0.1:$port/_sandbox/rupa/orders/latest" -d '{"status": "In Progress", "results": true}' | sed 's/^/    /'; echo
+for _ in $(seq 1 100); do
+  curl -fs "http://127.0.0.1:$port/_sandbox/rupa/events" | grep -q '"queued":0' && break
+  sleep 0.2
+done
+"$bin/labsync" rupa apply-events | sed 's/^/  /'
+"$bin/python" - <<'PY'
+import sqlalchemy as sa
+from etl import warehouse
+from etl.settings import Settings
+engine = warehouse.connect(Settings.from_env().warehouse_url)
+with engine.connect() as c:
+    for r in c.execute(sa.text("select i.row_id, o.id, o.status, o.order_intent_id from rupa_orders o "
+                               "left join rupa_order_intents i on i.order_intent_id = o.order_intent_id")):
+        print(f"  order {r.id}: {r.status}, from order intent {r.order_intent_id} (intents row {r.row_id})")
+    for r in c.execute(sa.text("select ordered_test_id, kind, size, sha256 from rupa_results order by id")):
+        print(f"  result {r.ordered_test_id} {r.kind}: {r.size} bytes, sha256 {r.sha256[:16]}…")
+PY
+echo "  summary with clickable checkout links: $LABSYNC_INBOX/intents/processed/intents.summary.html"

@@ -108,3 +108,8 @@ def lite_settings(lite_engine, sandbox, tmp_path):
         retry=FAST_RETRY,
         fernet_key=TEST_FERNET_KEY,
     )
+
+
+# Rupa Checkout fixtures (`rupa`: sandbox authorized + extracted; `receiver`: the webhook receiver
+# the sandbox sends its events to)
+from tests.checkout_fixtures import receiver, rupa  # noqa: E402, F401

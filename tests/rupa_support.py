@@ -57,3 +57,27 @@ def cli_env(monkeypatch, settings: Settings, *, page_size: int = 7) -> dict:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
+
+
+INTENT_COLUMNS = ["row_id", "rupa_patient_id", "first_name", "last_name", "email", "birthday",
+                  "lab_test_ids", "return_url"]
+
+
+def write_intents(path, rows: list[dict]):
+    """An order-intents CSV with the contract's columns (plus any metadata.<key> the rows have)."""
+    import csv
+
+    columns = list(dict.fromkeys([*INTENT_COLUMNS, *(k for r in rows for k in r)]))
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def ledger(engine) -> dict[str, dict]:
+    """rupa_order_intents by row_id."""
+    from etl.warehouse import rupa_order_intents
+
+    with engine.connect() as conn:
+        return {r["row_id"]: dict(r) for r in conn.execute(sa.select(rupa_order_intents)).mappings()}

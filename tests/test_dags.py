@@ -62,7 +62,7 @@ def test_dagbag_loads_both_dags_with_the_expected_shape(airflow_env):
     facts = probe(airflow_env, "integrity")
     assert facts["import_errors"] == {}
     dags = facts["dags"]
-    assert set(dags) == {"rupa_extract", "order_batches"}
+    assert set(dags) == {"rupa_extract", "order_batches", "rupa_checkout"}
 
     rupa = dags["rupa_extract"]
     assert rupa["tasks"] == ["extract_lab_tests", "extract_patients"]
@@ -77,14 +77,20 @@ def test_dagbag_loads_both_dags_with_the_expected_shape(airflow_env):
     assert batches["retries"]["check"] == 0
     assert batches["pools"]["load"] == "lgc_api"
 
+    checkout = dags["rupa_checkout"]
+    assert checkout["tasks"] == ["intents", "rupa_events"]
+    assert checkout["schedule"] == "*/5 * * * *" and checkout["catchup"] is False and checkout["max_active_runs"] == 1
+
 
 def test_schedules_are_configurable(airflow_env):
-    facts = probe(airflow_env, "integrity", extra={"LABSYNC_RUPA_SCHEDULE": "0 3 * * *", "LABSYNC_INBOX_SCHEDULE": "@daily"})
+    facts = probe(airflow_env, "integrity", extra={"LABSYNC_RUPA_SCHEDULE": "0 3 * * *", "LABSYNC_INBOX_SCHEDULE": "@daily",
+                                                   "LABSYNC_RUPA_CHECKOUT_SCHEDULE": "*/15 * * * *"})
     assert facts["dags"]["rupa_extract"]["schedule"] == "0 3 * * *"
     assert facts["dags"]["order_batches"]["schedule"] == "@daily"
+    assert facts["dags"]["rupa_checkout"]["schedule"] == "*/15 * * * *"
 
 
-@pytest.mark.parametrize("dag_file", ["rupa_extract.py", "order_batches.py"])
+@pytest.mark.parametrize("dag_file", ["rupa_extract.py", "order_batches.py", "rupa_checkout.py"])
 def test_dag_files_do_no_work_at_import(airflow_env, dag_file):
     facts = probe(airflow_env, "imports", str(DAGS / dag_file))
     assert facts["heavy_imports"] == []
@@ -193,3 +199,51 @@ def test_rupa_extract_end_to_end(airflow_env, sandboxes, tmp_path):
         patients = conn.execute(sa.select(sa.func.count()).select_from(rupa_patients)).scalar_one()
         lab_tests = conn.execute(sa.select(sa.func.count()).select_from(rupa_lab_tests)).scalar_one()
     assert (patients, lab_tests) == (120, 15)
+
+
+def test_rupa_checkout_end_to_end(airflow_env, sandboxes, tmp_path):
+    """intents: a file in inbox/intents/ becomes carts and a checkout report; rupa_events: the
+    sandbox's events (checkout, results) stored by the receiver land in the warehouse."""
+    from etl.asgi import BackgroundServer
+    from etl.settings import WebhookSettings
+    from etl.warehouse import rupa_order_intents, rupa_orders, rupa_results
+    from etl.webhooks.app import build_app
+    from tests.rupa_support import write_intents
+
+    url = migrated(f"sqlite:///{tmp_path / 'warehouse.db'}")
+    engine = warehouse.connect(url)
+    rupa = sandboxes.sandbox.rupa
+    inbox = tmp_path / "inbox"
+    (inbox / "intents").mkdir(parents=True)
+    token = rupa.mint_access_token()
+    extra = dict(LABSYNC_WAREHOUSE_URL=url, LABSYNC_INBOX=str(inbox), LABSYNC_INBOX_SETTLE_SECONDS="0",
+                 RUPA_BASE_URL=sandboxes.rupa_url, RUPA_API_TOKEN=token, LABSYNC_RETRY_INITIAL_WAIT="0.01")
+    from dataclasses import replace
+
+    from etl.rupa.extract import extract_all
+    from etl.settings import Settings
+
+    base = Settings()
+    extract_all(engine, replace(base, warehouse_url=url, rupa=replace(
+        base.rupa, base_url=sandboxes.rupa_url, api_token=token)))  # the cross-check's copy (rupa_extract's job)
+    write_intents(inbox / "intents" / "carts.csv", [
+        {"row_id": "D1", "rupa_patient_id": "pat_0000001", "lab_test_ids": "labts_0000001", "return_url": "https://a.example/r"},
+        {"row_id": "D2", "rupa_patient_id": "pat_0000404", "return_url": "https://a.example/r"}])
+    with BackgroundServer(build_app(engine, WebhookSettings())) as receiver:
+        rupa.checkout.sender.configure(url=f"{receiver.url}/webhooks/rupa")
+        first = probe(airflow_env, "test", "rupa_checkout", extra=extra)
+        assert first["state"] == "success", first
+        assert first["tasks"] == {"intents": "success", "rupa_events": "success"}
+        assert sorted(p.name for p in (inbox / "intents" / "processed").iterdir()) == [
+            "carts.checkout.csv", "carts.csv", "carts.rejects.csv", "carts.summary.html"]
+        with engine.connect() as conn:
+            intent_id = conn.execute(sa.select(rupa_order_intents.c.order_intent_id)).scalar_one()
+        order_id = rupa.checkout.submit(intent_id)
+        rupa.checkout.add_results(order_id)
+        assert rupa.checkout.sender.flush()
+        second = probe(airflow_env, "test", "rupa_checkout", extra=extra)
+        assert second["state"] == "success", second
+    with engine.connect() as conn:
+        status = conn.execute(sa.select(rupa_orders.c.status).where(rupa_orders.c.id == order_id)).scalar_one()
+        n_results = conn.execute(sa.select(sa.func.count()).select_from(rupa_results)).scalar_one()
+    assert status == "Results Received" and n_results == 2

@@ -54,10 +54,12 @@ def open_writer(handle: IO[str]) -> SafeWriter:
     return SafeWriter(handle)
 
 
-def write_rows(path: Path, header: Sequence[str], rows: Iterable[Iterable[object]]) -> Path:
-    """Write a whole file (to a temporary name, renamed at the end)."""
+def write_rows(path: Path, header: Sequence[str], rows: Iterable[Iterable[object]], *,
+               bom: bool = False) -> Path:
+    """Write a whole file (to a temporary name, renamed at the end); `bom`: a UTF-8 BOM first,
+    so Excel on Windows reads accents right."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
+    with tmp.open("w", encoding="utf-8-sig" if bom else "utf-8", newline="") as f:
         writer = SafeWriter(f)
         writer.writerow(header)
         writer.writerows(rows)

@@ -80,8 +80,9 @@ def _record_rejects(conn: sa.Connection, batch_id: int, rejects_csv: Path | None
     # the report is formula-safe; read_rows gives back the original values
     page: list[dict] = []
     for rec in read_rows(Path(rejects_csv)):
+        id_column = list(rec)[1]  # the contract's row id: client_order_id, or row_id for intents
         page.append(
-            dict(batch_id=batch_id, line=int(rec["line"]), client_order_id=rec["client_order_id"] or None,
+            dict(batch_id=batch_id, line=int(rec["line"]), client_order_id=rec[id_column] or None,
                  column_name=rec["column"], value=rec["value"] or None, reason=rec["reason"])
         )
         if len(page) >= INSERT_PAGE:

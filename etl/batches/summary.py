@@ -27,6 +27,12 @@ STATE_HELP = {
     "busy": "another run was sending this order at the same time",
     "duplicate": "the same clientOrderId appeared twice in this batch",
     "rejected before sending": "did not pass validation, so nothing was sent; see the rejected rows below",
+    # Rupa order intents (etl.rupa.intents)
+    "created": "Rupa created the cart; send the practitioner to its checkout link below",
+    "already created": "this row_id got its cart in an earlier run; nothing was sent again",
+    "rejected by Rupa": "Rupa refused the row; see the note below",
+    "unknown outcome": "the request went out but no answer came back; the next run sends it again",
+    "re-sent after an unknown outcome": "sent again after an earlier request got no answer: Rupa may hold a second, unused cart",
 }
 
 _CSS = """
@@ -57,15 +63,20 @@ def render(
     problem_rows: Sequence[Mapping] = (),
     note: str | None = None,
     generated_at: datetime | None = None,
+    title: str = "Order batch",
+    checkout: Sequence[Mapping] = (),
+    id_label: str = "clientOrderId",
 ) -> str:
     """The page as a string. `rejected`: reject-report rows (line, client_order_id, column,
     value, reason); `accepted`: ledger rows (client_order_id, line, order_item_ids);
-    `problem_rows`: ledger rows that did not go through (failed/pending/rejected by the vendor)."""
+    `problem_rows`: ledger rows that did not go through (failed/pending/rejected by the vendor);
+    `checkout`: Rupa order-intent rows (line, row_id, patient, rupa_patient_id, state,
+    checkout_url, note), each with a clickable link for the practitioner."""
     when = (generated_at or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>labsync: {_e(file_name)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>Order batch <code>{_e(file_name)}</code></h1>",
+        f"<h1>{_e(title)} <code>{_e(file_name)}</code></h1>",
         f"<p><strong>{_e(outcome)}</strong> <span class='muted'>({when})</span></p>",
     ]
     if note:
@@ -84,9 +95,12 @@ def render(
     if rejected:
         parts.append("<h2 class='bad'>Rejected rows (not sent): fix these and drop them in a new file</h2>")
         parts.append(_table(
-            ("line", "clientOrderId", "column", "value", "reason"),
+            ("line", id_label, "column", "value", "reason"),
             [(r.get("line"), r.get("client_order_id"), r.get("column"), r.get("value"), r.get("reason")) for r in rejected],
         ))
+    if checkout:
+        parts.append("<h2>Checkout links: one per patient, for the practitioner</h2>")
+        parts.append(_checkout_table(checkout))
     if accepted:
         parts.append("<h2 class='ok'>Accepted orders</h2>")
         parts.append(_table(
@@ -95,6 +109,23 @@ def render(
         ))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _checkout_table(rows: Sequence[Mapping]) -> str:
+    """Like _table, with the checkout URL as a link (http/https only; everything escaped)."""
+    from urllib.parse import urlsplit
+
+    head = "".join(f"<th>{h}</th>" for h in ("line", "row_id", "patient", "Rupa patient", "state",
+                                             "checkout", "note"))
+    body = []
+    for r in rows:
+        url = r.get("checkout_url") or ""
+        link = (f"<a class='checkout' href='{_e(url)}' target='_blank' rel='noopener'>open checkout</a>"
+                if urlsplit(url).scheme in ("http", "https") else "")
+        cells = [_e(r.get(k)) for k in ("line", "row_id", "patient", "rupa_patient_id", "state")]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + f"<td>{link}</td>"
+                    + f"<td>{_e(r.get('note'))}</td></tr>")
+    return f"<table id='checkout'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def _items(items) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import codecs
 import csv
 import difflib
-import functools
 import hashlib
 import logging
 import os
@@ -52,8 +51,8 @@ from schemas.columns import (
     REQUIRED,
     RUPA_FILLABLE,
     RUPA_PATIENT_ID,
-    is_custom,
 )
+from schemas.contract import Contract
 from schemas.order_batch import SCHEMA, reason_for
 from schemas.vocab import CANONICAL
 
@@ -68,6 +67,10 @@ _ROW = "(row)"  # the `column` of a problem that concerns the whole row
 # A callable that maps Rupa patient ids to {"first_name", "last_name", "email", "dob"} for the
 # ids it knows (see etl.rupa.enrich); rows whose id is unknown are rejected.
 RupaLookup = Callable[[list[str]], dict[str, dict]]
+
+# A contract's checks against the warehouse (e.g. unknown Rupa ids): the chunk's frame in,
+# (line, column, value, reason) out for every cell that fails.
+CrossCheck = Callable[[pd.DataFrame], list[tuple[int, str, str | None, str]]]
 
 csv.field_size_limit(16 * 1024 * 1024)
 _STR = pd.StringDtype("pyarrow", na_value=float("nan"))  # pandas 3's default "str" dtype
@@ -130,6 +133,29 @@ class ValidationResult:
         return text
 
 
+def _normalise_order_batch(arrays: dict[str, pa.Array], n: int) -> dict[str, pa.Array]:
+    """Case-agnostic vocabularies to their canonical spelling, codes upper-cased, phone
+    separators removed: on the chunk's Arrow arrays, before pandas wraps them."""
+    for name, (keys, values) in _CANONICAL.items():
+        arr = arrays[name]
+        if arr.null_count < n:
+            mapped = pc.take(values, pc.index_in(pc.utf8_lower(arr), value_set=keys))
+            arrays[name] = pc.coalesce(mapped, arr)
+    for name in UPPERCASE:
+        if arrays[name].null_count < n:
+            arrays[name] = pc.utf8_upper(arrays[name])
+    arrays["phone_number"] = pc.replace_substring_regex(arrays["phone_number"], _PHONE_SEPARATORS_RE2, "")
+    return arrays
+
+
+ORDER_BATCH = Contract(
+    name="order batch", columns=COLUMNS, required=REQUIRED, schema=SCHEMA, reason_for=reason_for,
+    id_column="client_order_id", extra_prefix=CUSTOM_PREFIX, template="examples/template.csv",
+    row_noun="order", extra_columns=(RUPA_PATIENT_ID,), relaxed_by=(RUPA_PATIENT_ID, RUPA_FILLABLE),
+    normalise_arrays=_normalise_order_batch,
+)
+
+
 def _scan(path: Path) -> str:
     """sha256 of the bytes, and the whole-file checks that must pass before any row goes on."""
     try:
@@ -184,9 +210,10 @@ def _some(names: list[str], hints: dict[str, str] | None = None, *, quote: bool 
     return ", ".join(shown) + (f" and {rest:,} more" if rest else "")
 
 
-def _canonical_header(raw: list[str], file_name: str) -> list[str]:
-    known = set(COLUMNS) | {RUPA_PATIENT_ID}
-    if not any(c.strip().lower() in known or is_custom(c.strip()) for c in raw):
+def _canonical_header(raw: list[str], file_name: str, contract: Contract = ORDER_BATCH) -> list[str]:
+    prefix = contract.extra_prefix
+    known = set(contract.columns) | set(contract.extra_columns)
+    if not any(c.strip().lower() in known or contract.is_extra(c.strip()) for c in raw):
         # a data row where the header should be: say so without echoing its cells (PHI)
         if len(raw) == 1 and any(sep in raw[0] for sep in (";", "\t", "|")):
             raise UnusableInputError(
@@ -194,15 +221,15 @@ def _canonical_header(raw: list[str], file_name: str) -> list[str]:
             )
         raise UnusableInputError(
             f"{file_name}: has no header line (line 1 holds none of the column names of "
-            "examples/template.csv); add the header as the first line"
+            f"{contract.template}); add the header as the first line"
         )
     names: list[str] = []
     for i, cell in enumerate(raw, start=1):
         name = cell.strip()
         if not name:
             raise UnusableInputError(f"{file_name}: column {i} of the header has no name")
-        if name.lower().startswith(CUSTOM_PREFIX):
-            name = CUSTOM_PREFIX + name[len(CUSTOM_PREFIX):].strip()
+        if name.lower().startswith(prefix):
+            name = prefix + name[len(prefix):].strip()
         else:
             name = name.lower()
         names.append(name)
@@ -212,8 +239,11 @@ def _canonical_header(raw: list[str], file_name: str) -> list[str]:
     dupes = sorted(n for n, c in counts.items() if c > 1)
     if dupes:
         raise UnusableInputError(f"{file_name}: the header repeats {_some(dupes, quote=False)}")
-    unknown = [n for n in names if n not in known and not is_custom(n)]
+    unknown = [n for n in names if n not in known and not contract.is_extra(n)]
     if unknown:
+        if contract is ORDER_BATCH and {"row_id", "return_url"} <= set(names):
+            raise UnusableInputError(f"{file_name}: this is a Rupa order-intents file (row_id, return_url); "
+                                     "drop it into the inbox's intents/ folder or run `labsync intents FILE`")
         hints = {}
         for n in unknown[:MAX_NAMED]:
             guess = difflib.get_close_matches(n[:100], sorted(known), n=1, cutoff=0.75)
@@ -221,16 +251,16 @@ def _canonical_header(raw: list[str], file_name: str) -> list[str]:
                 hints[n] = guess[0]
         raise UnusableInputError(
             f"{file_name}: unknown column {_some(unknown, hints)}; use the columns of "
-            "examples/template.csv, or custom.<key> for custom data"
+            f"{contract.template}, or {prefix}<key> for {'custom' if contract is ORDER_BATCH else 'your own'} data"
         )
-    too_long = [n for n in names if is_custom(n) and len(n) > MAX_CUSTOM_NAME]
+    too_long = [n for n in names if contract.is_extra(n) and len(n) > MAX_CUSTOM_NAME]
     if too_long:
-        raise UnusableInputError(f"{file_name}: the custom column name {_some(too_long)} is longer "
+        raise UnusableInputError(f"{file_name}: the {prefix}<key> column name {_some(too_long)} is longer "
                                  f"than {MAX_CUSTOM_NAME} characters")
-    required = set(REQUIRED)
-    if RUPA_PATIENT_ID in names:
-        required -= set(RUPA_FILLABLE)
-    missing = [c for c in REQUIRED if c in required and c not in names]
+    required = set(contract.required)
+    if contract.relaxed_by and contract.relaxed_by[0] in names:
+        required -= set(contract.relaxed_by[1])
+    missing = [c for c in contract.required if c in required and c not in names]
     if missing:
         raise UnusableInputError(f"{file_name}: required column missing: {', '.join(missing)}")
     return names
@@ -246,10 +276,14 @@ class CsvValidation:
         chunk_rows: int = 20_000,
         rejects_path: Path | None = None,
         rupa_lookup: RupaLookup | None = None,
+        contract: Contract = ORDER_BATCH,
+        cross_check: CrossCheck | None = None,
     ) -> None:
         self.path = Path(path)
         self.chunk_rows = chunk_rows
         self.rupa_lookup = rupa_lookup
+        self.contract = contract
+        self.cross_check = cross_check
         sha = _scan(self.path)
         self.result = ValidationResult(path=self.path, sha256=sha)
         self._rejects_final = rejects_path or rejects_path_for(self.path)
@@ -259,7 +293,7 @@ class CsvValidation:
             exc.sha256 = sha  # lets the caller remember the unusable file by its content
             raise
         self._reader = Reader(self.path, len(self.header), target_rows=chunk_rows)
-        id_pos = self.header.index("client_order_id")
+        id_pos = self.header.index(self.contract.id_column)
         self._seen_ids = SeenIds(lambda line: self._reader.cell_at(line, id_pos))
 
     @property
@@ -274,7 +308,7 @@ class CsvValidation:
         with self._open() as f:
             for raw in csv.reader(f):
                 if any(cell.strip() for cell in raw):
-                    return _canonical_header(raw, self.path.name)
+                    return _canonical_header(raw, self.path.name, self.contract)
         raise UnusableInputError(f"{self.path.name}: has no header line")
 
     # ---- validating ----------------------------------------------------------------------
@@ -299,7 +333,7 @@ class CsvValidation:
                     if writer is None:
                         writer_file = tmp.open("w", encoding="utf-8", newline="")
                         writer = csvsafe.open_writer(writer_file)  # formula-safe cells
-                        writer.writerow(REJECT_COLUMNS)
+                        writer.writerow(self.contract.reject_columns)
                     writer.writerows(p.as_row() for p in problems)
                 self.result.total_rows += block.records
                 rejected = len({p.line for p in problems})
@@ -328,7 +362,7 @@ class CsvValidation:
 
     def _check(self, block: Block, *, keep: bool = True) -> tuple[pd.DataFrame, list[Problem]]:
         width = len(self.header)
-        id_pos = self.header.index("client_order_id")
+        id_pos = self.header.index(self.contract.id_column)
         problems: list[Problem] = []
         for line, cells in block.bad:
             cid = cells[id_pos].strip() if len(cells) > id_pos else None
@@ -341,6 +375,10 @@ class CsvValidation:
         rupa_problems = self._enrich(frame)
         unknown_rupa = {p.line for p in rupa_problems}
         problems.extend(rupa_problems)
+        if self.cross_check is not None:
+            ids = frame[self.contract.id_column]
+            problems.extend(Problem(line, None if pd.isna(ids.get(line)) else ids.get(line), column, value, reason)
+                            for line, column, value, reason in self.cross_check(frame))
         problems.extend(
             p for p in self._schema_problems(frame)
             # an unknown rupa_patient_id is the one cause of its row's empty patient fields
@@ -361,24 +399,18 @@ class CsvValidation:
         n = len(block.lines)
         index = pd.Index(block.lines, name="line")
         arrays = dict(zip(self.header, block.columns, strict=True))
-        for name in COLUMNS:
+        for name in self.contract.columns:
             if name not in arrays:
                 arrays[name] = pa.nulls(n, pa.string())
-        for name, (keys, values) in _CANONICAL.items():
-            arr = arrays[name]
-            if arr.null_count < n:
-                mapped = pc.take(values, pc.index_in(pc.utf8_lower(arr), value_set=keys))
-                arrays[name] = pc.coalesce(mapped, arr)
-        for name in UPPERCASE:
-            if arrays[name].null_count < n:
-                arrays[name] = pc.utf8_upper(arrays[name])
-        arrays["phone_number"] = pc.replace_substring_regex(arrays["phone_number"], _PHONE_SEPARATORS_RE2, "")
-        return pd.DataFrame({name: pd.Series(pd.array(arr, dtype=_STR), index=index, copy=False)
-                             for name, arr in arrays.items()}, index=index, copy=False)
+        if self.contract.normalise_arrays is not None:
+            arrays = self.contract.normalise_arrays(arrays, n)
+        frame = pd.DataFrame({name: pd.Series(pd.array(arr, dtype=_STR), index=index, copy=False)
+                              for name, arr in arrays.items()}, index=index, copy=False)
+        return self.contract.normalise(frame) if self.contract.normalise is not None else frame
 
     def _enrich(self, frame: pd.DataFrame) -> list[Problem]:
         """Fill missing patient columns from the warehouse's Rupa copy (rupa_patient_id)."""
-        if RUPA_PATIENT_ID not in frame.columns:
+        if self.contract.relaxed_by is None or RUPA_PATIENT_ID not in frame.columns:
             return []
         ids = frame[RUPA_PATIENT_ID].dropna()
         if ids.empty:
@@ -394,7 +426,7 @@ class CsvValidation:
                     if self.rupa_lookup
                     else "rupa_patient_id cannot be checked: no warehouse with Rupa patients was given"
                 )
-                cid = frame.at[line, "client_order_id"]
+                cid = frame.at[line, self.contract.id_column]
                 problems.append(Problem(line, None if pd.isna(cid) else cid, RUPA_PATIENT_ID, rid, reason))
                 continue
             for col in RUPA_FILLABLE:
@@ -404,12 +436,12 @@ class CsvValidation:
 
     def _schema_problems(self, frame: pd.DataFrame) -> list[Problem]:
         try:
-            _schema_for(frame).validate(frame, lazy=True)
+            _schema_for(frame, self.contract.schema).validate(frame, lazy=True)
             return []
         except pandera.errors.SchemaErrors as exc:
             cases = exc.failure_cases
         problems: dict[tuple[int, str, str], Problem] = {}
-        ids = frame["client_order_id"]
+        ids = frame[self.contract.id_column]
         for case in cases.itertuples(index=False):
             line, column, check = case.index, case.column, str(case.check)
             if line is None or pd.isna(line):
@@ -433,13 +465,14 @@ class CsvValidation:
                 value = shown = None if raw is None or pd.isna(raw) else str(raw)
             cid = ids.get(line)
             problems[key] = Problem(line, None if pd.isna(cid) else cid, column, shown,
-                                    reason_for(check, column, value))
+                                    self.contract.reason_for(check, column, value))
         return list(problems.values())
 
     def _duplicate_ids(self, frame: pd.DataFrame) -> list[Problem]:
-        ids = frame["client_order_id"].to_numpy(dtype=object, na_value=None)
-        return [Problem(line, cid, "client_order_id", cid,
-                        f"client_order_id {cid!r} already appears on line {first}; each order needs its own id")
+        col = self.contract.id_column
+        ids = frame[col].to_numpy(dtype=object, na_value=None)
+        return [Problem(line, cid, col, cid,
+                        f"{col} {cid!r} already appears on line {first}; each {self.contract.row_noun} needs its own id")
                 for line, cid, first in self._seen_ids.check(frame.index.to_numpy(), ids)]
 
     @staticmethod
@@ -451,26 +484,45 @@ class CsvValidation:
         return [dict(zip(keys, vals, strict=True)) for vals in zip(*cols, strict=True)]
 
 
-# Columns of SCHEMA that can never fail: missing cells allowed, no check, no uniqueness.
-_UNCHECKED = frozenset(name for name, col in SCHEMA.columns.items()
-                       if col.nullable and not col.checks and not col.unique)
+Schema = pandera.api.pandas.container.DataFrameSchema
 
 
-@functools.lru_cache(maxsize=64)
-def _schema_without(skip: frozenset[str]) -> pandera.api.pandas.container.DataFrameSchema:
-    """SCHEMA as run on our frames: the same checks, minus pandera's fixed cost (~1-2 ms a column
-    a chunk, most of a chunk's validation time) where it can find nothing:
+# Schemas are module-level constants (one per contract) and pandera's are unhashable, so the
+# caches below are keyed by the schema's identity.
+_UNCHECKED: dict[int, frozenset[str]] = {}
+_TRIMMED: dict[tuple[int, frozenset[str]], Schema] = {}
+
+
+def _unchecked(schema: Schema) -> frozenset[str]:
+    """Columns of a contract's schema that can never fail: missing cells allowed, no check, no
+    uniqueness."""
+    key = id(schema)
+    if key not in _UNCHECKED:
+        _UNCHECKED[key] = frozenset(name for name, col in schema.columns.items()
+                                    if col.nullable and not col.checks and not col.unique)
+    return _UNCHECKED[key]
+
+
+def _schema_without(schema: Schema, skip: frozenset[str]) -> Schema:
+    """A contract's schema as run on our frames: the same checks, minus pandera's fixed cost
+    (~1-2 ms a column a chunk, most of a chunk's validation time) where it can find nothing:
     - no dtype checks: they hold by construction (`_frame` builds every column as Arrow-backed
       `str`), yet pandera formats an empty report for each;
     - no columns in `skip`: the ones that can never fail, and the nullable ones that are empty
       throughout this chunk (every check skips missing cells). The dataframe-wide checks (the
       blocks of columns that require each other) still see every column."""
-    schema = SCHEMA.update_columns({name: {"dtype": None} for name in SCHEMA.columns})
-    return schema.remove_columns(sorted(skip)) if skip else schema
+    key = (id(schema), skip)
+    if key not in _TRIMMED:
+        if len(_TRIMMED) >= 256:  # chunks of a file repeat a few combinations; stay bounded anyway
+            _TRIMMED.clear()
+        trimmed = schema.update_columns({name: {"dtype": None} for name in schema.columns})
+        _TRIMMED[key] = trimmed.remove_columns(sorted(skip)) if skip else trimmed
+    return _TRIMMED[key]
 
 
-def _schema_for(frame: pd.DataFrame) -> pandera.api.pandas.container.DataFrameSchema:
+def _schema_for(frame: pd.DataFrame, schema: Schema = SCHEMA) -> Schema:
     n = len(frame)
+    unchecked = _unchecked(schema)
 
     def nothing_to_check(name: str, col) -> bool:
         # a regex column (custom.<key>) stands for every column it matches; an optional column
@@ -479,9 +531,9 @@ def _schema_for(frame: pd.DataFrame) -> pandera.api.pandas.container.DataFrameSc
             ([name] if name in frame.columns else [])
         return all(frame[c].isna().sum() == n for c in names)
 
-    empty = {name for name, col in SCHEMA.columns.items()
-             if col.nullable and name not in _UNCHECKED and nothing_to_check(name, col)}
-    return _schema_without(_UNCHECKED | empty)
+    empty = {name for name, col in schema.columns.items()
+             if col.nullable and name not in unchecked and nothing_to_check(name, col)}
+    return _schema_without(schema, unchecked | empty)
 
 
 def validate_file(path: Path | str, **kw) -> ValidationResult:

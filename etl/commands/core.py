@@ -194,10 +194,15 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(SANDBOX_PORT, help="Port on 127.0.0.1."),
         patients: int = typer.Option(50, help="Synthetic Rupa patients to seed."),
         lab_tests: int = typer.Option(20, help="Synthetic Rupa lab tests to seed."),
+        rupa_events_url: str = typer.Option(
+            None, "--rupa-events-url", help="Send the Rupa sandbox's order events to this URL, e.g. "
+            "http://127.0.0.1:8900/webhooks/rupa (also: POST /_sandbox/rupa/events)."),
     ) -> None:
         """Serve the local LetsGetChecked and Rupa sandbox APIs on 127.0.0.1 until interrupted."""
         from etl.sandbox.server import Sandbox, serve
 
         sb = Sandbox.with_seed(patients=patients, lab_tests=lab_tests) if hasattr(Sandbox, "with_seed") else Sandbox()
+        if rupa_events_url:
+            sb.rupa.checkout.sender.configure(url=rupa_events_url)
         typer.echo(f"sandbox: LetsGetChecked at http://127.0.0.1:{port}/lgc, Rupa at http://127.0.0.1:{port}/rupa")
         serve(sb, port=port)

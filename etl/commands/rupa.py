@@ -1,4 +1,5 @@
-"""Rupa commands: `labsync extract [patients|lab-tests|all]` and `labsync rupa authorize`.
+"""Rupa commands: `labsync extract [patients|lab-tests|all]`, `labsync rupa authorize` and
+`labsync rupa apply-events`.
 
 Thin on purpose: the work is in etl.rupa (the DAGs call the same functions). Errors are raised
 as our exception types; `etl.cli.main` prints them in one line with their exit code
@@ -96,5 +97,24 @@ def register(app: typer.Typer) -> None:
         until = f", access token valid until {tokens.expires_at:%Y-%m-%d %H:%M:%S} UTC" if tokens.expires_at else ""
         typer.echo(f"Rupa authorized: tokens stored in the warehouse{until}.")
         raise typer.Exit(0)
+
+    @rupa.command("apply-events")
+    def apply_events(
+        download: bool = typer.Option(True, "--download/--no-download",
+                                      help="Download result files whose links are pending."),
+    ) -> None:
+        """Apply the Rupa events the webhook receiver stored (orders, ordered tests, patients,
+        lab tests) and download new results. What the rupa_checkout DAG's rupa_events task does.
+
+        Exit 0: all applied. 1: some events could not be applied or a result download is still
+        pending (both are retried by the next run)."""
+        from etl import warehouse
+        from etl.rupa.events import apply_events as run
+        from etl.settings import Settings
+
+        settings = Settings.from_env()
+        summary = run(warehouse.connect(settings.warehouse_url), settings, download=download)
+        typer.echo(summary.line())
+        raise typer.Exit(summary.exit_code)
 
     app.add_typer(rupa, name="rupa")

@@ -39,6 +39,8 @@ from etl.http import (
     NO_COMPRESSION,
     RetryableStatus,
     describe_transport_error,
+    is_retryable,
+    is_retryable_unsent,
     make_client,
     over_cap,
     raise_for_retryable,
@@ -185,11 +187,12 @@ class RupaClient:
             raise UnsafeIdError(f"the Rupa id {shown!r} cannot be sent safely in the URL: it {problem}")
         return f"/{collection}/{quote(str(resource_id), safe='')}"
 
-    def _send_once(self, method: str, url: str, body: dict | None) -> tuple[httpx.Response, str]:
+    def _send_once(self, method: str, url: str, body: dict | None,
+                   retry_on=is_retryable) -> tuple[httpx.Response, str]:
         """One logical request through the retry policy. Returns the response and the token used."""
         used = ""
         try:
-            for attempt in retrying(self.retry):
+            for attempt in retrying(self.retry, retry_on=retry_on):
                 with attempt:
                     used = self.auth.token()
                     headers = {"Authorization": f"Bearer {used}", "Accept": JSONAPI, **NO_COMPRESSION}
@@ -205,15 +208,18 @@ class RupaClient:
             raise ApiError(f"Rupa {method} {urlsplit(url).path} failed: {describe_transport_error(exc)}") from None
         return response, used
 
-    def request(self, method: str, path_or_url: str, body: dict | None = None) -> dict:
+    def request(self, method: str, path_or_url: str, body: dict | None = None, *,
+                idempotent: bool = True) -> dict:
         """Send a JSON:API request and return the response document. A 401 refreshes the token
-        once and tries again; a second 401 is an AuthError."""
+        once and tries again; a second 401 is an AuthError. `idempotent=False`: only failures
+        that surely left the request unprocessed are retried (see etl.http.is_retryable_unsent)."""
         url = self._url(path_or_url)
-        response, used = self._send_once(method, url, body)
+        retry_on = is_retryable if idempotent else is_retryable_unsent
+        response, used = self._send_once(method, url, body, retry_on)
         if response.status_code == 401:
             log.info("Rupa answered 401; refreshing the access token once")
             self.auth.after_401(used)
-            response, used = self._send_once(method, url, body)
+            response, used = self._send_once(method, url, body, retry_on)
             if response.status_code == 401:
                 raise AuthError("Rupa refused the access token even after refreshing it; "
                                 "run `labsync rupa authorize` again", status=401)
@@ -315,8 +321,9 @@ class RupaClient:
     def create_order_intent(self, patient_id: str, *, return_url: str,
                             lab_test_ids: Iterable[str] = ()) -> OrderIntent:
         """`POST /order_intents`: a cart for the practitioner to finish at `checkout_url`.
-        A retry after a dropped connection may leave an unused extra cart; that is harmless,
-        only the returned `checkout_url` is ever visited."""
+        Rupa takes no idempotency key, so only failures that surely left the request unprocessed
+        are retried here; any other failure raises ApiError and the caller records the outcome
+        as unknown (etl.rupa.intents sends it again on its next run and counts it)."""
         body = {"data": {
             "type": "order_intent",
             "attributes": {"return_url": return_url},
@@ -325,7 +332,7 @@ class RupaClient:
                 "lab_tests": {"data": [{"type": "lab_test", "id": t} for t in lab_test_ids]},
             },
         }}
-        res = _resource(self.request("POST", "/order_intents", body), "order_intent")
+        res = _resource(self.request("POST", "/order_intents", body, idempotent=False), "order_intent")
         checkout = (res.get("attributes") or {}).get("checkout_url")
         if not checkout:
             raise RupaApiError("Rupa created an order intent without a checkout_url")

@@ -138,6 +138,15 @@ def row_for(spec: Stream, resource: dict) -> Record:
     return record_for(resource, spec.columns)
 
 
+def row_dict(spec: Stream, resource: dict) -> dict:
+    """The same as a dict of column values, for writers of one row at a time (the Rupa events)
+    that go through etl.warehouse.upsert rather than the page writer."""
+    rec = row_for(spec, resource)
+    return {"id": rec.id, **dict(zip(spec.typed, rec.typed, strict=True)),
+            "attributes": json.loads(rec.attributes), "relationships": json.loads(rec.relationships),
+            "content_sha256": rec.content_sha256, "updated_at": rec.updated_at}
+
+
 def _aware(ts: datetime | None) -> datetime | None:
     return ts.replace(tzinfo=UTC) if ts is not None and ts.tzinfo is None else ts
 

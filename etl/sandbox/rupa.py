@@ -15,7 +15,9 @@ Routes (relative to the mount point, `/rupa` in `etl.sandbox.server`):
     GET  /patients, /patients/{id}, /lab_tests, /lab_tests/{id}     Bearer
     POST /patients              de-duplicated on first_name + last_name + email
     POST /order_intents         returns attributes.checkout_url
-    GET  /checkout/{id}         a stand-in checkout page (no auth)
+    GET  /checkout/{id}         the checkout form (no auth); POST submits it (etl.sandbox.rupa_checkout:
+                                orders, statuses, results behind expiring links, events)
+    GET  /results/{token}       a result file while its link is valid
     GET  /oauth/authorize       redirects to redirect_uri with ?code=...&state=...
     POST /oauth/token           grant_type authorization_code | refresh_token
 
@@ -43,10 +45,11 @@ from urllib.parse import urlencode
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from etl.sandbox.faults import Faults
+from etl.sandbox.rupa_checkout import RupaCheckout
 from etl.settings import SANDBOX_RUPA_CLIENT_ID, SANDBOX_RUPA_CLIENT_SECRET
 
 JSONAPI = "application/vnd.api+json"
@@ -134,6 +137,8 @@ class RupaSandbox:
         client_id: str = SANDBOX_RUPA_CLIENT_ID,
         client_secret: str = SANDBOX_RUPA_CLIENT_SECRET,
         faults: Faults | None = None,
+        events_url: str | None = None,
+        result_link_ttl: float = 600.0,
     ) -> None:
         self.seed = seed
         self.access_token_ttl = access_token_ttl
@@ -154,6 +159,7 @@ class RupaSandbox:
         self._access: dict[str, float] = {}  # access token -> monotonic expiry
         self._refresh: set[str] = set()
         self._lock = threading.RLock()
+        self.checkout = RupaCheckout(self, events_url=events_url, result_link_ttl=result_link_ttl)
 
     # ---- synthetic records -------------------------------------------------------------
     def _make_patient(self, i: int) -> dict:
@@ -299,7 +305,9 @@ class RupaSandbox:
             Route("/lab_tests", self._list_lab_tests, methods=["GET"]),
             Route("/lab_tests/{id}", self._get_lab_test, methods=["GET"]),
             Route("/order_intents", self._create_order_intent, methods=["POST"]),
-            Route("/checkout/{id}", self._checkout, methods=["GET"]),
+            Route("/checkout/{id}", self.checkout.page, methods=["GET"]),
+            Route("/checkout/{id}", self.checkout.submit_form, methods=["POST"]),
+            Route("/results/{token}", self.checkout.result, methods=["GET"]),
             Route("/oauth/authorize", self._authorize, methods=["GET"]),
             Route("/oauth/token", self._token, methods=["POST"]),
         ])
@@ -414,7 +422,7 @@ class RupaSandbox:
             if unknown:
                 return _errors(422, "invalid_relationship", "Unknown lab test",
                                source={"pointer": "/data/relationships/lab_tests"})
-            oid = f"ordint_{len(self.order_intents) + 1:06d}"
+            oid = f"ordin_{len(self.order_intents) + 1:06d}"
             base = str(request.url).rsplit("/order_intents", 1)[0]
             resource = {
                 "type": "order_intent",
@@ -428,12 +436,6 @@ class RupaSandbox:
             }
             self.order_intents[oid] = resource
         return _doc({"data": resource}, 201)
-
-    async def _checkout(self, request: Request) -> Response:
-        oid = request.path_params["id"]
-        if oid not in self.order_intents:
-            return HTMLResponse("<h1>Unknown order intent</h1>", status_code=404)
-        return HTMLResponse(f"<h1>Rupa sandbox checkout</h1><p>Order intent {oid}</p>")
 
     # ---- OAuth2 ------------------------------------------------------------------------------
     async def _authorize(self, request: Request) -> Response:

@@ -5,6 +5,8 @@
     GET/POST /_sandbox/{vendor}/faults   read / change that vendor's fault switches
     POST /_sandbox/{vendor}/reset        switch every fault off
     GET  /_sandbox/lgc/traffic           order PUTs seen: in flight now, the most at once, start times
+    GET/POST /_sandbox/rupa/events       where and how Rupa events are sent (url, duplicates, reorder, hold, secret)
+    POST /_sandbox/rupa/orders/{id}      move an order on: {"status": "In Progress"}, {"results": true} (id "latest" works)
     GET  /_sandbox/health
 
 Every request that reaches the server is recorded as it arrived on the wire, before any routing
@@ -88,6 +90,8 @@ class Sandbox:
             routes=[
                 Route("/_sandbox/health", health),
                 Route("/oauth/callback", oauth_callback),
+                Route("/_sandbox/rupa/events", self.rupa.checkout.control_events, methods=["GET", "POST"]),
+                Route("/_sandbox/rupa/orders/{id}", self.rupa.checkout.control_order, methods=["POST"]),
                 Route("/_sandbox/{vendor}/faults", faults, methods=["GET", "POST"]),
                 Route("/_sandbox/{vendor}/reset", reset, methods=["POST"]),
                 Route("/_sandbox/lgc/traffic", traffic),

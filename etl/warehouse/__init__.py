@@ -29,7 +29,11 @@ from .tables import (  # noqa: F401  (re-exported)
     oauth_tokens,
     rejected_rows,
     rupa_lab_tests,
+    rupa_order_intents,
+    rupa_ordered_tests,
+    rupa_orders,
     rupa_patients,
+    rupa_results,
     sync_state,
     webhook_events,
 )

@@ -34,7 +34,7 @@ metadata = MetaData(
 # `alembic_version` with this set instead of importing Alembic (commands that do not migrate start
 # fast); tests/test_warehouse.py asserts it equals the migration scripts' heads, so a new
 # migration without a matching change here fails the suite.
-SCHEMA_HEADS = frozenset({"0005_budget"})
+SCHEMA_HEADS = frozenset({"0007_rupa_checkout"})
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 TS = DateTime(timezone=True)
@@ -221,4 +221,93 @@ webhook_events = Table(
     Column("error", Text),  # why applying failed (no PHI)
     UniqueConstraint("source", "sha256"),
     Index("ix_webhook_events_source_state_id", "source", "state", "id"),
+)
+
+# ---- Rupa Checkout (migration 0007_rupa_checkout) -------------------------------------------
+# The intents ledger: one row per intents-file `row_id` (the idempotency key), like lgc_orders.
+rupa_order_intents = Table(
+    "rupa_order_intents",
+    metadata,
+    Column("row_id", String(100), primary_key=True),
+    Column("batch_id", Id, ForeignKey("batch_files.id", ondelete="SET NULL")),
+    Column("line", Integer),
+    Column("state", String(20), nullable=False),  # etl.states.IntentState
+    Column("patient_id", String(100)),  # Rupa's pat_… (given, found or created)
+    Column("lab_test_ids", JSONType),  # ["labts_…", …]
+    Column("return_url", Text),
+    Column("meta", JSONType),  # the row's metadata.<key> cells (kept here; Rupa documents no field)
+    Column("order_intent_id", String(100)),
+    Column("checkout_url", Text),
+    Column("order_id", String(100)),  # the Order made at checkout, once an event or ?order= tells
+    Column("attempts", Integer, nullable=False, default=0),  # order-intent requests sent
+    Column("resends", Integer, nullable=False, default=0),  # sent again after an unknown outcome
+    Column("last_error", Text),  # no PHI
+    Column("payload_sha256", String(64), nullable=False),
+    Column("claimed_by", String(100)),
+    Column("claimed_until", TS),
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    Index("ix_rupa_order_intents_batch_id", "batch_id"),
+    Index("ix_rupa_order_intents_order_intent_id", "order_intent_id"),
+)
+
+# Orders and their tests, from Rupa's order.updated / order.new_result events.
+rupa_orders = Table(
+    "rupa_orders",
+    metadata,
+    Column("id", String(100), primary_key=True),  # ord_…
+    Column("status", String(100)),
+    Column("patient_id", String(100)),
+    Column("order_intent_id", String(100)),
+    Column("date_submitted", TS),
+    Column("date_paid", TS),
+    Column("date_completed", TS),
+    Column("date_canceled", TS),
+    Column("payer", String(100)),
+    Column("total_price", String(40)),
+    Column("attributes", JSONType),
+    Column("relationships", JSONType),
+    Column("event_created_at", TS, nullable=False),  # of the newest event applied: older ones are skipped
+    Column("first_seen_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    Index("ix_rupa_orders_order_intent_id", "order_intent_id"),
+)
+
+rupa_ordered_tests = Table(
+    "rupa_ordered_tests",
+    metadata,
+    Column("id", String(100), primary_key=True),  # ordts_…
+    Column("order_id", String(100), nullable=False),
+    Column("lab_test_id", String(100)),
+    Column("date_results_received_from_lab", TS),
+    Column("attributes", JSONType),
+    Column("relationships", JSONType),
+    # the newest result links (short-lived, may carry signatures: never logged or shown)
+    Column("results_pdf_url", Text),
+    Column("results_hl7_url", Text),
+    Column("results_pending", Integer, nullable=False, default=0),  # 1: a link still to download
+    Column("results_attempts", Integer, nullable=False, default=0),
+    Column("results_error", Text),  # why the last download failed (no PHI)
+    Column("event_created_at", TS, nullable=False),
+    Column("first_seen_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    Index("ix_rupa_ordered_tests_order_id", "order_id"),
+    Index("ix_rupa_ordered_tests_results_pending", "results_pending"),
+)
+
+# Result files, downloaded at once (links expire): bytes and sha256, one row per distinct content.
+rupa_results = Table(
+    "rupa_results",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("ordered_test_id", String(100), nullable=False),
+    Column("order_id", String(100), nullable=False),
+    Column("kind", String(10), nullable=False),  # pdf, hl7
+    Column("sha256", String(64), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("content_type", String(100)),
+    Column("content", LargeBinary, nullable=False),  # PHI: never logged
+    Column("stored_at", TS, nullable=False),
+    UniqueConstraint("ordered_test_id", "kind", "sha256"),
+    Index("ix_rupa_results_order_id", "order_id"),
 )

@@ -4,6 +4,7 @@
     POST /webhooks/rupa   Rupa order / patient / lab test events (signature configurable)
     GET  /healthz         liveness (no warehouse call)
     GET  /readyz          readiness: the warehouse answers
+    GET  /webhooks/rupa/return   a practitioner back from Rupa Checkout (`?row_id=…&order=…`)
 
 Receiving is deliberately dumb: check the size and the signature, store the raw bytes in
 `webhook_events` (deduplicated by their sha256, since vendors deliver at least once), answer

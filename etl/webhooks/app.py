@@ -1,5 +1,10 @@
 """The receiver's ASGI app (starlette, the stack the sandbox already uses).
 
+`GET /webhooks/rupa/return?row_id=…&order=ord_…` is where a practitioner lands after Rupa
+Checkout when an intents row's return_url points here: it stores a small
+`labsync.checkout_returned` event (the order id, the row id) and shows a plain page; the apply
+task links the order to its row.
+
 Every delivery ends in one of: 200 stored (or a repeat of a stored one), 401 bad or missing
 signature (nothing stored), 413 too large, 400 not a JSON document, 404 unknown source, 503 the
 warehouse could not store it (the vendor retries: LetsGetChecked retries 5xx/401/403 for about
@@ -8,8 +13,10 @@ an hour, Rupa non-2xx for up to three days). Bodies are never logged: they carry
 
 from __future__ import annotations
 
+import html
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -18,11 +25,11 @@ from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from etl.settings import WebhookSettings
-from etl.webhooks.store import event_type_of, store_event
+from etl.webhooks.store import RUPA_CHECKOUT_RETURNED, event_type_of, store_event
 from etl.webhooks.verify import HmacVerifier, lgc_verifier, rupa_verifier
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,14 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+_ORDER_ID = re.compile(r"^ord_[A-Za-z0-9_-]{1,100}$")
+
+
+def _page(title: str, text: str) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+            f"<body><h1>{html.escape(title)}</h1><p>{text}</p></body></html>")
+
+
 def build_app(engine: Engine, settings: WebhookSettings,
               sources: Mapping[str, Source] | None = None) -> Starlette:
     sources = dict(sources) if sources is not None else default_sources(settings)
@@ -97,6 +112,21 @@ def build_app(engine: Engine, settings: WebhookSettings,
                  "" if new else ", a repeated delivery")
         return JSONResponse({"ok": True, "duplicate": not new})
 
+    async def rupa_return(request: Request) -> HTMLResponse:
+        order, row_id = request.query_params.get("order", ""), request.query_params.get("row_id", "")
+        if not _ORDER_ID.match(order) or not 0 < len(row_id) <= 100:
+            return HTMLResponse(_page("This link is incomplete", "It names no Rupa order or no row."), 400)
+        body = json.dumps({"type": RUPA_CHECKOUT_RETURNED, "order": order, "row_id": row_id}).encode()
+        try:
+            await run_in_threadpool(store_event, engine, "rupa", body, event_type=RUPA_CHECKOUT_RETURNED,
+                                    content_type="application/json")
+        except Exception as exc:
+            log.error("webhooks: could not store a checkout return (%s)", type(exc).__name__)
+            return HTMLResponse(_page("Not recorded yet", "Please reload this page in a minute."), 503)
+        log.info("webhooks: checkout return for order %s", order)
+        return HTMLResponse(_page("Order submitted", f"Rupa order <code id='order'>{html.escape(order)}</code> "
+                                  "is recorded. You can close this tab."))
+
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True})
 
@@ -112,6 +142,7 @@ def build_app(engine: Engine, settings: WebhookSettings,
         return JSONResponse({"ok": True})
 
     return Starlette(routes=[
+        Route("/webhooks/rupa/return", rupa_return, methods=["GET"]),
         Route("/webhooks/{source}", receive, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),

@@ -1,0 +1,385 @@
+"""Rupa events, the applying side: `webhook_events` (stored raw by the receiver) into
+`rupa_orders`, `rupa_ordered_tests`, `rupa_patients`, `rupa_lab_tests`, and result files into
+`rupa_results`.
+
+    apply_events(engine, settings) -> ApplySummary     (`labsync rupa apply-events`, DAG task rupa_events)
+
+Rules:
+- Events arrive at least once and in any order. Each row remembers the `created_at` of the event
+  it was last written from (`event_created_at`; patients and lab tests: their own `updated_at`),
+  and an event older than that is skipped (counted `stale`), so the final state is the newest
+  event's whatever the delivery order. Equal times apply again, which changes nothing.
+- `order.updated` / `order.new_result` carry the Order (`data.object`) and its ordered tests
+  (`data.included`): both are upserted; the order is linked to its order intent through the
+  `order_intent` relationship, and `rupa_order_intents.order_id` is filled in. The practitioner's
+  return (`return_url?order=…`, when the return_url is the receiver's `/webhooks/rupa/return`)
+  links the same way.
+- `results_pdf` / `results_hl7` links are short-lived: an event bringing a link marks the ordered
+  test `results_pending`, and the same run downloads it at once (no token is sent with it). The
+  bytes are stored with their sha256, one row per distinct content per ordered test and kind, so
+  Rupa repeating `order.new_result` stores nothing twice, while a correction (new content) adds
+  a row. A download that fails (an expired link, an outage) stays pending, is retried by the next
+  run, and a newer event's fresh link replaces the stale one.
+- `patient.*` and `labtest.*` events upsert the extraction's tables (same columns and hash).
+- An event that cannot be applied is marked `failed` with a PHI-free reason and retried by the
+  next run, up to MAX_ATTEMPTS; unknown types are `ignored`.
+
+Result contents, result link URLs, names and other patient data never appear in logs or errors:
+those name event ids, order ids and ordered-test ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import httpx
+import sqlalchemy as sa
+from sqlalchemy import Connection, Engine
+
+from etl.http import (
+    RetryableStatus,
+    describe_transport_error,
+    make_client,
+    raise_for_retryable,
+    retrying,
+)
+from etl.rupa.extract import STREAMS, row_dict
+from etl.rupa.store import timestamp as _timestamp
+from etl.settings import Settings
+from etl.states import WebhookEventState
+from etl.warehouse import (
+    rupa_order_intents,
+    rupa_ordered_tests,
+    rupa_orders,
+    rupa_results,
+    upsert,
+)
+from etl.webhooks import store
+
+log = logging.getLogger(__name__)
+
+SOURCE = "rupa"
+MAX_ATTEMPTS = 5
+MAX_RESULT_BYTES = 50 * 1024 * 1024
+RETURN_EVENT = store.RUPA_CHECKOUT_RETURNED  # written by the receiver's /webhooks/rupa/return
+RESULT_KINDS = {"pdf": "results_pdf", "hl7": "results_hl7"}
+
+APPLIED, STALE, IGNORED, FAILED = "applied", "stale", "ignored", "failed"
+
+
+class BadEvent(ValueError):
+    """An event we cannot read; the message is PHI-free."""
+
+
+@dataclass
+class ApplySummary:
+    events: Counter = field(default_factory=Counter)  # applied / stale / ignored / failed
+    orders: int = 0  # order rows written
+    ordered_tests: int = 0
+    results_stored: int = 0  # new result files (distinct content)
+    results_repeated: int = 0  # downloads whose content was already stored
+    downloads_failed: int = 0  # links still pending (retried next run)
+
+    def line(self) -> str:
+        ev = ", ".join(f"{k} {v}" for k, v in sorted(self.events.items())) or "none"
+        return (f"rupa events: {ev}; orders written {self.orders}, ordered tests {self.ordered_tests}; "
+                f"results stored {self.results_stored}, already stored {self.results_repeated}, "
+                f"downloads pending {self.downloads_failed}")
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.events.get(FAILED) or self.downloads_failed else 0
+
+    def as_dict(self) -> dict:
+        return {"events": dict(self.events), "orders": self.orders, "ordered_tests": self.ordered_tests,
+                "results_stored": self.results_stored, "results_repeated": self.results_repeated,
+                "downloads_failed": self.downloads_failed}
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    return ts.replace(tzinfo=UTC) if ts is not None and ts.tzinfo is None else ts
+
+
+def _rel_id(resource: dict, name: str) -> str | None:
+    rel = (resource.get("relationships") or {}).get(name)
+    data = rel.get("data") if isinstance(rel, dict) else None
+    return str(data["id"]) if isinstance(data, dict) and data.get("id") else None
+
+
+def _link(value) -> str | None:
+    """A results link as the event gives it: a URL string, or an object with url/href."""
+    if isinstance(value, dict):
+        value = value.get("url") or value.get("href")
+    return value if isinstance(value, str) and value.startswith(("http://", "https://")) else None
+
+
+def _newer(stored: datetime | None, incoming: datetime) -> bool:
+    """Apply unless what is stored came from a strictly newer event."""
+    stored = _aware(stored)
+    return stored is None or incoming >= stored
+
+
+# ---- one event ----------------------------------------------------------------------------------
+def _envelope(doc) -> tuple[datetime | None, dict, list]:
+    if not isinstance(doc, dict):
+        raise BadEvent("the event is not a JSON object")
+    data = doc.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
+        raise BadEvent("the event has no data.object")
+    included = data.get("included") if isinstance(data.get("included"), list) else []
+    return _timestamp(doc.get("created_at")), data["object"], [r for r in included if isinstance(r, dict)]
+
+
+def _apply_order(conn: Connection, obj: dict, included: list, when: datetime, out: ApplySummary) -> str:
+    oid = obj.get("id")
+    if not oid or str(obj.get("type", "order")) not in ("order", "orders"):
+        raise BadEvent("data.object is not an order")
+    oid = str(oid)
+    now = datetime.now(UTC)
+    attrs = obj.get("attributes") if isinstance(obj.get("attributes"), dict) else {}
+    rels = obj.get("relationships") if isinstance(obj.get("relationships"), dict) else {}
+    stored = conn.execute(sa.select(rupa_orders.c.event_created_at).where(rupa_orders.c.id == oid)).scalar()
+    result = STALE
+    intent_id = _rel_id(obj, "order_intent")
+    if _newer(stored, when):
+        row = dict(id=oid, status=_str(attrs.get("status"), 100), patient_id=_rel_id(obj, "patient"),
+                   order_intent_id=intent_id,
+                   date_submitted=_timestamp(attrs.get("date_submitted")), date_paid=_timestamp(attrs.get("date_paid")),
+                   date_completed=_timestamp(attrs.get("date_completed")),
+                   date_canceled=_timestamp(attrs.get("date_canceled")), payer=_str(attrs.get("payer"), 100),
+                   total_price=_str(attrs.get("total_price"), 40), attributes=attrs, relationships=rels,
+                   event_created_at=when, first_seen_at=now, updated_at=now)
+        upsert(conn, rupa_orders, [row], key=["id"], update=[c for c in row if c not in ("id", "first_seen_at")])
+        out.orders += 1
+        result = APPLIED
+    for res in included:
+        kind = str(res.get("type") or "")
+        if kind in ("ordered_test", "ordered_tests", "orderedtest") and res.get("id"):
+            if _apply_ordered_test(conn, res, oid, when, now):
+                out.ordered_tests += 1
+                result = APPLIED
+        elif kind == "patient" and res.get("id"):
+            _apply_copy(conn, "patients", res, when, revive=False)
+        elif kind in ("lab_test", "labtest") and res.get("id"):
+            _apply_copy(conn, "lab_tests", res, when, revive=False)
+    if intent_id:
+        _link_intent(conn, order_id=oid, order_intent_id=intent_id)
+    return result
+
+
+def _apply_ordered_test(conn: Connection, res: dict, order_id: str, when: datetime, now: datetime) -> bool:
+    tid = str(res["id"])
+    attrs = res.get("attributes") if isinstance(res.get("attributes"), dict) else {}
+    cur = conn.execute(sa.select(rupa_ordered_tests.c.event_created_at, rupa_ordered_tests.c.results_pdf_url,
+                                 rupa_ordered_tests.c.results_hl7_url, rupa_ordered_tests.c.results_pending)
+                       .where(rupa_ordered_tests.c.id == tid)).mappings().first()
+    if cur is not None and not _newer(cur["event_created_at"], when):
+        return False
+    pdf, hl7 = _link(attrs.get("results_pdf")), _link(attrs.get("results_hl7"))
+    pending = int(bool(cur and cur["results_pending"]))
+    if (pdf and (cur is None or pdf != cur["results_pdf_url"])) or (hl7 and (cur is None or hl7 != cur["results_hl7_url"])):
+        pending = 1  # a link we have not downloaded from yet
+    row = dict(id=tid, order_id=_rel_id(res, "order") or order_id, lab_test_id=_rel_id(res, "lab_test"),
+               date_results_received_from_lab=_timestamp(attrs.get("date_results_received_from_lab")),
+               attributes=_without_links(attrs), relationships=res.get("relationships") or {},
+               results_pdf_url=pdf or (cur["results_pdf_url"] if cur else None),
+               results_hl7_url=hl7 or (cur["results_hl7_url"] if cur else None),
+               results_pending=pending, results_attempts=0, results_error=None,
+               event_created_at=when, first_seen_at=now, updated_at=now)
+    update = [c for c in row if c not in ("id", "first_seen_at", "results_attempts")]
+    upsert(conn, rupa_ordered_tests, [row], key=["id"], update=update)
+    return True
+
+
+def _without_links(attrs: dict) -> dict:
+    """The attributes as stored in JSON: result links (short-lived, possibly signed) left out;
+    they live in their own columns, never shown."""
+    return {k: ("<link>" if k in ("results_pdf", "results_hl7", "requisition") and v else v)
+            for k, v in attrs.items()}
+
+
+def _apply_copy(conn: Connection, stream: str, res: dict, when: datetime | None, *, revive: bool = True) -> str:
+    """patient.* / labtest.* (and patients or lab tests included in order events): the
+    extraction's row, unless the stored one is newer (by the resource's own updated_at). Only a
+    patient/labtest event brings back a row extraction marked deleted (`revive`); a copy riding
+    along in an order event leaves `deleted_at` as it is."""
+    spec = STREAMS[stream]
+    row = row_dict(spec, res)
+    table = spec.table
+    stored = conn.execute(sa.select(table.c.updated_at).where(table.c.id == row["id"])).first()
+    incoming = row["updated_at"] or when
+    if stored is not None and stored[0] is not None and incoming is not None and _aware(stored[0]) > incoming:
+        return STALE
+    now = datetime.now(UTC)
+    full = {**row, "first_seen_at": now, "last_seen_at": now, "deleted_at": None}
+    keep = ("id", "first_seen_at") if revive else ("id", "first_seen_at", "deleted_at")
+    upsert(conn, table, [full], key=["id"], update=[c for c in full if c not in keep])
+    return APPLIED
+
+
+def _link_intent(conn: Connection, *, order_id: str, order_intent_id: str | None = None,
+                 row_id: str | None = None) -> None:
+    t = rupa_order_intents
+    cond = t.c.order_intent_id == order_intent_id if order_intent_id else t.c.row_id == row_id
+    conn.execute(sa.update(t).where(cond, sa.or_(t.c.order_id.is_(None), t.c.order_id != order_id))
+                 .values(order_id=order_id, updated_at=datetime.now(UTC)))
+    if row_id and not order_intent_id:
+        intent = conn.execute(sa.select(t.c.order_intent_id).where(t.c.row_id == row_id)).scalar()
+        if intent:
+            conn.execute(sa.update(rupa_orders).where(rupa_orders.c.id == order_id,
+                                                      rupa_orders.c.order_intent_id.is_(None))
+                         .values(order_intent_id=intent))
+
+
+def _str(value, limit: int) -> str | None:
+    return None if value is None else str(value)[:limit]
+
+
+def apply_event(conn: Connection, event: store.Event, out: ApplySummary) -> str:
+    """Apply one stored event inside `conn`'s transaction; returns applied / stale / ignored."""
+    try:
+        doc = event.json()
+    except ValueError:
+        raise BadEvent("the body is not JSON") from None
+    kind = (event.event_type or "").lower()
+    if kind == RETURN_EVENT:
+        order_id, row_id = str(doc.get("order") or ""), str(doc.get("row_id") or "")
+        if not order_id.startswith("ord_") or not row_id:
+            raise BadEvent("a checkout return without an order id or row_id")
+        _link_intent(conn, order_id=order_id, row_id=row_id)
+        return APPLIED
+    if kind.startswith("order."):
+        when, obj, included = _envelope(doc)
+        return _apply_order(conn, obj, included, when or _aware(event.received_at), out)
+    if kind in ("patient.created", "patient.updated"):
+        when, obj, _ = _envelope(doc)
+        return _apply_copy(conn, "patients", obj, when)
+    if kind in ("labtest.created", "labtest.updated", "lab_test.created", "lab_test.updated"):
+        when, obj, _ = _envelope(doc)
+        return _apply_copy(conn, "lab_tests", obj, when)
+    return IGNORED
+
+
+# ---- results --------------------------------------------------------------------------------------
+class _DownloadError(Exception):
+    pass
+
+
+def _download(http: httpx.Client, settings: Settings, url: str, what: str) -> tuple[bytes, str | None]:
+    try:
+        for attempt in retrying(settings.retry):
+            with attempt:
+                with http.stream("GET", url, headers={"Accept": "*/*"}) as response:
+                    raise_for_retryable(response)
+                    if response.status_code in (401, 403, 404, 410):
+                        raise _DownloadError(f"the {what} link has expired or is gone (HTTP {response.status_code})")
+                    if response.status_code >= 400:
+                        raise _DownloadError(f"the {what} download answered HTTP {response.status_code}")
+                    chunks, size = [], 0
+                    for chunk in response.iter_bytes():
+                        size += len(chunk)
+                        if size > MAX_RESULT_BYTES:
+                            raise _DownloadError(f"the {what} file is larger than {MAX_RESULT_BYTES} bytes")
+                        chunks.append(chunk)
+                    return b"".join(chunks), response.headers.get("content-type")
+    except (RetryableStatus, httpx.TransportError) as exc:
+        raise _DownloadError(f"the {what} download failed: {describe_transport_error(exc)}") from None
+    raise _DownloadError(f"the {what} download failed")  # pragma: no cover - retrying re-raises
+
+
+def download_results(engine: Engine, settings: Settings, out: ApplySummary, *,
+                     http: httpx.Client | None = None) -> None:
+    """Every ordered test with a result link still to download: fetch, store by sha256."""
+    t = rupa_ordered_tests
+    with engine.connect() as conn:
+        pending = conn.execute(sa.select(t.c.id, t.c.order_id, t.c.results_pdf_url, t.c.results_hl7_url)
+                               .where(t.c.results_pending == 1).order_by(t.c.id)).mappings().all()
+    if not pending:
+        return
+    own = http is None
+    http = http or make_client("", settings.retry, follow_redirects=True)
+    try:
+        for test in pending:
+            errors = []
+            for kind, column in RESULT_KINDS.items():
+                url = test[f"{column}_url"]
+                if not url:
+                    continue
+                try:
+                    content, ctype = _download(http, settings, url, column)
+                except _DownloadError as exc:
+                    errors.append(str(exc))
+                    continue
+                digest = hashlib.sha256(content).hexdigest()
+                with engine.begin() as conn:
+                    new = conn.execute(_results_insert(conn).values(
+                        ordered_test_id=test["id"], order_id=test["order_id"], kind=kind, sha256=digest,
+                        size=len(content), content_type=(ctype or "")[:100] or None, content=content,
+                        stored_at=datetime.now(UTC)).returning(rupa_results.c.id)).scalar()
+                if new is not None:
+                    out.results_stored += 1
+                    log.debug("rupa results: stored the %s of ordered test %s (order %s)", kind, test["id"], test["order_id"])
+                else:
+                    out.results_repeated += 1
+            with engine.begin() as conn:
+                conn.execute(sa.update(t).where(t.c.id == test["id"]).values(
+                    results_pending=1 if errors else 0, results_error="; ".join(errors)[:500] or None,
+                    results_attempts=t.c.results_attempts + 1))
+            if errors:
+                out.downloads_failed += 1
+                log.warning("rupa results: ordered test %s (order %s): %s; tried again next run",
+                            test["id"], test["order_id"], "; ".join(errors))
+    finally:
+        if own:
+            http.close()
+
+
+def _results_insert(conn: Connection):
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    return insert(rupa_results).on_conflict_do_nothing(index_elements=["ordered_test_id", "kind", "sha256"])
+
+
+# ---- the task ---------------------------------------------------------------------------------------
+def apply_events(engine: Engine, settings: Settings, *, limit: int = 1000, download: bool = True,
+                 http: httpx.Client | None = None) -> ApplySummary:
+    """Apply every pending Rupa event (oldest first, in pages of `limit`), then download results."""
+    out = ApplySummary()
+    done: set[int] = set()
+    while True:
+        events = [e for e in store.pending_events(engine, SOURCE, limit=limit, max_attempts=MAX_ATTEMPTS)
+                  if e.id not in done]
+        if not events:
+            break
+        marks = []
+        for event in events:
+            done.add(event.id)
+            try:
+                with engine.begin() as conn:
+                    result = apply_event(conn, event, out)
+            except BadEvent as exc:
+                marks.append((event.id, WebhookEventState.FAILED, str(exc)))
+                out.events[FAILED] += 1
+                log.warning("rupa events: event %d (%s) cannot be applied: %s", event.id, event.event_type, exc)
+                continue
+            except sa.exc.SQLAlchemyError as exc:
+                marks.append((event.id, WebhookEventState.FAILED, f"warehouse error ({type(exc).__name__})"))
+                out.events[FAILED] += 1
+                log.warning("rupa events: event %d (%s): warehouse error (%s); retried next run",
+                            event.id, event.event_type, type(exc).__name__)
+                continue
+            out.events[result] += 1
+            state = WebhookEventState.IGNORED if result == IGNORED else WebhookEventState.APPLIED
+            marks.append((event.id, state, "older than the stored state; skipped" if result == STALE else None))
+        store.mark_events(engine, marks)
+        if len(events) < limit:
+            break
+    if download:
+        download_results(engine, settings, out, http=http)
+    log.info("%s", out.line())
+    return out

@@ -1,0 +1,39 @@
+"""Fixtures for the Rupa Checkout tests: a warehouse with the sandbox's patients and lab tests
+extracted and labsync authorized, a webhook receiver on loopback that the sandbox sends its
+events to. Imported by the test modules that use them (pytest fixtures by name)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from etl.asgi import BackgroundServer
+from etl.rupa.extract import extract_all
+from etl.settings import WebhookSettings
+from etl.webhooks.app import build_app
+from tests.rupa_support import authorize
+
+
+@pytest.fixture
+def rupa(engine, settings, sandbox):
+    """The Rupa sandbox, with labsync authorized and the patients and lab tests extracted."""
+    authorize(engine, settings)
+    extract_all(engine, settings)
+    return sandbox.sandbox.rupa
+
+
+@pytest.fixture
+def receiver(engine, rupa):
+    """The webhook receiver (real HTTP), with the sandbox sending its events to it."""
+    servers = []
+
+    def start(**changes):
+        server = BackgroundServer(build_app(engine, replace(WebhookSettings(), **changes))).start()
+        servers.append(server)
+        rupa.checkout.sender.configure(url=f"{server.url}/webhooks/rupa")
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()
