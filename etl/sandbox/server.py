@@ -4,6 +4,9 @@
     /rupa/...                   the Rupa Health sandbox   (etl.sandbox.rupa)
     GET/POST /_sandbox/{vendor}/faults   read / change that vendor's fault switches
     POST /_sandbox/{vendor}/reset        switch every fault off
+    GET/POST /_sandbox/lgc/lifecycle     LetsGetChecked after the PUT: automatic steps, webhook
+                                         URL and key, duplicates/reorder/drop switches
+    POST /_sandbox/lgc/advance           move items on: {"client_order_id", "item_id", "steps", "to"}
     GET  /_sandbox/health
 
 `SandboxServer` runs it in a background thread (tests, bench, demo); `serve()` runs it in the
@@ -11,6 +14,8 @@ foreground (`labsync sandbox`). It binds to 127.0.0.1 only (etl.asgi does the se
 """
 
 from __future__ import annotations
+
+import json
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -59,6 +64,27 @@ class Sandbox:
             vendor.faults.reset()
             return JSONResponse(vendor.faults.as_dict())
 
+        async def lifecycle(request: Request):
+            if request.method == "POST":
+                try:
+                    return JSONResponse(self.lgc.lifecycle.configure(**(await request.json())))
+                except (ValueError, TypeError) as exc:
+                    return JSONResponse({"error": str(exc)}, status_code=400)
+            return JSONResponse(self.lgc.lifecycle.as_dict())
+
+        async def advance(request: Request):
+            try:
+                raw = await request.body()
+                args = json.loads(raw) if raw.strip() else {}
+                moved = self.lgc.lifecycle.advance(
+                    args.get("client_order_id"), args.get("item_id"),
+                    steps=int(args.get("steps", 1)), to=args.get("to"))
+            except KeyError:
+                return JSONResponse({"error": "unknown clientOrderId"}, status_code=404)
+            except (ValueError, TypeError, AttributeError) as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+            return JSONResponse({"moved": moved})
+
         async def health(request: Request):
             return JSONResponse({"ok": True})
 
@@ -71,6 +97,8 @@ class Sandbox:
             routes=[
                 Route("/_sandbox/health", health),
                 Route("/oauth/callback", oauth_callback),
+                Route("/_sandbox/lgc/lifecycle", lifecycle, methods=["GET", "POST"]),
+                Route("/_sandbox/lgc/advance", advance, methods=["POST"]),
                 Route("/_sandbox/{vendor}/faults", faults, methods=["GET", "POST"]),
                 Route("/_sandbox/{vendor}/reset", reset, methods=["POST"]),
                 Mount("/lgc", app=FaultMiddleware(self.lgc.app(), self.lgc.faults)),
@@ -85,6 +113,10 @@ class SandboxServer(BackgroundServer):
     def __init__(self, sandbox: Sandbox | None = None, *, port: int = 0) -> None:
         self.sandbox = sandbox or Sandbox()
         super().__init__(self.sandbox.asgi(), host=SANDBOX_HOST, port=port, name="labsync-sandbox")
+
+    def stop(self) -> None:
+        self.sandbox.lgc.lifecycle.stop()  # its thread moves items and sends webhooks
+        super().stop()
 
     @property
     def lgc_url(self) -> str:
