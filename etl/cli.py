@@ -25,9 +25,9 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from etl.commands import core, lgc, rupa, webhooks
+    from etl.commands import core, lgc, lifecycle, rupa, webhooks
 
-    for module in (core, lgc, rupa, webhooks):
+    for module in (core, lgc, lifecycle, rupa, webhooks):
         module.register(app)
 
 

@@ -233,6 +233,7 @@ def finish(engine: Engine, settings: Settings, prepared: dict, results: list[dic
     `results` are load_chunk's return values (None for a chunk whose task failed: its rows stay
     pending/failed in the ledger and the summary says so)."""
     from etl.lgc import ledger
+    from etl.lgc.lifecycle import item_statuses
 
     paths = InboxPaths(Path(settings.inbox)).ensure()
     by_batch: dict[int, Counter] = {}
@@ -265,7 +266,8 @@ def finish(engine: Engine, settings: Settings, prepared: dict, results: list[dic
         ) + f" {batch['valid_rows']} of {batch['total_rows']} rows were valid."
         summary.write(_summary_path(path), summary.render(
             file_name=path.name, outcome=outcome, counts=dict(counts), rejected=rejected,
-            accepted=accepted, problem_rows=problems))
+            accepted=accepted, problem_rows=problems,
+            item_statuses=item_statuses(engine, [r["client_order_id"] for r in accepted])))
         target = _move_with_reports(path, paths.processed)
         # `incomplete`: some rows were never settled (a load task died, the vendor was down);
         # dropping the file again sends them, where a `loaded` copy counts as a duplicate.
