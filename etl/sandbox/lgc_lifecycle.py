@@ -12,8 +12,9 @@ barcodes, results appear, PATCH cancels, and signed webhooks go out.
   (`LGC-0000-0000-0000`) and alpha code at KitRegistered, an inbound tracking number at
   KitArrivedAtLab, results (JSON and an HL7 2.3 ORU^R01 message) at ResultsAvailable; before that
   the results endpoints answer 404.
-- **Cancel**: PATCH answers 202 and the item becomes Cancelled `cancel_delay` seconds later (or at
-  the next `advance`); from KitArrivedAtLab on it answers 409.
+- **Cancel**: PATCH answers 202 and the item becomes Cancelled at its next step (`advance`, or an
+  automatic one), or `cancel_delay` seconds later when that is set; from KitArrivedAtLab on it
+  answers 409.
 - **Webhooks** (`webhook_url` set): every transition is POSTed as LetsGetChecked documents it
   (`{"type": "order", "body": {clientOrderId, callbackURL, orderItemStatus: {id, status: {code}},
   timestamp}}`, plus a `Result` event at ResultsAvailable), signed with `webhook_key` like
@@ -69,7 +70,7 @@ SWITCHES = {"auto_step_seconds", "cancel_delay", "webhook_url", "webhook_key", "
 @dataclass
 class LifecycleConfig:
     auto_step_seconds: float = 0.0  # 0: items move only on command
-    cancel_delay: float = 0.0  # seconds between a PATCH and the status Cancelled
+    cancel_delay: float | None = None  # seconds from a PATCH to Cancelled; None: at the next step
     webhook_url: str | None = None
     webhook_key: str | None = None  # base64 text; signs with its ASCII bytes, as LetsGetChecked does
     duplicates: bool = False
@@ -290,7 +291,8 @@ class LgcLifecycle:
                 return 202, ""
             if item.status not in CANCELLABLE:
                 return 409, f"the order item is {item.status} and can no longer be cancelled"
-            item.cancel_due = time.monotonic() + self.config.cancel_delay
+            delay = self.config.cancel_delay
+            item.cancel_due = time.monotonic() + delay if delay is not None else float("inf")
         self._kick()
         return 202, ""
 
@@ -302,10 +304,13 @@ class LgcLifecycle:
             step = self.config.auto_step_seconds
             for order in self.orders.values():
                 for item in order.items:
-                    if item.cancel_due is not None and item.cancel_due <= mono and item.status not in FINAL:
+                    if item.status in FINAL:
+                        continue
+                    stepping = step > 0 and mono - item.moved_at >= step
+                    if item.cancel_due is not None and (item.cancel_due <= mono or stepping):
                         item.cancel_due = None
                         self._move(order, item, CANCELLED, events)
-                    elif step > 0 and item.cancel_due is None and mono - item.moved_at >= step:
+                    elif stepping:
                         status = self._next(item, None)
                         if status is not None:
                             self._move(order, item, status, events)
@@ -431,7 +436,8 @@ class LgcLifecycle:
 
     def _busy(self) -> bool:
         return bool(self._outbox) or self.config.auto_step_seconds > 0 or any(
-            i.cancel_due is not None for o in self.orders.values() for i in o.items)
+            i.cancel_due is not None and i.cancel_due != float("inf")
+            for o in self.orders.values() for i in o.items)
 
     def _kick(self) -> None:
         with self._lock:
