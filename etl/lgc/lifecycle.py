@@ -532,7 +532,7 @@ def _orders_by_barcode(engine: Engine, barcodes: Iterable[str]) -> dict[str, str
     codes = list(set(barcodes))
     with engine.connect() as conn:
         return dict(conn.execute(sa.select(items_t.c.barcode, items_t.c.client_order_id)
-                                 .where(items_t.c.barcode.in_(codes)))) if codes else {}
+                                 .where(items_t.c.barcode.in_(codes))).tuples().all()) if codes else {}
 
 
 def apply_webhooks(engine: Engine, settings: Settings, *, page: int = 500,
@@ -559,10 +559,11 @@ def apply_webhooks(engine: Engine, settings: Settings, *, page: int = 500,
 
 
 def _apply_page(engine, settings, events, summary: WebhookSummary, *, transport, limiter) -> None:
+    """Order events first (their statuses, then one GET per order), then result events: a
+    barcode first seen in those GET answers resolves in the same pass."""
     summary.events += len(events)
     parsed = {e.id: parse_event(e) for e in events}
     known = _known_orders(engine, [p.client_order_id for p in parsed.values() if p.kind == "order"])
-    by_barcode = _orders_by_barcode(engine, [p.client_order_id for p in parsed.values() if p.kind == "result"])
     outcomes: dict[int, tuple[str, str | None]] = {}
     confirm: dict[int, str] = {}  # event id -> clientOrderId to GET
     observations: list[Observation] = []
@@ -577,38 +578,57 @@ def _apply_page(engine, settings, events, summary: WebhookSummary, *, transport,
             if p.observation is not None:
                 observations.append(p.observation)
             confirm[event_id] = p.client_order_id
-        else:  # result
-            coid = by_barcode.get(p.client_order_id)
-            if coid is None:
-                outcomes[event_id] = (WebhookEventState.FAILED,
-                                      "no tracked item has this barcode yet; retried after the next poll")
-                continue
-            confirm[event_id] = coid
     done = apply_observations(engine, observations)
     summary.observations += len(observations)
-    if confirm:
-        result = track(engine, settings, sorted(set(confirm.values())), transport=transport, limiter=limiter)
-        t = summary.track
-        t.orders += result.orders
-        t.checked += result.checked
-        t.not_found += result.not_found
-        t.failed.update(result.failed)
-        t.changed += result.changed + done.changed
-        t.history += result.history + done.history
-        t.requests += result.requests
-        for event_id, coid in confirm.items():
-            if coid in result.failed:
-                outcomes[event_id] = (WebhookEventState.FAILED, f"confirming GET failed: {result.failed[coid]}")
-            elif coid in result.not_found:
-                outcomes[event_id] = (WebhookEventState.IGNORED,
-                                      f"LetsGetChecked does not know order {coid} (HTTP 404)")
-            else:
-                outcomes[event_id] = (WebhookEventState.APPLIED, None)
+    summary.track.changed += done.changed
+    summary.track.history += done.history
+    answered = _confirm(engine, settings, confirm, outcomes, summary.track, transport=transport, limiter=limiter)
+
+    results = {i: p.client_order_id for i, p in parsed.items() if p.kind == "result"}
+    by_barcode = _orders_by_barcode(engine, results.values())
+    confirm = {}
+    for event_id, barcode in results.items():
+        coid = by_barcode.get(barcode)
+        if coid is None:
+            outcomes[event_id] = (WebhookEventState.FAILED,
+                                  "no tracked item has this barcode yet; retried after the next poll")
+        elif coid in answered:  # its order was just fetched
+            outcomes[event_id] = answered[coid]
+        else:
+            confirm[event_id] = coid
+    _confirm(engine, settings, confirm, outcomes, summary.track, transport=transport, limiter=limiter)
+
     store.mark_events(engine, [(i, state, err) for i, (state, err) in outcomes.items()])
     states = Counter(state for state, _ in outcomes.values())
     summary.applied += states[WebhookEventState.APPLIED]
     summary.ignored += states[WebhookEventState.IGNORED]
     summary.failed += states[WebhookEventState.FAILED]
+
+
+def _confirm(engine, settings, confirm: Mapping[int, str], outcomes: dict, total: TrackSummary, *,
+             transport, limiter) -> dict[str, tuple[str, str | None]]:
+    """GET each order once; the outcome of every event that named it. Returns the outcome per order."""
+    if not confirm:
+        return {}
+    result = track(engine, settings, sorted(set(confirm.values())), transport=transport, limiter=limiter)
+    total.orders += result.orders
+    total.checked += result.checked
+    total.not_found += result.not_found
+    total.failed.update(result.failed)
+    total.changed += result.changed
+    total.history += result.history
+    total.requests += result.requests
+    per_order: dict[str, tuple[str, str | None]] = {}
+    for coid in set(confirm.values()):
+        if coid in result.failed:
+            per_order[coid] = (WebhookEventState.FAILED, f"confirming GET failed: {result.failed[coid]}")
+        elif coid in result.not_found:
+            per_order[coid] = (WebhookEventState.IGNORED, f"LetsGetChecked does not know order {coid} (HTTP 404)")
+        else:
+            per_order[coid] = (WebhookEventState.APPLIED, None)
+    for event_id, coid in confirm.items():
+        outcomes[event_id] = per_order[coid]
+    return per_order
 
 
 # ---- cancel -----------------------------------------------------------------------------------
