@@ -18,7 +18,15 @@ from etl.lgc.lifecycle import Observation, apply_observations, cancel, open_orde
 from etl.lgc.orders_api import get_order, open_session, parse_order, status_code
 from etl.states import CancelState, ItemStatus, StatusSource
 from etl.warehouse.tables import lgc_order_items, lgc_orders
-from tests.lifecycle_support import history, items, lgc, place_orders, quick, receiver, send_webhooks_to
+from tests.lifecycle_support import (
+    history,
+    items,
+    lgc,
+    place_orders,
+    quick,
+    receiver,
+    send_webhooks_to,
+)
 from tests.pgserver import wait_for
 
 PATH = [ItemStatus.CREATED, ItemStatus.KIT_DISPATCHED, ItemStatus.KIT_REGISTERED,
