@@ -124,6 +124,8 @@ class LgcLifecycle:
         self.delivered = 0  # events answered 2xx
         self.lost = 0  # events dropped on purpose or given up after retries
         self._outbox: deque[bytes] = deque()
+        self._timed: set[tuple[str, str]] = set()  # (order, item) with a cancel due at a set time
+        self._barcodes: dict[str, tuple[str, str]] = {}  # barcode -> (order, item)
         self._rng = random.Random(0)
         self._lock = threading.RLock()
         self._last_ts = datetime.now(UTC)
@@ -156,6 +158,8 @@ class LgcLifecycle:
         with self._lock:
             self.config = LifecycleConfig()
             self.orders.clear()
+            self._timed.clear()
+            self._barcodes.clear()
             self.sent.clear()
             self._outbox.clear()
             self.delivered = self.lost = 0
@@ -218,6 +222,7 @@ class LgcLifecycle:
         elif status == REGISTERED:
             digits = f"{n % 10**12:012d}"
             item.barcode = f"LGC-{digits[:4]}-{digits[4:8]}-{digits[8:]}"
+            self._barcodes[item.barcode] = (order.client_order_id, item.id)
             item.alpha_code = "".join(chr(65 + (n >> (5 * k)) % 26) for k in range(6))
         elif status == AT_LAB:
             item.inbound = f"9400{n % 10**18:018d}"
@@ -268,6 +273,7 @@ class LgcLifecycle:
                         continue
                     if item.cancel_due is not None:
                         item.cancel_due = None
+                        self._timed.discard((order.client_order_id, item.id))
                         moved.append(self._move(order, item, CANCELLED, events))
                         continue
                     budget = steps if to is None else len(PATH)
@@ -293,6 +299,8 @@ class LgcLifecycle:
                 return 409, f"the order item is {item.status} and can no longer be cancelled"
             delay = self.config.cancel_delay
             item.cancel_due = time.monotonic() + delay if delay is not None else float("inf")
+            if delay is not None:
+                self._timed.add((client_order_id, item_id))
         self._kick()
         return 202, ""
 
@@ -302,6 +310,8 @@ class LgcLifecycle:
         with self._lock:
             mono = time.monotonic()
             step = self.config.auto_step_seconds
+            if step <= 0 and not self._timed:
+                return  # nothing is timed: no need to look at every item
             for order in self.orders.values():
                 for item in order.items:
                     if item.status in FINAL:
@@ -309,6 +319,7 @@ class LgcLifecycle:
                     stepping = step > 0 and mono - item.moved_at >= step
                     if item.cancel_due is not None and (item.cancel_due <= mono or stepping):
                         item.cancel_due = None
+                        self._timed.discard((order.client_order_id, item.id))
                         self._move(order, item, CANCELLED, events)
                     elif stepping:
                         status = self._next(item, None)
@@ -318,11 +329,11 @@ class LgcLifecycle:
 
     # ---- results -------------------------------------------------------------------------
     def _find(self, barcode: str) -> tuple[Order, Item] | None:
-        for order in self.orders.values():
-            for item in order.items:
-                if item.barcode == barcode:
-                    return order, item
-        return None
+        where = self._barcodes.get(barcode)
+        if where is None:
+            return None
+        order = self.orders[where[0]]
+        return order, next(i for i in order.items if i.id == where[1])
 
     def results(self, barcode: str, alpha_code: str | None) -> tuple[Order, Item] | None:
         """The order and item whose results are released under this barcode (alpha code
@@ -435,9 +446,7 @@ class LgcLifecycle:
             self.lost += 1
 
     def _busy(self) -> bool:
-        return bool(self._outbox) or self.config.auto_step_seconds > 0 or any(
-            i.cancel_due is not None and i.cancel_due != float("inf")
-            for o in self.orders.values() for i in o.items)
+        return bool(self._outbox) or self.config.auto_step_seconds > 0 or bool(self._timed)
 
     def _kick(self) -> None:
         with self._lock:
@@ -473,6 +482,7 @@ class LgcLifecycle:
             for order in self.orders.values():
                 for item in order.items:
                     item.cancel_due = None
+            self._timed.clear()
             thread = self._thread
         if thread is not None:
             thread.join(timeout=10)
