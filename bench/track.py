@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,52 +33,16 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.load import _cpu, _free_port, _start_sandbox  # noqa: E402  (the same sandbox and clock as the load bench)
+from bench.load import _row as _load_row  # noqa: E402
 from etl import warehouse  # noqa: E402
 from etl.lgc.lifecycle import track  # noqa: E402
 from etl.lgc.load import load_rows  # noqa: E402
 from etl.settings import LgcSettings, RetrySettings, Settings  # noqa: E402
-from schemas.columns import COLUMNS  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _row(i: int, prefix: str = "TRACK") -> dict:
-    row: dict = {c: None for c in COLUMNS}
-    row.update(
-        line=i + 2, client_order_id=f"{prefix}-{i:06d}", program_code="Health4All",
-        participant_id=f"P{i:06d}", first_name="Bench", last_name="Mark",
-        email=f"bench{i}@example.org", phone_country_code="+1", phone_number="5550100001",
-        gender="Female", dob="1970-01-01", ethnicity="NonHispanic", race="Caucasian",
-        address_line1=f"{i} Main Street", city="Springfield", state="NY", postal_code="10007",
-        country="US", order_items="GLCS;FCIT:2",
-    )
-    return row
-
-
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def _start_sandbox(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "etl.cli", "sandbox", "--port", str(port)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("the sandbox process exited")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/_sandbox/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the sandbox did not start")
+    return _load_row(i, prefix)  # the load bench's order: two items (GLCS, FCIT)
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
-from etl.errors import ApiError, AuthError, UnusableInputError
+from etl.errors import ApiError, UnusableInputError
 from etl.lgc.orders_api import (
     LgcOrder,
     Limiter,
@@ -384,12 +384,8 @@ async def atrack(engine: Engine, settings: Settings, client_order_ids: Sequence[
         return summary
     settings.lgc.validated()
     async with open_session(settings, transport=transport, limiter=limiter) as session:
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
-        for coid in coids:
-            queue.put_nowait(coid)
         pending: list[Observation] = []
         flushing = asyncio.Lock()
-        stop: list[BaseException] = []
 
         async def flush(force: bool = False) -> None:
             nonlocal pending
@@ -401,45 +397,29 @@ async def atrack(engine: Engine, settings: Settings, client_order_ids: Sequence[
                 summary.changed += done.changed
                 summary.history += done.history
 
-        async def worker() -> None:
-            api = await session.api()
-            while not stop:
-                try:
-                    coid = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                try:
-                    order = await api.get_order(coid)
-                except AuthError as exc:
-                    stop.append(exc)
-                    return
-                except ApiError as exc:
-                    summary.failed[coid] = str(exc)
-                    log.warning("order %s: not tracked this time: %s", coid, exc)
-                    _tell(progress, coid, "failed")
-                    continue
-                if order is None:
-                    summary.not_found.append(coid)
-                    log.warning("order %s: LetsGetChecked does not know it (HTTP 404)", coid)
-                    _tell(progress, coid, "not found")
-                    continue
-                summary.checked += 1
-                pending.extend(poll_observations(order))
-                _tell(progress, coid, "checked")
-                if len(pending) >= WRITE_EVERY:
-                    await flush()
+        async def one(api, coid: str) -> None:
+            order = await api.get_order(coid)
+            if order is None:
+                summary.not_found.append(coid)
+                log.warning("order %s: LetsGetChecked does not know it (HTTP 404)", coid)
+                _tell(progress, coid, "not found")
+                return
+            summary.checked += 1
+            pending.extend(poll_observations(order))
+            _tell(progress, coid, "checked")
+            if len(pending) >= WRITE_EVERY:
+                await flush()
 
-        workers = [asyncio.create_task(worker()) for _ in range(min(settings.lgc.concurrency, len(coids)))]
+        def failed(coid: str, exc: ApiError) -> None:
+            summary.failed[coid] = str(exc)
+            log.warning("order %s: not tracked this time: %s", coid, exc)
+            _tell(progress, coid, "failed")
+
         try:
-            await asyncio.gather(*workers)
+            await session.for_each(coids, one, failed)
         finally:
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
             await flush(force=True)  # what was answered is kept, whatever stopped the pass
         summary.requests = session.requests
-        if stop:
-            raise stop[0]
     summary.statuses = await asyncio.to_thread(status_counts, engine, coids)
     summary.elapsed = asyncio.get_running_loop().time() - started
     log.info("lifecycle: %s", summary.line())

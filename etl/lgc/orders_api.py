@@ -29,10 +29,10 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -54,6 +54,7 @@ from etl.states import ItemStatus
 log = logging.getLogger(__name__)
 
 HL7 = "application/hl7"
+T = TypeVar("T")
 _CANONICAL = {s.value.casefold(): s.value for s in ItemStatus}
 
 
@@ -348,6 +349,40 @@ class ApiSession:
     @property
     def requests(self) -> int:
         return sum(a.requests for a in self._apis)
+
+    async def for_each(self, things: Iterable[T], handle: Callable[[LgcApi, T], Awaitable[None]],
+                       on_error: Callable[[T, ApiError], None]) -> None:
+        """`await handle(api, thing)` for every thing, `LgcSettings.concurrency` at a time, each
+        worker on its own connection. An ApiError (this thing failed) goes to `on_error` and the
+        run goes on; an AuthError (the credentials were refused) stops every worker and is raised."""
+        queue: asyncio.Queue[T] = asyncio.Queue()
+        for thing in things:
+            queue.put_nowait(thing)
+        stop: list[AuthError] = []
+
+        async def worker() -> None:
+            api = await self.api()
+            while not stop:
+                try:
+                    thing = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                try:
+                    await handle(api, thing)
+                except AuthError as exc:
+                    stop.append(exc)
+                except ApiError as exc:
+                    on_error(thing, exc)
+
+        workers = [asyncio.create_task(worker()) for _ in range(min(self.lgc.concurrency, queue.qsize()))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        if stop:
+            raise stop[0]
 
 
 @contextlib.asynccontextmanager

@@ -36,7 +36,7 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
-from etl.errors import ApiError, AuthError
+from etl.errors import ApiError
 from etl.lgc.lifecycle import run_async
 from etl.lgc.orders_api import Limiter, get_field, open_session, text_of
 from etl.settings import Settings
@@ -245,11 +245,6 @@ async def afetch_results(engine: Engine, settings: Settings, *,
     if not due:
         return summary
     async with open_session(settings, transport=transport, limiter=limiter) as session:
-        queue: asyncio.Queue[_Candidate] = asyncio.Queue()
-        for c in due:
-            queue.put_nowait(c)
-        stop: list[BaseException] = []
-
         async def one(api, c: _Candidate) -> None:
             if c.has_json:
                 hl7 = await api.get_lab_results_hl7(c.barcode, c.alpha_code)
@@ -275,24 +270,11 @@ async def afetch_results(engine: Engine, settings: Settings, *,
             log.info("order %s item %s: results stored (%d values%s)", c.client_order_id, c.item_id,
                      values, "" if hl7 is not None else ", HL7 not released yet")
 
-        async def worker() -> None:
-            api = await session.api()
-            while not stop:
-                try:
-                    c = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                try:
-                    await one(api, c)
-                except AuthError as exc:
-                    stop.append(exc)
-                except ApiError as exc:
-                    summary.failed[c.item_id] = str(exc)
-                    log.warning("order %s item %s: results not fetched: %s", c.client_order_id, c.item_id, exc)
+        def failed(c: _Candidate, exc: ApiError) -> None:
+            summary.failed[c.item_id] = str(exc)
+            log.warning("order %s item %s: results not fetched: %s", c.client_order_id, c.item_id, exc)
 
-        await asyncio.gather(*(worker() for _ in range(min(settings.lgc.concurrency, len(due)))))
-        if stop:
-            raise stop[0]
+        await session.for_each(due, one, failed)
     summary.elapsed = asyncio.get_running_loop().time() - started
     log.info("lifecycle: %s", summary.line())
     return summary
