@@ -305,6 +305,21 @@ def test_cancel_is_sent_marked_requested_and_confirmed_by_a_later_status(engine,
     assert lgc(sandbox).patch_count[coid] == 1
 
 
+@pytest.mark.parametrize("status", ["Submitted", "Created", "KitDispatched", "KitRegistered"])
+def test_every_status_before_the_lab_can_be_cancelled(engine, settings, sandbox, status):
+    s = quick(settings)
+    (coid,) = place_orders(engine, s, 1)
+    sb = lgc(sandbox).lifecycle
+    if status != "Submitted":
+        sb.advance(coid, to=status)
+    assert cancel(engine, s, coid).exit_code == 0
+    sb.advance(coid)
+    assert track(engine, s).statuses == {"Cancelled": 2}
+    for item_id in items(engine):
+        assert [r["status"] for r in history(engine, item_id)][-2:] == [status, "Cancelled"]
+    assert open_orders(engine) == []
+
+
 def test_a_cancel_is_applied_by_the_sandbox_after_a_delay(engine, settings, sandbox):
     s = quick(settings)
     (coid,) = place_orders(engine, s, 1)
