@@ -27,9 +27,9 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from etl.commands import budget, core, intents, lgc, rupa, webhooks
+    from etl.commands import budget, core, intents, lgc, lifecycle, rupa, webhooks
 
-    for module in (core, lgc, rupa, webhooks, budget, intents):
+    for module in (core, lgc, lifecycle, rupa, webhooks, budget, intents):
         module.register(app)
 
 

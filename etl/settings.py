@@ -208,6 +208,41 @@ class WebhookSettings:
         return self
 
 
+# LetsGetChecked does not publish the PATCH body that cancels an order item; this is the
+# issue's reading of its `patchOperation` description. LGC_CANCEL_PATCH replaces it (JSON).
+DEFAULT_CANCEL_PATCH = {"patchOperation": {"op": "replace", "path": "/status", "value": "Cancelled"}}
+
+
+@dataclass(frozen=True)
+class LifecycleSettings:
+    """After the PUT (etl.lgc.lifecycle, etl.lgc.results): tracking, webhooks applied, cancels."""
+
+    stale_after: float = 3600.0  # seconds: the sweep polls open orders not checked for this long
+    max_event_attempts: int = 10  # a webhook event that failed this often is left alone
+    cancel_patch: Mapping = field(default_factory=lambda: DEFAULT_CANCEL_PATCH)
+
+    def validated(self) -> LifecycleSettings:
+        if self.stale_after < 0:
+            raise ConfigError("LABSYNC_TRACK_STALE_MINUTES must be 0 or more")
+        if self.max_event_attempts < 1:
+            raise ConfigError("LABSYNC_WEBHOOK_MAX_ATTEMPTS must be at least 1")
+        if not isinstance(self.cancel_patch, Mapping) or not self.cancel_patch:
+            raise ConfigError("LGC_CANCEL_PATCH must be a JSON object")
+        return self
+
+
+def _json_object(name: str, raw: str | None, default: Mapping) -> Mapping:
+    if raw is None:
+        return default
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a JSON object, e.g. {json.dumps(default)}") from None
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"{name} must be a JSON object, e.g. {json.dumps(default)}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     warehouse_url: str = "sqlite:///.labsync/labsync.db"
@@ -223,6 +258,7 @@ class Settings:
     rupa: RupaSettings = field(default_factory=RupaSettings)
     retry: RetrySettings = field(default_factory=RetrySettings)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
 
     def checked(self) -> Settings:
         """Check the settings every command and task needs (the vendors' are checked by
@@ -313,6 +349,12 @@ class Settings:
                 rupa_prefix=get("RUPA_WEBHOOK_PREFIX", d.webhooks.rupa_prefix),
             ),
             fernet_key=get("LABSYNC_FERNET_KEY"),
+            lifecycle=LifecycleSettings(
+                stale_after=60 * num("LABSYNC_TRACK_STALE_MINUTES", d.lifecycle.stale_after / 60),
+                max_event_attempts=num("LABSYNC_WEBHOOK_MAX_ATTEMPTS", d.lifecycle.max_event_attempts, int),
+                cancel_patch=_json_object("LGC_CANCEL_PATCH", get("LGC_CANCEL_PATCH"),
+                                          d.lifecycle.cancel_patch),
+            ),
         )
 
     @classmethod

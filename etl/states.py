@@ -91,3 +91,52 @@ class IntentState(StrEnum):
 
 # Final for the intents ledger (with the same row content): never sent again.
 SETTLED_INTENT_STATES = frozenset({IntentState.CREATED, IntentState.REJECTED})
+# Orders LetsGetChecked holds under our clientOrderId: `accepted`, and `conflict` (a 409, or an
+# order accepted earlier with other data: either way LetsGetChecked keeps an order). Both are
+# tracked after the PUT (etl.lgc.lifecycle).
+TRACKED_ORDER_STATES = frozenset({OrderState.ACCEPTED, OrderState.CONFLICT})
+
+
+class ItemStatus(StrEnum):
+    """`lgc_order_items.status`: LetsGetChecked's own status codes for one order item, as its
+    GET Order v2 and order webhooks publish them (stored with the vendor's spelling)."""
+
+    SUBMITTED = "Submitted"  # received by LetsGetChecked, not yet processed
+    CREATED = "Created"  # accepted for fulfilment
+    KIT_DISPATCHED = "KitDispatched"  # the kit is on its way (outbound tracking number)
+    KIT_REGISTERED = "KitRegistered"  # the participant activated the kit: barcode + alpha code
+    KIT_ARRIVED_AT_LAB = "KitArrivedAtLab"  # the sample reached the lab (inbound tracking)
+    RESULTS_AVAILABLE = "ResultsAvailable"  # results released (JSON and HL7 by barcode)
+    VALIDATION_FAILED = "ValidationFailed"  # from Submitted: LetsGetChecked cannot process it
+    CANCELLED = "Cancelled"  # only by a PATCH, only up to KitArrivedAtLab
+
+
+# An item in one of these never changes again: `labsync track` stops asking about it.
+FINAL_ITEM_STATUSES = frozenset(
+    {ItemStatus.RESULTS_AVAILABLE, ItemStatus.CANCELLED, ItemStatus.VALIDATION_FAILED}
+)
+# The happy path in order: position = how far an item got (for display and the sandbox).
+ITEM_LIFECYCLE = (
+    ItemStatus.SUBMITTED, ItemStatus.CREATED, ItemStatus.KIT_DISPATCHED, ItemStatus.KIT_REGISTERED,
+    ItemStatus.KIT_ARRIVED_AT_LAB, ItemStatus.RESULTS_AVAILABLE,
+)
+# LetsGetChecked cancels an item only before its kit reaches the lab.
+CANCELLABLE_ITEM_STATUSES = frozenset(
+    {ItemStatus.SUBMITTED, ItemStatus.CREATED, ItemStatus.KIT_DISPATCHED, ItemStatus.KIT_REGISTERED}
+)
+
+
+class StatusSource(StrEnum):
+    """`lgc_item_status_history.source` (and `lgc_order_items.status_source`): who told us."""
+
+    POLL = "poll"  # our own GET of the order: the vendor's answer, settles any conflict
+    WEBHOOK = "webhook"  # a notification: may repeat and arrive out of order
+
+
+class CancelState(StrEnum):
+    """`lgc_order_items.cancel_state`: labsync's side of a cancellation (the PATCH is
+    processed asynchronously; a later status confirms or overtakes it)."""
+
+    REQUESTED = "cancel requested"  # PATCH answered 202; waiting for status Cancelled
+    CONFIRMED = "cancelled"  # LetsGetChecked reports the item Cancelled
+    TOO_LATE = "cancel too late"  # the item moved on to the lab (or finished) instead

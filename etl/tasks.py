@@ -124,3 +124,50 @@ def inbox_check(outcomes: list[dict]) -> dict:
 
     inbox.check(list(outcomes or []))
     return {"batches": len(outcomes or [])}
+
+
+# ---- lgc_lifecycle: LetsGetChecked after the PUT (etl.lgc.lifecycle, etl.lgc.results) ----------
+
+def _all_failed(failed: int, succeeded: int) -> bool:
+    """A pass where nothing answered and something failed is a failed task (the vendor is down);
+    a few failures among answers are counted and retried by the next run."""
+    return failed > 0 and succeeded == 0
+
+
+@_plain_errors
+def lgc_apply_webhooks(settings: Settings | None = None) -> dict:
+    """Apply stored LetsGetChecked webhook events; each order they name is confirmed by a GET."""
+    from etl.errors import ApiError
+    from etl.lgc.lifecycle import apply_webhooks
+
+    settings = settings or Settings.from_airflow(require=("lgc",))
+    summary = apply_webhooks(_engine(settings), settings)
+    if _all_failed(summary.failed, summary.applied + summary.ignored):
+        raise ApiError(f"no webhook event could be applied ({summary.failed} failed); they are retried next run")
+    return {**summary.as_dict(), "summary": summary.line()}
+
+
+@_plain_errors
+def lgc_sweep(settings: Settings | None = None) -> dict:
+    """GET the open orders not checked for `lifecycle.stale_after` (catches lost webhooks)."""
+    from etl.errors import ApiError
+    from etl.lgc.lifecycle import track
+
+    settings = settings or Settings.from_airflow(require=("lgc",))
+    summary = track(_engine(settings), settings, stale_after=settings.lifecycle.validated().stale_after)
+    if _all_failed(len(summary.failed), summary.checked):
+        raise ApiError(f"no order could be checked ({len(summary.failed)} failed)")
+    return {**summary.as_dict(), "summary": summary.line()}
+
+
+@_plain_errors
+def lgc_fetch_results(settings: Settings | None = None) -> dict:
+    """Fetch and store the results of items at ResultsAvailable (JSON + HL7), once each."""
+    from etl.errors import ApiError
+    from etl.lgc.results import fetch_results
+
+    settings = settings or Settings.from_airflow(require=("lgc",))
+    summary = fetch_results(_engine(settings), settings)
+    if _all_failed(len(summary.failed), summary.stored + summary.hl7_added + summary.not_released):
+        raise ApiError(f"no result could be fetched ({len(summary.failed)} failed)")
+    return {**summary.as_dict(), "summary": summary.line()}

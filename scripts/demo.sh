@@ -108,8 +108,10 @@ cat <<TXT
 TXT
 find "$LABSYNC_INBOX/processed" "$LABSYNC_INBOX/failed" -type f | sort | sed 's/^/  /'
 
-step "Rupa Checkout: an order-intents batch, one cart checked out, its order and results in the warehouse"
+step "after the PUT: one order from accepted to ResultsAvailable (signed webhooks + DAG lgc_lifecycle)"
 hooks_port=$("$bin/python" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+LGC_WEBHOOK_KEY=$("$bin/python" -c "import base64, secrets; print(base64.b64encode(secrets.token_bytes(32)).decode())")
+export LGC_WEBHOOK_KEY
 "$bin/labsync" webhooks serve --port "$hooks_port" > "$demo/logs/webhooks.log" 2>&1 &
 hooks_pid=$!
 trap 'kill $sandbox_pid $hooks_pid 2>/dev/null || true' EXIT
@@ -118,9 +120,43 @@ for _ in $(seq 1 100); do
   kill -0 $hooks_pid 2>/dev/null || { cat "$demo/logs/webhooks.log"; exit 1; }
   sleep 0.2
 done
+order=$("$bin/labsync" status --batch orders.csv --json | "$bin/python" -c "import json, sys; print([r['client_order_id'] for r in json.load(sys.stdin) if r['state'] == 'accepted'][0])")
+echo "  receiver on 127.0.0.1:$hooks_port (signature checked); the sandbox now signs and sends its webhooks there"
+curl -fs -X POST "http://127.0.0.1:$port/_sandbox/lgc/lifecycle" \
+  -d "{\"webhook_url\": \"http://127.0.0.1:$hooks_port/webhooks/lgc\", \"webhook_key\": \"$LGC_WEBHOOK_KEY\", \"duplicates\": true}" > /dev/null
+echo "  LetsGetChecked moves order $order along: Created, KitDispatched, KitRegistered, KitArrivedAtLab, ResultsAvailable"
+curl -fs -X POST "http://127.0.0.1:$port/_sandbox/lgc/advance" -d "{\"client_order_id\": \"$order\", \"to\": \"ResultsAvailable\"}" > /dev/null
+for _ in $(seq 1 100); do
+  [ "$(curl -fs "http://127.0.0.1:$port/_sandbox/lgc/lifecycle" | "$bin/python" -c "import json, sys; print(json.load(sys.stdin)['queued'])")" = 0 ] && break
+  sleep 0.2
+done
+"$bin/airflow" dags test lgc_lifecycle > "$demo/logs/lgc_lifecycle.log" 2>&1 || { tail -40 "$demo/logs/lgc_lifecycle.log"; exit 1; }
+"$bin/labsync" status "$order"
+"$bin/python" - "$order" <<'PY'
+import sys
+import sqlalchemy as sa
+from etl import warehouse
+from etl.settings import Settings
+from etl.warehouse.tables import lgc_item_status_history as h, lgc_result_values as v, lgc_results as r, webhook_events as w
+engine = warehouse.connect(Settings.from_env().warehouse_url)
+order = sys.argv[1]
+with engine.connect() as c:
+    events = c.execute(sa.select(sa.func.count(), sa.func.sum(w.c.deliveries)).where(w.c.source == "lgc")).one()
+    print(f"  webhook_events: {events[0]} LetsGetChecked events stored ({events[1]} deliveries: each was sent twice)")
+    for row in c.execute(sa.select(h.c.item_id, h.c.status, h.c.source, h.c.vendor_timestamp)
+                         .where(h.c.client_order_id == order).order_by(h.c.item_id, h.c.id)):
+        print(f"  history  {row.item_id[:8]}  {row.status:<17} {row.source:<8} {row.vendor_timestamp}")
+    for row in c.execute(sa.select(r.c.barcode, r.c.value_count, sa.func.length(r.c.json_body).label("j"),
+                                   sa.func.length(r.c.hl7_body).label("h")).where(r.c.client_order_id == order)):
+        print(f"  results  {row.barcode}: {row.value_count} values parsed into lgc_result_values; "
+              f"raw JSON {row.j} bytes and HL7 {row.h} bytes in lgc_results")
+PY
+echo "  (result values are PHI: they stay in the warehouse and are never printed or logged)"
+
+step "Rupa Checkout: an order-intents batch, one cart checked out, its order and results in the warehouse"
 curl -fs -X POST "http://127.0.0.1:$port/_sandbox/rupa/events" \
   -d "{\"url\": \"http://127.0.0.1:$hooks_port/webhooks/rupa\"}" >/dev/null
-echo "  webhook receiver on 127.0.0.1:$hooks_port; the Rupa sandbox sends its events there"
+echo "  the Rupa sandbox sends its events to the same receiver (127.0.0.1:$hooks_port)"
 mkdir -p "$LABSYNC_INBOX/intents"
 sed "s#https://practice.example/rupa/return#http://127.0.0.1:$hooks_port/webhooks/rupa/return#" \
   examples/intents.csv > "$LABSYNC_INBOX/intents/intents.csv"

@@ -62,7 +62,7 @@ def test_dagbag_loads_both_dags_with_the_expected_shape(airflow_env):
     facts = probe(airflow_env, "integrity")
     assert facts["import_errors"] == {}
     dags = facts["dags"]
-    assert set(dags) == {"rupa_extract", "order_batches", "rupa_checkout"}
+    assert set(dags) == {"rupa_extract", "order_batches", "rupa_checkout", "lgc_lifecycle"}
 
     rupa = dags["rupa_extract"]
     assert rupa["tasks"] == ["extract_lab_tests", "extract_patients"]
@@ -81,16 +81,25 @@ def test_dagbag_loads_both_dags_with_the_expected_shape(airflow_env):
     assert checkout["tasks"] == ["intents", "rupa_events"]
     assert checkout["schedule"] == "*/5 * * * *" and checkout["catchup"] is False and checkout["max_active_runs"] == 1
 
+    life = dags["lgc_lifecycle"]
+    assert life["tasks"] == ["apply_webhooks", "fetch_results", "sweep"]
+    assert life["schedule"] == "*/15 * * * *" and life["catchup"] is False and life["max_active_runs"] == 1
+    assert life["outlets"] == {"apply_webhooks": ["lgc_order_items"], "sweep": ["lgc_order_items"],
+                               "fetch_results": ["lgc_results"]}
+    assert life["trigger_rules"]["sweep"] == life["trigger_rules"]["fetch_results"] == "all_done"
+
 
 def test_schedules_are_configurable(airflow_env):
     facts = probe(airflow_env, "integrity", extra={"LABSYNC_RUPA_SCHEDULE": "0 3 * * *", "LABSYNC_INBOX_SCHEDULE": "@daily",
-                                                   "LABSYNC_RUPA_CHECKOUT_SCHEDULE": "*/15 * * * *"})
+                                                   "LABSYNC_RUPA_CHECKOUT_SCHEDULE": "*/15 * * * *",
+                                                   "LABSYNC_LIFECYCLE_SCHEDULE": "@hourly"})
     assert facts["dags"]["rupa_extract"]["schedule"] == "0 3 * * *"
     assert facts["dags"]["order_batches"]["schedule"] == "@daily"
     assert facts["dags"]["rupa_checkout"]["schedule"] == "*/15 * * * *"
+    assert facts["dags"]["lgc_lifecycle"]["schedule"] == "@hourly"
 
 
-@pytest.mark.parametrize("dag_file", ["rupa_extract.py", "order_batches.py", "rupa_checkout.py"])
+@pytest.mark.parametrize("dag_file", ["rupa_extract.py", "order_batches.py", "rupa_checkout.py", "lgc_lifecycle.py"])
 def test_dag_files_do_no_work_at_import(airflow_env, dag_file):
     facts = probe(airflow_env, "imports", str(DAGS / dag_file))
     assert facts["heavy_imports"] == []
@@ -247,3 +256,34 @@ def test_rupa_checkout_end_to_end(airflow_env, sandboxes, tmp_path):
         status = conn.execute(sa.select(rupa_orders.c.status).where(rupa_orders.c.id == order_id)).scalar_one()
         n_results = conn.execute(sa.select(sa.func.count()).select_from(rupa_results)).scalar_one()
     assert status == "Results Received" and n_results == 2
+
+
+def test_lgc_lifecycle_end_to_end(airflow_env, sandboxes, tmp_path):
+    from etl.lgc.load import load_rows
+    from etl.settings import LgcSettings, Settings
+    from etl.warehouse.tables import lgc_order_items, lgc_results, webhook_events
+    from tests.lifecycle_support import receiver, send_webhooks_to
+    from tests.test_lgc_support import order_row
+
+    url = migrated(f"sqlite:///{tmp_path / 'warehouse.db'}")
+    engine = warehouse.connect(url)
+    settings = Settings(warehouse_url=url, lgc=LgcSettings(base_url=sandboxes.lgc_url, rate_limit=0))
+    assert load_rows(engine, settings, [order_row(i) for i in range(2)]).counts == {"accepted": 2}
+    sb = sandboxes.sandbox.lgc.lifecycle
+    with receiver(engine) as rx:  # order A is notified all the way to its results...
+        send_webhooks_to(sandboxes, rx)
+        sb.advance("ORD-00000", to="ResultsAvailable")
+        assert sb.wait_idle()
+    sb.configure(webhook_url=None)  # ...order B's notifications never arrive: the sweep finds it
+    sb.advance("ORD-00001", steps=2)
+
+    extra = dict(LABSYNC_WAREHOUSE_URL=url, LGC_BASE_URL=sandboxes.lgc_url, LABSYNC_RETRY_INITIAL_WAIT="0.01")
+    result = probe(airflow_env, "test", "lgc_lifecycle", extra=extra)
+    assert result["state"] == "success", result
+    assert result["tasks"] == {"apply_webhooks": "success", "sweep": "success", "fetch_results": "success"}
+    with engine.connect() as conn:
+        statuses = conn.execute(sa.select(lgc_order_items.c.client_order_id, lgc_order_items.c.status)).all()
+        results = conn.execute(sa.select(sa.func.count()).select_from(lgc_results)).scalar_one()
+        states = set(conn.execute(sa.select(webhook_events.c.state)).scalars())
+    assert sorted(statuses) == [("ORD-00000", "ResultsAvailable")] * 2 + [("ORD-00001", "KitDispatched")] * 2
+    assert results == 2 and states == {"applied"}

@@ -133,3 +133,41 @@ def test_dry_run_and_status_treat_unconfirmed_like_failed(engine, settings, sand
     load_rows(engine, fast(settings), [order_row(1)])
     known = ledger_mod.lookup(engine, [COID])
     assert ledger_mod.would_send(known[COID], put_item(order_row(1)).sha256)
+
+
+def test_an_unconfirmed_order_is_checked_by_GET_and_confirmed_without_a_second_PUT(lite_engine, lite_settings, sandbox):
+    """Issue 10 point 3 with the lifecycle work (issue 11): `labsync track` (and the DAG's sweep)
+    GETs `unconfirmed` orders; one LetsGetChecked holds becomes accepted in the ledger and in the
+    batch's outbox, one it does not hold stays unconfirmed and is PUT again by the next load."""
+    from etl.lgc import outbox
+    from etl.lgc.lifecycle import track
+
+    engine, settings = lite_engine, fast(lite_settings)
+    lgc = sandbox.sandbox.lgc
+    held, lost = "ORD-00001", "ORD-00002"
+
+    def swallowed(request, raw):  # the vendor stored the order; a proxy ate its answer
+        del lgc.answers[held]
+        lgc._put(request, request.path_params["client_id"], held, raw)
+        return Response(b"<html>proxy</html>", status_code=200, media_type="text/html")
+
+    lgc.answers[held] = swallowed
+    lgc.answers[lost] = _answer(200, "text/html", b"<html>proxy</html>")  # never stored
+    first = load_rows(engine, settings, [order_row(1), order_row(2)])
+    assert first.counts == {"unconfirmed": 2}
+    assert lgc.accepted_count[held] == 1 and lgc.accepted_count[lost] == 0
+    lgc.answers.clear()
+
+    summary = track(engine, settings)
+    assert summary.orders == 2 and summary.confirmed == 1 and summary.not_found == [lost]
+    book = ledger(engine)
+    assert book[held]["state"] == "accepted" and book[held]["order_item_ids"]
+    assert "confirmed by GET order" in book[held]["last_error"]
+    assert book[lost]["state"] == "unconfirmed"
+    (batch_id,) = {r["batch_id"] for r in book.values()}
+    rows = {r["client_order_id"]: r for r in outbox.rows_of(engine, batch_id)}
+    assert rows[held]["state"] == "accepted" and rows[lost]["state"] == "unconfirmed"
+
+    again = load_rows(engine, settings, [order_row(1), order_row(2)], batch_id=batch_id)
+    assert again.counts.get("accepted") == 1  # only the lost one went out again
+    assert lgc.put_count[held] == 1 and lgc.put_count[lost] == 2

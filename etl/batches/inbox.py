@@ -366,7 +366,10 @@ def _rerender(engine: Engine, settings: Settings, batch_id: int) -> None:
 
 
 def render(engine: Engine, batch_id: int, batch_file: Path) -> Path:
-    """The batch's summary page, from the warehouse alone (outbox, ledger, rejected rows)."""
+    """The batch's summary page, from the warehouse alone (outbox, ledger, rejected rows, and the
+    accepted orders' item statuses once `labsync track` or a webhook has told them)."""
+    from etl.lgc.lifecycle import item_statuses
+
     row = records.get(engine, batch_id)
     counts = outbox.counts(engine, [batch_id])[batch_id]
     rows = outbox.rows_of(engine, batch_id)
@@ -384,7 +387,8 @@ def render(engine: Engine, batch_id: int, batch_file: Path) -> Path:
         outcome += f" {counts[OutboxState.GIVEN_UP]} need a person (given up after repeated failures)."
     return write_summary(batch_file, summary.render(
         file_name=batch_file.name, outcome=outcome, counts=shown, rejected=rejected,
-        accepted=accepted, problem_rows=problems))
+        accepted=accepted, problem_rows=problems,
+        item_statuses=item_statuses(engine, [r["client_order_id"] for r in accepted])))
 
 
 # ---- the whole run -----------------------------------------------------------------------------

@@ -66,12 +66,14 @@ def render(
     title: str = "Order batch",
     checkout: Sequence[Mapping] = (),
     id_label: str = "clientOrderId",
+    item_statuses: Mapping[str, Sequence[Mapping]] | None = None,
 ) -> str:
     """The page as a string. `rejected`: reject-report rows (line, client_order_id, column,
     value, reason); `accepted`: ledger rows (client_order_id, line, order_item_ids);
     `problem_rows`: ledger rows that did not go through (failed/pending/rejected by the vendor);
     `checkout`: Rupa order-intent rows (line, row_id, patient, rupa_patient_id, state,
-    checkout_url, note), each with a clickable link for the practitioner."""
+    checkout_url, note), each with a clickable link for the practitioner;
+    `item_statuses`: clientOrderId -> its items as etl.lgc.lifecycle.item_statuses gives them."""
     when = (generated_at or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -103,9 +105,11 @@ def render(
         parts.append(_checkout_table(checkout))
     if accepted:
         parts.append("<h2 class='ok'>Accepted orders</h2>")
+        statuses = item_statuses or {}
         parts.append(_table(
-            ("line", "clientOrderId", "LetsGetChecked order items"),
-            [(r.get("line"), r.get("client_order_id"), _items(r.get("order_item_ids"))) for r in accepted],
+            ("line", "clientOrderId", "LetsGetChecked order items", "item statuses"),
+            [(r.get("line"), r.get("client_order_id"), _items(r.get("order_item_ids")),
+              _statuses(statuses.get(r.get("client_order_id")))) for r in accepted],
         ))
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -132,6 +136,14 @@ def _items(items) -> str:
     if not items:
         return ""
     return ", ".join(f"{i.get('code', '?')}: {i.get('id', '?')}" if isinstance(i, Mapping) else str(i) for i in items)
+
+
+def _statuses(items) -> str:
+    """`GLCS: KitDispatched` per item; before `labsync track` first asked, nothing is known."""
+    if not items:
+        return "not tracked yet"
+    return ", ".join(f"{i.get('code') or i.get('item_id')}: {i.get('status') or 'unknown'}"
+                     + (f" ({i['cancel_state']})" if i.get("cancel_state") else "") for i in items)
 
 
 def write(path: Path, page: str) -> Path:

@@ -94,7 +94,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from etl import warehouse
-        from etl.lgc import ledger, outbox
+        from etl.lgc import ledger, lifecycle, outbox
 
         settings = Settings.from_env()
         engine = warehouse.connect(settings.warehouse_url)
@@ -107,10 +107,13 @@ def register(app: typer.Typer) -> None:
         if client_order_id is None and batch is None:
             counts = ledger.state_counts(engine)
             waiting = outbox.given_up(engine)
+            items = lifecycle.status_counts(engine)
             if as_json:
-                typer.echo(json.dumps({"counts": counts, "given_up": waiting}))
+                typer.echo(json.dumps({"counts": counts, "given_up": waiting, "items": items}))
             else:
                 typer.echo(f"ledger: {_counts_text(counts)}")
+                if items:
+                    typer.echo("items: " + ", ".join(f"{k} {v}" for k, v in sorted(items.items())))
                 if waiting:
                     typer.echo(f"needs a person: {waiting} rows given up after {settings.max_attempts} "
                                "attempts (labsync status --batch NAME shows them; fix the cause, then "
@@ -130,6 +133,9 @@ def register(app: typer.Typer) -> None:
             what = f"{client_order_id!r} is not in the ledger" if client_order_id else f"batch {batch!r} has no rows to send"
             typer.echo(f"labsync: {what}", err=True)
             raise typer.Exit(1)
+        statuses = lifecycle.item_statuses(engine, [r["client_order_id"] for r in rows])
+        for r in rows:  # each order's items at LetsGetChecked (from `labsync track`)
+            r["items"] = statuses.get(r["client_order_id"], [])
         if as_json:
             out = rows[0] if client_order_id is not None else rows
             typer.echo(json.dumps(out, default=_json_default, indent=2))
@@ -139,12 +145,13 @@ def register(app: typer.Typer) -> None:
             counts[r["state"]] = counts.get(r["state"], 0) + 1
         shown = rows if not limit else rows[:limit]
         table = Table("clientOrderId", "batch", "line", "state", "HTTP", "attempts",
-                      "order items", "last error", "updated")
+                      "order items", "item statuses", "last error", "updated")
         for r in shown:
             items = ", ".join(f"{i.get('code')}={i.get('id')}" for i in (r["order_item_ids"] or []))
             table.add_row(r["client_order_id"], str(r["batch"] or ""), str(r["line"] or ""),
                           r["state"], str(r["http_status"] or ""), str(r["attempts"]), items,
-                          r["last_error"] or "", _json_default(r["updated_at"]))
+                          lifecycle.describe_items(r["items"]), r["last_error"] or "",
+                          _json_default(r["updated_at"]))
         console = Console(width=max(Console().width, 160))
         console.print(table)
         if len(shown) < len(rows):

@@ -35,7 +35,7 @@ What a window's rows become:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -47,7 +47,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from etl.claims import aware
 from etl.claims import now as _now
 from etl.lgc.client import ACCEPTED, CONFLICT, FAILED, PENDING, REJECTED, UNCONFIRMED, Outcome
-from etl.states import SETTLED_OUTBOX_STATES, OutboxState
+from etl.states import SETTLED_OUTBOX_STATES, OrderState, OutboxState
 from etl.warehouse.tables import JSONType, batch_files, lgc_orders, lgc_outbox
 
 t = lgc_orders
@@ -295,6 +295,38 @@ def record(
         if open_:
             conn.execute(_record_open, open_)
         return conn.execute(_record_ledger, ledger_params).rowcount
+
+
+CONFIRMED_BY_GET = ("confirmed by GET order: LetsGetChecked holds it (the PUT's own answer was not "
+                    "conclusive)")
+
+
+def confirm(engine: Engine, client_order_id: str, order_item_ids: Sequence[Mapping[str, Any]], *,
+            now: datetime | None = None) -> bool:
+    """An `unconfirmed` order that LetsGetChecked's GET shows it holds becomes `accepted`, with
+    its order-item ids; so do the outbox rows that sent this body and were left `unconfirmed`
+    (their PHI body goes: settled). A row some loader holds right now is left to it (its PUT
+    decides). Returns whether the ledger row was confirmed."""
+    now = now or _now()
+    with engine.begin() as conn:
+        sha = conn.execute(
+            sa.update(t)
+            .where(t.c.client_order_id == client_order_id, t.c.state == OrderState.UNCONFIRMED,
+                   t.c.claimed_by.is_(None))
+            .values(state=OrderState.ACCEPTED, order_item_ids=list(order_item_ids),
+                    last_error=CONFIRMED_BY_GET, updated_at=now)
+            .returning(t.c.payload_sha256)
+        ).scalar_one_or_none()
+        if sha is None:
+            return False
+        conn.execute(
+            sa.update(o)
+            .where(o.c.client_order_id == client_order_id, o.c.body_sha256 == sha,
+                   o.c.outcome.in_([OutboxState.UNCONFIRMED, OutboxState.GIVEN_UP]),
+                   o.c.http_status.between(200, 299))
+            .values(outcome=OutboxState.ACCEPTED, last_error=CONFIRMED_BY_GET, body=None, updated_at=now)
+        )
+        return True
 
 
 def release(engine: Engine, items: Iterable[Prepared], *, owner: str, error: str, max_attempts: int) -> int:

@@ -24,7 +24,18 @@ What it does like the real API (per the PUT Order document):
 Faults (latency, 500/503, 429, dropped connections, hanging) come from `etl.sandbox.faults`
 around this app. `traffic` records what arrived, outside the faults: order PUTs in flight now,
 the most ever in flight at once, and when each started (how tests and bench/budget.py check the
-deployment-wide rate and concurrency limits from the vendor's side). State is in memory and guarded by a lock: the server runs in its own thread while tests
+deployment-wide rate and concurrency limits from the vendor's side).
+
+After the PUT (`etl.sandbox.lgc_lifecycle`, state in `lifecycle`):
+
+    GET   /{clientId}/api/v2/orders/{clientOrderId}                         the order and its items
+    PATCH /{clientId}/api/v2/orders/{clientOrderId}/orderItem/{orderItemId} cancel (202, async)
+    GET   /{clientId}/api/v1/results/{barcode}?alphaCode=…[&fields=status]  results JSON (404 before)
+    GET   /{clientId}/api/v1/labresults/{barcode}?alphaCode=…               HL7 2.3 (Accept: application/hl7)
+
+`get_count`, `patch_count` and `results_count` count those requests per clientOrderId / barcode.
+
+State is in memory and guarded by a lock: the server runs in its own thread while tests
 read `orders`, `put_count` and `accepted_count`.
 """
 
@@ -52,6 +63,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from etl.sandbox.faults import Faults
+from etl.sandbox.lgc_lifecycle import LgcLifecycle
 from etl.settings import SANDBOX_LGC_ACCESS_KEY, SANDBOX_LGC_CLIENT_ID, SANDBOX_LGC_SECRET_KEY
 
 # The document's allowed values. Gender, ethnicity and language lists are missing from the
@@ -75,7 +87,9 @@ LANGUAGES = {
 _PHONE_CC = re.compile(r"^\+\d{1,4}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_BARCODE = re.compile(r"^LGC-\d{4}-\d{4}-\d{4}$")
 ORDERS_MARK = "/api/v2/orders/"
+ITEM_MARK = "/orderItem/"
 
 
 def npi_is_valid(npi: int) -> bool:
@@ -332,6 +346,10 @@ class LgcSandbox:
         self.accepted_count: Counter = Counter()  # orders created (must never exceed 1)
         self.status_count: Counter = Counter()
         self.traffic = Traffic()
+        self.lifecycle = LgcLifecycle()  # items, results, cancels and webhooks after the PUT
+        self.get_count: Counter = Counter()  # GET order per clientOrderId
+        self.patch_count: Counter = Counter()  # PATCH cancel per clientOrderId
+        self.results_count: Counter = Counter()  # results requests per barcode
         self._secret = secrets.token_bytes(32)
         self._lock = threading.Lock()
 
@@ -351,8 +369,12 @@ class LgcSandbox:
             self.answers.clear()
             self.token_requests = 0
             self.reject_tokens = False
+            self.get_count.clear()
+            self.patch_count.clear()
+            self.results_count.clear()
         self.faults.reset()
         self.traffic.reset()
+        self.lifecycle.reset()
 
     # ---- tokens -------------------------------------------------------------------------
     def _new_token(self) -> str:
@@ -409,6 +431,12 @@ class LgcSandbox:
         client_order_id = unquote(raw_path.split(ORDERS_MARK, 1)[1]) if ORDERS_MARK in raw_path else ""
         body_bytes = await request.body()
         response = self._put(request, client_id, client_order_id, body_bytes)
+        # the order goes on once stored, whatever went back (a scripted answer may hide it)
+        if client_order_id in self.orders and client_order_id not in self.lifecycle.orders:
+            base = str(request.url).split(ORDERS_MARK, 1)[0]
+            order = self.orders[client_order_id]
+            self.lifecycle.order_accepted(client_order_id, client_id, base, order["body"],
+                                          order["response"]["orderItems"])
         with self._lock:
             self.put_count[client_order_id] += 1
             self.status_count[response.status_code] += 1
@@ -467,10 +495,106 @@ class LgcSandbox:
             self.accepted_count[coid] += 1
         return JSONResponse(result, status_code=202)
 
+    # ---- after the PUT ----------------------------------------------------------------------
+    def _refuse(self, request: Request, client_id: str) -> Response | None:
+        """401 / 404 / 406 like the PUT, or None when the request may go on."""
+        if not self._token_ok(request):
+            return problem(401, "Unauthorized", "missing, invalid or expired bearer token",
+                           headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        if client_id not in self.client_ids:
+            return problem(404, "Not Found", "unknown clientId")
+        return None
+
+    @staticmethod
+    def _accepts(request: Request, *types: str) -> bool:
+        accept = request.headers.get("accept", "*/*").lower()
+        return any(a.split(";")[0].strip() in (*types, "*/*") for a in accept.split(","))
+
+    @staticmethod
+    def _order_path(request: Request) -> str:
+        raw = request.scope.get("raw_path") or request.url.path.encode()
+        raw_path = raw.decode("latin-1").split("?")[0]
+        return raw_path.split(ORDERS_MARK, 1)[1] if ORDERS_MARK in raw_path else ""
+
+    async def get_order(self, request: Request) -> Response:
+        client_id = request.path_params["client_id"]
+        coid = unquote(self._order_path(request))
+        with self._lock:
+            self.get_count[coid] += 1
+        refused = self._refuse(request, client_id)
+        if refused is not None:
+            return refused
+        if not self._accepts(request, "application/json", "application/*"):
+            return problem(406, "Not Acceptable", "this API answers application/json only")
+        order = self.lifecycle.order_json(coid)
+        if order is None or self.lifecycle.orders[coid].client_id != client_id:
+            return problem(404, "Not Found", "no order with this clientOrderId")
+        return JSONResponse(order)
+
+    async def patch_item(self, request: Request) -> Response:
+        client_id = request.path_params["client_id"]
+        path = self._order_path(request)
+        if ITEM_MARK not in path:
+            return problem(405, "Method Not Allowed", "PATCH an order item: .../orderItem/{orderItemId}")
+        coid, item_id = (unquote(p) for p in path.split(ITEM_MARK, 1))
+        with self._lock:
+            self.patch_count[coid] += 1
+        refused = self._refuse(request, client_id)
+        if refused is not None:
+            return refused
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return problem(400, "Bad Request", "the body is not valid JSON")
+        if not _is_cancel(body):
+            return problem(400, "Bad Request", "expected a patchOperation replacing the status with Cancelled")
+        status, reason = self.lifecycle.cancel(coid, item_id)
+        if status != 202:
+            return problem(status, "Conflict" if status == 409 else "Not Found", reason)
+        return Response(status_code=202)
+
+    async def get_results(self, request: Request) -> Response:
+        lab = request.url.path.rstrip("/").split("/")[-2] == "labresults"
+        barcode, alpha = request.path_params["barcode"], request.query_params.get("alphaCode")
+        with self._lock:
+            self.results_count[barcode] += 1
+        refused = self._refuse(request, request.path_params["client_id"])
+        if refused is not None:
+            return refused
+        if not _BARCODE.match(barcode) or (alpha is not None and not re.fullmatch(r"[A-Z]{6}", alpha)):
+            return problem(400, "Bad Request", "barcode must look like LGC-0000-0000-0000, alphaCode like AAAAAA")
+        if request.query_params.get("fields") == "status" and not lab:
+            status = self.lifecycle.result_status(barcode, alpha)
+            if status is None:
+                return problem(404, "Not Found", "no kit with this barcode")
+            return JSONResponse({"status": status})
+        found = self.lifecycle.results(barcode, alpha)
+        if found is None or found[1].status != "ResultsAvailable":
+            return problem(404, "Not Found", "no results released for this barcode")
+        order, item = found
+        if lab and self._accepts(request, "application/hl7"):
+            return Response(self.lifecycle.results_hl7(order, item), media_type="application/hl7")
+        if not self._accepts(request, "application/json", "application/*"):
+            return problem(406, "Not Acceptable", "ask for application/json or application/hl7")
+        return Response(self.lifecycle.results_json(item), media_type="application/json")
+
     def app(self) -> Starlette:
         return Starlette(
             routes=[
                 Route("/oauth2/token", self.token_endpoint, methods=["POST"]),
                 Route("/{client_id}/api/v2/orders/{rest:path}", self.put_order, methods=["PUT"]),
+                Route("/{client_id}/api/v2/orders/{rest:path}", self.get_order, methods=["GET"]),
+                Route("/{client_id}/api/v2/orders/{rest:path}", self.patch_item, methods=["PATCH"]),
+                Route("/{client_id}/api/v1/results/{barcode}", self.get_results, methods=["GET"]),
+                Route("/{client_id}/api/v1/labresults/{barcode}", self.get_results, methods=["GET"]),
             ]
         )
+
+
+def _is_cancel(body: Any) -> bool:
+    """`{"patchOperation": {"op": "replace", "path": "/status", "value": "Cancelled"}}` (the
+    issue's reading of LetsGetChecked's description), or a JSON Patch list with that operation."""
+    ops = body.get("patchOperation") if isinstance(body, dict) else body
+    ops = ops if isinstance(ops, list) else [ops]
+    return any(isinstance(o, dict) and str(o.get("op", "")).lower() == "replace"
+               and str(o.get("value", "")).lower() == "cancelled" for o in ops)

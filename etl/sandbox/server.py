@@ -7,6 +7,9 @@
     GET  /_sandbox/lgc/traffic           order PUTs seen: in flight now, the most at once, start times
     GET/POST /_sandbox/rupa/events       where and how Rupa events are sent (url, duplicates, reorder, hold, secret)
     POST /_sandbox/rupa/orders/{id}      move an order on: {"status": "In Progress"}, {"results": true} (id "latest" works)
+    GET/POST /_sandbox/lgc/lifecycle     LetsGetChecked after the PUT: automatic steps, webhook
+                                         URL and key, duplicates/reorder/drop switches
+    POST /_sandbox/lgc/advance           move items on: {"client_order_id", "item_id", "steps", "to"}
     GET  /_sandbox/health
 
 Every request that reaches the server is recorded as it arrived on the wire, before any routing
@@ -21,6 +24,7 @@ foreground (`labsync sandbox`). It binds to 127.0.0.1 only (etl.asgi does the se
 from __future__ import annotations
 
 import collections
+import json
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -77,6 +81,26 @@ class Sandbox:
 
         async def traffic(request: Request):
             return JSONResponse(self.lgc.traffic.snapshot())
+        async def lifecycle(request: Request):
+            if request.method == "POST":
+                try:
+                    return JSONResponse(self.lgc.lifecycle.configure(**(await request.json())))
+                except (ValueError, TypeError) as exc:
+                    return JSONResponse({"error": str(exc)}, status_code=400)
+            return JSONResponse(self.lgc.lifecycle.as_dict())
+
+        async def advance(request: Request):
+            try:
+                raw = await request.body()
+                args = json.loads(raw) if raw.strip() else {}
+                moved = self.lgc.lifecycle.advance(
+                    args.get("client_order_id"), args.get("item_id"),
+                    steps=int(args.get("steps", 1)), to=args.get("to"))
+            except KeyError:
+                return JSONResponse({"error": "unknown clientOrderId"}, status_code=404)
+            except (ValueError, TypeError, AttributeError) as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+            return JSONResponse({"moved": moved})
 
         async def health(request: Request):
             return JSONResponse({"ok": True})
@@ -92,6 +116,8 @@ class Sandbox:
                 Route("/oauth/callback", oauth_callback),
                 Route("/_sandbox/rupa/events", self.rupa.checkout.control_events, methods=["GET", "POST"]),
                 Route("/_sandbox/rupa/orders/{id}", self.rupa.checkout.control_order, methods=["POST"]),
+                Route("/_sandbox/lgc/lifecycle", lifecycle, methods=["GET", "POST"]),
+                Route("/_sandbox/lgc/advance", advance, methods=["POST"]),
                 Route("/_sandbox/{vendor}/faults", faults, methods=["GET", "POST"]),
                 Route("/_sandbox/{vendor}/reset", reset, methods=["POST"]),
                 Route("/_sandbox/lgc/traffic", traffic),
@@ -133,6 +159,7 @@ class SandboxServer(BackgroundServer):
         return f"{self.url}/rupa"
 
     def stop(self) -> None:
+        self.sandbox.lgc.lifecycle.stop()  # its thread moves items and sends webhooks
         for vendor in self.sandbox.vendors().values():
             vendor.faults.update(hang=False)  # let held requests end, or shutdown waits for them
         super().stop()

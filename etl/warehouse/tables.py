@@ -6,9 +6,11 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Double,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -34,7 +36,7 @@ metadata = MetaData(
 # `alembic_version` with this set instead of importing Alembic (commands that do not migrate start
 # fast); tests/test_warehouse.py asserts it equals the migration scripts' heads, so a new
 # migration without a matching change here fails the suite.
-SCHEMA_HEADS = frozenset({"0007_rupa_checkout"})
+SCHEMA_HEADS = frozenset({"0008_lgc_lifecycle"})
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 TS = DateTime(timezone=True)
@@ -310,4 +312,86 @@ rupa_results = Table(
     Column("stored_at", TS, nullable=False),
     UniqueConstraint("ordered_test_id", "kind", "sha256"),
     Index("ix_rupa_results_order_id", "order_id"),
+)
+
+# ---- LetsGetChecked after the PUT: items, their status history, results (etl.lgc.lifecycle) --
+lgc_order_items = Table(
+    "lgc_order_items",
+    metadata,
+    Column("item_id", String(100), primary_key=True),  # LetsGetChecked's order-item id
+    Column("client_order_id", String(100), nullable=False),
+    Column("code", String(100)),  # the test kit code (e.g. GLCS)
+    Column("status", String(40)),  # etl.states.ItemStatus (the vendor's codes)
+    Column("status_at", TS),  # the vendor's timestamp of that status (newest wins)
+    Column("status_source", String(20)),  # etl.states.StatusSource of the current status
+    Column("barcode", String(50)),  # lgcKitIdentifier.numericalCode, from KitRegistered on
+    Column("alpha_code", String(20)),  # lgcKitIdentifier.alphaCode
+    Column("outbound_tracking", String(100)),  # shipment.OutboundTrackingNumber
+    Column("inbound_tracking", String(100)),  # shipment.InboundTrackingNumber
+    Column("replacement_item_id", String(100)),  # replacementOrderItemId
+    Column("vendor_created_at", TS),  # createdAt
+    Column("vendor_updated_at", TS),  # updatedAt
+    Column("first_seen_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),  # our last write to this row
+    Column("last_checked_at", TS),  # our last GET of its order (the sweep polls stale ones)
+    Column("cancel_state", String(20)),  # etl.states.CancelState, NULL if never asked
+    Column("cancel_requested_at", TS),
+    Column("cancel_error", Text),  # why LetsGetChecked refused the PATCH (no PHI)
+    Index("ix_lgc_order_items_client_order_id", "client_order_id"),
+    Index("ix_lgc_order_items_status", "status"),
+    Index("ix_lgc_order_items_barcode", "barcode"),
+)
+
+lgc_item_status_history = Table(
+    "lgc_item_status_history",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("item_id", String(100), nullable=False),
+    Column("client_order_id", String(100), nullable=False),
+    Column("status", String(40), nullable=False),
+    Column("previous_status", String(40)),  # the item's status when this was observed
+    Column("source", String(20), nullable=False),  # etl.states.StatusSource
+    Column("vendor_timestamp", TS),  # the webhook's timestamp, or the item's updatedAt on a poll
+    Column("applied", Boolean, nullable=False),  # False: older than the status already held
+    Column("webhook_event_id", Id),  # webhook_events.id when the source is a webhook
+    Column("recorded_at", TS, nullable=False),
+    Index("ix_lgc_item_status_history_item_id_id", "item_id", "id"),
+)
+
+lgc_results = Table(
+    "lgc_results",
+    metadata,
+    Column("barcode", String(50), primary_key=True),
+    Column("item_id", String(100), nullable=False),
+    Column("client_order_id", String(100), nullable=False),
+    Column("alpha_code", String(20)),
+    Column("json_body", LargeBinary, nullable=False),  # GET v1/results, raw bytes (PHI)
+    Column("json_sha256", String(64), nullable=False),
+    Column("hl7_body", LargeBinary),  # GET v1/labresults, HL7 2.3 ORU^R01, raw bytes (PHI)
+    Column("hl7_sha256", String(64)),
+    Column("fetched_at", TS, nullable=False),
+    Column("hl7_fetched_at", TS),
+    Column("value_count", Integer, nullable=False),
+    Index("ix_lgc_results_item_id", "item_id"),
+)
+
+lgc_result_values = Table(
+    "lgc_result_values",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("barcode", String(50), ForeignKey("lgc_results.barcode", ondelete="CASCADE"), nullable=False),
+    Column("position", Integer, nullable=False),  # order within testResults[]
+    Column("biomarker_name", Text),
+    Column("test_code", String(100)),
+    Column("kind", String(40)),  # Quantitative, Qualitative, Genetic
+    Column("descriptor", String(100)),  # Normal, High, Not Detected, ...
+    Column("value", Text),  # as given (a number or a qualitative value)
+    Column("numeric_value", Float),  # the value when it is a number
+    Column("unit", String(50)),
+    Column("lower_bound", String(50)),
+    Column("upper_bound", String(50)),
+    Column("loinc", String(20)),
+    Column("headline", Text),
+    Column("description", Text),
+    UniqueConstraint("barcode", "position"),
 )

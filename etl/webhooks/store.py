@@ -79,13 +79,16 @@ def store_event(engine: Engine, source: str, body: bytes, *, event_type: str | N
 
 def pending_events(engine: Engine, source: str, *, limit: int = 500,
                    states: Iterable[str] = (WebhookEventState.RECEIVED, WebhookEventState.FAILED),
-                   max_attempts: int | None = None) -> list[Event]:
-    """Events of `source` still to apply (received, or failed before), oldest first."""
+                   max_attempts: int | None = None, after_id: int | None = None) -> list[Event]:
+    """Events of `source` still to apply (received, or failed before), oldest first.
+    `after_id` pages through them (a pass that leaves some `failed` must not see them again)."""
     q = (sa.select(t.c.id, t.c.source, t.c.event_type, t.c.body, t.c.received_at, t.c.attempts)
          .where(t.c.source == source, t.c.state.in_(list(states)))
          .order_by(t.c.id).limit(limit))
     if max_attempts is not None:
         q = q.where(t.c.attempts < max_attempts)
+    if after_id is not None:
+        q = q.where(t.c.id > after_id)
     with engine.connect() as conn:
         return [Event(r.id, r.source, r.event_type, bytes(r.body), r.received_at, r.attempts)
                 for r in conn.execute(q)]

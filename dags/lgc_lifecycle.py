@@ -1,0 +1,55 @@
+"""LetsGetChecked after the PUT: item statuses, barcodes, tracking and results, every 15 minutes.
+
+apply_webhooks: apply the events `labsync webhooks serve` stored (each order confirmed by a GET)
+sweep:          GET open orders not checked for LABSYNC_TRACK_STALE_MINUTES (default 60): catches
+                webhooks LetsGetChecked gave up on (it retries for about an hour) or never sent
+fetch_results:  results JSON + HL7 of items at ResultsAvailable, stored once
+
+Schedule: LABSYNC_LIFECYCLE_SCHEDULE (default every 15 minutes). Connection: lgc_default.
+Assets: lgc_order_items (apply_webhooks, sweep) and lgc_results (fetch_results). Every step is
+idempotent, so a retried task is safe; sweep and fetch_results run even if an earlier step failed.
+"""
+
+import os
+from datetime import datetime, timedelta
+
+from airflow.sdk import Asset, dag, task
+
+LGC_ORDER_ITEMS = Asset(name="lgc_order_items", uri="labsync://warehouse/lgc_order_items")
+LGC_RESULTS = Asset(name="lgc_results", uri="labsync://warehouse/lgc_results")
+
+RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=1)}
+
+
+@dag(
+    schedule=os.environ.get("LABSYNC_LIFECYCLE_SCHEDULE", "*/15 * * * *"),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=RETRIES,
+    tags=["labsync", "lgc"],
+    doc_md=__doc__,
+)
+def lgc_lifecycle():
+    @task(outlets=[LGC_ORDER_ITEMS])
+    def apply_webhooks() -> dict:
+        from etl.tasks import lgc_apply_webhooks
+
+        return lgc_apply_webhooks()
+
+    @task(outlets=[LGC_ORDER_ITEMS], trigger_rule="all_done")
+    def sweep() -> dict:
+        from etl.tasks import lgc_sweep
+
+        return lgc_sweep()
+
+    @task(outlets=[LGC_RESULTS], trigger_rule="all_done")
+    def fetch_results() -> dict:
+        from etl.tasks import lgc_fetch_results
+
+        return lgc_fetch_results()
+
+    apply_webhooks() >> sweep() >> fetch_results()
+
+
+lgc_lifecycle()

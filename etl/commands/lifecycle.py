@@ -1,0 +1,139 @@
+"""LetsGetChecked after the PUT: `labsync track`, `labsync results`, `labsync cancel` and
+`labsync lifecycle` (what the lgc_lifecycle DAG does, once). The work is in etl.lgc.lifecycle
+and etl.lgc.results; these commands print and choose exit codes:
+
+    0  everything asked about answered      1  some orders failed / were not found / refused
+    2  configuration, credentials or an order/item that does not exist
+"""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from etl.settings import Settings
+
+
+def _engine(settings: Settings):
+    from etl import warehouse
+
+    return warehouse.connect(settings.warehouse_url)
+
+
+def _batch_ids(engine, batch: str | None) -> list[int] | None:
+    from etl.lgc import ledger
+
+    if batch is None:
+        return None
+    ids = ledger.find_batch_ids(engine, batch)
+    if not ids:
+        typer.echo(f"labsync: no batch named {batch!r} in the warehouse", err=True)
+        raise typer.Exit(1)
+    return ids
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def track(
+        client_order_ids: list[str] = typer.Argument(None, help="Orders to ask about (default: every open one)."),
+        batch: str | None = typer.Option(None, "--batch", help="Only the open orders of this batch (file name or id)."),
+        stale_minutes: float | None = typer.Option(
+            None, "--stale-minutes", help="Only open orders not checked for this many minutes (the sweep)."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+    ) -> None:
+        """GET orders from LetsGetChecked and record their items' statuses, barcodes and tracking.
+
+        Without arguments: every accepted order that has an item not yet in a final state
+        (ResultsAvailable, Cancelled, ValidationFailed). Prints items per status."""
+        from etl.lgc import lifecycle
+
+        settings = Settings.from_env()
+        settings.lgc.validated()
+        engine = _engine(settings)
+        ids = _batch_ids(engine, batch)
+        err = Console(stderr=True)
+        with Progress(TextColumn("[bold]tracking"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, disable=not err.is_terminal or as_json) as bar:
+            task = bar.add_task("track", total=None)
+            summary = lifecycle.track(
+                engine, settings, client_order_ids or None, batch_ids=ids,
+                stale_after=stale_minutes * 60 if stale_minutes is not None else None,
+                progress=lambda coid, outcome: bar.update(task, advance=1))
+        if as_json:
+            typer.echo(json.dumps({**summary.as_dict(), "not_found": summary.not_found,
+                                   "failed": summary.failed}, indent=2))
+        else:
+            if not summary.orders:
+                typer.echo("track: no open orders to ask about")
+            else:
+                typer.echo(summary.line())
+            for coid in summary.not_found:
+                typer.echo(f"  {coid}: LetsGetChecked does not know this order (HTTP 404)", err=True)
+            for coid, why in summary.failed.items():
+                typer.echo(f"  {coid}: not tracked: {why}", err=True)
+        raise typer.Exit(summary.exit_code)
+
+    @app.command()
+    def results(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text.")) -> None:
+        """Fetch the results (JSON and HL7) of every item at ResultsAvailable that has none stored.
+
+        Idempotent: a result is stored once however often this runs. Values are never printed."""
+        from etl.lgc.results import fetch_results
+
+        settings = Settings.from_env()
+        settings.lgc.validated()
+        summary = fetch_results(_engine(settings), settings)
+        if as_json:
+            typer.echo(json.dumps({**summary.as_dict(), "failed": summary.failed}, indent=2))
+        else:
+            typer.echo(summary.line() if summary.candidates else "results: nothing due")
+            for item_id, why in summary.failed.items():
+                typer.echo(f"  item {item_id}: {why}", err=True)
+        raise typer.Exit(summary.exit_code)
+
+    @app.command()
+    def cancel(
+        client_order_id: str = typer.Argument(..., help="The order to cancel."),
+        item: str | None = typer.Option(None, "--item", help="Only this order item (its id, or its kit code)."),
+    ) -> None:
+        """Ask LetsGetChecked to cancel an order's items (or one of them).
+
+        The order is fetched first; an item whose kit reached the lab (KitArrivedAtLab or later)
+        is refused here and nothing is sent for it. Others are PATCHed and marked
+        `cancel requested` until `labsync track` sees them Cancelled."""
+        from etl.lgc import lifecycle
+
+        settings = Settings.from_env()
+        settings.lgc.validated()
+        settings.lifecycle.validated()
+        report = lifecycle.cancel(_engine(settings), settings, client_order_id, item)
+        for o in report.items:
+            typer.echo(f"{client_order_id} {o.code or ''} {o.item_id}: {o.message}",
+                       err=o.outcome.startswith("refused"))
+        raise typer.Exit(report.exit_code)
+
+    @app.command("lifecycle")
+    def lifecycle_once(
+        stale_minutes: float | None = typer.Option(
+            None, "--stale-minutes", help="Sweep orders not checked for this long (default LABSYNC_TRACK_STALE_MINUTES)."),
+    ) -> None:
+        """What the lgc_lifecycle DAG does, once: apply stored webhook events (each order confirmed
+        with a GET), sweep open orders not checked recently, fetch new results."""
+        from etl.lgc import lifecycle
+        from etl.lgc.results import fetch_results
+
+        settings = Settings.from_env()
+        settings.lgc.validated()
+        engine = _engine(settings)
+        hooks = lifecycle.apply_webhooks(engine, settings)
+        typer.echo(hooks.line())
+        stale = stale_minutes * 60 if stale_minutes is not None else settings.lifecycle.stale_after
+        sweep = lifecycle.track(engine, settings, stale_after=stale)
+        typer.echo("sweep: " + (sweep.line() if sweep.orders else "no open order is due"))
+        found = fetch_results(engine, settings)
+        typer.echo(found.line() if found.candidates else "results: nothing due")
+        bad = hooks.failed or sweep.exit_code or found.exit_code
+        raise typer.Exit(1 if bad else 0)

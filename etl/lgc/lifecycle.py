@@ -1,0 +1,725 @@
+"""After the PUT: what became of each order item at LetsGetChecked, kept in the warehouse.
+
+    track(engine, settings, client_order_ids=None, batch=None, stale_after=None) -> TrackSummary
+        GET every open order (accepted or conflict in the ledger, with an item not yet in a final
+        state, or never looked at), or the ones named; upsert `lgc_order_items`, append
+        `lgc_item_status_history`. With `stale_after` (seconds) only orders not checked for that
+        long: the sweep that catches webhooks LetsGetChecked gave up on.
+    apply_webhooks(engine, settings) -> WebhookSummary
+        apply the `lgc` events the receiver stored (etl.webhooks), then confirm every order they
+        name with a GET.
+    cancel(engine, settings, client_order_id, item=None) -> CancelReport
+        refresh the order, refuse locally from KitArrivedAtLab on, PATCH the rest and mark them
+        `cancel requested` until a status confirms (or overtakes) it.
+    item_statuses(engine, client_order_ids) -> {clientOrderId: [item dicts]}   (status, summary)
+
+**Ordering rule** (`apply_observations`): notifications come at least once and out of order, so
+every observation carries the vendor's timestamp and the newest one wins; a webhook no newer than
+the status held is recorded in the history (`applied` false) but changes nothing. A poll (our own
+GET) is LetsGetChecked's answer now: it always settles a conflict with a webhook, and loses only
+to a newer poll (two trackers whose answers cross). Each batch of observations is decided and
+written in one transaction with the items' rows locked (SQLite: the write lock, taken by an
+INSERT first; PostgreSQL: SELECT … FOR UPDATE in item order), so concurrent trackers, the DAG
+and a CLI run never overwrite a newer status with an older one.
+
+The history has one row per status change (and one per out-of-order status the item never held),
+with its source (`poll` or `webhook`), the vendor's timestamp and the item's previous status.
+
+Webhook `callbackURL`s are never fetched: the order is confirmed with our own GET, built from the
+clientOrderId against the configured LGC_BASE_URL, so a forged event can cost one GET and nothing
+else. Logs name clientOrderIds and item ids only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+from sqlalchemy import Engine
+from sqlalchemy.dialects import postgresql, sqlite
+
+from etl.errors import ApiError, UnusableInputError
+from etl.lgc import ledger
+from etl.lgc.orders_api import (
+    LgcOrder,
+    get_field,
+    open_session,
+    parse_time,
+    status_code,
+    text_of,
+)
+from etl.settings import Settings
+from etl.states import (
+    CANCELLABLE_ITEM_STATUSES,
+    FINAL_ITEM_STATUSES,
+    TRACKED_ORDER_STATES,
+    CancelState,
+    ItemStatus,
+    OrderState,
+    StatusSource,
+    WebhookEventState,
+)
+from etl.warehouse.tables import lgc_item_status_history, lgc_order_items, lgc_orders
+from etl.webhooks import store
+
+log = logging.getLogger(__name__)
+
+items_t, history_t = lgc_order_items, lgc_item_status_history
+WRITE_EVERY = 200  # orders per warehouse transaction while tracking
+_OPEN = sa.or_(items_t.c.status.is_(None), items_t.c.status.notin_([str(s) for s in FINAL_ITEM_STATUSES]))
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    if ts is not None and ts.tzinfo is None:  # SQLite hands back naive datetimes (stored as UTC)
+        return ts.replace(tzinfo=UTC)
+    return ts
+
+
+# ---- observations and the ordering rule --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Observation:
+    """One item's status as a poll or a webhook reported it."""
+
+    item_id: str
+    client_order_id: str
+    status: str | None
+    at: datetime | None  # the vendor's timestamp (webhook `timestamp`, item `updatedAt`)
+    source: StatusSource
+    details: Mapping[str, Any] | None = None  # poll: code, barcode, tracking, ... (column names)
+    checked_at: datetime | None = None  # poll: when the answer arrived
+    webhook_event_id: int | None = None
+
+
+def poll_observations(order: LgcOrder) -> list[Observation]:
+    """A GET answer as observations: one per item, timestamped by its updatedAt (else the time
+    of the answer), carrying every detail the answer had."""
+    out = []
+    for item in order.items:
+        details = dict(code=item.code, barcode=item.barcode, alpha_code=item.alpha_code,
+                       outbound_tracking=item.outbound_tracking, inbound_tracking=item.inbound_tracking,
+                       replacement_item_id=item.replacement_item_id,
+                       vendor_created_at=item.created_at, vendor_updated_at=item.updated_at)
+        out.append(Observation(item.item_id, order.client_order_id, item.status,
+                               item.updated_at or order.fetched_at, StatusSource.POLL,
+                               details, order.fetched_at))
+    return out
+
+
+def _wins(current: Mapping[str, Any], obs: Observation) -> bool:
+    """The ordering rule: does `obs` replace the item's current status?"""
+    if obs.status is None:
+        return False
+    if current["status"] is None:
+        return True
+    held_at = _aware(current["status_at"])
+    if obs.source == StatusSource.POLL:
+        if current["status_source"] != StatusSource.POLL or held_at is None or obs.at is None:
+            return True  # a poll settles any conflict with a webhook
+        return obs.at >= held_at  # two polls: the newer answer
+    if obs.at is None:
+        return False  # an undated webhook cannot be ordered against what we hold
+    return held_at is None or obs.at > held_at
+
+
+def _cancel_after(cancel_state: str | None, status: str | None) -> str | None:
+    """A pending cancel is confirmed by Cancelled, and overtaken by any status past the point
+    where LetsGetChecked can still cancel."""
+    if cancel_state != CancelState.REQUESTED or status is None:
+        return cancel_state
+    if status == ItemStatus.CANCELLED:
+        return CancelState.CONFIRMED
+    if status not in CANCELLABLE_ITEM_STATUSES:
+        return CancelState.TOO_LATE
+    return cancel_state
+
+
+@dataclass
+class Applied:
+    """What `apply_observations` did."""
+
+    changed: int = 0  # items whose status changed
+    history: int = 0  # history rows appended
+    ignored: int = 0  # observations older than the status held
+
+
+_ROW_COLUMNS = ("client_order_id", "code", "status", "status_at", "status_source", "barcode",
+                "alpha_code", "outbound_tracking", "inbound_tracking", "replacement_item_id",
+                "vendor_created_at", "vendor_updated_at", "last_checked_at", "cancel_state")
+_update_item = (
+    sa.update(items_t)
+    .where(items_t.c.item_id == sa.bindparam("k_item"))
+    .values(updated_at=sa.bindparam("v_now"), **{c: sa.bindparam(f"v_{c}") for c in _ROW_COLUMNS})
+)
+
+
+def _insert(conn: sa.Connection, table: sa.Table):
+    return postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table)
+
+
+def apply_observations(engine: Engine, observations: Sequence[Observation], *,
+                       now: datetime | None = None) -> Applied:
+    """Merge observations into `lgc_order_items` and the history, in one transaction, by the
+    ordering rule. Observations of one item are taken in the order given."""
+    result = Applied()
+    if not observations:
+        return result
+    now = now or datetime.now(UTC)
+    ids = sorted({o.item_id for o in observations})
+    first_coid = {}
+    for o in observations:
+        first_coid.setdefault(o.item_id, o.client_order_id)
+    with engine.begin() as conn:
+        # the INSERT first: on SQLite it takes the write lock before anything is read
+        conn.execute(
+            _insert(conn, items_t).on_conflict_do_nothing(index_elements=["item_id"]),
+            [dict(item_id=i, client_order_id=first_coid[i], first_seen_at=now, updated_at=now) for i in ids],
+        )
+        rows = {
+            r.item_id: dict(r._mapping)
+            for r in conn.execute(
+                sa.select(items_t).where(items_t.c.item_id.in_(ids)).order_by(items_t.c.item_id)
+                .with_for_update()
+            )
+        }
+        seen = {
+            (r.item_id, r.status)
+            for r in conn.execute(sa.select(history_t.c.item_id, history_t.c.status)
+                                  .where(history_t.c.item_id.in_(ids)))
+        }
+        history: list[dict] = []
+        touched: set[str] = set()
+        for obs in observations:
+            row = rows[obs.item_id]
+            wins = _wins(row, obs)
+            previous = row["status"]
+            if obs.source == StatusSource.POLL and obs.checked_at is not None:
+                held = _aware(row["last_checked_at"])
+                row["last_checked_at"] = obs.checked_at if held is None else max(held, obs.checked_at)
+                touched.add(obs.item_id)
+            if wins:
+                touched.add(obs.item_id)
+                row.update(status=obs.status, status_at=obs.at, status_source=obs.source,
+                           client_order_id=obs.client_order_id)
+                row["cancel_state"] = _cancel_after(row["cancel_state"], obs.status)
+                for key, value in (obs.details or {}).items():
+                    if value is not None:  # a detail once known is never erased by an answer that lacks it
+                        row[key] = value
+                if obs.status != previous:
+                    result.changed += 1
+            elif obs.status is not None:
+                result.ignored += 1
+            if obs.status is not None and ((wins and obs.status != previous) or (obs.item_id, obs.status) not in seen):
+                seen.add((obs.item_id, obs.status))
+                history.append(dict(item_id=obs.item_id, client_order_id=obs.client_order_id,
+                                    status=obs.status, previous_status=previous, source=str(obs.source),
+                                    vendor_timestamp=obs.at, applied=wins,
+                                    webhook_event_id=obs.webhook_event_id, recorded_at=now))
+        if touched:
+            conn.execute(_update_item, [
+                {"k_item": i, "v_now": now, **{f"v_{c}": rows[i].get(c) for c in _ROW_COLUMNS}}
+                for i in sorted(touched)
+            ])
+        if history:
+            conn.execute(sa.insert(history_t), history)
+            result.history = len(history)
+    return result
+
+
+# ---- which orders to ask about -----------------------------------------------------------------
+
+def open_orders(engine: Engine, *, batch_ids: Sequence[int] | None = None,
+                stale_before: datetime | None = None, limit: int | None = None) -> list[str]:
+    """clientOrderIds LetsGetChecked holds (ledger `accepted`/`conflict`) that have an item not
+    in a final state, or no item known yet; with `stale_before`, only those whose open items
+    were last checked before then (or never). Orders left `unconfirmed` (a 2xx to the PUT that
+    was not the documented order) are asked about too: the GET settles whether LetsGetChecked
+    holds them."""
+    o = lgc_orders
+    open_item = sa.exists().where(items_t.c.client_order_id == o.c.client_order_id, _OPEN)
+    if stale_before is not None:
+        open_item = sa.exists().where(
+            items_t.c.client_order_id == o.c.client_order_id, _OPEN,
+            sa.or_(items_t.c.last_checked_at.is_(None), items_t.c.last_checked_at < stale_before))
+    no_item = ~sa.exists().where(items_t.c.client_order_id == o.c.client_order_id)
+    q = (sa.select(o.c.client_order_id)
+         .where(sa.or_(sa.and_(o.c.state.in_([str(s) for s in TRACKED_ORDER_STATES]),
+                               sa.or_(no_item, open_item)),
+                       o.c.state == OrderState.UNCONFIRMED))
+         .order_by(o.c.client_order_id))
+    if batch_ids is not None:
+        q = q.where(o.c.batch_id.in_(list(batch_ids)))
+    if limit:
+        q = q.limit(limit)
+    with engine.connect() as conn:
+        return list(conn.execute(q).scalars())
+
+
+def _unconfirmed(engine: Engine, coids: Sequence[str]) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.execute(sa.select(lgc_orders.c.client_order_id).where(
+            lgc_orders.c.state == OrderState.UNCONFIRMED,
+            lgc_orders.c.client_order_id.in_(list(coids)))).scalars())
+
+
+def item_statuses(engine: Engine, client_order_ids: Iterable[str] | None = None) -> dict[str, list[dict]]:
+    """Each order's items (item_id, code, status, status_at, barcode, tracking, cancel_state),
+    for `labsync status` and the batch summary. None: every tracked order."""
+    q = sa.select(items_t.c.client_order_id, items_t.c.item_id, items_t.c.code, items_t.c.status,
+                  items_t.c.status_at, items_t.c.barcode, items_t.c.outbound_tracking,
+                  items_t.c.inbound_tracking, items_t.c.cancel_state, items_t.c.last_checked_at)
+    out: dict[str, list[dict]] = {}
+    wanted = None if client_order_ids is None else list(dict.fromkeys(client_order_ids))
+    with engine.connect() as conn:
+        chunks = [None] if wanted is None else [wanted[i:i + 500] for i in range(0, len(wanted), 500)]
+        for chunk in chunks:
+            stmt = q if chunk is None else q.where(items_t.c.client_order_id.in_(chunk))
+            for r in conn.execute(stmt.order_by(items_t.c.client_order_id, items_t.c.code, items_t.c.item_id)):
+                d = dict(r._mapping)
+                d["status_at"], d["last_checked_at"] = _aware(d["status_at"]), _aware(d["last_checked_at"])
+                out.setdefault(d.pop("client_order_id"), []).append(d)
+    return out
+
+
+def status_counts(engine: Engine, client_order_ids: Sequence[str] | None = None) -> dict[str, int]:
+    """Items per status (`unknown` for items known only by id), optionally for some orders."""
+    q = sa.select(items_t.c.status, sa.func.count()).group_by(items_t.c.status)
+    counts: Counter = Counter()
+    with engine.connect() as conn:
+        if client_order_ids is None:
+            counts.update({s or "unknown": n for s, n in conn.execute(q)})
+        else:
+            ids = list(client_order_ids)
+            for i in range(0, len(ids), 500):
+                for s, n in conn.execute(q.where(items_t.c.client_order_id.in_(ids[i:i + 500]))):
+                    counts[s or "unknown"] += n
+    return dict(counts)
+
+
+def describe_items(items: Sequence[Mapping[str, Any]]) -> str:
+    """`GLCS KitRegistered, FCIT Cancelled (cancel requested)`: one line for tables and pages."""
+    parts = []
+    for i in items:
+        text = f"{i.get('code') or i.get('item_id')} {i.get('status') or 'unknown'}"
+        if i.get("cancel_state") and i["cancel_state"] != CancelState.CONFIRMED:
+            text += f" ({i['cancel_state']})"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+# ---- tracking (GET every open order) -----------------------------------------------------------
+
+@dataclass
+class TrackSummary:
+    """What one tracking pass did. `statuses`: items per status of the orders it asked about."""
+
+    orders: int = 0  # orders asked about
+    checked: int = 0  # answered with the order
+    not_found: list[str] = field(default_factory=list)  # LetsGetChecked answered 404
+    confirmed: int = 0  # `unconfirmed` orders the GET showed LetsGetChecked holds: now accepted
+    failed: dict[str, str] = field(default_factory=dict)  # clientOrderId -> PHI-free reason
+    changed: int = 0  # items whose status changed
+    history: int = 0
+    requests: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    elapsed: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if (self.failed or self.not_found) else 0
+
+    def line(self) -> str:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items(), key=_status_order)) or "no items"
+        extra = "".join([
+            f", {len(self.not_found)} not found" if self.not_found else "",
+            f", {self.confirmed} unconfirmed orders confirmed" if self.confirmed else "",
+            f", {len(self.failed)} failed" if self.failed else "",
+        ])
+        return (f"tracked {self.checked} of {self.orders} orders ({self.changed} item statuses "
+                f"changed{extra}); items: {counts}")
+
+    def as_dict(self) -> dict:
+        return {"orders": self.orders, "checked": self.checked, "not_found": len(self.not_found), "confirmed": self.confirmed,
+                "failed": len(self.failed), "changed": self.changed, "history": self.history,
+                "requests": self.requests, "statuses": self.statuses, "elapsed": round(self.elapsed, 3)}
+
+
+def _status_order(kv) -> tuple:
+    from etl.states import ITEM_LIFECYCLE
+
+    order = [str(s) for s in ITEM_LIFECYCLE] + [str(ItemStatus.VALIDATION_FAILED), str(ItemStatus.CANCELLED)]
+    return (order.index(kv[0]) if kv[0] in order else len(order), kv[0])
+
+
+def _loop_factory():
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return None
+    return uvloop.new_event_loop
+
+
+def run_async(coro):
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(coro)
+
+
+def track(engine: Engine, settings: Settings, client_order_ids: Sequence[str] | None = None, *,
+          batch_ids: Sequence[int] | None = None, stale_after: float | None = None,
+          transport: httpx.AsyncBaseTransport | None = None,
+          progress: Callable[[str, str], None] | None = None) -> TrackSummary:
+    """GET the named orders, or every open one (see `open_orders`), and merge the answers.
+    `progress(client_order_id, outcome)` is called once per order. Raises ConfigError/AuthError
+    for settings or credentials; a vendor failure on one order is counted, not raised."""
+    return run_async(atrack(engine, settings, client_order_ids, batch_ids=batch_ids, stale_after=stale_after,
+                       transport=transport, progress=progress))
+
+
+async def atrack(engine: Engine, settings: Settings, client_order_ids: Sequence[str] | None = None, *,
+                 batch_ids: Sequence[int] | None = None, stale_after: float | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 progress: Callable[[str, str], None] | None = None) -> TrackSummary:
+    started = asyncio.get_running_loop().time()
+    summary = TrackSummary()
+    if client_order_ids is not None:
+        coids = list(dict.fromkeys(client_order_ids))
+    else:
+        stale_before = datetime.now(UTC) - timedelta(seconds=stale_after) if stale_after is not None else None
+        coids = await asyncio.to_thread(open_orders, engine, batch_ids=batch_ids, stale_before=stale_before)
+    summary.orders = len(coids)
+    if not coids:
+        return summary
+    unconfirmed = await asyncio.to_thread(_unconfirmed, engine, coids)
+    settings.lgc.validated()
+    async with open_session(settings, engine=engine, transport=transport) as session:
+        pending: list[Observation] = []
+        flushing = asyncio.Lock()
+
+        async def flush(force: bool = False) -> None:
+            nonlocal pending
+            async with flushing:
+                if not pending or (not force and len(pending) < WRITE_EVERY):
+                    return
+                batch, pending = pending, []
+                done = await asyncio.to_thread(apply_observations, engine, batch)
+                summary.changed += done.changed
+                summary.history += done.history
+
+        async def one(api, coid: str) -> None:
+            order = await api.get_order(coid)
+            if order is None:
+                summary.not_found.append(coid)
+                if coid in unconfirmed:
+                    log.warning("order %s: LetsGetChecked does not hold it (HTTP 404): it stays "
+                                "unconfirmed and is sent again by the next load", coid)
+                else:
+                    log.warning("order %s: LetsGetChecked does not know it (HTTP 404)", coid)
+                _tell(progress, coid, "not found")
+                return
+            summary.checked += 1
+            if coid in unconfirmed:
+                ids = [{"code": i.code, "id": i.item_id} for i in order.items]
+                if await asyncio.to_thread(ledger.confirm, engine, coid, ids):
+                    summary.confirmed += 1
+                    log.info("order %s: confirmed by GET order (was unconfirmed): accepted", coid)
+            pending.extend(poll_observations(order))
+            _tell(progress, coid, "checked")
+            if len(pending) >= WRITE_EVERY:
+                await flush()
+
+        def failed(coid: str, exc: ApiError) -> None:
+            summary.failed[coid] = str(exc)
+            log.warning("order %s: not tracked this time: %s", coid, exc)
+            _tell(progress, coid, "failed")
+
+        try:
+            await session.for_each(coids, one, failed)
+        finally:
+            await flush(force=True)  # what was answered is kept, whatever stopped the pass
+        summary.requests = session.requests
+    summary.statuses = await asyncio.to_thread(status_counts, engine, coids)
+    summary.elapsed = asyncio.get_running_loop().time() - started
+    log.info("lifecycle: %s", summary.line())
+    return summary
+
+
+def _tell(progress, coid: str, outcome: str) -> None:
+    if progress is not None:
+        progress(coid, outcome)
+
+
+# ---- webhooks: apply what the receiver stored, confirm with a GET ------------------------------
+
+@dataclass
+class WebhookSummary:
+    events: int = 0
+    applied: int = 0
+    ignored: int = 0
+    failed: int = 0
+    observations: int = 0  # item statuses the events carried
+    track: TrackSummary | None = None  # the confirming GETs
+
+    def line(self) -> str:
+        return (f"webhooks: {self.events} events, {self.applied} applied, {self.ignored} ignored, "
+                f"{self.failed} failed; {self.track.checked if self.track else 0} orders confirmed")
+
+    def as_dict(self) -> dict:
+        return {"events": self.events, "applied": self.applied, "ignored": self.ignored,
+                "failed": self.failed, "observations": self.observations,
+                "confirmed": self.track.checked if self.track else 0}
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    """One stored event, understood: what to apply and which order to confirm."""
+
+    kind: str  # order | result | ignore | retry
+    client_order_id: str | None = None
+    observation: Observation | None = None
+    reason: str | None = None  # why ignored / failed (PHI-free)
+
+
+def parse_event(event: store.Event) -> _Parsed:
+    """An `lgc` event as LetsGetChecked documents it: `{"type": "order"|"Result"|…, "body": …}`
+    (the casing of `type` and of keys varies). Never raises."""
+
+    try:
+        doc = event.json()
+    except ValueError:
+        return _Parsed("ignore", reason="not a JSON document")
+    kind = (text_of(get_field(doc, "type"), 40) or "").casefold()
+    body = get_field(doc, "body")
+    if not isinstance(body, Mapping):
+        return _Parsed("ignore", reason=f"event type {kind or 'missing'} without a body")
+    when = parse_time(get_field(body, "timestamp"))
+    if kind in ("order", "orders"):
+        coid = text_of(get_field(body, "clientOrderId"))
+        if coid is None:
+            return _Parsed("ignore", reason="order event without a clientOrderId")
+        ois = get_field(body, "orderItemStatus")
+        item_id = text_of(get_field(ois, "id"))
+        status = status_code(get_field(ois, "status"))
+        obs = None
+        if item_id and status:
+            obs = Observation(item_id, coid, status, when, StatusSource.WEBHOOK,
+                              webhook_event_id=event.id)
+        return _Parsed("order", coid, obs)
+    if kind in ("result", "results"):
+        barcode = text_of(get_field(body, "barcode"), 50)
+        if barcode is None:
+            return _Parsed("ignore", reason="result event without a barcode")
+        return _Parsed("result", barcode, reason=barcode)
+    return _Parsed("ignore", reason=f"event type {kind or 'missing'} is not applied by labsync")
+
+
+def _known_orders(engine: Engine, coids: Iterable[str]) -> set[str]:
+    ids = list(set(coids))
+    known: set[str] = set()
+    with engine.connect() as conn:
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            known.update(conn.execute(sa.select(lgc_orders.c.client_order_id)
+                                      .where(lgc_orders.c.client_order_id.in_(chunk))).scalars())
+            known.update(conn.execute(sa.select(items_t.c.client_order_id)
+                                      .where(items_t.c.client_order_id.in_(chunk))).scalars())
+    return known
+
+
+def _orders_by_barcode(engine: Engine, barcodes: Iterable[str]) -> dict[str, str]:
+    codes = list(set(barcodes))
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.select(items_t.c.barcode, items_t.c.client_order_id)
+                                 .where(items_t.c.barcode.in_(codes))).tuples().all()) if codes else {}
+
+
+def apply_webhooks(engine: Engine, settings: Settings, *, page: int = 500,
+                   transport: httpx.AsyncBaseTransport | None = None) -> WebhookSummary:
+    """Apply every stored `lgc` event (received, or failed fewer than
+    `lifecycle.max_event_attempts` times), page by page, oldest first:
+    order events -> their item status by the ordering rule, then a GET of the order;
+    result events -> a GET of the order holding that barcode (its results are fetched by
+    `etl.lgc.results`); other types are marked `ignored`. An event is `applied` once its order
+    answered the GET; `failed` (retried next run) when the GET failed or the barcode is not
+    known yet."""
+    summary = WebhookSummary(track=TrackSummary())
+    after = None
+    while True:
+        events = store.pending_events(engine, "lgc", limit=page, after_id=after,
+                                      max_attempts=settings.lifecycle.max_event_attempts)
+        if not events:
+            break
+        after = events[-1].id
+        _apply_page(engine, settings, events, summary, transport=transport)
+    log.info("lifecycle: %s", summary.line())
+    return summary
+
+
+def _apply_page(engine, settings, events, summary: WebhookSummary, *, transport) -> None:
+    """Order events first (their statuses, then one GET per order), then result events: a
+    barcode first seen in those GET answers resolves in the same pass."""
+    summary.events += len(events)
+    parsed = {e.id: parse_event(e) for e in events}
+    known = _known_orders(engine, [p.client_order_id for p in parsed.values() if p.kind == "order"])
+    outcomes: dict[int, tuple[str, str | None]] = {}
+    confirm: dict[int, str] = {}  # event id -> clientOrderId to GET
+    observations: list[Observation] = []
+    for event_id, p in parsed.items():
+        if p.kind == "ignore":
+            outcomes[event_id] = (WebhookEventState.IGNORED, p.reason)
+        elif p.kind == "order":
+            if p.client_order_id not in known:
+                outcomes[event_id] = (WebhookEventState.IGNORED,
+                                      f"order {p.client_order_id} is not in the ledger")
+                continue
+            if p.observation is not None:
+                observations.append(p.observation)
+            confirm[event_id] = p.client_order_id
+    done = apply_observations(engine, observations)
+    summary.observations += len(observations)
+    summary.track.changed += done.changed
+    summary.track.history += done.history
+    answered = _confirm(engine, settings, confirm, outcomes, summary.track, transport=transport)
+
+    results = {i: p.client_order_id for i, p in parsed.items() if p.kind == "result"}
+    by_barcode = _orders_by_barcode(engine, results.values())
+    confirm = {}
+    for event_id, barcode in results.items():
+        coid = by_barcode.get(barcode)
+        if coid is None:
+            outcomes[event_id] = (WebhookEventState.FAILED,
+                                  "no tracked item has this barcode yet; retried after the next poll")
+        elif coid in answered:  # its order was just fetched
+            outcomes[event_id] = answered[coid]
+        else:
+            confirm[event_id] = coid
+    _confirm(engine, settings, confirm, outcomes, summary.track, transport=transport)
+
+    store.mark_events(engine, [(i, state, err) for i, (state, err) in outcomes.items()])
+    states = Counter(state for state, _ in outcomes.values())
+    summary.applied += states[WebhookEventState.APPLIED]
+    summary.ignored += states[WebhookEventState.IGNORED]
+    summary.failed += states[WebhookEventState.FAILED]
+
+
+def _confirm(engine, settings, confirm: Mapping[int, str], outcomes: dict, total: TrackSummary, *,
+             transport) -> dict[str, tuple[str, str | None]]:
+    """GET each order once; the outcome of every event that named it. Returns the outcome per order."""
+    if not confirm:
+        return {}
+    result = track(engine, settings, sorted(set(confirm.values())), transport=transport)
+    total.orders += result.orders
+    total.checked += result.checked
+    total.not_found += result.not_found
+    total.failed.update(result.failed)
+    total.changed += result.changed
+    total.history += result.history
+    total.requests += result.requests
+    per_order: dict[str, tuple[str, str | None]] = {}
+    for coid in set(confirm.values()):
+        if coid in result.failed:
+            per_order[coid] = (WebhookEventState.FAILED, f"confirming GET failed: {result.failed[coid]}")
+        elif coid in result.not_found:
+            per_order[coid] = (WebhookEventState.IGNORED, f"LetsGetChecked does not know order {coid} (HTTP 404)")
+        else:
+            per_order[coid] = (WebhookEventState.APPLIED, None)
+    for event_id, coid in confirm.items():
+        outcomes[event_id] = per_order[coid]
+    return per_order
+
+
+# ---- cancel -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    item_id: str
+    code: str | None
+    status: str | None
+    outcome: str  # requested | already cancelled | already requested | refused | refused by LetsGetChecked
+    message: str
+
+
+@dataclass
+class CancelReport:
+    client_order_id: str
+    items: list[CancelOutcome] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        ok = {"requested", "already cancelled", "already requested"}
+        return 0 if self.items and all(i.outcome in ok for i in self.items) else 1
+
+
+def cancel(engine: Engine, settings: Settings, client_order_id: str, item: str | None = None, *,
+           transport: httpx.AsyncBaseTransport | None = None) -> CancelReport:
+    """Cancel one order's items (or the one named by id or code). The order is fetched first so
+    the decision uses LetsGetChecked's current status; from KitArrivedAtLab on nothing is sent.
+    Raises UnusableInputError when the order or the item does not exist."""
+    return run_async(_acancel(engine, settings, client_order_id, item, transport=transport))
+
+
+async def _acancel(engine, settings: Settings, coid: str, wanted: str | None, *, transport) -> CancelReport:
+    body = settings.lifecycle.validated().cancel_patch
+    report = CancelReport(coid)
+    async with open_session(settings, engine=engine, transport=transport) as session:
+        api = await session.api()
+        order = await api.get_order(coid)
+        if order is None:
+            raise UnusableInputError(f"LetsGetChecked does not know order {coid!r}")
+        await asyncio.to_thread(apply_observations, engine, poll_observations(order))
+        items = (await asyncio.to_thread(item_statuses, engine, [coid])).get(coid, [])
+        targets = items
+        if wanted is not None:
+            targets = [i for i in items if i["item_id"] == wanted] or [
+                i for i in items if (i["code"] or "").casefold() == wanted.casefold()]
+            if not targets:
+                known = ", ".join(f"{i['code']} {i['item_id']}" for i in items) or "none"
+                raise UnusableInputError(f"order {coid!r} has no item {wanted!r} (its items: {known})")
+            if len(targets) > 1:
+                raise UnusableInputError(f"order {coid!r} has {len(targets)} {wanted} items; name one by its id: "
+                                         + ", ".join(i["item_id"] for i in targets))
+        if not targets:
+            raise UnusableInputError(f"order {coid!r} has no items to cancel")
+        for it in targets:
+            report.items.append(await _cancel_one(engine, api, coid, it, body))
+    return report
+
+
+async def _cancel_one(engine, api, coid: str, it: Mapping[str, Any], body) -> CancelOutcome:
+    status, item_id, code = it["status"], it["item_id"], it["code"]
+
+    def out(outcome: str, message: str) -> CancelOutcome:
+        log.info("order %s item %s: cancel %s", coid, item_id, outcome)
+        return CancelOutcome(item_id, code, status, outcome, message)
+
+    if status == ItemStatus.CANCELLED:
+        return out("already cancelled", "already cancelled")
+    if status not in CANCELLABLE_ITEM_STATUSES:
+        why = ("its kit has reached the lab; LetsGetChecked cancels only before KitArrivedAtLab"
+               if status in (ItemStatus.KIT_ARRIVED_AT_LAB, ItemStatus.RESULTS_AVAILABLE)
+               else "LetsGetChecked did not accept it for processing" if status == ItemStatus.VALIDATION_FAILED
+               else "its status is not one LetsGetChecked can cancel from")
+        return out("refused", f"not cancelled: the item is {status or 'of unknown status'}; {why}")
+    if it["cancel_state"] == CancelState.REQUESTED:
+        return out("already requested", "a cancel was already requested; waiting for LetsGetChecked to confirm it")
+    answer = await api.cancel_item(coid, item_id, body)
+    now = datetime.now(UTC)
+    values = (dict(cancel_state=CancelState.REQUESTED.value, cancel_requested_at=now, cancel_error=None)
+              if answer.accepted else dict(cancel_error=answer.reason))
+    await asyncio.to_thread(_set_item, engine, item_id, values)
+    if answer.accepted:
+        return out("requested", f"cancel requested (HTTP {answer.http_status}); LetsGetChecked "
+                                "confirms it with status Cancelled (see labsync track)")
+    return out("refused by LetsGetChecked", f"LetsGetChecked refused the cancel: {answer.reason}")
+
+
+def _set_item(engine: Engine, item_id: str, values: Mapping[str, Any]) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.update(items_t).where(items_t.c.item_id == item_id)
+                     .values(updated_at=datetime.now(UTC), **values))
