@@ -1,7 +1,7 @@
 """The CSV inbox: program managers drop order batches, labsync processes each file once.
 
     inbox/                    *.csv dropped here; a file stays here while it is processed
-    inbox/processed/          FILE.csv + FILE.rejects.csv + FILE.summary.html when done
+    inbox/processed/          FILE.csv + FILE.rejects.csv + FILE.fix.csv + FILE.summary.html when done
     inbox/failed/             unusable files, with FILE.summary.html saying why
 
 Three steps, each one function, so the Airflow DAG can map the middle one over chunks:
@@ -43,7 +43,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from etl.batches import records, staging, summary
-from etl.batches.names import rejects_path_for, summary_path
+from etl.batches.names import fix_path_for, rejects_path_for, summary_path
 from etl.claims import Heartbeat, cli_owner
 from etl.claims import now as _now
 from etl.errors import LabsyncError
@@ -101,8 +101,14 @@ def discover(paths: InboxPaths, *, settle_seconds: float = 0.0) -> list[Path]:
     is left where it is and reported in the log (never silently ignored)."""
     now = time.time()
     found = []
-    for p in paths.root.iterdir():
+    files = list(paths.root.iterdir())
+    # FILE.fix.csv written beside a FILE.csv still being processed is that file's report, not a
+    # batch; once the pair has moved to processed/, a fix file dropped back is a batch like any
+    companions = {fix_path_for(p).name for p in files}
+    for p in files:
         with contextlib.suppress(FileNotFoundError):  # moved by another run meanwhile
+            if p.name in companions:
+                continue
             if _is_batch_file(p):
                 if now - p.stat().st_mtime >= settle_seconds:
                     found.append((p.stat().st_mtime, p.name, p))
@@ -140,7 +146,7 @@ def move(path: Path, folder: Path) -> Path | None:
         path.replace(target)
     except FileNotFoundError:
         return None
-    for companion in (rejects_path_for(path), summary_path(path)):
+    for companion in (rejects_path_for(path), fix_path_for(path), summary_path(path)):
         with contextlib.suppress(FileNotFoundError):
             companion.replace(folder / companion.name.replace(path.stem, target.stem, 1))
     return target
@@ -216,7 +222,7 @@ def _prepare_file(engine: Engine, settings: Settings, paths: InboxPaths, path: P
     if staging.needs_validation(engine, taken):
         with local_file(path) as local:
             staged = staging.stage(engine, settings, taken, local, owner=owner,
-                                   rejects_path=rejects_path_for(path))
+                                   rejects_path=rejects_path_for(path), fix_path=fix_path_for(path))
         if staged.status == BatchStatus.UNUSABLE:
             return _to_failed(engine, paths, path, batch_id, staged.error or "", owner)
         log.info("inbox: batch %d (%s): %d rows, %d valid, %d rejected", batch_id, path.name,

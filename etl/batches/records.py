@@ -79,10 +79,13 @@ def _record_rejects(conn: sa.Connection, batch_id: int, rejects_csv: Path | None
     count = 0
     # the report is formula-safe; read_rows gives back the original values
     page: list[dict] = []
+    fixed = ("line", "row", "column", "value", "reason")
     for rec in read_rows(Path(rejects_csv)):
-        id_column = list(rec)[1]  # the contract's row id: client_order_id, or row_id for intents
+        # the contract's row id (client_order_id, or row_id for intents) is the other column
+        id_column = next(k for k in rec if k not in fixed)
         page.append(
-            dict(batch_id=batch_id, line=int(rec["line"]), client_order_id=rec[id_column] or None,
+            dict(batch_id=batch_id, line=int(rec["line"]), excel_row=int(rec["row"]) if rec.get("row") else None,
+                 client_order_id=rec[id_column] or None,
                  column_name=rec["column"], value=rec["value"] or None, reason=rec["reason"])
         )
         if len(page) >= INSERT_PAGE:
