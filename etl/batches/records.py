@@ -247,8 +247,22 @@ def rejected(engine: Engine, batch_id: int) -> list[dict]:
         return [dict(r) for r in rows]
 
 
+def rejected_first(engine: Engine, batch_id: int, rows: int) -> list[dict]:
+    """Every problem of the batch's first `rows` rejected rows (by line): what a summary page
+    shows of a large batch without reading all of its rejected rows."""
+    r = rejected_rows
+    first = (sa.select(r.c.line).where(r.c.batch_id == batch_id).group_by(r.c.line)
+             .order_by(r.c.line).limit(rows).subquery())
+    with engine.connect() as conn:
+        found = conn.execute(
+            sa.select(r).where(r.c.batch_id == batch_id, r.c.line.in_(sa.select(first.c.line)))
+            .order_by(r.c.line, r.c.id)
+        ).mappings()
+        return [dict(x) for x in found]
+
+
 __all__: Iterable[str] = (
     "find_batch", "register_batch", "record_rejects", "finish_validation",
-    "set_status", "record_unusable", "rejected", "open_batch", "close_batch", "rupa_lookup_for",
+    "set_status", "record_unusable", "rejected", "rejected_first", "open_batch", "close_batch", "rupa_lookup_for",
     "claim_batch", "fence", "release_batch", "reopen", "get", "LostClaim",
 )
