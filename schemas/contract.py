@@ -35,10 +35,16 @@ class Contract:
     # order batch) and/or on the frame afterwards (simple; small files such as intents)
     normalise_arrays: Callable[[dict[str, pa_arrow.Array], int], dict[str, pa_arrow.Array]] | None = None
     normalise: Callable[[pd.DataFrame], pd.DataFrame] | None = None
+    # a good file to copy, named in the reasons of unusable files (the template has no rows)
+    example: str = ""
+    # columns read and then ignored: `problems`, the first column of the fix file labsync writes
+    # (FILE.fix.csv), so a fixed copy dropped back is an ordinary batch
+    ignored_columns: tuple[str, ...] = ()
 
     @property
     def reject_columns(self) -> tuple[str, ...]:
-        return ("line", self.id_column, "column", "value", "reason")
+        """`line`: the file's physical line; `row`: the row a spreadsheet shows (header = 1)."""
+        return ("line", "row", self.id_column, "column", "value", "reason")
 
     def is_extra(self, column: str) -> bool:
         return column.startswith(self.extra_prefix) and len(column) > len(self.extra_prefix)

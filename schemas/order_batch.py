@@ -71,6 +71,17 @@ _PHONE = re.compile(r"^[0-9]{4,15}$")
 _ZIP = re.compile(r"[0-9]{5}(?:-[0-9]{4})?")  # [0-9], not \d: fullwidth digits are not a ZIP
 _ZIP_LOST_ZERO = re.compile(r"(?P<head>[0-9]{3,4})(?P<tail>-[0-9]{4})?")
 
+# What Excel does to a cell it takes for a number or a date (the Excel hints): they are matched
+# on the text as the file has it, before any normalisation, and only ever explain a rejection.
+_CC_WITHOUT_PLUS = re.compile(r"[0-9]{1,4}")  # +1 read as the number 1
+_EXCEL_DATE = re.compile(r"[0-9]{1,2}[/.-][0-9]{1,2}[/.-](?:[0-9]{4}|[0-9]{2})")  # 2/11/1961
+_SCIENTIFIC = re.compile(r"[0-9](?:[.,][0-9]+)?[eE]\+[0-9]{1,3}")  # 123456789012 shown as 1.23E+11
+# id and number columns with no format rule of their own: scientific notation is the one thing
+# labsync can tell is wrong with them (the digits past the first few are gone)
+NUMBER_LIKE = ("participant_id", "pcp_id", "pcp_phone", "pcp_phone2", "pcp_fax",
+               "insurance_policy_number", "insurance_group_number")
+TEXT_TIP = "format the column as Text in Excel before typing, and save as 'CSV UTF-8'"
+
 # The multi-column rules: when any column of a block is filled, these must be too.
 PHYSICIAN_BLOCK = ("physician_first_name", "physician_middle_name", "physician_last_name", "physician_npi")
 PHYSICIAN_REQUIRED = ("physician_first_name", "physician_last_name", "physician_npi")
@@ -225,6 +236,10 @@ class OrderBatch(pa.DataFrameModel):
     def _path_safe_id(cls, s: Series[str]) -> Series[bool]:
         return s.str.fullmatch(PATH_ID_PATTERN) & ~s.str.contains("..", regex=False)
 
+    @pa.check(*NUMBER_LIKE, name="not_scientific")
+    def _not_scientific(cls, s: Series[str]) -> Series[bool]:
+        return ~s.str.fullmatch(_SCIENTIFIC.pattern)
+
     @pa.check("postal_code", "pcp_postal_code", name="us_zip")
     def _zip(cls, s: Series[str]) -> Series[bool]:
         return s.str.fullmatch(_ZIP.pattern)
@@ -337,13 +352,16 @@ def _zip_reason(column: str, value: str) -> str:
     lost = _ZIP_LOST_ZERO.fullmatch(value)
     if lost:
         fixed = lost.group("head").zfill(5) + (lost.group("tail") or "")
-        return (f"{column} {value!r} looks like a ZIP that lost its leading zero, e.g. {fixed} "
-                "(Excel drops it); format the column as Text and type the ZIP again")
+        return (f"{column} {value!r} looks like a ZIP code that lost its leading zero (e.g. {fixed}): "
+                f"Excel drops it when it reads the cell as a number; {TEXT_TIP}")
     return (f"{column} {value!r} is not a US ZIP code: use 5 digits or ZIP+4 with a dash "
             "(12345 or 12345-6789)")
 
 
 def _dob_reason(column: str, value: str) -> str:
+    if _EXCEL_DATE.fullmatch(value):
+        return (f"{column} {value!r} is a date as Excel shows it (M/D/YYYY or D/M/YYYY: labsync does "
+                f"not guess which); write it as YYYY-MM-DD, e.g. 1980-04-23, and {TEXT_TIP}")
     if not _DATE.match(value):
         return f"{column} {value!r} is not a date in the form YYYY-MM-DD (e.g. 1980-04-23)"
     try:
@@ -389,12 +407,16 @@ REASONS: dict[str, Callable[[str, str], str]] = {
     "us_zip": _zip_reason,
     "str_length": _length,
     "phone_country_code_format": lambda column, value: (
+        f"{column} {value!r} has lost its '+' (it must be '+' followed by 1 to 4 digits): Excel drops "
+        f"the + when it reads the cell as a number; write it with the + (e.g. +{value}) and {TEXT_TIP}"
+        if _CC_WITHOUT_PLUS.fullmatch(value) else
         f"{column} {value!r} must be '+' followed by 1 to 4 digits, e.g. +1"
     ),
     "phone_number_format": lambda column, value: (
         f"{column} must be 4 to 15 digits, without the country code, spaces or dashes"
     ),
     "email_format": lambda column, value: f"{column} {value!r} is not an email address",
+    "not_scientific": lambda column, value: _scientific_reason(column, value),
     "past_date": _dob_reason,
     "order_items_format": _order_items_reason,
     "npi": _npi_reason,
@@ -421,10 +443,18 @@ _STATS = _statistics()
 MAX_QUOTED = 80  # a reason quotes at most this much of a value (the report's value column has it)
 
 
+def _scientific_reason(column: str, value: str) -> str:
+    return (f"{column} {value!r} is a long number in scientific notation: Excel shows long numbers "
+            f"that way and saves only the first digits; type the full value again and {TEXT_TIP}")
+
+
 def reason_for(check: str, column: str, value: str | None) -> str:
-    """The sentence for one failed check on one cell."""
+    """The sentence for one failed check on one cell. `value`: the cell as the file has it (the
+    Excel hints recognise what Excel did to that text)."""
     value = "" if value is None else value
     check = check.split("(", 1)[0]  # pandera reports built-ins as e.g. "str_length(None, 35)"
+    if check != "not_nullable" and _SCIENTIFIC.fullmatch(value):
+        return _scientific_reason(column, value)  # whatever rule it broke, this is why
     if check == "str_length":
         return _length(column, value)  # counts the whole value
     if len(value) > MAX_QUOTED:

@@ -145,4 +145,5 @@ CONTRACT = Contract(
     name="order-intents file", columns=COLUMNS, required=REQUIRED, schema=OrderIntents.to_schema(),
     reason_for=reason_for, id_column=ROW_ID, extra_prefix=METADATA_PREFIX,
     template="examples/intents_template.csv", row_noun="row", normalise=_normalise,
+    example="examples/intents.csv",
 )

@@ -29,5 +29,5 @@ def write_csv(path: Path, rows: list[dict], *, columns: list[str] | None = None,
 
 
 def read_rejects(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # labsync writes a BOM (Excel)
         return list(csv.DictReader(f))

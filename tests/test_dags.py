@@ -135,8 +135,8 @@ def test_order_batches_end_to_end(airflow_env, sandboxes, tmp_path):
     assert len(states) == 12 and set(states.values()) == {"accepted"}
     assert n_rejects == 13
     assert sorted(p.name for p in (inbox / "processed").iterdir()) == [
-        "orders.csv", "orders.summary.html", "orders_broken.csv", "orders_broken.rejects.csv",
-        "orders_broken.summary.html"]
+        "orders.csv", "orders.summary.html", "orders_broken.csv", "orders_broken.fix.csv",
+        "orders_broken.rejects.csv", "orders_broken.summary.html"]
     assert sorted(p.name for p in (inbox / "failed").iterdir()) == ["orders_unusable.csv", "orders_unusable.summary.html"]
 
     puts = sum(lgc.put_count.values())
@@ -177,7 +177,7 @@ def test_order_batches_fails_while_the_vendor_is_down_and_succeeds_once_a_later_
     assert len(lgc.orders) == 10 and set(lgc.accepted_count.values()) == {1}
     with engine.connect() as conn:
         assert conn.execute(sa.select(batch_files.c.status)).scalar_one() == "loaded"
-    assert "All valid rows went through." in (inbox / "processed" / "orders.summary.html").read_text()
+    assert "All 10 rows went through" in (inbox / "processed" / "orders.summary.html").read_text()
 
 
 def test_a_task_with_no_lgc_connection_and_no_variable_names_both(airflow_env, tmp_path):

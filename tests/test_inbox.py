@@ -76,8 +76,8 @@ def test_good_partly_bad_and_unusable_files(box, sandbox):
     assert set(ledger(engine).values()) == {"accepted"} and len(ledger(engine)) == 12
 
     assert sorted(p.name for p in paths.processed.iterdir()) == [
-        "orders.csv", "orders.summary.html", "orders_broken.csv", "orders_broken.rejects.csv",
-        "orders_broken.summary.html"]
+        "orders.csv", "orders.summary.html", "orders_broken.csv", "orders_broken.fix.csv",
+        "orders_broken.rejects.csv", "orders_broken.summary.html"]
     assert sorted(p.name for p in paths.failed.iterdir()) == ["orders_unusable.csv", "orders_unusable.summary.html"]
     assert sorted(p.name for p in paths.root.iterdir()) == ["failed", "processed"]  # no staging left anywhere
 
@@ -135,7 +135,7 @@ def test_failed_rows_go_out_again_by_themselves_and_the_summary_is_rewritten(box
     assert first["counts"] == {"accepted": 9, "failed": 1, "rejected before sending": 0}
     assert first["status"] == "incomplete"
     page = (paths.processed / "orders.summary.html").read_text()
-    assert "Orders that did not go through" in page and "sends these again by itself" in page
+    assert "Orders that did not go through" in page and "sends them again by itself" in page
 
     lgc.forced.clear()
     before = dict(lgc.put_count)
@@ -146,7 +146,7 @@ def test_failed_rows_go_out_again_by_themselves_and_the_summary_is_rewritten(box
     assert second["counts"] == {"accepted": 10, "rejected before sending": 0}
     assert ledger(engine)["DEMO-2026-0003"] == "accepted"
     page = (paths.processed / "orders.summary.html").read_text()  # written again, in place
-    assert "All valid rows went through." in page and "did not go through" not in page
+    assert "All 10 rows went through" in page and "did not go through" not in page
     assert run(engine, settings) == []  # and then there is nothing left to do
 
 
@@ -165,7 +165,7 @@ def test_rows_failing_every_time_are_given_up_and_a_redrop_sends_them(box, sandb
     assert run(engine, settings) == []  # given up: later runs leave it alone
     assert lgc.put_count["DEMO-2026-0003"] == puts
     page = (paths.processed / "orders.summary.html").read_text()
-    assert "need a person" in page and "given_up" in page
+    assert "need a person" in page and "failed (given up)" in page
 
     lgc.forced.clear()  # a person fixed the cause and drops the file again
     shutil.copy(EXAMPLES / "orders.csv", paths.root / "orders.csv")
@@ -303,7 +303,8 @@ def test_rows_of_a_load_task_that_died_go_out_on_the_next_run(box, sandbox):
     prepared = inbox.prepare(engine, settings, owner=OWNER)
     (outcome,) = inbox.finish(engine, settings, prepared, owner=OWNER)
     assert outcome["counts"]["queued"] == 10 and outcome["status"] == "incomplete"
-    assert "labsync sends these on its next runs" in (paths.processed / "orders.summary.html").read_text()
+    page = (paths.processed / "orders.summary.html").read_text()
+    assert "10 not sent yet (queued) (counted as pending)" in page and "sends them again by itself" in page
     assert sandbox.sandbox.lgc.orders == {}
     with pytest.raises(inbox.BatchesNeedAttention, match="orders.csv incomplete"):
         inbox.check([outcome])

@@ -19,7 +19,7 @@ def validate(tmp_path, text: str, **kw):
     rows = [r for chunk in v.chunks() for r in chunk]
     rejects = []
     if v.result.rejects_path:
-        with open(v.result.rejects_path, encoding="utf-8", newline="") as f:
+        with open(v.result.rejects_path, encoding="utf-8-sig", newline="") as f:
             rejects = list(csv.DictReader(f))
     return rows, rejects, v.result
 
@@ -67,7 +67,7 @@ def test_every_problem_gets_a_line_and_a_plain_reason(tmp_path):
     ("row_id,lab_test_ids\n", "required column missing: return_url"),
     ("row_id,return_url,client_order_id\n", "unknown column 'client_order_id'"),
     ("row_id,return_url,retrun_url\n", "did you mean 'return_url'?"),
-    ("row_id;return_url\n", "one single column"),
+    ("row_id;return_url\n", "separated by .;. .semicolons. but labsync reads comma-separated files"),
 ])
 def test_unusable_headers(tmp_path, header, message):
     with pytest.raises(UnusableInputError, match=message):

@@ -274,7 +274,9 @@ def test_the_warehouse_full_mid_load_exits_2_and_the_rows_go_out_later(pg_admin_
 def test_ctrl_c_mid_load_exits_130_with_true_reasons_and_retry_sends_the_rest(engine, settings, sandbox, tmp_path,
                                                                                labsync):
     lgc = _lgc(sandbox)
-    lgc.faults.update(latency=0.05)
+    # slow enough that the load is still running when the signal lands, even on a starved
+    # machine (at least 200 x 0.25 s / 4 = 12.5 s of sending)
+    lgc.faults.update(latency=0.25)
     n = 200
     path = write_csv(tmp_path / "orders.csv", [csv_row(i) for i in range(n)])
     env = cli_env(fast(settings, concurrency=4))
@@ -282,6 +284,7 @@ def test_ctrl_c_mid_load_exits_130_with_true_reasons_and_retry_sends_the_rest(en
     assert wait_for(lambda: sum(lgc.put_count.values()) >= 20, timeout=180)
     loader.send_signal(signal.SIGINT)
     out, err = loader.communicate(timeout=180)
+    lgc.faults.update(latency=0)
     assert loader.returncode == 130, err
     (line,) = _said(err)
     assert line.startswith("labsync: interrupted") and "next run" in line and "Traceback" not in err

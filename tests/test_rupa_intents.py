@@ -94,7 +94,7 @@ def test_a_batch_with_new_and_existing_patients_gets_one_cart_per_row(engine, se
     assert links[1]["patient"] == "Katherine Johnson" and links[0]["rupa_patient_id"] == "pat_0000003"
     page = (tmp_path / "carts.summary.html").read_text()
     for rid in ("R1", "R2", "R3", "R4"):
-        assert f"href='{rows[rid]['checkout_url']}'" in page
+        assert f'href="{rows[rid]["checkout_url"]}"' in page
     assert "Katherine Johnson" in page and "rupa_patient_id" in page  # patient and the R5 reason
 
 

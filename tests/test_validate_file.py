@@ -179,5 +179,5 @@ def test_rupa_patient_id_fills_missing_patient_fields_and_unknown_ids_are_reject
 def test_reject_report_has_the_documented_columns(tmp_path):
     validation = CsvValidation(write_csv(tmp_path / "b.csv", [seed_row(state="XX")]))
     rows_of(validation)
-    with open(validation.result.rejects_path, newline="") as f:
-        assert next(csv.reader(f)) == ["line", "client_order_id", "column", "value", "reason"]
+    with open(validation.result.rejects_path, encoding="utf-8-sig", newline="") as f:
+        assert next(csv.reader(f)) == ["line", "row", "client_order_id", "column", "value", "reason"]

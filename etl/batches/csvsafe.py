@@ -10,6 +10,11 @@ The prefix must never lose or change a value, so a cell that already starts with
 gets one too. Reading is then unambiguous: a cell that starts with `'` lost exactly its first
 character to us (`unsafe_cell`). `read_rows` is that reader; every place that reads a file
 labsync wrote uses it, and nothing else may parse these files.
+
+Every file is written for Excel on Windows: UTF-8 with a BOM (without it Excel reads the bytes as
+the local code page and garbles accents) and CRLF line ends. Readers use `utf-8-sig`, so a file
+with or without the BOM reads the same. The fix-and-redrop file (FILE.fix.csv) comes back to us
+as a batch, so the batch reader strips the prefix too (`unsafe_cell`): `+1` survives the trip.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from pathlib import Path
 from typing import IO
 
 PREFIX = "'"
+ENCODING = "utf-8-sig"  # writes a BOM; reads a file with or without one
+LINE_END = "\r\n"
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n", "\uff1d", "\uff0b", "\uff0d", "\uff20")
 
 
@@ -40,7 +47,7 @@ class SafeWriter:
     """csv.writer whose every cell goes through `safe_cell`."""
 
     def __init__(self, handle: IO[str]) -> None:
-        self._writer = csv.writer(handle)
+        self._writer = csv.writer(handle, lineterminator=LINE_END)
 
     def writerow(self, row: Iterable[object]) -> None:
         self._writer.writerow([safe_cell(v) for v in row])
@@ -51,15 +58,21 @@ class SafeWriter:
 
 
 def open_writer(handle: IO[str]) -> SafeWriter:
+    """A formula-safe writer on a handle opened with `open_text` (BOM, CRLF)."""
     return SafeWriter(handle)
 
 
+def open_text(path: Path) -> IO[str]:
+    """A file opened for writing the way every labsync CSV is written (UTF-8 with BOM)."""
+    return Path(path).open("w", encoding=ENCODING, newline="")
+
+
 def write_rows(path: Path, header: Sequence[str], rows: Iterable[Iterable[object]], *,
-               bom: bool = False) -> Path:
-    """Write a whole file (to a temporary name, renamed at the end); `bom`: a UTF-8 BOM first,
-    so Excel on Windows reads accents right."""
+               bom: bool = True) -> Path:
+    """Write a whole file (to a temporary name, renamed at the end), with a UTF-8 BOM first so
+    Excel on Windows reads accents right (`bom=False` only for machine readers that choke on it)."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8-sig" if bom else "utf-8", newline="") as f:
+    with tmp.open("w", encoding=ENCODING if bom else "utf-8", newline="") as f:
         writer = SafeWriter(f)
         writer.writerow(header)
         writer.writerows(rows)
@@ -69,7 +82,7 @@ def write_rows(path: Path, header: Sequence[str], rows: Iterable[Iterable[object
 
 def read_rows(path: Path) -> Iterator[dict[str, str]]:
     """The rows of a file labsync wrote, as dicts of the original values (prefixes removed)."""
-    with Path(path).open(encoding="utf-8", newline="") as f:
+    with Path(path).open(encoding=ENCODING, newline="") as f:
         reader = csv.reader(f)
         header = [unsafe_cell(c) for c in next(reader, [])]
         for row in reader:

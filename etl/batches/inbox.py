@@ -1,7 +1,7 @@
 """The CSV inbox: program managers drop order batches, labsync processes each file once.
 
     inbox/                    *.csv dropped here; a file stays here while it is processed
-    inbox/processed/          FILE.csv + FILE.rejects.csv + FILE.summary.html when done
+    inbox/processed/          FILE.csv + FILE.rejects.csv + FILE.fix.csv + FILE.summary.html when done
     inbox/failed/             unusable files, with FILE.summary.html saying why
 
 Three steps, each one function, so the Airflow DAG can map the middle one over chunks:
@@ -43,7 +43,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from etl.batches import records, staging, summary
-from etl.batches.names import rejects_path_for, summary_path
+from etl.batches.names import fix_path_for, rejects_path_for, summary_path
 from etl.claims import Heartbeat, cli_owner
 from etl.claims import now as _now
 from etl.errors import LabsyncError
@@ -101,8 +101,14 @@ def discover(paths: InboxPaths, *, settle_seconds: float = 0.0) -> list[Path]:
     is left where it is and reported in the log (never silently ignored)."""
     now = time.time()
     found = []
-    for p in paths.root.iterdir():
+    files = list(paths.root.iterdir())
+    # FILE.fix.csv written beside a FILE.csv still being processed is that file's report, not a
+    # batch; once the pair has moved to processed/, a fix file dropped back is a batch like any
+    companions = {fix_path_for(p).name for p in files}
+    for p in files:
         with contextlib.suppress(FileNotFoundError):  # moved by another run meanwhile
+            if p.name in companions:
+                continue
             if _is_batch_file(p):
                 if now - p.stat().st_mtime >= settle_seconds:
                     found.append((p.stat().st_mtime, p.name, p))
@@ -140,7 +146,7 @@ def move(path: Path, folder: Path) -> Path | None:
         path.replace(target)
     except FileNotFoundError:
         return None
-    for companion in (rejects_path_for(path), summary_path(path)):
+    for companion in (rejects_path_for(path), fix_path_for(path), summary_path(path)):
         with contextlib.suppress(FileNotFoundError):
             companion.replace(folder / companion.name.replace(path.stem, target.stem, 1))
     return target
@@ -216,7 +222,7 @@ def _prepare_file(engine: Engine, settings: Settings, paths: InboxPaths, path: P
     if staging.needs_validation(engine, taken):
         with local_file(path) as local:
             staged = staging.stage(engine, settings, taken, local, owner=owner,
-                                   rejects_path=rejects_path_for(path))
+                                   rejects_path=rejects_path_for(path), fix_path=fix_path_for(path))
         if staged.status == BatchStatus.UNUSABLE:
             return _to_failed(engine, paths, path, batch_id, staged.error or "", owner)
         log.info("inbox: batch %d (%s): %d rows, %d valid, %d rejected", batch_id, path.name,
@@ -233,8 +239,11 @@ def _to_failed(engine: Engine, paths: InboxPaths, path: Path, batch_id: int, rea
     target = move(path, paths.failed)
     if target is not None:
         write_summary(target, summary.render(
-            file_name=target.name, outcome="This file could not be used; nothing was sent.",
-            counts={}, note=reason.replace(f"{path.name}: ", "", 1)))
+            file_name=target.name, outcome="This file could not be used — nothing was sent.",
+            counts={}, note=reason.replace(f"{path.name}: ", "", 1), tone="bad",
+            links=[summary.Link("The file", target.name, paths.relative(target))],
+            steps=["Correct the file as the note above says (examples/orders.csv shows a file that "
+                   "works), then drop it into the inbox again: none of its rows was sent."]))
         log.warning("inbox: %s is unusable; moved to %s", path.name, paths.failed)
     records.release_batch(engine, batch_id, owner=owner,
                           **({"stored_as": paths.relative(target)} if target is not None else {}))
@@ -248,7 +257,8 @@ def _duplicate(engine: Engine, paths: InboxPaths, path: Path, batch_id: int, row
     if target is not None:
         when = row.get("processed_at")
         write_summary(target, summary.render(
-            file_name=target.name, outcome="Already processed: nothing was sent again.", counts={},
+            file_name=target.name, outcome="Already processed — nothing was sent again.", counts={},
+            tone="ok", steps=["Nothing to do: see the summary of the first copy."],
             note=f"This file has the same content as {row['file_name']}"
             + (f", processed {when:%Y-%m-%d %H:%M} UTC" if when else "")
             + ". Every row of it already has its outcome; see that file's summary.",
@@ -329,7 +339,7 @@ def _finish_file(engine: Engine, settings: Settings, paths: InboxPaths, batch: d
         log.warning("inbox: %s is no longer in the inbox; its outcomes are in the warehouse", batch["name"])
         records.release_batch(engine, batch_id, owner=owner)
         return _outcome(engine, batch_id, batch)
-    render(engine, batch_id, target)
+    render(engine, batch_id, target, where=paths.relative(target))
     records.release_batch(engine, batch_id, owner=owner, stored_as=paths.relative(target))
     settle(engine, settings, [batch_id])  # rows another run settled meanwhile
     out = _outcome(engine, batch_id, {**batch, "file": paths.relative(target), "name": target.name})
@@ -362,33 +372,27 @@ def _rerender(engine: Engine, settings: Settings, batch_id: int) -> None:
     paths = InboxPaths(Path(settings.inbox))
     stored = records.get(engine, batch_id)["stored_as"]
     if stored and paths.resolve(stored).parent.exists():
-        render(engine, batch_id, paths.resolve(stored))
+        render(engine, batch_id, paths.resolve(stored), where=stored)
 
 
-def render(engine: Engine, batch_id: int, batch_file: Path) -> Path:
+def render(engine: Engine, batch_id: int, batch_file: Path, *, where: str | None = None) -> Path:
     """The batch's summary page, from the warehouse alone (outbox, ledger, rejected rows, and the
-    accepted orders' item statuses once `labsync track` or a webhook has told them)."""
+    accepted orders' item statuses once `labsync track` or a webhook has told them). `where`: the
+    file's place in the inbox, as the page shows it (`processed/orders.csv`)."""
     from etl.lgc.lifecycle import item_statuses
 
     row = records.get(engine, batch_id)
     counts = outbox.counts(engine, [batch_id])[batch_id]
     rows = outbox.rows_of(engine, batch_id)
-    shown = {k: v for k, v in counts.items() if v}
-    shown["rejected before sending"] = row["rejected_rows"] or 0
-    rejected = [{**r, "column": r["column_name"]} for r in records.rejected(engine, batch_id)]
-    accepted = [r for r in rows if r["state"] == OutboxState.ACCEPTED]
-    problems = [r for r in rows if r["state"] not in (OutboxState.ACCEPTED, OutboxState.ALREADY_SETTLED)]
-    open_rows = outbox.unsettled(counts) + counts.get(OutboxState.GIVEN_UP, 0)
-    ok = not open_rows and not counts.get(OutboxState.REJECTED)
-    outcome = (
-        "All valid rows went through." if ok else "Some rows did not go through; see below."
-    ) + f" {row['valid_rows'] or 0} of {row['total_rows'] or 0} rows were valid."
-    if counts.get(OutboxState.GIVEN_UP):
-        outcome += f" {counts[OutboxState.GIVEN_UP]} need a person (given up after repeated failures)."
-    return write_summary(batch_file, summary.render(
-        file_name=batch_file.name, outcome=outcome, counts=shown, rejected=rejected,
-        accepted=accepted, problem_rows=problems,
-        item_statuses=item_statuses(engine, [r["client_order_id"] for r in accepted])))
+    rejected_rows = row["rejected_rows"] or 0
+    shown = [r["client_order_id"] for r in rows if r["state"] == OutboxState.ACCEPTED][:summary.MAX_SHOWN_ROWS]
+    reports = ({"rejects": rejects_path_for(batch_file).name, "fix": fix_path_for(batch_file).name}
+               if rejected_rows else {})
+    return write_summary(batch_file, summary.batch_page(
+        file_name=batch_file.name, total_rows=row["total_rows"] or 0, rejected_rows=rejected_rows,
+        counts=counts, rejected=records.rejected_first(engine, batch_id, summary.MAX_SHOWN_ROWS),
+        outbox_rows=rows, item_statuses=item_statuses(engine, shown),
+        where=where or f"{batch_file.parent.name}/{batch_file.name}", reports=reports, batch_id=batch_id))
 
 
 # ---- the whole run -----------------------------------------------------------------------------

@@ -11,6 +11,11 @@ def rejects_path_for(path: Path) -> Path:
     return path.with_name(f"{path.stem}.rejects.csv")
 
 
+def fix_path_for(path: Path) -> Path:
+    """`orders.csv` -> `orders.fix.csv`, beside the file: its rejected rows, to fix and drop back."""
+    return path.with_name(f"{path.stem}.fix.csv")
+
+
 def summary_path(path: Path) -> Path:
     """`orders.csv` -> `orders.summary.html`, beside the file."""
     return path.with_name(f"{path.stem}.summary.html")

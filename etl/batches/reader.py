@@ -19,7 +19,13 @@ whole file the exact way: same rows, same cells, same line numbers. Lines are ph
 with universal newlines (`\\n`, `\\r\\n` or a lone `\\r`), as Python's text files count them.
 
 Cells come out trimmed (Unicode whitespace: the same set as `str.strip`) with empty cells as
-null; a record whose cells are all empty is a blank line and is skipped. A block holds at most
+null; a record whose cells are all empty is a blank line and is skipped. A cell that starts with
+the apostrophe labsync puts before a formula-like value in the CSVs it writes (etl.batches.csvsafe:
+`'+1`, `''x`) loses that one apostrophe, so a fix file (FILE.fix.csv) edited in Excel and dropped
+back reads as the values it was written from; `O'Brien` or `'x` are left alone.
+
+`row_of(lines)` gives the row a spreadsheet shows for a record (header = row 1): the line minus
+the extra lines taken by the quoted cells that spanned lines before it. A block holds at most
 `target_rows` records, and only its bytes are in memory. `cell_at(line, column)` reads one
 record again (for the duplicate-id check), through a sparse index of line offsets (one entry
 per 64 lines).
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pv
 
+from etl.batches.csvsafe import unsafe_cell
 from etl.errors import UnusableInputError
 
 csv.field_size_limit(16 * 1024 * 1024)
@@ -64,6 +72,7 @@ class Block:
     lines: np.ndarray  # int64: the first line of each row, ascending
     columns: list[pa.ChunkedArray]  # one per header column: trimmed strings, null where empty
     bad: list[tuple[int, list[str]]] = field(default_factory=list)  # (line, raw cells): wrong width
+    spans: list[tuple[int, int]] = field(default_factory=list)  # (line, extra lines) of multi-line records
 
     @property
     def records(self) -> int:
@@ -90,6 +99,19 @@ def trim_null(arr: pa.Array) -> pa.Array:
     """Trim whitespace around each cell; an empty cell becomes null."""
     arr = pc.utf8_trim_whitespace(arr)
     return pc.if_else(pc.equal(arr, ""), pa.scalar(None, arr.type), arr)
+
+
+# `'` + what csvsafe.safe_cell guards (formula starts, and `'` itself): RE2 has no lookahead, so
+# the character after the apostrophe is captured and put back.
+_PREFIXED = "^'([=+\\-@\t\r\n\uff1d\uff0b\uff0d\uff20'])"
+
+
+def unprefix(arr):
+    """Remove the apostrophe labsync's CSV writer puts in front of a formula-like cell (only
+    when the cell is exactly such a cell: `'+1` -> `+1`, `O'Brien` and `'x` stay)."""
+    if arr.null_count == len(arr) or not pc.any(pc.starts_with(arr, "'")).as_py():
+        return arr  # nearly always: one cheap first-byte test per column
+    return pc.replace_substring_regex(arr, _PREFIXED, "\\1")
 
 
 def is_blank(cells: list[str]) -> bool:
@@ -189,6 +211,8 @@ class Reader:
         self.target_rows = max(1, target_rows)
         self._index_lines: list[int] = []  # line numbers (ascending) ...
         self._index_offsets: list[int] = []  # ... and the file offsets where they start
+        self._span_lines: list[int] = []  # first lines of records that spanned lines (ascending) ...
+        self._span_extra: list[int] = []  # ... and the extra lines taken up to and including each
 
     # ---- blocks ------------------------------------------------------------------------------
     def blocks(self) -> Iterator[Block]:
@@ -196,15 +220,35 @@ class Reader:
             bom = f.read(len(BOM)) == BOM
             lines = _Lines(f, offset=len(BOM) if bom else 0, first_line=1)
             while lines.fill(1):  # the first non-blank record is the header: skip it
+                first = lines.first_line
                 cells, used = _exact(lines, 0, self.name)
+                self._span([(first, used - 1)] if used > 1 else [])
                 self._drop(lines, used)
                 if not is_blank(cells):
                     break
             while lines.fill(self.target_rows, rows_per_read=self.target_rows):
                 block, used = self._block(lines, min(len(lines.ends), self.target_rows))
+                self._span(block.spans)
                 self._drop(lines, used)
                 if block.records:
                     yield block
+
+    def _span(self, spans: list[tuple[int, int]]) -> None:
+        total = self._span_extra[-1] if self._span_extra else 0
+        for line, extra in spans:
+            total += extra
+            self._span_lines.append(line)
+            self._span_extra.append(total)
+
+    def row_of(self, lines) -> np.ndarray:
+        """The spreadsheet row (header = 1) of records by their first line; records handed out
+        so far only. Equal to the line unless a quoted cell spanned lines before it."""
+        lines = np.asarray(lines, dtype=np.int64)
+        if not self._span_lines:
+            return lines
+        k = np.searchsorted(np.asarray(self._span_lines, dtype=np.int64), lines, side="left")
+        extra = np.concatenate(([0], np.asarray(self._span_extra, dtype=np.int64)))
+        return lines - extra[k]
 
     def _drop(self, lines: _Lines, n: int) -> None:
         """Drop n lines, remembering where every 64th of them starts."""
@@ -272,6 +316,7 @@ class Reader:
         exact_lines: list[int] = []
         exact_cells: list[list[str]] = []
         bad: list[tuple[int, list[str]]] = []
+        spans: list[tuple[int, int]] = []
         i = 0
         for j in [*np.flatnonzero(kind != FAST).tolist(), n]:
             if j < i:
@@ -286,6 +331,8 @@ class Reader:
                 continue
             cells, used = _exact(lines, j, self.name)
             i = j + used
+            if used > 1:  # one spreadsheet row over several lines
+                spans.append((lines.first_line + j, used - 1))
             if is_blank(cells):
                 continue
             line = lines.first_line + j
@@ -313,6 +360,7 @@ class Reader:
             columns = [pa.chunked_array([], pa.string()) for _ in range(self.width)]
         block = _merge(fast_lines, columns, exact_lines, exact_cells)
         block.bad = bad
+        block.spans = spans
         return block, max(i, n)
 
     def _parse(self, data: bytes | memoryview, rows: int, longest: int, quoted: bool) -> list[pa.ChunkedArray] | None:
@@ -356,7 +404,8 @@ class Reader:
             cells, _ = _exact(lines, skip, self.name)
         if column >= len(cells):
             return None
-        return cells[column].strip() or None
+        cell = cells[column].strip()
+        return (unsafe_cell(cell) if re.match(_PREFIXED, cell) else cell) or None
 
 
 def _merge(fast_lines: np.ndarray, fast: list[pa.ChunkedArray], exact_lines: list[int],
@@ -372,7 +421,7 @@ def _merge(fast_lines: np.ndarray, fast: list[pa.ChunkedArray], exact_lines: lis
             lines = lines[order]
             idx = pa.array(order)
             columns = [col.take(idx) for col in columns]
-    columns = [trim_null(col) for col in columns]
+    columns = [unprefix(trim_null(col)) for col in columns]
     if len(lines):
         empty = np.ones(len(lines), dtype=bool)
         for col in columns:

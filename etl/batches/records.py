@@ -79,10 +79,13 @@ def _record_rejects(conn: sa.Connection, batch_id: int, rejects_csv: Path | None
     count = 0
     # the report is formula-safe; read_rows gives back the original values
     page: list[dict] = []
+    fixed = ("line", "row", "column", "value", "reason")
     for rec in read_rows(Path(rejects_csv)):
-        id_column = list(rec)[1]  # the contract's row id: client_order_id, or row_id for intents
+        # the contract's row id (client_order_id, or row_id for intents) is the other column
+        id_column = next(k for k in rec if k not in fixed)
         page.append(
-            dict(batch_id=batch_id, line=int(rec["line"]), client_order_id=rec[id_column] or None,
+            dict(batch_id=batch_id, line=int(rec["line"]), excel_row=int(rec["row"]) if rec.get("row") else None,
+                 client_order_id=rec[id_column] or None,
                  column_name=rec["column"], value=rec["value"] or None, reason=rec["reason"])
         )
         if len(page) >= INSERT_PAGE:
@@ -244,8 +247,22 @@ def rejected(engine: Engine, batch_id: int) -> list[dict]:
         return [dict(r) for r in rows]
 
 
+def rejected_first(engine: Engine, batch_id: int, rows: int) -> list[dict]:
+    """Every problem of the batch's first `rows` rejected rows (by line): what a summary page
+    shows of a large batch without reading all of its rejected rows."""
+    r = rejected_rows
+    first = (sa.select(r.c.line).where(r.c.batch_id == batch_id).group_by(r.c.line)
+             .order_by(r.c.line).limit(rows).subquery())
+    with engine.connect() as conn:
+        found = conn.execute(
+            sa.select(r).where(r.c.batch_id == batch_id, r.c.line.in_(sa.select(first.c.line)))
+            .order_by(r.c.line, r.c.id)
+        ).mappings()
+        return [dict(x) for x in found]
+
+
 __all__: Iterable[str] = (
     "find_batch", "register_batch", "record_rejects", "finish_validation",
-    "set_status", "record_unusable", "rejected", "open_batch", "close_batch", "rupa_lookup_for",
+    "set_status", "record_unusable", "rejected", "rejected_first", "open_batch", "close_batch", "rupa_lookup_for",
     "claim_batch", "fence", "release_batch", "reopen", "get", "LostClaim",
 )

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 
 from etl.batches import records
-from etl.batches.names import rejects_path_for
+from etl.batches.names import fix_path_for, rejects_path_for
 from etl.claims import now as _now
 from etl.errors import UnusableInputError
 from etl.lgc import outbox
@@ -109,7 +109,7 @@ def _rows(validation) -> Iterator[dict]:
 
 def stage(
     engine: Engine, settings: Settings, taken: Taken, path: Path, *, owner: str,
-    rejects_path: Path | None = None,
+    rejects_path: Path | None = None, fix_path: Path | None = None,
 ) -> Staged:
     """Validate the whole file and write its outbox (bodies built once, in bulk). The batch is
     `validated` (loadable) only at the end; an unusable file leaves no outbox rows and the batch
@@ -124,9 +124,10 @@ def stage(
         conn.execute(sa.update(batch_files).where(batch_files.c.id == batch_id)
                      .values(status=BatchStatus.RECEIVED, error=None, stored_as=None))
     rejects = rejects_path or rejects_path_for(path)
+    fix = fix_path or fix_path_for(path)
     try:
         validation = CsvValidation(path, rupa_lookup=records.rupa_lookup_for(engine), rejects_path=rejects,
-                                   chunk_rows=VALIDATION_CHUNK_ROWS)
+                                   fix_path=fix, chunk_rows=VALIDATION_CHUNK_ROWS)
         outbox.write(engine, batch_id, _rows(validation), fence=fence,
                      vault=vault_for(settings.fernet_key, engine))
     except UnusableInputError as exc:
@@ -136,7 +137,7 @@ def stage(
             outbox.delete_batch(conn, batch_id)
             conn.execute(sa.update(batch_files).where(batch_files.c.id == batch_id)
                          .values(status=BatchStatus.UNUSABLE, error=reason, processed_at=_now()))
-        for leftover in (rejects.with_name(rejects.name + ".tmp"), rejects):
+        for leftover in (rejects.with_name(rejects.name + ".tmp"), rejects, fix.with_name(fix.name + ".tmp"), fix):
             leftover.unlink(missing_ok=True)  # a report of a file that was never usable misleads
         return Staged(batch_id, BatchStatus.UNUSABLE, error=reason)
     result = validation.result

@@ -16,8 +16,13 @@ csv module from any line where a quoted cell may span lines, so `line` is the tr
 the file (header = 1), blank lines are skipped and quoted cells may span lines. Memory is bounded
 by `chunk_rows`, whatever the file's size: the duplicate-id check keeps 12 bytes an id
 (`etl.batches.seen`), not the ids themselves.
-The rejects file (`FILE.rejects.csv`) is written to a temporary name and renamed at the end; a
-file with no problems leaves no rejects file (a stale one from an earlier run is removed).
+The rejects file (`FILE.rejects.csv`: one line per problem, `line` the file's physical line and
+`row` the row Excel shows) is written to a temporary name and renamed at the end; a file with no
+problems leaves no rejects file (a stale one from an earlier run is removed). With `fix_path`,
+the fix file (`FILE.fix.csv`) is written the same way: the rejected rows themselves, their
+original columns and values, behind a first column `problems` that says what is wrong with each.
+Fixed in Excel and dropped back, it is an ordinary batch: `problems` is read and ignored.
+Both are written by etl.batches.csvsafe (UTF-8 with BOM, CRLF, formula-safe cells).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from etl.batches import csvsafe
-from etl.batches.names import rejects_path_for  # noqa: F401  (re-exported)
+from etl.batches.names import fix_path_for, rejects_path_for  # noqa: F401  (re-exported)
 from etl.batches.reader import Block, Reader
 from etl.batches.seen import SeenIds
 from etl.errors import UnusableInputError
@@ -95,9 +100,9 @@ class Problem:
     value: str | None
     reason: str
 
-    def as_row(self) -> list:
-        return [self.line, _shown(self.client_order_id, MAX_ID_SHOWN), self.column, _shown(self.value),
-                self.reason]
+    def as_row(self, row: int | None = None) -> list:
+        return [self.line, self.line if row is None else row, _shown(self.client_order_id, MAX_ID_SHOWN),
+                self.column, _shown(self.value), self.reason]
 
 
 MAX_SHOWN = 1000  # a longer value is a broken export: the report shows its start and its length
@@ -121,6 +126,7 @@ class ValidationResult:
     rejected_rows: int = 0
     problems: int = 0
     rejects_path: Path | None = None
+    fix_path: Path | None = None
 
     @property
     def file_name(self) -> str:
@@ -148,12 +154,15 @@ def _normalise_order_batch(arrays: dict[str, pa.Array], n: int) -> dict[str, pa.
     return arrays
 
 
+PROBLEMS = "problems"  # the first column of FILE.fix.csv
+
 ORDER_BATCH = Contract(
     name="order batch", columns=COLUMNS, required=REQUIRED, schema=SCHEMA, reason_for=reason_for,
     id_column="client_order_id", extra_prefix=CUSTOM_PREFIX, template="examples/template.csv",
     row_noun="order", extra_columns=(RUPA_PATIENT_ID,), relaxed_by=(RUPA_PATIENT_ID, RUPA_FILLABLE),
-    normalise_arrays=_normalise_order_batch,
+    normalise_arrays=_normalise_order_batch, example="examples/orders.csv", ignored_columns=(PROBLEMS,),
 )
+SEPARATORS = {";": "';' (semicolons)", "\t": "tabs", "|": "'|'"}
 
 
 def _scan(path: Path) -> str:
@@ -210,14 +219,32 @@ def _some(names: list[str], hints: dict[str, str] | None = None, *, quote: bool 
     return ", ".join(shown) + (f" and {rest:,} more" if rest else "")
 
 
+def _other_separator(raw: list[str], contract: Contract) -> str | None:
+    """The separator a header uses when it is not a comma (European Excel saves CSV with `;`):
+    the one that splits the header into column names of the contract."""
+    known = set(contract.columns) | set(contract.extra_columns)
+    line = ",".join(raw)
+    for sep in SEPARATORS:
+        if sep in line and any(c.strip().lower() in known for c in line.split(sep)):
+            return sep
+    if len(raw) == 1:  # one column: some other separator, names we do not know
+        return next((sep for sep in SEPARATORS if sep in raw[0]), None)
+    return None
+
+
 def _canonical_header(raw: list[str], file_name: str, contract: Contract = ORDER_BATCH) -> list[str]:
     prefix = contract.extra_prefix
     known = set(contract.columns) | set(contract.extra_columns)
+    ignored = set(contract.ignored_columns)
     if not any(c.strip().lower() in known or contract.is_extra(c.strip()) for c in raw):
         # a data row where the header should be: say so without echoing its cells (PHI)
-        if len(raw) == 1 and any(sep in raw[0] for sep in (";", "\t", "|")):
+        sep = _other_separator(raw, contract)
+        if sep is not None:
+            example = f"; {contract.example} shows the layout" if contract.example else ""
             raise UnusableInputError(
-                f"{file_name}: the header is one single column; labsync reads comma-separated files"
+                f"{file_name}: the columns are separated by {SEPARATORS[sep]} but labsync reads "
+                "comma-separated files (Excel saves CSV with ';' in some countries); in Excel use "
+                f"File > Save As > 'CSV UTF-8 (comma delimited)' and drop the file again{example}"
             )
         raise UnusableInputError(
             f"{file_name}: has no header line (line 1 holds none of the column names of "
@@ -239,7 +266,7 @@ def _canonical_header(raw: list[str], file_name: str, contract: Contract = ORDER
     dupes = sorted(n for n, c in counts.items() if c > 1)
     if dupes:
         raise UnusableInputError(f"{file_name}: the header repeats {_some(dupes, quote=False)}")
-    unknown = [n for n in names if n not in known and not contract.is_extra(n)]
+    unknown = [n for n in names if n not in known and n not in ignored and not contract.is_extra(n)]
     if unknown:
         if contract is ORDER_BATCH and {"row_id", "return_url"} <= set(names):
             raise UnusableInputError(f"{file_name}: this is a Rupa order-intents file (row_id, return_url); "
@@ -275,6 +302,7 @@ class CsvValidation:
         *,
         chunk_rows: int = 20_000,
         rejects_path: Path | None = None,
+        fix_path: Path | None = None,
         rupa_lookup: RupaLookup | None = None,
         contract: Contract = ORDER_BATCH,
         cross_check: CrossCheck | None = None,
@@ -287,6 +315,7 @@ class CsvValidation:
         sha = _scan(self.path)
         self.result = ValidationResult(path=self.path, sha256=sha)
         self._rejects_final = rejects_path or rejects_path_for(self.path)
+        self._fix_final = fix_path  # None: no fix file (`labsync validate`, intents)
         try:
             self.header = self._read_header()
         except UnusableInputError as exc:
@@ -308,7 +337,9 @@ class CsvValidation:
         with self._open() as f:
             for raw in csv.reader(f):
                 if any(cell.strip() for cell in raw):
-                    return _canonical_header(raw, self.path.name, self.contract)
+                    names = _canonical_header(raw, self.path.name, self.contract)
+                    self.raw_header = [c.strip() for c in raw]  # the fix file's header, as written
+                    return names
         raise UnusableInputError(f"{self.path.name}: has no header line")
 
     # ---- validating ----------------------------------------------------------------------
@@ -324,17 +355,26 @@ class CsvValidation:
     def _frames(self, *, keep: bool) -> Iterator[pd.DataFrame]:
         """frames(); with keep=False the valid rows are counted but not copied out (run())."""
         tmp = self._rejects_final.with_name(self._rejects_final.name + ".tmp")
-        writer_file = None
-        writer = None
+        fix_tmp = self._fix_final.with_name(self._fix_final.name + ".tmp") if self._fix_final else None
+        writer_file = fix_file = None
+        writer = fix_writer = None
         try:
             for block in self._reader.blocks():
                 valid, problems = self._check(block, keep=keep)
                 if problems:
                     if writer is None:
-                        writer_file = tmp.open("w", encoding="utf-8", newline="")
-                        writer = csvsafe.open_writer(writer_file)  # formula-safe cells
+                        writer_file = csvsafe.open_text(tmp)  # BOM, CRLF, formula-safe cells
+                        writer = csvsafe.open_writer(writer_file)
                         writer.writerow(self.contract.reject_columns)
-                    writer.writerows(p.as_row() for p in problems)
+                    rows = self._reader.row_of([p.line for p in problems]).tolist()
+                    writer.writerows(p.as_row(r) for p, r in zip(problems, rows, strict=True))
+                    if fix_tmp is not None:
+                        if fix_writer is None:
+                            fix_file = csvsafe.open_text(fix_tmp)
+                            fix_writer = csvsafe.open_writer(fix_file)
+                            fix_writer.writerow(self._fix_header())
+                        fix_writer.writerows(self._fix_rows(block, problems, dict(zip(
+                            (p.line for p in problems), rows, strict=True))))
                 self.result.total_rows += block.records
                 rejected = len({p.line for p in problems})
                 self.result.valid_rows += len(block.lines) - (rejected - len(block.bad))
@@ -350,9 +390,44 @@ class CsvValidation:
                 self.result.rejects_path = self._rejects_final
             elif self._rejects_final.exists():
                 self._rejects_final.unlink()  # stale report from an earlier run of this file
+            if fix_file is not None and self._fix_final is not None:
+                fix_file.close()
+                fix_file = None
+                os.replace(fix_tmp, self._fix_final)
+                self.result.fix_path = self._fix_final
+            elif self._fix_final is not None and self._fix_final.exists():
+                self._fix_final.unlink()
         finally:
-            if writer_file is not None:
-                writer_file.close()
+            for handle in (writer_file, fix_file):
+                if handle is not None:
+                    handle.close()
+
+    def _fix_header(self) -> list[str]:
+        """`problems`, then the file's own header (a `problems` column of its own is dropped:
+        it described an earlier round)."""
+        return [PROBLEMS, *(raw for raw, name in zip(self.raw_header, self.header, strict=True)
+                            if name not in self.contract.ignored_columns)]
+
+    def _fix_rows(self, block: Block, problems: list[Problem], rows: dict[int, int]) -> Iterator[list]:
+        """The block's rejected records as read (trimmed, labsync's formula prefix removed, not
+        normalised), each behind the sentence of all its problems, in file order."""
+        keep = [k for k, name in enumerate(self.header) if name not in self.contract.ignored_columns]
+        reasons: dict[int, list[str]] = {}
+        for p in problems:
+            reasons.setdefault(p.line, []).append(p.reason)
+        raw = dict(block.bad)
+        lines = sorted(reasons)
+        good = [ln for ln in lines if ln not in raw]
+        cells: dict[int, list] = {}
+        if good:
+            at = pa.array(np.searchsorted(block.lines, good))
+            cols = [block.columns[k].take(at).to_pylist() for k in keep]
+            cells = {ln: [c[i] for c in cols] for i, ln in enumerate(good)}
+        for ln in lines:
+            values = cells.get(ln)
+            if values is None:  # the wrong number of cells: written as they are, to be fixed
+                values = [c.strip() for c in raw[ln]]
+            yield [f"row {rows[ln]}: " + "; ".join(reasons[ln]), *values]
 
     def run(self) -> ValidationResult:
         """Validate the whole file without handing rows on; return the counts."""
@@ -380,7 +455,7 @@ class CsvValidation:
             problems.extend(Problem(line, None if pd.isna(ids.get(line)) else ids.get(line), column, value, reason)
                             for line, column, value, reason in self.cross_check(frame))
         problems.extend(
-            p for p in self._schema_problems(frame)
+            p for p in self._schema_problems(frame, self._raw_lookup(block))
             # an unknown rupa_patient_id is the one cause of its row's empty patient fields
             if not (p.line in unknown_rupa and p.column in RUPA_FILLABLE and p.value is None)
         )
@@ -391,6 +466,22 @@ class CsvValidation:
         bad = np.fromiter({p.line for p in problems}, dtype=np.int64)
         return frame[~np.isin(block.lines, bad)], problems
 
+    def _raw_lookup(self, block: Block) -> Callable[[int, str], str | None]:
+        """(line, column) -> the cell as the file has it (trimmed, not normalised): reasons and
+        hints describe what the person typed (`555.0100` or `1.23E+11`, not `5550100`)."""
+        position = {name: k for k, name in enumerate(self.header)}
+
+        def raw(line: int, column: str) -> str | None:
+            k = position.get(column)
+            if k is None:
+                return None
+            i = int(np.searchsorted(block.lines, line))
+            if i >= len(block.lines) or block.lines[i] != line:
+                return None
+            return block.columns[k][i].as_py()
+
+        return raw
+
     def _frame(self, block: Block) -> pd.DataFrame:
         """The chunk as Arrow-backed strings (trimmed, empty -> missing), normalised.
 
@@ -398,7 +489,8 @@ class CsvValidation:
         and pandas wraps them without copying the text."""
         n = len(block.lines)
         index = pd.Index(block.lines, name="line")
-        arrays = dict(zip(self.header, block.columns, strict=True))
+        arrays = {name: col for name, col in zip(self.header, block.columns, strict=True)
+                  if name not in self.contract.ignored_columns}
         for name in self.contract.columns:
             if name not in arrays:
                 arrays[name] = pa.nulls(n, pa.string())
@@ -434,7 +526,8 @@ class CsvValidation:
                     frame.at[line, col] = patient[col]
         return problems
 
-    def _schema_problems(self, frame: pd.DataFrame) -> list[Problem]:
+    def _schema_problems(self, frame: pd.DataFrame,
+                         raw_at: Callable[[int, str], str | None] | None = None) -> list[Problem]:
         try:
             _schema_for(frame, self.contract.schema).validate(frame, lazy=True)
             return []
@@ -461,7 +554,9 @@ class CsvValidation:
                 value = str(int(_pcp_full_name_length(frame.loc[[line]]).iloc[0]))
                 shown = None
             else:
-                raw = frame.at[line, column] if column in frame.columns else None
+                raw = raw_at(line, column) if raw_at is not None else None
+                if raw is None:  # not in the file (e.g. filled from the warehouse's Rupa copy)
+                    raw = frame.at[line, column] if column in frame.columns else None
                 value = shown = None if raw is None or pd.isna(raw) else str(raw)
             cid = ids.get(line)
             problems[key] = Problem(line, None if pd.isna(cid) else cid, column, shown,

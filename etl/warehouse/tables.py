@@ -36,7 +36,7 @@ metadata = MetaData(
 # `alembic_version` with this set instead of importing Alembic (commands that do not migrate start
 # fast); tests/test_warehouse.py asserts it equals the migration scripts' heads, so a new
 # migration without a matching change here fails the suite.
-SCHEMA_HEADS = frozenset({"0008_lgc_lifecycle"})
+SCHEMA_HEADS = frozenset({"0010_excel_rows"})
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 TS = DateTime(timezone=True)
@@ -69,7 +69,8 @@ rejected_rows = Table(
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
     Column("batch_id", Id, ForeignKey("batch_files.id", ondelete="CASCADE"), nullable=False),
-    Column("line", Integer, nullable=False),
+    Column("line", Integer, nullable=False),  # the file's physical line (header = 1)
+    Column("excel_row", Integer),  # the row a spreadsheet shows (header = 1); NULL before 0010
     Column("client_order_id", String(200)),
     Column("column_name", String(200), nullable=False),
     Column("value", Text),
