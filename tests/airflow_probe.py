@@ -33,6 +33,10 @@ def integrity() -> dict:
             "trigger_rules": {t.task_id: getattr(t.trigger_rule, "value", str(t.trigger_rule)) for t in dag.tasks},
             "pools": {t.task_id: t.pool for t in dag.tasks},
             "retries": {t.task_id: t.retries for t in dag.tasks},
+            "timeouts": {t.task_id: t.execution_timeout.total_seconds() if t.execution_timeout else None
+                         for t in dag.tasks},
+            "map_index_templates": {t.task_id: t.map_index_template for t in dag.tasks
+                                    if getattr(t, "map_index_template", None)},
         }
     return {"import_errors": {k: str(v) for k, v in bag.import_errors.items()}, "dags": dags}
 
@@ -56,12 +60,17 @@ def run(dag_id: str) -> dict:
     bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
     dr = bag.get_dag(dag_id).test()
     from airflow.models.taskinstance import TaskInstance as TI
+    from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
         tis = session.query(TI).filter(TI.dag_id == dag_id, TI.run_id == dr.run_id).all()
         states = {f"{ti.task_id}[{ti.map_index}]" if ti.map_index >= 0 else ti.task_id: str(ti.state) for ti in tis}
-    return {"state": str(dr.state), "tasks": states}
+        labels = {f"{ti.task_id}[{ti.map_index}]": ti.rendered_map_index for ti in tis if ti.map_index >= 0}
+        xcoms = session.query(XComModel).filter(XComModel.dag_id == dag_id, XComModel.run_id == dr.run_id,
+                                                XComModel.key == "return_value").all()
+        returned = {x.task_id: x.value for x in xcoms if x.map_index < 0}
+    return {"state": str(dr.state), "tasks": states, "labels": labels, "returned": returned}
 
 
 def providers() -> dict:
