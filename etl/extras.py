@@ -22,5 +22,5 @@ def require(extra: str, what: str, modules: tuple[str, ...] = WEB) -> None:
     """ConfigError naming `labsync[extra]` when one of `modules` is not installed."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise ConfigError(f"{what} needs the labsync[{extra}] extra ({', '.join(missing)} is not "
-                          f"installed): pip install 'labsync[{extra}]'")
+        raise ConfigError(f"{what}: install the labsync[{extra}] extra (missing: "
+                          f"{', '.join(missing)}): pip install 'labsync[{extra}]'")
