@@ -2,7 +2,8 @@
 # Does the wheel install into an existing Airflow deployment? Builds labsync's wheel, then:
 #   1. a fresh venv with the lowest supported Airflow (scripts/airflow-lowest-constraints.txt);
 #      labsync's wheel installed into it must leave every apache-airflow* package and SQLAlchemy
-#      where they were, `uv pip check` must be clean, and with the DAG folder `airflow dags
+#      where they were, `uv pip check` must be clean, the same install beside Airflow 3.0 must be
+#      refused before anything is installed, and with the DAG folder `airflow dags
 #      reserialize` + `airflow dags list` must show the four DAGs with no import error,
 #      Airflow must list the labsync connection types, and `airflow dags test order_batches`
 #      must load two example files into the sandbox LetsGetChecked (Airflow 3.1 on SQLAlchemy 2);
@@ -30,13 +31,21 @@ uv pip install --quiet --python "$venv/bin/python" -r "$repo/scripts/airflow-low
 core() { uv pip freeze --python "$venv/bin/python" 2>/dev/null | grep -i -E '^(apache-airflow[a-z-]*|sqlalchemy)==' | sort; }
 core > "$work/core.before"
 say "airflow venv: $(grep -i '^apache-airflow==' "$work/core.before") $(grep -i '^sqlalchemy==' "$work/core.before")"
-uv pip install --quiet --python "$venv/bin/python" "$wheel"
+# as the README says: the wheel with the deployment's Airflow pinned, so the resolver sees both
+uv pip install --quiet --python "$venv/bin/python" "$wheel" "apache-airflow==$(
+  grep -i '^apache-airflow==' "$work/core.before" | cut -d= -f3)"
 core > "$work/core.after"
 if ! diff -u "$work/core.before" "$work/core.after"; then
   say "installing labsync changed the deployment's core packages (above)" >&2; exit 1
 fi
 uv pip check --python "$venv/bin/python" >"$work/check.log" 2>&1 || { cat "$work/check.log" >&2; exit 1; }
 say "pip check: $(tail -1 "$work/check.log")"
+# ...and on Airflow 3.0 (which pins sqlalchemy<2.0) the same command refuses before installing
+if uv pip install --dry-run --python "$venv/bin/python" "$wheel" "apache-airflow==3.0.6" \
+    >"$work/refused.log" 2>&1 || ! grep -q "sqlalchemy" "$work/refused.log"; then
+  cat "$work/refused.log" >&2; say "Airflow 3.0.6 was not refused up front" >&2; exit 1
+fi
+say "beside apache-airflow==3.0.6: refused up front (it pins sqlalchemy<2.0)"
 
 export AIRFLOW_HOME="$work/airflow-home" AIRFLOW__CORE__DAGS_FOLDER="$repo/dags"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__LOGGING__LOGGING_LEVEL=ERROR PYTHONWARNINGS=ignore
