@@ -5,7 +5,7 @@
 #      where they were, `uv pip check` must be clean, the same install beside Airflow 3.0 must be
 #      refused before anything is installed, and with the DAG folder `airflow dags
 #      reserialize` + `airflow dags list` must show the four DAGs with no import error,
-#      Airflow must list the labsync connection types, and `airflow dags test order_batches`
+#      Airflow must list the labsync connection types with their forms, and `airflow dags test order_batches`
 #      must load two example files into the sandbox LetsGetChecked (Airflow 3.1 on SQLAlchemy 2);
 #   2. a fresh venv with the wheel alone (a worker image without the web extras): the clients
 #      import, and `labsync sandbox` says which extra it needs (exit 2) instead of a traceback.
@@ -53,10 +53,14 @@ af() { (cd "$work" && "$venv/bin/airflow" "$@"); }  # not from the repo: the ins
 af db migrate >"$work/migrate.log" 2>&1 || { tail -20 "$work/migrate.log" >&2; exit 1; }
 af dags reserialize >"$work/reserialize.log" 2>&1 || { tail -20 "$work/reserialize.log" >&2; exit 1; }
 af dags list -o json >"$work/dags.json" 2>"$work/dags.log" || { tail -20 "$work/dags.log" >&2; exit 1; }
+# Airflow 3.1 builds connection forms from the Hooks' wtforms fields, which need the FAB provider
+uv pip install --quiet --python "$venv/bin/python" apache-airflow-providers-fab \
+  -c "$repo/scripts/airflow-lowest-constraints.txt"
 # one Python process for the rest (each `airflow` command starts Airflow again)
 (cd "$work" && "$venv/bin/python" - "$work/dags.json" "$AIRFLOW__CORE__DAGS_FOLDER") <<'PY'
 import json, sys
 
+from airflow.api_fastapi.core_api.services.ui.connections import HookMetaService
 from airflow.models.dagbag import DagBag
 from airflow.providers_manager import ProvidersManager
 
@@ -67,8 +71,14 @@ errors = DagBag(dag_folder=sys.argv[2], include_examples=False).import_errors
 assert not errors, errors
 hooks = {t: h.hook_class_name for t, h in ProvidersManager().hooks.items() if h and t.startswith("labsync")}
 assert hooks == {"labsync-lgc": "etl.airflow.hooks.LgcHook", "labsync-rupa": "etl.airflow.hooks.RupaHook"}, hooks
+forms = {m.connection_type: m.model_dump() for m in HookMetaService.hook_meta_data()}  # the UI's form
+lgc = forms["labsync-lgc"]
+assert lgc["standard_fields"]["login"]["title"] == "Access key" and lgc["standard_fields"]["port"]["hidden"], lgc
+assert sorted(lgc["extra_fields"]) == ["access_token", "client_id"], lgc
+assert lgc["extra_fields"]["access_token"]["schema"]["format"] == "password", lgc
+assert sorted(forms["labsync-rupa"]["extra_fields"]) == ["access_token"], forms["labsync-rupa"]
 print(f"check-wheel: airflow dags list: {', '.join(dags)}; import errors: none; "
-      f"connection types: {', '.join(sorted(hooks))}")
+      f"connection types: {', '.join(sorted(hooks))} (with their forms)")
 PY
 
 # the real DAG on this Airflow: the sandbox (its web stack comes with Airflow here), a SQLite

@@ -136,14 +136,6 @@ class _VendorHook(BaseHook):
         super().__init__(**kwargs)
         self.conn_id = conn_id
 
-    @classmethod
-    def get_connection_form_widgets(cls) -> dict[str, Any]:
-        return _form_widgets(cls.conn_type)
-
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return _field_behaviour(cls.conn_type)
-
     def connection(self) -> Any | None:
         """The Connection, or None when it does not exist (the environment's settings apply)."""
         try:
@@ -183,6 +175,15 @@ class LgcHook(_VendorHook):
     field_names = {"LGC_BASE_URL": "the API base URL", "LGC_CLIENT_ID": "the Client ID",
                    "LGC_ACCESS_KEY": "the Access key", "LGC_SECRET_KEY": "the Secret key",
                    "LGC_API_TOKEN": "the ready access token"}
+
+    # Defined on each Hook itself: Airflow 3.1 reads them only from the class's own __dict__.
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        return _form_widgets(cls.conn_type)
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return _field_behaviour(cls.conn_type)
 
     def __init__(self, lgc_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(lgc_conn_id, **kwargs)
@@ -226,6 +227,15 @@ class RupaHook(_VendorHook):
     field_names = {"RUPA_BASE_URL": "the API base URL", "RUPA_CLIENT_ID": "the OAuth client ID",
                    "RUPA_CLIENT_SECRET": "the OAuth client secret",
                    "RUPA_API_TOKEN": "the ready access token"}
+
+    # Defined on each Hook itself: Airflow 3.1 reads them only from the class's own __dict__.
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        return _form_widgets(cls.conn_type)
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return _field_behaviour(cls.conn_type)
 
     def __init__(self, rupa_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(rupa_conn_id, **kwargs)
