@@ -20,7 +20,9 @@ py=${PYTHON:-python3}
 start=$SECONDS
 say() { echo "check-wheel: [$((SECONDS - start))s] $*"; }
 
-uv build --quiet --wheel --out-dir "$work/dist" "$repo" 2>"$work/build.log" || { cat "$work/build.log" >&2; exit 1; }
+# sdist first, then the wheel from the unpacked sdist (uv build's default): nothing is written into
+# the source tree but the egg-info, and the wheel holds only what a release would
+uv build --quiet --out-dir "$work/dist" "$repo" 2>"$work/build.log" || { cat "$work/build.log" >&2; exit 1; }
 wheel=$(ls "$work"/dist/labsync-*.whl)
 say "built $(basename "$wheel")"
 
