@@ -6,6 +6,7 @@ sweep:          GET open orders not checked for LABSYNC_TRACK_STALE_MINUTES (def
 fetch_results:  results JSON + HL7 of items at ResultsAvailable, stored once
 
 Schedule: LABSYNC_LIFECYCLE_SCHEDULE (default every 15 minutes). Connection: lgc_default.
+Timeout: LABSYNC_TASK_TIMEOUT_MINUTES per task (default 60).
 Assets: lgc_order_items (apply_webhooks, sweep) and lgc_results (fetch_results). Every step is
 idempotent, so a retried task is safe; sweep and fetch_results run even if an earlier step failed.
 """
@@ -18,7 +19,8 @@ from airflow.sdk import Asset, dag, task
 LGC_ORDER_ITEMS = Asset(name="lgc_order_items", uri="labsync://warehouse/lgc_order_items")
 LGC_RESULTS = Asset(name="lgc_results", uri="labsync://warehouse/lgc_results")
 
-RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=1)}
+TASK_TIMEOUT = timedelta(minutes=float(os.environ.get("LABSYNC_TASK_TIMEOUT_MINUTES", "60")))
+RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=1), "execution_timeout": TASK_TIMEOUT}
 
 
 @dag(

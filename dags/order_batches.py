@@ -4,14 +4,19 @@ prepare: claim the files in LABSYNC_INBOX in the warehouse (by content hash: a r
          is recognised), validate each whole file, write its rows' PUT bodies to the outbox;
          list the chunks to load: id ranges of the outbox (LABSYNC_CHUNK_ROWS rows each),
          including rows of earlier incomplete batches that go out again
-load:    one mapped task per chunk, in pool LABSYNC_LGC_POOL (default `lgc_api`); claims owned by
-         the task instance, idempotent PUTs recorded in the ledger and the outbox
+load:    one mapped task per chunk, in pool LABSYNC_LGC_POOL (default `lgc_api`, sized with
+         `labsync budget --pool-slots`), shown as e.g. "orders.csv lines 2-501 (500 rows)"; claims
+         owned by the task instance, idempotent PUTs recorded in the ledger and the outbox; marks
+         the Asset `lgc_orders` (the ledger) so downstream DAGs can be asset-scheduled
 finish:  runs even when a load failed: batch statuses from the outbox, FILE.summary.html beside
-         each file, files moved to processed/
+         each file, files moved to processed/; each summary's location is in its log and XCom
 check:   fails the run (red) when a batch ended incomplete, a file was unusable, or a load task
          failed for good; the next run sends the rows again and is green once they go through
 
-Schedule: LABSYNC_INBOX_SCHEDULE (default every 5 minutes). Connection: lgc_default.
+Schedule: LABSYNC_INBOX_SCHEDULE (default every 5 minutes). Connection: lgc_default (type
+labsync-lgc). Timeouts: LABSYNC_LOAD_TIMEOUT_MINUTES for a load task (default 30: above
+LGC_LOAD_DEADLINE's 15, after which a load stops sending), LABSYNC_TASK_TIMEOUT_MINUTES for the
+others (default 60).
 A load task that fails half-way is retried by Airflow; the ledger makes the re-send safe.
 Alerting: set `on_failure_callback` in default_args (see the README).
 """
@@ -19,10 +24,14 @@ Alerting: set `on_failure_callback` in default_args (see the README).
 import os
 from datetime import datetime, timedelta
 
-from airflow.sdk import dag, task
+from airflow.sdk import Asset, dag, task
 
-RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=1)}
+LGC_ORDERS = Asset(name="lgc_orders", uri="labsync://warehouse/lgc_orders")
+
 POOL = os.environ.get("LABSYNC_LGC_POOL", "lgc_api")
+TASK_TIMEOUT = timedelta(minutes=float(os.environ.get("LABSYNC_TASK_TIMEOUT_MINUTES", "60")))
+LOAD_TIMEOUT = timedelta(minutes=float(os.environ.get("LABSYNC_LOAD_TIMEOUT_MINUTES", "30")))
+RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=1), "execution_timeout": TASK_TIMEOUT}
 
 
 @dag(
@@ -45,10 +54,14 @@ def order_batches():
     def chunks(prepared: dict) -> list:
         return prepared["chunks"]  # the list `load` is mapped over (one task per chunk)
 
-    @task(pool=POOL, max_active_tis_per_dagrun=int(os.environ.get("LABSYNC_LOAD_PARALLELISM", "4")))
+    @task(pool=POOL, max_active_tis_per_dagrun=int(os.environ.get("LABSYNC_LOAD_PARALLELISM", "4")),
+          execution_timeout=LOAD_TIMEOUT, outlets=[LGC_ORDERS], map_index_template="{{ chunk_label }}")
     def load(chunk: dict) -> dict:
-        from etl.tasks import inbox_load_chunk
+        from airflow.sdk import get_current_context
 
+        from etl.tasks import chunk_label, inbox_load_chunk
+
+        get_current_context()["chunk_label"] = chunk_label(chunk)  # the UI's name for this task
         return inbox_load_chunk(chunk)
 
     @task(trigger_rule="all_done")

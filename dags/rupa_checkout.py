@@ -7,6 +7,7 @@ rupa_events:  events stored by the webhook receiver -> rupa_orders, rupa_ordered
               rupa_patients, rupa_lab_tests; result files downloaded into rupa_results
 
 Schedule: LABSYNC_RUPA_CHECKOUT_SCHEDULE (default every 5 minutes). Connection: rupa_default.
+Timeout: LABSYNC_TASK_TIMEOUT_MINUTES per task (default 60).
 Both tasks are safe to retry: the intents ledger never sends a row twice on purpose, and events
 apply idempotently in any order.
 """
@@ -16,7 +17,8 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import dag, task
 
-RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=1)}
+TASK_TIMEOUT = timedelta(minutes=float(os.environ.get("LABSYNC_TASK_TIMEOUT_MINUTES", "60")))
+RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=1), "execution_timeout": TASK_TIMEOUT}
 
 
 @dag(

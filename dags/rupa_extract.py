@@ -1,6 +1,7 @@
 """Rupa Health -> warehouse: patients and lab tests, in parallel, on a schedule.
 
 Schedule: LABSYNC_RUPA_SCHEDULE (cron or preset, default @hourly). Connection: rupa_default.
+Timeout: LABSYNC_TASK_TIMEOUT_MINUTES per task (default 60).
 Each task marks the Asset of the table it refreshed, so downstream DAGs can be asset-scheduled.
 """
 
@@ -12,7 +13,8 @@ from airflow.sdk import Asset, dag, task
 RUPA_PATIENTS = Asset(name="rupa_patients", uri="labsync://warehouse/rupa_patients")
 RUPA_LAB_TESTS = Asset(name="rupa_lab_tests", uri="labsync://warehouse/rupa_lab_tests")
 
-RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=2)}
+TASK_TIMEOUT = timedelta(minutes=float(os.environ.get("LABSYNC_TASK_TIMEOUT_MINUTES", "60")))
+RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=2), "execution_timeout": TASK_TIMEOUT}
 
 
 @dag(

@@ -12,7 +12,13 @@ import socket
 import threading
 import time
 
-import uvicorn
+try:  # the labsync[server] / labsync[sandbox] extra
+    import uvicorn
+except ImportError:  # pragma: no cover - tested in the wheel check (scripts/check-wheel.sh)
+    from etl.extras import require
+
+    require("server", "serving an app (the webhook receiver, the sandbox)")
+    raise
 
 
 def quiet_uvicorn() -> None:

@@ -1,4 +1,5 @@
-"""One settings object for the CLI (environment variables) and the DAGs (Airflow Connections).
+"""One settings object for the CLI (environment variables) and the DAGs (Airflow Connections,
+read by etl.airflow).
 
 Everything that talks to a vendor or the warehouse takes a `Settings` (or one of its parts) as an
 argument; nothing else in `etl/` reads the environment.
@@ -367,119 +368,13 @@ class Settings:
         env: Mapping[str, str] | None = None,
         require: tuple[str, ...] = (),
     ) -> Settings:
-        """Environment settings overlaid with Airflow Connections (the DAGs' source).
-
-        lgc_default:  host = base URL, login = access key, password = secret key,
-                      extra {"client_id": "...", "access_token": "..." (optional)}
-        rupa_default: host = base URL, login = client id, password = client secret,
-                      extra {"access_token": "..."} for a ready token
-        labsync_warehouse (optional): its URI is the SQLAlchemy URL (else LABSYNC_WAREHOUSE_URL).
-        A connection that does not exist leaves the environment's values in place, except for
-        the vendors named in `require` ("lgc", "rupa"): a task that talks to a vendor with
-        neither its Connection nor its base-URL variable fails with a message naming both,
-        instead of silently aiming at the local sandbox.
-        The Fernet key for stored tokens: LABSYNC_FERNET_KEY, else the Variable
-        `labsync_fernet_secret` (Airflow masks it in logs: its name contains "secret").
-        """
-        env = os.environ if env is None else env
-        base = cls.from_env(env)
-        lgc_conn = _airflow_connection(lgc_conn_id)
-        rupa_conn = _airflow_connection(rupa_conn_id)
-        wh_conn = _airflow_connection(warehouse_conn_id)
-        lgc, rupa, warehouse_url = base.lgc, base.rupa, base.warehouse_url
-        if lgc_conn is not None:
-            extra = _extra(lgc_conn)
-            lgc = replace(
-                lgc,
-                base_url=_conn_base_url(lgc_conn) or lgc.base_url,
-                access_key=lgc_conn.login or lgc.access_key,
-                secret_key=lgc_conn.password or lgc.secret_key,
-                client_id=extra.get("client_id") or lgc.client_id,
-                api_token=extra.get("access_token") or extra.get("api_token") or lgc.api_token,
-            )
-        if rupa_conn is not None:
-            extra = _extra(rupa_conn)
-            rupa = replace(
-                rupa,
-                base_url=_conn_base_url(rupa_conn) or rupa.base_url,
-                client_id=rupa_conn.login or rupa.client_id,
-                client_secret=rupa_conn.password or rupa.client_secret,
-                api_token=extra.get("access_token") or rupa.api_token,
-            )
-        if wh_conn is not None:
-            warehouse_url = _sqlalchemy_url(wh_conn) or warehouse_url
-        for vendor, conn, conn_id, variable in (("lgc", lgc_conn, lgc_conn_id, "LGC_BASE_URL"),
-                                                ("rupa", rupa_conn, rupa_conn_id, "RUPA_BASE_URL")):
-            if vendor in require and conn is None and not (env.get(variable) or "").strip():
-                raise ConfigError(
-                    f"the Airflow Connection {conn_id!r} does not exist and {variable} is not set: "
-                    f"create the Connection (see the README) or set {variable}"
-                )
-        fernet_key = base.fernet_key or _airflow_variable(FERNET_VARIABLE)
-        return replace(base, lgc=lgc, rupa=rupa, warehouse_url=warehouse_url, fernet_key=fernet_key)
-
-
-FERNET_VARIABLE = "labsync_fernet_secret"
-
-
-def _airflow_variable(key: str) -> str | None:
-    try:
-        from airflow.sdk import Variable
-    except ImportError:  # pragma: no cover - the DAGs always have Airflow
-        return None
-    try:
-        value = Variable.get(key, default=None)
-    except Exception:  # not found, no API server: fall back to the other sources
-        return None
-    return value.strip() if isinstance(value, str) and value.strip() else None
-
-
-def _airflow_connection(conn_id: str):
-    try:
-        from airflow.sdk import Connection
-    except ImportError as exc:  # pragma: no cover - the DAGs always have Airflow
-        raise ConfigError("Airflow is not installed; use Settings.from_env()") from exc
-    try:
-        return Connection.get(conn_id)
-    except Exception:  # AirflowNotFoundException and friends: fall back to the environment
-        return None
-
-
-def _extra(conn) -> dict:
-    try:
-        extra = conn.extra_dejson
-    except Exception:
-        extra = {}
-    if isinstance(extra, str):
+        """Environment settings overlaid with Airflow Connections (the DAGs' source), read
+        through the labsync Hooks: see etl.airflow.settings (which needs Airflow; this module
+        does not). A task that talks to a vendor named in `require` ("lgc", "rupa") with neither
+        its Connection nor its base-URL variable fails with a message naming both."""
         try:
-            extra = json.loads(extra)
-        except ValueError:
-            extra = {}
-    return extra or {}
-
-
-def _conn_base_url(conn) -> str | None:
-    """host may hold a whole URL (`https://api.rupahealth.com`) or a bare host name."""
-    host = (conn.host or "").strip()
-    if not host:
-        return None
-    if "://" in host:
-        return host.rstrip("/")
-    scheme = conn.schema if conn.schema in ("http", "https") else "https"
-    port = f":{conn.port}" if conn.port else ""
-    return f"{scheme}://{host}{port}".rstrip("/")
-
-
-def _sqlalchemy_url(conn) -> str | None:
-    extra = _extra(conn)
-    if extra.get("sqlalchemy_url"):
-        return extra["sqlalchemy_url"]
-    try:
-        uri = conn.get_uri()
-    except Exception:
-        return None
-    if uri.startswith("postgres://"):
-        uri = "postgresql+psycopg://" + uri[len("postgres://") :]
-    elif uri.startswith("postgresql://"):
-        uri = "postgresql+psycopg://" + uri[len("postgresql://") :]
-    return uri
+            from etl.airflow.settings import task_settings
+        except ImportError as exc:  # pragma: no cover - the DAGs always have Airflow
+            raise ConfigError("Airflow is not installed; use Settings.from_env()") from exc
+        return task_settings(lgc_conn_id=lgc_conn_id, rupa_conn_id=rupa_conn_id,
+                             warehouse_conn_id=warehouse_conn_id, env=env, require=require)

@@ -14,9 +14,12 @@ away mid-task says so (WarehouseUnavailable), not a driver traceback.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import asdict
 
 from etl.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def _engine(settings: Settings):
@@ -108,14 +111,42 @@ def inbox_load_chunk(chunk: dict, settings: Settings | None = None, *, ti_owner:
     return inbox.load_chunk(_engine(settings), settings, chunk, owner=ti, file_owner=run)
 
 
+def chunk_label(chunk: dict) -> str:
+    """How a load task is shown in the Airflow UI instead of "Map Index 3": the file and the
+    lines its rows came from, e.g. `orders.csv lines 2-501 (500 rows)`. No PHI: names and counts."""
+    name = str(chunk.get("file") or f"batch {chunk.get('batch_id')}").rsplit("/", 1)[-1]
+    rows = int(chunk.get("rows") or 0)
+    first, last = int(chunk.get("first_line") or 0), int(chunk.get("last_line") or 0)
+    where = f"lines {first}-{last}" if first and last else f"outbox ids {chunk.get('first_id')}-{chunk.get('last_id')}"
+    return f"{name} {where} ({rows} row{'s' if rows != 1 else ''})"
+
+
+def summary_location(settings: Settings, outcome: dict) -> str | None:
+    """Where a batch's summary page is: the inbox joined with the page's path inside it."""
+    from pathlib import PurePosixPath
+
+    from etl.batches.names import summary_path
+
+    inside = outcome.get("summary") or (
+        str(summary_path(PurePosixPath(outcome["file"]))) if outcome.get("file") else None)
+    return None if inside is None else f"{str(settings.inbox).rstrip('/')}/{inside}"
+
+
 @_plain_errors
 def inbox_finish(prepared: dict, settings: Settings | None = None, *, run_owner: str | None = None) -> list[dict]:
-    """Statuses from the outbox, summaries beside each file, files moved to processed/."""
+    """Statuses from the outbox, summaries beside each file, files moved to processed/. Each
+    summary's location is written to the task log and returned (XCom) as `summary_location`."""
     from etl.batches import inbox
 
     settings = settings or Settings.from_airflow()
     _, run = _owners("-", run_owner) if run_owner else _owners()
-    return inbox.finish(_engine(settings), settings, prepared, owner=run)
+    outcomes = []
+    for outcome in inbox.finish(_engine(settings), settings, prepared, owner=run):
+        location = summary_location(settings, outcome)
+        if location:
+            log.info("summary of %s (%s): %s", outcome.get("name"), outcome.get("status"), location)
+        outcomes.append({**outcome, "summary_location": location})
+    return outcomes
 
 
 def inbox_check(outcomes: list[dict]) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,9 @@ def test_dagbag_loads_both_dags_with_the_expected_shape(airflow_env):
     assert batches["trigger_rules"]["check"] == "none_failed"  # a load that failed for good fails the run
     assert batches["retries"]["check"] == 0
     assert batches["pools"]["load"] == "lgc_api"
+    assert batches["outlets"]["load"] == ["lgc_orders"]  # the task that changes the ledger marks it
+    assert batches["map_index_templates"] == {"load": "{{ chunk_label }}"}
+    assert batches["timeouts"]["load"] == 30 * 60  # above LGC_LOAD_DEADLINE (15 minutes)
 
     checkout = dags["rupa_checkout"]
     assert checkout["tasks"] == ["intents", "rupa_events"]
@@ -87,6 +91,19 @@ def test_dagbag_loads_both_dags_with_the_expected_shape(airflow_env):
     assert life["outlets"] == {"apply_webhooks": ["lgc_order_items"], "sweep": ["lgc_order_items"],
                                "fetch_results": ["lgc_results"]}
     assert life["trigger_rules"]["sweep"] == life["trigger_rules"]["fetch_results"] == "all_done"
+
+    # every task of every DAG has a timeout (a hung vendor call must not hold a worker slot forever)
+    for dag_id, facts_of in dags.items():
+        for task_id, timeout in facts_of["timeouts"].items():
+            assert timeout == (30 * 60 if task_id == "load" else 60 * 60), (dag_id, task_id, timeout)
+
+
+def test_timeouts_are_configurable(airflow_env):
+    facts = probe(airflow_env, "integrity", extra={"LABSYNC_TASK_TIMEOUT_MINUTES": "10",
+                                                   "LABSYNC_LOAD_TIMEOUT_MINUTES": "45"})
+    assert facts["dags"]["order_batches"]["timeouts"] == {"prepare": 600, "chunks": 600, "load": 2700,
+                                                          "finish": 600, "check": 600}
+    assert set(facts["dags"]["rupa_extract"]["timeouts"].values()) == {600}
 
 
 def test_schedules_are_configurable(airflow_env):
@@ -125,6 +142,16 @@ def test_order_batches_end_to_end(airflow_env, sandboxes, tmp_path):
     assert first["state"] == "failed", first
     assert sorted(k for k in first["tasks"] if k.startswith("load[")) == ["load[0]", "load[1]", "load[2]", "load[3]"]
     assert {k: v for k, v in first["tasks"].items() if v != "success"} == {"check": "failed"}
+    # the UI names each load task by its file and lines, not "Map Index 2"
+    labels = sorted(first["labels"].values())
+    assert labels[:3] == ["orders.csv lines 10-11 (2 rows)", "orders.csv lines 2-5 (4 rows)",
+                          "orders.csv lines 6-9 (4 rows)"], labels
+    assert re.fullmatch(r"orders_broken\.csv lines \d+-\d+ \(2 rows\)", labels[3]), labels
+    # finish returns (XCom) where each summary is
+    locations = sorted(o["summary_location"] for o in first["returned"]["finish"])
+    assert locations == sorted(f"{inbox}/{p}" for p in ("processed/orders.summary.html",
+                                                         "processed/orders_broken.summary.html",
+                                                         "failed/orders_unusable.summary.html"))
 
     lgc = sandboxes.sandbox.lgc
     assert len(lgc.orders) == 12 and set(lgc.accepted_count.values()) == {1}

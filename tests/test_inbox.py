@@ -370,7 +370,8 @@ def test_a_load_task_in_another_working_directory_and_temp_dir_loads_its_chunk(b
     drop(paths, "orders.csv")
     prepared = inbox.prepare(engine, replace(settings, chunk_rows=100), owner=OWNER)
     (chunk,) = prepared["chunks"]
-    assert set(chunk) == {"batch_id", "first_id", "last_id", "rows", "file"} and chunk["rows"] == 10
+    assert set(chunk) == {"batch_id", "first_id", "last_id", "rows", "file", "first_line", "last_line"}
+    assert chunk["rows"] == 10 and (chunk["first_line"], chunk["last_line"]) == (2, 11)
     elsewhere = tmp_path / "worker-2"
     (elsewhere / "tmp").mkdir(parents=True)
     env = cli_env(settings, TMPDIR=str(elsewhere / "tmp"), LABSYNC_INBOX=str(elsewhere / "no-inbox-here"))

@@ -46,21 +46,26 @@ def body_bytes(body: Mapping[str, Any]) -> bytes:
 
 @dataclass(frozen=True)
 class Chunk:
-    """A range of one batch's outbox rows for one load task. PHI-free, JSON-safe (XCom)."""
+    """A range of one batch's outbox rows for one load task. PHI-free, JSON-safe (XCom).
+    first_line/last_line: the file lines its rows came from (for people: the task's label)."""
 
     batch_id: int
     first_id: int
     last_id: int
     rows: int
     file: str = ""
+    first_line: int = 0
+    last_line: int = 0
 
     def as_dict(self) -> dict:
         return {"batch_id": self.batch_id, "first_id": self.first_id, "last_id": self.last_id,
-                "rows": self.rows, "file": self.file}
+                "rows": self.rows, "file": self.file, "first_line": self.first_line,
+                "last_line": self.last_line}
 
     @classmethod
     def of(cls, d: Mapping[str, Any]) -> Chunk:
-        return cls(int(d["batch_id"]), int(d["first_id"]), int(d["last_id"]), int(d["rows"]), str(d.get("file") or ""))
+        return cls(int(d["batch_id"]), int(d["first_id"]), int(d["last_id"]), int(d["rows"]), str(d.get("file") or ""),
+                   int(d.get("first_line") or 0), int(d.get("last_line") or 0))
 
 
 @dataclass
@@ -168,19 +173,21 @@ def chunks(
         return []
     numbered = (
         sa.select(
-            o.c.batch_id, o.c.id,
+            o.c.batch_id, o.c.id, o.c.line,
             ((sa.func.row_number().over(partition_by=o.c.batch_id, order_by=o.c.id) - 1) // size).label("g"),
         )
         .where(o.c.batch_id.in_(list(batch_ids)), _loadable(max_attempts))
         .subquery()
     )
     q = (
-        sa.select(numbered.c.batch_id, sa.func.min(numbered.c.id), sa.func.max(numbered.c.id), sa.func.count())
+        sa.select(numbered.c.batch_id, sa.func.min(numbered.c.id), sa.func.max(numbered.c.id), sa.func.count(),
+                  sa.func.min(numbered.c.line), sa.func.max(numbered.c.line))
         .group_by(numbered.c.batch_id, numbered.c.g)
         .order_by(numbered.c.batch_id, sa.func.min(numbered.c.id))
     )
     with engine.connect() as conn:
-        return [Chunk(b, first, last, n, (names or {}).get(b, "")) for b, first, last, n in conn.execute(q)]
+        return [Chunk(b, first, last, n, (names or {}).get(b, ""), lo or 0, hi or 0)
+                for b, first, last, n, lo, hi in conn.execute(q)]
 
 
 def read(

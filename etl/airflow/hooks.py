@@ -1,0 +1,268 @@
+"""Airflow Hooks for the two vendors: connection types `labsync-lgc` and `labsync-rupa`.
+
+Why Hooks: a Connection of a registered type gets a form in the UI (labelled fields, hidden ones
+it does not use, the client id and token as their own fields) and a Test button that really asks
+the vendor for a token; a plain `http` Connection has neither. The Hooks are also the only place
+that reads these Connections for the tasks: `settings()` turns one into the same `LgcSettings` /
+`RupaSettings` the CLI builds from the environment (etl.settings), so there is one settings
+object and one set of checks (`validated()`).
+
+A Connection (any type: older `http` ones keep working) maps as
+    labsync-lgc:  host = API base URL, login = access key, password = secret key,
+                  extra client_id, access_token (optional, a ready token)
+    labsync-rupa: host = API base URL, login = OAuth client id, password = OAuth client secret,
+                  extra access_token (optional, a ready token)
+The host may be a whole URL or a bare host name (then https, or the schema field if it says
+http). Extra keys may also carry Airflow's old `extra__<type>__` prefix.
+
+`test_connection()` answers (ok, one sentence): no secret and no PHI in the sentence, ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import replace
+from typing import Any, ClassVar
+
+try:  # Airflow >= 3.1
+    from airflow.sdk import BaseHook
+except ImportError:  # pragma: no cover - older layouts
+    from airflow.hooks.base import BaseHook
+
+from etl.airflow.provider import CONNECTION_FORMS, LGC_CONN_TYPE, RUPA_CONN_TYPE
+from etl.errors import LabsyncError
+from etl.settings import LgcSettings, RetrySettings, RupaSettings, Settings
+
+log = logging.getLogger(__name__)
+
+# The Test button should answer within seconds, not after the tasks' long retry policy.
+TEST_RETRY = RetrySettings(max_attempts=2, initial_wait=0.2, max_wait=1.0, timeout=15.0)
+
+
+def _form_widgets(conn_type: str) -> dict[str, Any]:
+    """wtforms fields for Airflow 3.1's connection form (3.2+ reads `conn-fields` instead)."""
+    from flask_appbuilder.fieldwidgets import BS3PasswordFieldWidget, BS3TextFieldWidget
+    from flask_babel import lazy_gettext
+    from wtforms import PasswordField, StringField
+
+    widgets = {}
+    for name, (label, description, secret) in CONNECTION_FORMS[conn_type]["fields"].items():
+        kind, widget = (PasswordField, BS3PasswordFieldWidget) if secret else (StringField, BS3TextFieldWidget)
+        widgets[name] = kind(lazy_gettext(label), widget=widget(), description=description)
+    return widgets
+
+
+def _field_behaviour(conn_type: str) -> dict[str, Any]:
+    b = CONNECTION_FORMS[conn_type]["behaviour"]
+    return {"hidden_fields": list(b["hidden_fields"]), "relabeling": dict(b["relabeling"]),
+            "placeholders": dict(b["placeholders"])}
+
+
+def extra_of(conn: Any) -> dict:
+    """A Connection's extra as a dict, whatever shape it was stored in ({} when unreadable)."""
+    try:
+        extra = conn.extra_dejson
+    except Exception:
+        extra = conn.extra if isinstance(getattr(conn, "extra", None), str) else {}
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra)
+        except ValueError:
+            extra = {}
+    return extra if isinstance(extra, dict) else {}
+
+
+def extra_field(conn: Any, conn_type: str, *names: str) -> str | None:
+    """The first non-empty extra field of `names` (plain or `extra__<type>__` prefixed)."""
+    extra = extra_of(conn)
+    for name in names:
+        for key in (name, f"extra__{conn_type}__{name}"):
+            value = extra.get(key)
+            if isinstance(value, str) and value.strip():
+                return value.strip()
+    return None
+
+
+def base_url_of(conn: Any) -> str | None:
+    """host may hold a whole URL (`https://api.rupahealth.com`) or a bare host name."""
+    host = (conn.host or "").strip()
+    if not host:
+        return None
+    if "://" in host:
+        return host.rstrip("/")
+    scheme = conn.schema if conn.schema in ("http", "https") else "https"
+    port = f":{conn.port}" if conn.port else ""
+    return f"{scheme}://{host}{port}".rstrip("/")
+
+
+def lgc_from_connection(conn: Any, base: LgcSettings) -> LgcSettings:
+    return replace(
+        base,
+        base_url=base_url_of(conn) or base.base_url,
+        access_key=(conn.login or "").strip() or base.access_key,
+        secret_key=(conn.password or "").strip() or base.secret_key,
+        client_id=extra_field(conn, LGC_CONN_TYPE, "client_id") or base.client_id,
+        api_token=extra_field(conn, LGC_CONN_TYPE, "access_token", "api_token") or base.api_token,
+    )
+
+
+def rupa_from_connection(conn: Any, base: RupaSettings) -> RupaSettings:
+    return replace(
+        base,
+        base_url=base_url_of(conn) or base.base_url,
+        client_id=(conn.login or "").strip() or base.client_id,
+        client_secret=(conn.password or "").strip() or base.client_secret,
+        api_token=extra_field(conn, RUPA_CONN_TYPE, "access_token") or base.api_token,
+    )
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    """Airflow's "no such connection" (its class lives in airflow.exceptions or airflow.sdk.exceptions)."""
+    return any(cls.__name__ == "AirflowNotFoundException" for cls in type(exc).__mro__)
+
+
+class _VendorHook(BaseHook):
+    """What both Hooks share: reading their Connection, the form, the Test button."""
+
+    conn_type: ClassVar[str]
+    vendor: ClassVar[str]
+    # settings-variable names in our messages -> the form's field names (the Test button's user
+    # fills a form, not environment variables)
+    field_names: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, conn_id: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.conn_id = conn_id
+
+    def connection(self) -> Any | None:
+        """The Connection, or None when it does not exist (the environment's settings apply)."""
+        try:
+            return self.get_connection(self.conn_id)
+        except Exception as exc:
+            if not _is_not_found(exc):
+                log.warning("could not read the Airflow Connection %r (%s); using the environment",
+                            self.conn_id, type(exc).__name__)
+            return None
+
+    def _check(self) -> str:  # pragma: no cover - each Hook has its own
+        raise NotImplementedError
+
+    def test_connection(self) -> tuple[bool, str]:
+        """The UI's Test button: (True, what worked) after the vendor accepted the credentials,
+        (False, why not) otherwise. The sentence names no secret."""
+        try:
+            return True, self._check()
+        except LabsyncError as exc:
+            message = str(exc)
+            for variable, field in self.field_names.items():
+                message = message.replace(variable, field)
+            return False, message
+        except Exception as exc:  # a bug must not show a traceback (or a secret) in the UI
+            log.exception("testing the %s connection failed", self.vendor)
+            return False, f"testing the {self.vendor} connection failed unexpectedly ({type(exc).__name__})"
+
+
+class LgcHook(_VendorHook):
+    """LetsGetChecked: access key + secret key (OAuth client credentials) and the client id."""
+
+    conn_name_attr = "lgc_conn_id"
+    default_conn_name = "lgc_default"
+    conn_type = LGC_CONN_TYPE
+    hook_name = CONNECTION_FORMS[LGC_CONN_TYPE]["hook_name"]
+    vendor = "LetsGetChecked"
+    field_names = {"LGC_BASE_URL": "the API base URL", "LGC_CLIENT_ID": "the Client ID",
+                   "LGC_ACCESS_KEY": "the Access key", "LGC_SECRET_KEY": "the Secret key",
+                   "LGC_API_TOKEN": "the ready access token"}
+
+    # Defined on each Hook itself: Airflow 3.1 reads them only from the class's own __dict__.
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        return _form_widgets(cls.conn_type)
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return _field_behaviour(cls.conn_type)
+
+    def __init__(self, lgc_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(lgc_conn_id, **kwargs)
+        self.lgc_conn_id = lgc_conn_id
+
+    def settings(self, base: LgcSettings | None = None) -> LgcSettings | None:
+        """`base` (by default the environment's, etl.settings) overlaid with the Connection, or
+        None when the Connection does not exist. Not validated yet."""
+        conn = self.connection()
+        return None if conn is None else lgc_from_connection(conn, base or Settings.from_env().lgc)
+
+    def get_conn(self) -> LgcSettings:
+        """The validated LetsGetChecked settings of this Connection."""
+        from etl.errors import ConfigError
+
+        settings = self.settings()
+        if settings is None:
+            raise ConfigError(f"the Airflow Connection {self.lgc_conn_id!r} does not exist")
+        return settings.validated()
+
+    def _check(self) -> str:
+        from etl.errors import ConfigError
+        from etl.lgc.auth import check_credentials
+
+        conn = self.connection()
+        if conn is None:
+            raise ConfigError(f"the Airflow Connection {self.lgc_conn_id!r} does not exist")
+        if not base_url_of(conn):
+            raise ConfigError("the API base URL is empty (e.g. https://api.letsgetchecked.com)")
+        return asyncio.run(check_credentials(lgc_from_connection(conn, LgcSettings()), TEST_RETRY))
+
+
+class RupaHook(_VendorHook):
+    """Rupa Health: OAuth client id + secret (tokens live in the warehouse) or a ready token."""
+
+    conn_name_attr = "rupa_conn_id"
+    default_conn_name = "rupa_default"
+    conn_type = RUPA_CONN_TYPE
+    hook_name = CONNECTION_FORMS[RUPA_CONN_TYPE]["hook_name"]
+    vendor = "Rupa"
+    field_names = {"RUPA_BASE_URL": "the API base URL", "RUPA_CLIENT_ID": "the OAuth client ID",
+                   "RUPA_CLIENT_SECRET": "the OAuth client secret",
+                   "RUPA_API_TOKEN": "the ready access token"}
+
+    # Defined on each Hook itself: Airflow 3.1 reads them only from the class's own __dict__.
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        return _form_widgets(cls.conn_type)
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return _field_behaviour(cls.conn_type)
+
+    def __init__(self, rupa_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(rupa_conn_id, **kwargs)
+        self.rupa_conn_id = rupa_conn_id
+
+    def settings(self, base: RupaSettings | None = None) -> RupaSettings | None:
+        """`base` (by default the environment's) overlaid with the Connection, or None when it
+        does not exist. Not validated yet."""
+        conn = self.connection()
+        return None if conn is None else rupa_from_connection(conn, base or Settings.from_env().rupa)
+
+    def get_conn(self) -> RupaSettings:
+        """The validated Rupa settings of this Connection."""
+        from etl.errors import ConfigError
+
+        settings = self.settings()
+        if settings is None:
+            raise ConfigError(f"the Airflow Connection {self.rupa_conn_id!r} does not exist")
+        return settings.validated()
+
+    def _check(self) -> str:
+        from etl.errors import ConfigError
+        from etl.rupa.auth import check_credentials
+
+        conn = self.connection()
+        if conn is None:
+            raise ConfigError(f"the Airflow Connection {self.rupa_conn_id!r} does not exist")
+        if not base_url_of(conn):
+            raise ConfigError("the API base URL is empty (e.g. https://api.rupahealth.com)")
+        return check_credentials(rupa_from_connection(conn, RupaSettings()), TEST_RETRY)
