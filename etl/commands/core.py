@@ -76,12 +76,14 @@ def register(app: typer.Typer) -> None:
     def validate(
         file: Path = typer.Argument(..., help="The order-batch CSV file."),
         record: bool = typer.Option(
-            True, "--record/--no-record", help="Record the batch and its rejected rows in the warehouse."
+            False, "--record/--no-record", help="Also record the batch and its rejected rows in the "
+            "warehouse (shown by `labsync batches`). Without it the check is dry: nothing is recorded."
         ),
     ) -> None:
         """Check every row of an order batch; write FILE.rejects.csv beside it.
 
-        Exit 0: every row is valid. 1: some rows were rejected. 2: the file cannot be used."""
+        A dry check: nothing goes to the warehouse or to LetsGetChecked unless --record is
+        given, so a file checked before it is dropped in the inbox is not a batch yet. Exit 0: every row is valid. 1: some rows were rejected. 2: the file cannot be used."""
         from etl.batches.validate import CsvValidation
 
         if record:

@@ -164,12 +164,10 @@ def _load(engine, settings: Settings, file: Path) -> int:
     """Claim the file's batch, stage it whole into the outbox (unless a run before did), load
     it, finish it. The claim keeps two runs from staging the same file; the ledger keeps rows
     from going out twice."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from etl.batches import records, staging
     from etl.batches.validate import CsvValidation
     from etl.claims import Heartbeat, cli_owner
+    from etl.commands import progress as bars
     from etl.errors import Interrupted, UnusableInputError
     from etl.lgc import outbox
     from etl.lgc.load import LoadSummary, load_chunk
@@ -207,16 +205,13 @@ def _load(engine, settings: Settings, file: Path) -> int:
             typer.echo(f"{file.name}: {row['total_rows']} rows, {row['valid_rows']} valid, "
                        f"{row['rejected_rows']} rejected (checked before, batch {batch_id})")
         chunks = outbox.chunks(engine, [batch_id], 1 << 62, max_attempts=settings.max_attempts)
-        err = Console(stderr=True)
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TextColumn("{task.fields[counts]}"))
-        with Progress(*columns, console=err, disable=not err.is_terminal, transient=False) as bar:
-            task = bar.add_task(f"loading {file.name}", total=sum(c.rows for c in chunks), counts="")
+        with bars.bar("orders") as bar:
+            task = bar.add_task(f"loading {file.name}", total=sum(c.rows for c in chunks), note="")
             seen: dict[str, int] = {}
 
             def progress(result) -> None:
                 seen[result.state] = seen.get(result.state, 0) + 1
-                bar.update(task, advance=1, counts=_counts_text(seen))
+                bar.update(task, advance=1, note=_counts_text(seen))
 
             for chunk in chunks:
                 summary = summary.merge(load_chunk(engine, settings, chunk, owner=owner, progress=progress))

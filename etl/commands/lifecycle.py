@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from etl.settings import Settings
 
 
@@ -48,16 +45,15 @@ def register(app: typer.Typer) -> None:
 
         Without arguments: every accepted order that has an item not yet in a final state
         (ResultsAvailable, Cancelled, ValidationFailed). Prints items per status."""
+        from etl.commands import progress as bars
         from etl.lgc import lifecycle
 
         settings = Settings.from_env()
         settings.lgc.validated()
         engine = _engine(settings)
         ids = _batch_ids(engine, batch)
-        err = Console(stderr=True)
-        with Progress(TextColumn("[bold]tracking"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err, disable=not err.is_terminal or as_json) as bar:
-            task = bar.add_task("track", total=None)
+        with bars.bar("orders", show=not as_json) as bar:
+            task = bar.add_task("tracking", total=None, note="")
             summary = lifecycle.track(
                 engine, settings, client_order_ids or None, batch_ids=ids,
                 stale_after=stale_minutes * 60 if stale_minutes is not None else None,
