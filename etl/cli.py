@@ -36,8 +36,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _global(
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr; no progress bars."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log lines too (each order, each page)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only on stderr; no progress bars."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, show_default=False, help="Log what each step did (-v), and "
+                                "every order and page too (-vv). By default only warnings and errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
@@ -48,7 +49,7 @@ def _global(
     Log lines go to stderr, results to stdout."""
     if quiet and verbose:
         raise typer.BadParameter("--quiet and --verbose do not go together", param_hint="--quiet")
-    logs.configure(logs.QUIET if quiet else logs.VERBOSE if verbose else logs.NORMAL)
+    logs.configure(logs.QUIET if quiet else logs.DEBUG if verbose > 1 else logs.VERBOSE if verbose else logs.NORMAL)
 
 
 def _register() -> None:
@@ -116,7 +117,7 @@ def _tidy(command) -> None:
 
     command.get_help_option = get_help_option
     for param in command.params:
-        if getattr(param, "is_flag", False):
+        if getattr(param, "is_flag", False) or getattr(param, "count", False):
             param.metavar = ""
         elif param.metavar is None:
             param.metavar = _metavar(param)

@@ -19,7 +19,7 @@ import threading
 
 from etl.redact import clean, escape_controls, redact_tokens
 
-__all__ = ["QUIET", "NORMAL", "VERBOSE", "configure", "console", "escape_controls", "install", "level",
+__all__ = ["DEBUG", "QUIET", "NORMAL", "VERBOSE", "configure", "console", "escape_controls", "install", "level",
            "redact_secrets"]
 
 _installed = False
@@ -67,7 +67,10 @@ def install() -> None:
 # One rich Console on stderr for the whole process: progress bars draw on it (etl.commands.progress)
 # and the CLI's log handler prints through it, so while a bar is live rich prints each log line
 # above the bar and redraws the bar below it, instead of two writers cutting into each other.
-QUIET, NORMAL, VERBOSE = logging.WARNING, logging.INFO, logging.DEBUG
+# The CLI prints its results on stdout; log lines on stderr tell how it got there. By default only
+# warnings and errors (a file left aside, a retry given up); -v the narrative (INFO, what the
+# Airflow task logs show), -vv every order and page (DEBUG); -q errors only and no bars.
+QUIET, NORMAL, VERBOSE, DEBUG = logging.ERROR, logging.WARNING, logging.INFO, logging.DEBUG
 _console = None
 _level = NORMAL
 
@@ -83,8 +86,17 @@ def console():
 
 
 def level() -> int:
-    """The verbosity the CLI runs at (QUIET, NORMAL or VERBOSE): progress bars are off in QUIET."""
+    """The verbosity the CLI runs at (QUIET, NORMAL, VERBOSE or DEBUG): no progress bars in QUIET."""
     return _level
+
+
+def serving() -> None:
+    """A long-running server command (sandbox, webhook receiver): its INFO lines (each delivery
+    received) are what a person watching it wants, so NORMAL shows them; -q still hides them."""
+    global _level
+    if _level == NORMAL:
+        configure(VERBOSE)
+        _level = NORMAL  # what the user chose, for everything but these log lines
 
 
 class ConsoleHandler(logging.Handler):

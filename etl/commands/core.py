@@ -16,6 +16,11 @@ BATCH_COLUMNS = ("accepted", "already_settled", "conflict", "rejected", "failed"
 BATCH_HEADERS = {"already_settled": "settled before", "given_up": "needs a person"}
 
 
+def _without_name(error: str, name: str) -> str:
+    """An unusable file's reason without its own name in front (the line names the file)."""
+    return error[len(name) + 2:] if error.startswith(f"{name}: ") else error
+
+
 def _release_on_interrupt(engine, owner: str) -> None:
     """Ctrl-C outside the loader (validating, finishing): give up this run's claims at once so
     the next run takes its files over without waiting for the lease."""
@@ -189,7 +194,7 @@ def register(app: typer.Typer) -> None:
         Console(width=None if sys.stdout.isatty() else 220).print(table)
         for o in out:
             if o["error"]:
-                typer.echo(f"batch {o['batch']} ({o['file']}): {o['error']}")
+                typer.echo(f"batch {o['batch']} ({o['file']}): {_without_name(o['error'], o['file'])}")
 
     @app.command()
     def sandbox(
@@ -206,5 +211,8 @@ def register(app: typer.Typer) -> None:
         sb = Sandbox.with_seed(patients=patients, lab_tests=lab_tests) if hasattr(Sandbox, "with_seed") else Sandbox()
         if rupa_events_url:
             sb.rupa.checkout.sender.configure(url=rupa_events_url)
+        from etl import logs
+
+        logs.serving()
         typer.echo(f"sandbox: LetsGetChecked at http://127.0.0.1:{port}/lgc, Rupa at http://127.0.0.1:{port}/rupa")
         serve(sb, port=port)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import typer
+
 from etl.settings import Settings
 
 
