@@ -19,7 +19,7 @@ import threading
 
 from etl.redact import clean, escape_controls, redact_tokens
 
-__all__ = ["DEBUG", "QUIET", "NORMAL", "VERBOSE", "configure", "console", "escape_controls", "install", "level",
+__all__ = ["DEBUG", "QUIET", "NORMAL", "VERBOSE", "configure", "console", "counts_text", "escape_controls", "install", "level",
            "redact_secrets"]
 
 _installed = False
@@ -34,6 +34,14 @@ def redact_secrets(text: str) -> str:
 
 def _ours(name: str) -> bool:
     return any(name == p or name.startswith(p + ".") for p in _OURS)
+
+
+def counts_text(counts, order=()) -> str:
+    """`accepted 3, rejected 1`: counts per outcome as a person reads them (never a dict repr),
+    the names in `order` first, zeros left out; `nothing` when all are zero."""
+    counts = dict(counts or {})
+    keys = [k for k in order if k in counts] + sorted(k for k in counts if k not in order)
+    return ", ".join(f"{k} {counts[k]}" for k in keys if counts[k]) or "nothing"
 
 
 def install() -> None:

@@ -157,8 +157,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
         """The outcome table: one line per batch file, with its rows by outcome."""
-        import json
-
         import sqlalchemy as sa
         from rich.console import Console
         from rich.table import Table
@@ -178,10 +176,12 @@ def register(app: typer.Typer) -> None:
             out.append({
                 "batch": b["id"], "file": b["file_name"], "status": b["status"], "rows": b["total_rows"],
                 "rejected_before_sending": b["rejected_rows"], **{s: counts.get(s, 0) for s in BATCH_COLUMNS},
-                "error": clean(b["error"]),
+                "error": clean(b["error"]), "received_at": b["received_at"], "processed_at": b["processed_at"],
             })
         if json_out:
-            typer.echo(json.dumps(out, indent=2))
+            from etl.commands import jsonout
+
+            typer.echo(jsonout.dumps(out))
             raise typer.Exit(0)
         table = Table(title="labsync batches")
         headers = ("batch", "file", "status", "rows", "invalid", *(BATCH_HEADERS.get(c, c) for c in BATCH_COLUMNS))

@@ -8,10 +8,9 @@ and etl.lgc.results; these commands print and choose exit codes:
 
 from __future__ import annotations
 
-import json
-
 import typer
 
+from etl.commands import jsonout
 from etl.settings import Settings
 
 
@@ -60,8 +59,8 @@ def register(app: typer.Typer) -> None:
                 stale_after=stale_minutes * 60 if stale_minutes is not None else None,
                 progress=lambda coid, outcome: bar.update(task, advance=1))
         if as_json:
-            typer.echo(json.dumps({**summary.as_dict(), "not_found": summary.not_found,
-                                   "failed": summary.failed}, indent=2))
+            typer.echo(jsonout.dumps({**summary.as_dict(), "not_found": summary.not_found,
+                                      "failed": summary.failed}))
         else:
             if not summary.orders:
                 typer.echo("track: no open orders to ask about")
@@ -84,7 +83,7 @@ def register(app: typer.Typer) -> None:
         settings.lgc.validated()
         summary = fetch_results(_engine(settings), settings)
         if as_json:
-            typer.echo(json.dumps({**summary.as_dict(), "failed": summary.failed}, indent=2))
+            typer.echo(jsonout.dumps({**summary.as_dict(), "failed": summary.failed}))
         else:
             typer.echo(summary.line() if summary.candidates else "results: nothing due")
             for item_id, why in summary.failed.items():
