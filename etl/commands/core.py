@@ -216,3 +216,39 @@ def register(app: typer.Typer) -> None:
         logs.serving()
         typer.echo(f"sandbox: LetsGetChecked at http://127.0.0.1:{port}/lgc, Rupa at http://127.0.0.1:{port}/rupa")
         serve(sb, port=port)
+
+    @app.command()
+    def doctor(
+        json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    ) -> None:
+        """Check that this deployment is ready: settings, warehouse and its schema revision, the
+        encryption key, the inbox, and both vendors (a token fetched, nothing sent).
+
+        Prints each check with what to fix. Exit 0: all good. 2: something needs fixing."""
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
+        from etl import doctor as doc
+
+        checks = doc.run()
+        bad = [c for c in checks if not c.ok]
+        if json_out:
+            from etl.commands import jsonout
+
+            typer.echo(jsonout.dumps({"ok": not bad, "checks": [c.as_dict() for c in checks]}))
+            raise typer.Exit(2 if bad else 0)
+        table = Table("check", "status", "details", "what to fix", title="labsync doctor")
+        style = {doc.OK: "green", doc.PROBLEM: "bold red", doc.SKIPPED: "yellow"}
+        for c in checks:
+            table.add_row(c.name, Text(c.status, style=style[c.status]), Text(c.detail), Text(c.fix))
+        Console(width=None if sys.stdout.isatty() else 160).print(table)
+        if bad:
+            problems = sum(c.status == doc.PROBLEM for c in bad)
+            skipped = len(bad) - problems
+            typer.echo(f"{problems} problem{'s' if problems != 1 else ''} to fix"
+                       + (f", {skipped} check{'s' if skipped != 1 else ''} not run because of them" if skipped else "")
+                       + ".")
+            raise typer.Exit(2)
+        typer.echo("all checks passed.")
+        raise typer.Exit(0)
