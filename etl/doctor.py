@@ -99,6 +99,19 @@ def run(env=None, *, retry: RetrySettings = DOCTOR_RETRY) -> list[Check]:
     return checks
 
 
+def run_until_ok(wait: float = 0.0, env=None, *, pause: float = 0.5) -> list[Check]:
+    """`run()` again every `pause` seconds until every check passes or `wait` seconds went by
+    (`labsync doctor --wait 30` right after starting a sandbox, a database or a deployment)."""
+    import time
+
+    deadline = time.monotonic() + max(0.0, wait)
+    while True:
+        checks = run(env)
+        if all(c.ok for c in checks) or time.monotonic() + pause > deadline:
+            return checks
+        time.sleep(pause)
+
+
 # ---- the checks ----------------------------------------------------------------------------
 def _warehouse(url: str):
     from sqlalchemy.engine import make_url

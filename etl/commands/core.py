@@ -198,7 +198,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def sandbox(
-        port: int = typer.Option(SANDBOX_PORT, help="Port on 127.0.0.1."),
+        port: int = typer.Option(SANDBOX_PORT, envvar="LABSYNC_SANDBOX_PORT", help="Port on 127.0.0.1 (the "
+                                 "default base URLs follow LABSYNC_SANDBOX_PORT too)."),
         patients: int = typer.Option(50, help="Synthetic Rupa patients to seed."),
         lab_tests: int = typer.Option(20, help="Synthetic Rupa lab tests to seed."),
         rupa_events_url: str = typer.Option(
@@ -220,6 +221,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def doctor(
         json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+        wait: float = typer.Option(0, "--wait", metavar="SECONDS", help="Check again until every check "
+                                   "passes or this many seconds went by (a sandbox or database still starting)."),
     ) -> None:
         """Check that this deployment is ready: settings, warehouse and its schema revision, the
         encryption key, the inbox, and both vendors (a token fetched, nothing sent).
@@ -231,7 +234,7 @@ def register(app: typer.Typer) -> None:
 
         from etl import doctor as doc
 
-        checks = doc.run()
+        checks = doc.run_until_ok(wait)
         bad = [c for c in checks if not c.ok]
         if json_out:
             from etl.commands import jsonout
