@@ -16,7 +16,7 @@ BATCH_COLUMNS = ("accepted", "already_settled", "conflict", "rejected", "failed"
 BATCH_HEADERS = {"already_settled": "settled before", "given_up": "needs a person"}
 
 
-def _without_name(error: str, name: str) -> str:
+def without_name(error: str, name: str) -> str:
     """An unusable file's reason without its own name in front (the line names the file)."""
     return error[len(name) + 2:] if error.startswith(f"{name}: ") else error
 
@@ -141,7 +141,8 @@ def register(app: typer.Typer) -> None:
             counts = ", ".join(f"{k} {v}" for k, v in o.get("counts", {}).items() if v)
             label = f"{o['name']}" + (" (rows sent again)" if o.get("retried") else "")
             typer.echo(clean(f"{label}: {o['status']}" + (f" ({counts})" if counts else "")
-                             + (f": {o['error']}" if o.get("error") else ""), limit=None))
+                             + (f": {without_name(o['error'], o['name'])}" if o.get("error") else ""),
+                             limit=None))
             bad = bad or o["status"] in ("unusable", "incomplete") or any(
                 o.get("counts", {}).get(k) for k in ("failed", "unconfirmed", "pending", "queued", "given_up", "rejected",
                                                       "rejected before sending"))
@@ -194,7 +195,7 @@ def register(app: typer.Typer) -> None:
         Console(width=None if sys.stdout.isatty() else 220).print(table)
         for o in out:
             if o["error"]:
-                typer.echo(f"batch {o['batch']} ({o['file']}): {_without_name(o['error'], o['file'])}")
+                typer.echo(f"batch {o['batch']} ({o['file']}): {without_name(o['error'], o['file'])}")
 
     @app.command()
     def sandbox(
