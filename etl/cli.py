@@ -150,7 +150,12 @@ def _warehouse_error(exc: BaseException):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logs.configure()
+    with logs.cli_session():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    logs.configure(logs.NORMAL)  # the -q/-v options change it before a command runs
     try:
         # standalone mode: typer prints usage errors (exit 2) and handles Ctrl-C (exit 1) itself;
         # commands end with `raise typer.Exit(code)`.

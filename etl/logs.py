@@ -14,12 +14,14 @@ masked too, but keep their own line breaks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 
 from etl.redact import clean, escape_controls, redact_tokens
 
-__all__ = ["DEBUG", "QUIET", "NORMAL", "VERBOSE", "configure", "console", "counts_text", "escape_controls", "install", "level",
+__all__ = ["DEBUG", "QUIET", "NORMAL", "VERBOSE", "cli_session", "configure", "console", "counts_text", "escape_controls", "install", "level",
            "redact_secrets"]
 
 _installed = False
@@ -141,13 +143,35 @@ class PlainFormatter(logging.Formatter):
         return text.replace("\n", " | ")  # one line, always (a traceback of another library too)
 
 
+@contextlib.contextmanager
+def cli_session() -> Iterator[None]:
+    """Logging as one CLI run sets it, undone afterwards: `etl.cli.main` called in a process that
+    goes on (a test, a program embedding labsync) leaves that process's logger levels, handlers
+    and verbosity as it found them."""
+    global _level
+    root = logging.getLogger()
+    names = ("", *_OURS, "httpx", "httpcore", "alembic")
+    levels = {name: logging.getLogger(name).level for name in names}
+    handlers, level = list(root.handlers), _level
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        for name, value in levels.items():
+            logging.getLogger(name).setLevel(value)
+        _level = level
+
+
 def _ours_installed(root: logging.Logger) -> ConsoleHandler | None:
     return next((h for h in root.handlers if isinstance(h, ConsoleHandler)), None)
 
 
-def configure(level: int = NORMAL) -> None:
+def configure(level: int = VERBOSE) -> None:
     """Configure logging for the CLI (idempotent; a second call changes the level): every record
-    through the redaction point, `etl` at `level`, and, unless something else (pytest, an
+    through the redaction point, `etl` at `level` (INFO unless told: the CLI passes the level its
+    -q/-v options chose), and, unless something else (pytest, an
     embedding program) already handles the root logger, one plain line per record on stderr
     through the shared console. httpx's own request logs stay silenced: they print full URLs,
     which can carry identifiers we do not want in logs."""
