@@ -141,6 +141,22 @@ def test_cli_exit_codes_and_warehouse_records(engine, warehouse_url, tmp_path, c
     ]
 
 
+def test_validate_is_a_dry_check_unless_record(engine, warehouse_url, tmp_path, capsys, monkeypatch):
+    """A file checked before it is dropped is not a batch yet: `labsync validate` records nothing
+    in the warehouse (and sends nothing) unless --record is given."""
+    monkeypatch.setenv("LABSYNC_WAREHOUSE_URL", warehouse_url)
+    broken = shutil.copy(EXAMPLES / "orders_broken.csv", tmp_path / "checked-first.csv")
+    assert main(["validate", str(broken)]) == 1
+    assert "8 rows, 2 valid, 6 rejected" in capsys.readouterr().out
+    assert (tmp_path / "checked-first.rejects.csv").exists()  # the report is still written beside it
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(batch_files)).scalar_one() == 0
+        assert conn.execute(sa.select(sa.func.count()).select_from(rejected_rows)).scalar_one() == 0
+    assert main(["validate", str(broken), "--record"]) == 1
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(batch_files.c.file_name)).scalars().all() == ["checked-first.csv"]
+
+
 def test_unusable_file_is_recorded_with_its_reason(engine, tmp_path):
     path = tmp_path / "b.csv"
     path.write_bytes(b"client_order_id,prgram_code\n1,2\n")
@@ -182,18 +198,3 @@ def test_reject_report_has_the_documented_columns(tmp_path):
     with open(validation.result.rejects_path, newline="") as f:
         assert next(csv.reader(f)) == ["line", "client_order_id", "column", "value", "reason"]
 
-
-def test_validate_is_a_dry_check_unless_record(engine, warehouse_url, tmp_path, capsys, monkeypatch):
-    """A file checked before it is dropped is not a batch yet: `labsync validate` records nothing
-    in the warehouse (and sends nothing) unless --record is given."""
-    monkeypatch.setenv("LABSYNC_WAREHOUSE_URL", warehouse_url)
-    broken = shutil.copy(EXAMPLES / "orders_broken.csv", tmp_path / "checked-first.csv")
-    assert main(["validate", str(broken)]) == 1
-    assert "8 rows, 2 valid, 6 rejected" in capsys.readouterr().out
-    assert (tmp_path / "checked-first.rejects.csv").exists()  # the report is still written beside it
-    with engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(batch_files)).scalar_one() == 0
-        assert conn.execute(sa.select(sa.func.count()).select_from(rejected_rows)).scalar_one() == 0
-    assert main(["validate", str(broken), "--record"]) == 1
-    with engine.connect() as conn:
-        assert conn.execute(sa.select(batch_files.c.file_name)).scalars().all() == ["checked-first.csv"]
