@@ -197,4 +197,3 @@ def test_reject_report_has_the_documented_columns(tmp_path):
     rows_of(validation)
     with open(validation.result.rejects_path, newline="") as f:
         assert next(csv.reader(f)) == ["line", "client_order_id", "column", "value", "reason"]
-
