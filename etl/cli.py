@@ -19,11 +19,37 @@ from etl.errors import LabsyncError
 
 app = typer.Typer(
     name="labsync",
-    help="Validate CSV order batches, load them into LetsGetChecked, extract Rupa Health data.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from etl import __version__
+
+        typer.echo(f"labsync {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _global(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only on stderr; no progress bars."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, show_default=False, help="Log what each step did (-v), and "
+                                "every order and page too (-vv). By default only warnings and errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Validate CSV order batches, load them into LetsGetChecked, extract Rupa Health data.
+
+    Exit codes: 0 everything went through, 1 some rows were rejected or failed, 2 unusable input
+    or configuration (a wrong URL or setting, credentials refused), 130 interrupted, 3 a bug.
+    Log lines go to stderr, results to stdout."""
+    if quiet and verbose:
+        raise typer.BadParameter("--quiet and --verbose do not go together", param_hint="--quiet")
+    logs.configure(logs.QUIET if quiet else logs.DEBUG if verbose > 1 else logs.VERBOSE if verbose else logs.NORMAL)
 
 
 def _register() -> None:
@@ -36,6 +62,85 @@ def _register() -> None:
 _register()
 
 
+def _paragraphs(text: str | None) -> str | None:
+    """Help text as written in a docstring, with its single line breaks joined: the terminal
+    wraps it at its own width, never mid-sentence at the width of our source code. A paragraph
+    whose lines are indented (a table, a list of commands) keeps its breaks (click's \\b)."""
+    if not text:
+        return text
+    import inspect
+
+    out = []
+    for para in inspect.cleandoc(text).split("\n\n"):
+        lines = para.split("\n")
+        if len(lines) > 1 and any(line.startswith(" ") for line in lines):
+            out.append("\b\n" + para)
+        else:
+            out.append(" ".join(line.strip() for line in lines))
+    return "\n\n".join(out)
+
+
+def _metavar(param) -> str:
+    """`FILE`, `N`, `NAME`: what a person types, instead of typer's `<path>`, `<int>`, `<str>`."""
+    desc = getattr(param, "type_descriptor", None)  # typer >= 0.20 (its own click); else click's type
+    choices = desc.choices if desc is not None else getattr(param.type, "choices", None)
+    if choices:
+        return "|".join(str(getattr(c, "value", c)) for c in choices)
+    is_path = desc.is_path if desc is not None else type(param.type).__name__ == "Path"
+    if is_path:
+        return "FILE" if param.param_type_name == "argument" else "PATH"
+    kind = desc.annotation if desc is not None else None
+    if kind in (int, float) or type(getattr(param, "type", None)).__name__ in ("IntParamType", "FloatParamType"):
+        return "N"
+    return (param.name or "value").upper()
+
+
+def _plain_argument(param) -> None:
+    """An argument shows as `FILE` (or `[NAME]` when optional), without typer's type column and
+    its `{FILE}` usage braces."""
+    name = param.metavar
+    param.display_type_rich = lambda ctx: None
+    param._usage_display_name = lambda: (name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else "")
+
+
+def _tidy(command) -> None:
+    """Readable help for every command: paragraphs joined, no `<bool>` after flags, metavars in
+    capitals (the `metavar=` a parameter names itself wins)."""
+    command.help = _paragraphs(command.help)
+    made = command.get_help_option  # -h/--help is made when a context asks for it: a flag too
+
+    def get_help_option(ctx, made=made):
+        option = made(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = get_help_option
+    for param in command.params:
+        if getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""
+        elif param.metavar is None:
+            param.metavar = _metavar(param)
+        if param.param_type_name == "argument":
+            _plain_argument(param)
+        if getattr(param, "help", None):
+            param.help = _paragraphs(param.help)
+    for sub in (getattr(command, "commands", None) or {}).values():
+        _tidy(sub)
+
+
+def command():
+    """The click command behind `labsync`, with its help tidied (built once per process)."""
+    global _command
+    if _command is None:
+        _command = typer.main.get_command(app)
+        _tidy(_command)
+    return _command
+
+
+_command = None
+
+
 def _warehouse_error(exc: BaseException):
     if "sqlalchemy" not in sys.modules:  # nothing touched the warehouse
         return None
@@ -45,11 +150,16 @@ def _warehouse_error(exc: BaseException):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logs.configure()
+    with logs.cli_session():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    logs.configure(logs.NORMAL)  # the -q/-v options change it before a command runs
     try:
         # standalone mode: typer prints usage errors (exit 2) and handles Ctrl-C (exit 1) itself;
         # commands end with `raise typer.Exit(code)`.
-        app(args=argv, prog_name="labsync")
+        command()(args=argv, prog_name="labsync")
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)

@@ -35,6 +35,15 @@ class AuthError(ApiError):
     exit_code = 2
 
 
+class Unreachable(ApiError):
+    """A vendor could not be reached at all at its configured base URL: connection refused, a
+    host name that does not resolve, no answer to connect, a TLS certificate not trusted. A wrong
+    URL or a server that is down, not a row's fault: exit 2. The message names the vendor, the
+    base URL and the setting that holds it (URLs carry no secrets: user info is refused)."""
+
+    exit_code = 2
+
+
 class WarehouseUnavailable(LabsyncError):
     """The warehouse went away or refused a write (server down, disk full, read-only): exit 2.
     Nothing is lost: rows whose outcome was not recorded stay in the outbox and go out later."""

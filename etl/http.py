@@ -120,6 +120,8 @@ class wait_retry_after_or_backoff(tenacity.wait.wait_base):
 def _describe(exc: BaseException | None) -> str:
     if isinstance(exc, RetryableStatus):
         return f"HTTP {exc.response.status_code}"
+    if isinstance(exc, httpx.ConnectError):
+        return _connect_reason(exc)
     return type(exc).__name__ if exc else "unknown"
 
 
@@ -186,6 +188,54 @@ def make_async_client(
     )
 
 
+def _causes(exc: BaseException):
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _connect_reason(exc: BaseException) -> str:
+    """`connection refused`, `host not found`, ...: plain words for why a connection failed, from
+    the OS error under httpx's (the async transport says only "All connection attempts failed")."""
+    import errno
+    import socket
+    import ssl
+
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "no answer to connect (timed out)"
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return "its TLS certificate is not trusted"
+        if isinstance(cause, ssl.SSLError):
+            return "the TLS handshake failed"
+        if isinstance(cause, socket.gaierror):
+            return "host not found"
+        if isinstance(cause, ConnectionRefusedError) or getattr(cause, "errno", None) == errno.ECONNREFUSED:
+            return "connection refused"
+        if getattr(cause, "errno", None) in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return "network unreachable"
+    text = " ".join(str(c).lower() for c in _causes(exc))
+    for words, reason in (("refused", "connection refused"), ("name or service not known", "host not found"),
+                          ("nodename nor servname", "host not found"), ("name resolution", "host not found"),
+                          ("certificate", "its TLS certificate is not trusted")):
+        if words in text:
+            return reason
+    return "the connection failed"
+
+
+def unreachable(vendor: str, base_url: str, setting: str, exc: BaseException):
+    """An `Unreachable` (exit 2) when `exc` says nothing could be connected to at all, else None:
+    "could not reach LetsGetChecked at http://127.0.0.1:1/lgc: connection refused (LGC_BASE_URL)".
+    Only the configured base URL is named, never a request's path (ids) or query."""
+    from etl.errors import Unreachable
+
+    if not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return None
+    return Unreachable(f"could not reach {vendor} at {base_url}: {_connect_reason(exc)} ({setting})")
+
+
 def describe_transport_error(exc: BaseException) -> str:
     """A short, PHI-free description of why a request did not complete."""
     if isinstance(exc, RetryAfterTooLong):
@@ -195,6 +245,8 @@ def describe_transport_error(exc: BaseException) -> str:
         return f"HTTP {exc.response.status_code} after retries"
     if isinstance(exc, httpx.TimeoutException):
         return f"timed out ({type(exc).__name__})"
+    if isinstance(exc, httpx.ConnectError):
+        return _connect_reason(exc)
     if isinstance(exc, httpx.TransportError):
         return f"connection problem ({type(exc).__name__})"
     return type(exc).__name__

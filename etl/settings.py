@@ -299,6 +299,9 @@ class Settings:
                 raise ConfigError(f"{name} must be a number, got {raw!r}") from None
 
         lease = num("LABSYNC_LEASE_SECONDS", d.lease_seconds)
+        # the local sandbox's port, the one place to change it: `labsync sandbox` listens there
+        # and the default base URLs and redirect URI point there
+        sandbox = f"http://{SANDBOX_HOST}:{num('LABSYNC_SANDBOX_PORT', SANDBOX_PORT, int)}"
         return cls(
             warehouse_url=get("LABSYNC_WAREHOUSE_URL", d.warehouse_url),
             inbox=Path(get("LABSYNC_INBOX", str(d.inbox))),
@@ -308,7 +311,7 @@ class Settings:
             heartbeat_seconds=num("LABSYNC_HEARTBEAT_SECONDS", lease / 4),
             max_attempts=num("LABSYNC_MAX_ATTEMPTS", d.max_attempts, int),
             lgc=LgcSettings(
-                base_url=get("LGC_BASE_URL", d.lgc.base_url).rstrip("/"),
+                base_url=get("LGC_BASE_URL", f"{sandbox}/lgc").rstrip("/"),
                 client_id=get("LGC_CLIENT_ID", ""),
                 access_key=get("LGC_ACCESS_KEY"),
                 secret_key=get("LGC_SECRET_KEY"),
@@ -321,11 +324,11 @@ class Settings:
                 max_response_bytes=num("LGC_MAX_RESPONSE_BYTES", d.lgc.max_response_bytes, int),
             ),
             rupa=RupaSettings(
-                base_url=get("RUPA_BASE_URL", d.rupa.base_url).rstrip("/"),
+                base_url=get("RUPA_BASE_URL", f"{sandbox}/rupa").rstrip("/"),
                 client_id=get("RUPA_CLIENT_ID"),
                 client_secret=get("RUPA_CLIENT_SECRET"),
                 api_token=get("RUPA_API_TOKEN"),
-                redirect_uri=get("RUPA_REDIRECT_URI", d.rupa.redirect_uri),
+                redirect_uri=get("RUPA_REDIRECT_URI", f"{sandbox}/oauth/callback"),
                 authorize_url=get("RUPA_AUTHORIZE_URL", d.rupa.authorize_url),
                 page_size=num("RUPA_PAGE_SIZE", d.rupa.page_size, int),
                 max_pages=num("RUPA_MAX_PAGES", d.rupa.max_pages, int),

@@ -132,7 +132,7 @@ PHI = {
 
 
 def test_no_phi_or_token_in_any_log_line_of_a_load(run, sandbox, engine, tmp_path, caplog, monkeypatch):
-    def verbose() -> None:  # everything at DEBUG, httpx and httpcore included
+    def verbose(*_level) -> None:  # everything at DEBUG, httpx and httpcore included
         for name in ("etl", "httpx", "httpcore"):
             logging.getLogger(name).setLevel(logging.DEBUG)
 

@@ -144,7 +144,7 @@ PATIENT = {"first_name": "Zelphinia", "last_name": "Quorrington", "email": "zq@p
 
 
 def test_no_result_value_or_name_in_any_log_line(run, engine, settings, sandbox, caplog, monkeypatch):
-    def verbose() -> None:  # everything at DEBUG, httpx and httpcore included
+    def verbose(*_level) -> None:  # everything at DEBUG, httpx and httpcore included
         for name in ("etl", "httpx", "httpcore"):
             logging.getLogger(name).setLevel(logging.DEBUG)
 

@@ -120,11 +120,11 @@ def test_cli_exit_codes_and_warehouse_records(engine, warehouse_url, tmp_path, c
     monkeypatch.setenv("LABSYNC_WAREHOUSE_URL", warehouse_url)
     good = shutil.copy(EXAMPLES / "orders.csv", tmp_path / "good.csv")
     broken = shutil.copy(EXAMPLES / "orders_broken.csv", tmp_path / "broken.csv")
-    assert main(["validate", str(good)]) == 0
-    assert main(["validate", str(broken)]) == 1
-    assert main(["validate", str(broken)]) == 1  # re-validating replaces, does not add
+    assert main(["validate", str(good), "--record"]) == 0
+    assert main(["validate", str(broken), "--record"]) == 1
+    assert main(["validate", str(broken), "--record"]) == 1  # re-validating replaces, does not add
     renamed = shutil.copy(broken, tmp_path / "renamed.csv")
-    assert main(["validate", str(renamed)]) == 1
+    assert main(["validate", str(renamed), "--record"]) == 1
     out = capsys.readouterr().out
     assert "good.csv: 10 rows, 10 valid, 0 rejected" in out
     assert "broken.csv: 8 rows, 2 valid, 6 rejected (13 problems" in out
@@ -139,6 +139,22 @@ def test_cli_exit_codes_and_warehouse_records(engine, warehouse_url, tmp_path, c
     assert [(int(r["line"]), r["column"], r["reason"]) for r in report] == [
         (r["line"], r["column_name"], r["reason"]) for r in stored
     ]
+
+
+def test_validate_is_a_dry_check_unless_record(engine, warehouse_url, tmp_path, capsys, monkeypatch):
+    """A file checked before it is dropped is not a batch yet: `labsync validate` records nothing
+    in the warehouse (and sends nothing) unless --record is given."""
+    monkeypatch.setenv("LABSYNC_WAREHOUSE_URL", warehouse_url)
+    broken = shutil.copy(EXAMPLES / "orders_broken.csv", tmp_path / "checked-first.csv")
+    assert main(["validate", str(broken)]) == 1
+    assert "8 rows, 2 valid, 6 rejected" in capsys.readouterr().out
+    assert (tmp_path / "checked-first.rejects.csv").exists()  # the report is still written beside it
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(batch_files)).scalar_one() == 0
+        assert conn.execute(sa.select(sa.func.count()).select_from(rejected_rows)).scalar_one() == 0
+    assert main(["validate", str(broken), "--record"]) == 1
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(batch_files.c.file_name)).scalars().all() == ["checked-first.csv"]
 
 
 def test_unusable_file_is_recorded_with_its_reason(engine, tmp_path):

@@ -48,6 +48,7 @@ from etl.claims import Heartbeat, cli_owner
 from etl.claims import now as _now
 from etl.errors import LabsyncError
 from etl.lgc import outbox
+from etl.logs import counts_text
 from etl.settings import Settings
 from etl.states import BatchStatus, OutboxState
 
@@ -295,7 +296,8 @@ def load_chunk(engine: Engine, settings: Settings, chunk: dict, *, owner: str,
     from etl.lgc.load import load_chunk as load
 
     result = load(engine, settings, chunk, owner=owner, heartbeat_owners=[file_owner] if file_owner else [], **kw)
-    log.info("batch %s rows %s-%s: %s", chunk["batch_id"], chunk["first_id"], chunk["last_id"], dict(result.counts))
+    log.info("batch %s rows %s-%s: %s", chunk["batch_id"], chunk["first_id"], chunk["last_id"],
+             counts_text(result.counts))
     return {"batch_id": chunk["batch_id"], **result.as_dict()}
 
 
@@ -343,7 +345,7 @@ def _finish_file(engine: Engine, settings: Settings, paths: InboxPaths, batch: d
     records.release_batch(engine, batch_id, owner=owner, stored_as=paths.relative(target))
     settle(engine, settings, [batch_id])  # rows another run settled meanwhile
     out = _outcome(engine, batch_id, {**batch, "file": paths.relative(target), "name": target.name})
-    log.info("inbox: batch %d %s, %s", batch_id, out["status"], out["counts"])
+    log.info("inbox: batch %d %s, %s", batch_id, out["status"], counts_text(out["counts"]))
     return out
 
 

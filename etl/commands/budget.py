@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
 from etl.settings import Settings
@@ -34,7 +32,9 @@ def register(app: typer.Typer) -> None:
 
         status = budget_status(warehouse.connect(settings.warehouse_url), lgc)
         if as_json:
-            typer.echo(json.dumps(status))
+            from etl.commands import jsonout
+
+            typer.echo(jsonout.dumps(status, indent=None))
             raise typer.Exit(0)
         rate = f"{lgc.rate_limit:g} orders/s" if lgc.rate_limit else "no rate limit"
         typer.echo(f"LetsGetChecked budget ({status['vendor']}): {rate}, {lgc.concurrency} "

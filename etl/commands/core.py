@@ -16,6 +16,11 @@ BATCH_COLUMNS = ("accepted", "already_settled", "conflict", "rejected", "failed"
 BATCH_HEADERS = {"already_settled": "settled before", "given_up": "needs a person"}
 
 
+def without_name(error: str, name: str) -> str:
+    """An unusable file's reason without its own name in front (the line names the file)."""
+    return error[len(name) + 2:] if error.startswith(f"{name}: ") else error
+
+
 def _release_on_interrupt(engine, owner: str) -> None:
     """Ctrl-C outside the loader (validating, finishing): give up this run's claims at once so
     the next run takes its files over without waiting for the lease."""
@@ -76,12 +81,14 @@ def register(app: typer.Typer) -> None:
     def validate(
         file: Path = typer.Argument(..., help="The order-batch CSV file."),
         record: bool = typer.Option(
-            True, "--record/--no-record", help="Record the batch and its rejected rows in the warehouse."
+            False, "--record/--no-record", help="Also record the batch and its rejected rows in the "
+            "warehouse (shown by `labsync batches`). Without it the check is dry: nothing is recorded."
         ),
     ) -> None:
         """Check every row of an order batch; write FILE.rejects.csv beside it.
 
-        Exit 0: every row is valid. 1: some rows were rejected. 2: the file cannot be used."""
+        A dry check: nothing goes to the warehouse or to LetsGetChecked unless --record is
+        given, so a file checked before it is dropped in the inbox is not a batch yet. Exit 0: every row is valid. 1: some rows were rejected. 2: the file cannot be used."""
         from etl.batches.validate import CsvValidation
 
         if record:
@@ -134,7 +141,8 @@ def register(app: typer.Typer) -> None:
             counts = ", ".join(f"{k} {v}" for k, v in o.get("counts", {}).items() if v)
             label = f"{o['name']}" + (" (rows sent again)" if o.get("retried") else "")
             typer.echo(clean(f"{label}: {o['status']}" + (f" ({counts})" if counts else "")
-                             + (f": {o['error']}" if o.get("error") else ""), limit=None))
+                             + (f": {without_name(o['error'], o['name'])}" if o.get("error") else ""),
+                             limit=None))
             bad = bad or o["status"] in ("unusable", "incomplete") or any(
                 o.get("counts", {}).get(k) for k in ("failed", "unconfirmed", "pending", "queued", "given_up", "rejected",
                                                       "rejected before sending"))
@@ -150,8 +158,6 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
         """The outcome table: one line per batch file, with its rows by outcome."""
-        import json
-
         import sqlalchemy as sa
         from rich.console import Console
         from rich.table import Table
@@ -171,10 +177,12 @@ def register(app: typer.Typer) -> None:
             out.append({
                 "batch": b["id"], "file": b["file_name"], "status": b["status"], "rows": b["total_rows"],
                 "rejected_before_sending": b["rejected_rows"], **{s: counts.get(s, 0) for s in BATCH_COLUMNS},
-                "error": clean(b["error"]),
+                "error": clean(b["error"]), "received_at": b["received_at"], "processed_at": b["processed_at"],
             })
         if json_out:
-            typer.echo(json.dumps(out, indent=2))
+            from etl.commands import jsonout
+
+            typer.echo(jsonout.dumps(out))
             raise typer.Exit(0)
         table = Table(title="labsync batches")
         headers = ("batch", "file", "status", "rows", "invalid", *(BATCH_HEADERS.get(c, c) for c in BATCH_COLUMNS))
@@ -187,11 +195,12 @@ def register(app: typer.Typer) -> None:
         Console(width=None if sys.stdout.isatty() else 220).print(table)
         for o in out:
             if o["error"]:
-                typer.echo(f"batch {o['batch']} ({o['file']}): {o['error']}")
+                typer.echo(f"batch {o['batch']} ({o['file']}): {without_name(o['error'], o['file'])}")
 
     @app.command()
     def sandbox(
-        port: int = typer.Option(SANDBOX_PORT, help="Port on 127.0.0.1."),
+        port: int = typer.Option(SANDBOX_PORT, envvar="LABSYNC_SANDBOX_PORT", help="Port on 127.0.0.1 (the "
+                                 "default base URLs follow LABSYNC_SANDBOX_PORT too)."),
         patients: int = typer.Option(50, help="Synthetic Rupa patients to seed."),
         lab_tests: int = typer.Option(20, help="Synthetic Rupa lab tests to seed."),
         rupa_events_url: str = typer.Option(
@@ -204,5 +213,46 @@ def register(app: typer.Typer) -> None:
         sb = Sandbox.with_seed(patients=patients, lab_tests=lab_tests) if hasattr(Sandbox, "with_seed") else Sandbox()
         if rupa_events_url:
             sb.rupa.checkout.sender.configure(url=rupa_events_url)
+        from etl import logs
+
+        logs.serving()
         typer.echo(f"sandbox: LetsGetChecked at http://127.0.0.1:{port}/lgc, Rupa at http://127.0.0.1:{port}/rupa")
         serve(sb, port=port)
+
+    @app.command()
+    def doctor(
+        json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+        wait: float = typer.Option(0, "--wait", metavar="SECONDS", help="Check again until every check "
+                                   "passes or this many seconds went by (a sandbox or database still starting)."),
+    ) -> None:
+        """Check that this deployment is ready: settings, warehouse and its schema revision, the
+        encryption key, the inbox, and both vendors (a token fetched, nothing sent).
+
+        Prints each check with what to fix. Exit 0: all good. 2: something needs fixing."""
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
+        from etl import doctor as doc
+
+        checks = doc.run_until_ok(wait)
+        bad = [c for c in checks if not c.ok]
+        if json_out:
+            from etl.commands import jsonout
+
+            typer.echo(jsonout.dumps({"ok": not bad, "checks": [c.as_dict() for c in checks]}))
+            raise typer.Exit(2 if bad else 0)
+        table = Table("check", "status", "details", "what to fix", title="labsync doctor")
+        style = {doc.OK: "green", doc.PROBLEM: "bold red", doc.SKIPPED: "yellow"}
+        for c in checks:
+            table.add_row(c.name, Text(c.status, style=style[c.status]), Text(c.detail), Text(c.fix))
+        Console(width=None if sys.stdout.isatty() else 160).print(table)
+        if bad:
+            problems = sum(c.status == doc.PROBLEM for c in bad)
+            skipped = len(bad) - problems
+            typer.echo(f"{problems} problem{'s' if problems != 1 else ''} to fix"
+                       + (f", {skipped} check{'s' if skipped != 1 else ''} not run because of them" if skipped else "")
+                       + ".")
+            raise typer.Exit(2)
+        typer.echo("all checks passed.")
+        raise typer.Exit(0)

@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
         """Create one Rupa order intent (a cart) per row; write FILE.summary.html with each
         patient's checkout link for the practitioner, and FILE.checkout.csv of the links."""
         from etl import warehouse
+        from etl.commands.core import without_name
         from etl.rupa import intents as mod
         from etl.rupa.intents_inbox import IntentsInbox, process_intents_inbox
         from etl.settings import Settings
@@ -47,7 +48,7 @@ def register(app: typer.Typer) -> None:
             for o in outcomes:
                 counts = ", ".join(f"{k} {v}" for k, v in (o.get("counts") or {}).items() if v)
                 typer.echo(f"{o['name']}: {o['status']}" + (f" ({counts})" if counts else "")
-                           + (f": {o['error']}" if o.get("error") else ""))
+                           + (f": {without_name(o['error'], o['name'])}" if o.get("error") else ""))
             bad = any(o["status"] != "loaded" or o.get("rejected_rows") for o in outcomes)
             raise typer.Exit(1 if bad else 0)
         if dry_run:

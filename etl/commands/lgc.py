@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from datetime import date, datetime
 from pathlib import Path
 
 import typer
@@ -38,12 +37,6 @@ def _rough_rows(path: Path) -> int | None:
             return max(0, sum(buf.count(b"\n") for buf in iter(lambda: f.read(1 << 20), b"")) - 1)
     except OSError:
         return None
-
-
-def _json_default(value):
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    return str(value)
 
 
 def register(app: typer.Typer) -> None:
@@ -94,6 +87,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from etl import warehouse
+        from etl.commands import jsonout
         from etl.lgc import ledger, lifecycle, outbox
 
         settings = Settings.from_env()
@@ -109,7 +103,7 @@ def register(app: typer.Typer) -> None:
             waiting = outbox.given_up(engine)
             items = lifecycle.status_counts(engine)
             if as_json:
-                typer.echo(json.dumps({"counts": counts, "given_up": waiting, "items": items}))
+                typer.echo(jsonout.dumps({"counts": counts, "given_up": waiting, "items": items}, indent=None))
             else:
                 typer.echo(f"ledger: {_counts_text(counts)}")
                 if items:
@@ -138,7 +132,7 @@ def register(app: typer.Typer) -> None:
             r["items"] = statuses.get(r["client_order_id"], [])
         if as_json:
             out = rows[0] if client_order_id is not None else rows
-            typer.echo(json.dumps(out, default=_json_default, indent=2))
+            typer.echo(jsonout.dumps(out))
             raise typer.Exit(0)
         counts: dict[str, int] = {}
         for r in rows:
@@ -151,7 +145,7 @@ def register(app: typer.Typer) -> None:
             table.add_row(r["client_order_id"], str(r["batch"] or ""), str(r["line"] or ""),
                           r["state"], str(r["http_status"] or ""), str(r["attempts"]), items,
                           lifecycle.describe_items(r["items"]), r["last_error"] or "",
-                          _json_default(r["updated_at"]))
+                          jsonout.iso(r["updated_at"]))
         console = Console(width=max(Console().width, 160))
         console.print(table)
         if len(shown) < len(rows):
@@ -164,12 +158,10 @@ def _load(engine, settings: Settings, file: Path) -> int:
     """Claim the file's batch, stage it whole into the outbox (unless a run before did), load
     it, finish it. The claim keeps two runs from staging the same file; the ledger keeps rows
     from going out twice."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from etl.batches import records, staging
     from etl.batches.validate import CsvValidation
     from etl.claims import Heartbeat, cli_owner
+    from etl.commands import progress as bars
     from etl.errors import Interrupted, UnusableInputError
     from etl.lgc import outbox
     from etl.lgc.load import LoadSummary, load_chunk
@@ -207,16 +199,13 @@ def _load(engine, settings: Settings, file: Path) -> int:
             typer.echo(f"{file.name}: {row['total_rows']} rows, {row['valid_rows']} valid, "
                        f"{row['rejected_rows']} rejected (checked before, batch {batch_id})")
         chunks = outbox.chunks(engine, [batch_id], 1 << 62, max_attempts=settings.max_attempts)
-        err = Console(stderr=True)
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TextColumn("{task.fields[counts]}"))
-        with Progress(*columns, console=err, disable=not err.is_terminal, transient=False) as bar:
-            task = bar.add_task(f"loading {file.name}", total=sum(c.rows for c in chunks), counts="")
+        with bars.bar("orders") as bar:
+            task = bar.add_task(f"loading {file.name}", total=sum(c.rows for c in chunks), note="")
             seen: dict[str, int] = {}
 
             def progress(result) -> None:
                 seen[result.state] = seen.get(result.state, 0) + 1
-                bar.update(task, advance=1, counts=_counts_text(seen))
+                bar.update(task, advance=1, note=_counts_text(seen))
 
             for chunk in chunks:
                 summary = summary.merge(load_chunk(engine, settings, chunk, owner=owner, progress=progress))

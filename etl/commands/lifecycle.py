@@ -8,12 +8,9 @@ and etl.lgc.results; these commands print and choose exit codes:
 
 from __future__ import annotations
 
-import json
-
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from etl.commands import jsonout
 from etl.settings import Settings
 
 
@@ -48,23 +45,22 @@ def register(app: typer.Typer) -> None:
 
         Without arguments: every accepted order that has an item not yet in a final state
         (ResultsAvailable, Cancelled, ValidationFailed). Prints items per status."""
+        from etl.commands import progress as bars
         from etl.lgc import lifecycle
 
         settings = Settings.from_env()
         settings.lgc.validated()
         engine = _engine(settings)
         ids = _batch_ids(engine, batch)
-        err = Console(stderr=True)
-        with Progress(TextColumn("[bold]tracking"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err, disable=not err.is_terminal or as_json) as bar:
-            task = bar.add_task("track", total=None)
+        with bars.bar("orders", show=not as_json) as bar:
+            task = bar.add_task("tracking", total=None, note="")
             summary = lifecycle.track(
                 engine, settings, client_order_ids or None, batch_ids=ids,
                 stale_after=stale_minutes * 60 if stale_minutes is not None else None,
                 progress=lambda coid, outcome: bar.update(task, advance=1))
         if as_json:
-            typer.echo(json.dumps({**summary.as_dict(), "not_found": summary.not_found,
-                                   "failed": summary.failed}, indent=2))
+            typer.echo(jsonout.dumps({**summary.as_dict(), "not_found": summary.not_found,
+                                      "failed": summary.failed}))
         else:
             if not summary.orders:
                 typer.echo("track: no open orders to ask about")
@@ -87,7 +83,7 @@ def register(app: typer.Typer) -> None:
         settings.lgc.validated()
         summary = fetch_results(_engine(settings), settings)
         if as_json:
-            typer.echo(json.dumps({**summary.as_dict(), "failed": summary.failed}, indent=2))
+            typer.echo(jsonout.dumps({**summary.as_dict(), "failed": summary.failed}))
         else:
             typer.echo(summary.line() if summary.candidates else "results: nothing due")
             for item_id, why in summary.failed.items():

@@ -27,16 +27,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Copy Rupa patients and/or lab tests into the warehouse (a full sync that resumes an
         interrupted run)."""
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
         from etl import warehouse
+        from etl.commands import progress as bars
         from etl.rupa.client import open_client
         from etl.rupa.extract import extract_stream
         from etl.settings import Settings
@@ -46,12 +38,10 @@ def register(app: typer.Typer) -> None:
         engine = warehouse.connect(settings.warehouse_url)
         streams = ["patients", "lab_tests"] if stream is StreamChoice.all else [stream.value.replace("-", "_")]
         summaries = []
-        console = Console(stderr=True)
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), console=console, transient=True, disable=not progress)
+        bar = bars.bar("rows", show=progress, transient=True)
         with bar, open_client(settings, engine) as client:
             for name in streams:
-                task = bar.add_task(name.replace("_", " "), total=None)
+                task = bar.add_task(name.replace("_", " "), total=None, note="")
 
                 def advance(rows: int, total: int | None, task=task) -> None:
                     if total is not None:

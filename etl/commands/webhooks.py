@@ -26,6 +26,9 @@ def register(app: typer.Typer) -> None:
         hooks = replace(settings.webhooks, host=host or settings.webhooks.host,
                         port=port or settings.webhooks.port).validated()
         engine = warehouse.connect(settings.warehouse_url)
+        from etl import logs
+
+        logs.serving()
         signed = [name for name, on in (("lgc", hooks.lgc_key), ("rupa", hooks.rupa_secret)) if on]
         typer.echo(f"webhooks: listening on http://{hooks.host}:{hooks.port}/webhooks/{{lgc,rupa}} "
                    f"(signatures checked: {', '.join(signed) or 'none'})")

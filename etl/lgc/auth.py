@@ -30,6 +30,7 @@ from etl.http import (
     describe_transport_error,
     make_async_client,
     raise_for_retryable,
+    unreachable,
 )
 from etl.settings import LgcSettings, RetrySettings
 
@@ -99,7 +100,7 @@ class TokenProvider:
                         await asend_capped(client, request, TOKEN_ANSWER_LIMIT, auth=auth),
                         max_retry_after=cap)
         except (RetryableStatus, httpx.TransportError) as exc:
-            raise ApiError(
+            raise unreachable("LetsGetChecked", self._lgc.base_url, "LGC_BASE_URL", exc) or ApiError(
                 f"could not get a LetsGetChecked token: {describe_transport_error(exc)}"
             ) from None
         if response.status_code in (400, 401, 403):

@@ -38,7 +38,7 @@ from urllib.parse import quote
 
 import httpx
 
-from etl.errors import ApiError, AuthError
+from etl.errors import ApiError, AuthError, Unreachable
 from etl.http import (
     USER_AGENT,
     RetryableStatus,
@@ -49,6 +49,7 @@ from etl.http import (
     make_async_client,
     over_cap,
     raise_for_retryable,
+    unreachable,
 )
 from etl.lgc.auth import TokenProvider
 from etl.lgc.budget import AsyncBudget
@@ -241,6 +242,9 @@ class LgcApi:
                            f"({exc.cap:g}s); asked again next run",
                            status=exc.response.status_code) from None
         except (RetryableStatus, httpx.TransportError) as exc:
+            down = unreachable("LetsGetChecked", self.lgc.base_url, "LGC_BASE_URL", exc)
+            if down is not None:
+                raise down from None
             raise ApiError(f"LetsGetChecked {what}: {describe_transport_error(exc)}",
                            status=exc.response.status_code if isinstance(exc, RetryableStatus) else None) from None
         if response.status_code == 401:
@@ -368,7 +372,7 @@ class ApiSession:
         queue: asyncio.Queue[T] = asyncio.Queue()
         for thing in things:
             queue.put_nowait(thing)
-        stop: list[AuthError] = []
+        stop: list[ApiError] = []
 
         async def worker() -> None:
             api = await self.api()
@@ -379,7 +383,7 @@ class ApiSession:
                     return
                 try:
                     await handle(api, thing)
-                except AuthError as exc:
+                except (AuthError, Unreachable) as exc:  # no order can succeed: stop, raise
                     stop.append(exc)
                 except ApiError as exc:
                     on_error(thing, exc)

@@ -47,6 +47,7 @@ from etl.http import (
     raise_for_retryable,
     retrying,
     send_capped,
+    unreachable,
 )
 from etl.settings import RetrySettings, RupaSettings, Settings
 from etl.vault import Vault, vault_for
@@ -183,7 +184,8 @@ def request_tokens(http: httpx.Client, settings: RupaSettings, retry: RetrySetti
                                              headers={"Accept": "application/json", **NO_COMPRESSION})
                 response = raise_for_retryable(send_capped(http, request, TOKEN_ANSWER_LIMIT))
     except (RetryableStatus, httpx.TransportError) as exc:
-        raise ApiError(f"Rupa token endpoint failed: {describe_transport_error(exc)}") from None
+        raise unreachable("Rupa", settings.base_url, "RUPA_BASE_URL", exc) or ApiError(
+            f"Rupa token endpoint failed: {describe_transport_error(exc)}") from None
     access, body = access_token_from(response)
     if response.status_code >= 400:
         error = body.get("error") if isinstance(body, dict) else None
@@ -311,7 +313,7 @@ def exchange_code(engine: Engine, settings: Settings, code: str) -> Tokens:
         tokens = request_tokens(http, rupa, settings.retry, {
             "grant_type": "authorization_code", "code": code, "redirect_uri": rupa.redirect_uri})
     store.save(tokens)
-    log.info("stored new Rupa tokens")
+    log.debug("stored new Rupa tokens")  # the command that stores them says so
     return tokens
 
 

@@ -46,6 +46,7 @@ from etl.http import (
     raise_for_retryable,
     retrying,
     send_capped,
+    unreachable,
 )
 from etl.redact import escape_controls, field_names, fixed_text
 from etl.rupa.auth import TokenSource, token_source
@@ -205,7 +206,8 @@ class RupaClient:
                     response = raise_for_retryable(
                         send_capped(self.http, request, self.settings.max_response_bytes))
         except (RetryableStatus, httpx.TransportError) as exc:
-            raise ApiError(f"Rupa {method} {urlsplit(url).path} failed: {describe_transport_error(exc)}") from None
+            raise unreachable("Rupa", self.settings.base_url, "RUPA_BASE_URL", exc) or ApiError(
+                f"Rupa {method} {urlsplit(url).path} failed: {describe_transport_error(exc)}") from None
         return response, used
 
     def request(self, method: str, path_or_url: str, body: dict | None = None, *,

@@ -46,6 +46,7 @@ from etl.batches import records
 from etl.batches.validate import CsvValidation
 from etl.claims import Heartbeat, cli_owner
 from etl.errors import ApiError, AuthError
+from etl.logs import counts_text
 from etl.rupa.checkout_report import (
     RESENT,
     ledger_rows,
@@ -438,7 +439,7 @@ def process_intents_file(engine: Engine, settings: Settings, path: Path | str, *
                              counts=dict(sent.counts), resent=sent.resent,
                              rejects_path=str(result.rejects_path) if result.rejects_path else None)
     write_report(engine, path, outcome, seen, names)
-    log.info("intents: batch %s %s: %s", batch_id, status, dict(sent.counts))
+    log.info("intents: batch %s %s: %s", batch_id, status, counts_text(sent.counts))
     return outcome
 
 
