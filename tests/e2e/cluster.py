@@ -22,10 +22,12 @@ that died, not a worker that was asked to stop.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -93,7 +95,7 @@ class Cluster:
         self.procs: dict[str, Proc] = {}
         self.pg: PgServer | None = None
         self.inbox = root / "inbox"
-        self.hostname = __import__("socket").gethostname()
+        self.hostname = socket.gethostname()  # as tests/e2e/hostname.py names the workers
 
     # ---- start / stop ---------------------------------------------------------------------
     def start(self) -> Cluster:
@@ -118,7 +120,11 @@ class Cluster:
         self.run(["airflow", "pools", "set", "lgc_api", slots, "LetsGetChecked API slots"], home=control)
         # the LetsGetChecked connection as a deployment creates it (tasks read it through the
         # execution API; LGC_BASE_URL is deliberately not set on the workers)
-        from etl.settings import SANDBOX_LGC_ACCESS_KEY, SANDBOX_LGC_CLIENT_ID, SANDBOX_LGC_SECRET_KEY
+        from etl.settings import (
+            SANDBOX_LGC_ACCESS_KEY,
+            SANDBOX_LGC_CLIENT_ID,
+            SANDBOX_LGC_SECRET_KEY,
+        )
 
         self.run(["airflow", "connections", "add", "lgc_default", "--conn-type", "http",
                   "--conn-host", f"{self.sandbox_url}/lgc", "--conn-login", SANDBOX_LGC_ACCESS_KEY,
@@ -351,6 +357,19 @@ class Cluster:
                 f"select run_id, map_index, try_number, state, hostname from task_instance where {where} "
                 f"union all select run_id, map_index, try_number, state, hostname "
                 f"from task_instance_history where {where}"), args).all()
+
+    def worker_names(self) -> list[str]:
+        """The hostnames the workers' task instances record (tests/e2e/hostname.py)."""
+        return [f"worker{i}@{self.hostname}" for i in range(1, self.n_workers + 1)]
+
+    def xcom(self, run_id: str, task_id: str):
+        """A task's return value (None until it has one), as the metadata DB holds it."""
+        with self.meta() as conn:
+            value = conn.execute(sa.text(
+                "select value from xcom where dag_id = :d and run_id = :r and task_id = :t "
+                "and key = 'return_value' and map_index = -1"),
+                {"d": DAG_ID, "r": run_id, "t": task_id}).scalar()
+        return json.loads(value) if isinstance(value, str | bytes) else value
 
     killed: tuple[str, ...] = ()
 
