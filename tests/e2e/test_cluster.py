@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -37,7 +38,10 @@ LATENCY = 1.0  # seconds the sandbox adds to each request: a load task runs ~20 
 @pytest.fixture(scope="module")
 def cluster():
     SUMMARY.unlink(missing_ok=True)
+    started = time.monotonic()
     with Cluster(ROOT, chunk_rows=40) as c:
+        print(f"\ncluster up in {time.monotonic() - started:.0f}s: api-server {c.api_url}, Celery workers "
+              f"{', '.join(c.worker_names())}; each component's log: {c.root}/NAME/NAME.log")
         yield c
 
 
@@ -94,6 +98,8 @@ def test_the_scheduler_runs_three_files_on_the_celery_workers(cluster):
     assert sorted(p.name for p in (inbox / "failed").iterdir()) == [
         "orders_unusable.csv", "orders_unusable.summary.html"]
     assert len(read_rejects(inbox / "processed" / "orders_broken.rejects.csv")) == n_rejects
+    print(f"run e2e-first: {len(states)} orders accepted, {n_rejects} rows rejected, files moved; failed on "
+          f"purpose, check says: {why['exc_value'].split('. ')[0]}")
 
 
 def test_a_worker_killed_mid_load_is_retried_on_the_other_and_nothing_is_sent_twice(cluster, tmp_path):
