@@ -11,8 +11,14 @@
 Every Airflow process gets its own directory as working directory, HOME, TMPDIR and
 AIRFLOW_HOME (its own logs, its own config): nothing on disk is shared between them, as on
 separate machines. What they share is what a real deployment shares: the code (dags/, the
-package), the metadata DB, the broker, the warehouse, the vendors. The one exception until the
-object-storage inbox lands (issue 9a) is the inbox folder itself (`inbox_kind="local"`).
+package), the metadata DB, the broker, the warehouse, the vendors, and the inbox:
+
+    inbox_kind="s3"      a bucket on moto's S3-compatible server (`moto_server`, moto[server]),
+                         reached with the standard AWS_* variables: no folder shared at all
+    inbox_kind="local"   a folder every worker sees (the only shared folder), for a checkout
+                         whose labsync has no object-storage inbox (etl/storage.py) yet
+
+LABSYNC_E2E_INBOX picks one; by default s3 when labsync and moto can do it, else local.
 
 Each worker records its task instances under its own name (tests/e2e/hostname.py), so the
 metadata DB says which worker ran what. `kill_worker` SIGKILLs a worker's whole process tree
@@ -22,6 +28,7 @@ that died, not a worker that was asked to stop.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -82,11 +89,27 @@ class Proc:
         return self.popen.poll() is None
 
 
+S3_BUCKET = "labsync-e2e"
+S3_ENV = {"AWS_ACCESS_KEY_ID": "labsync-e2e", "AWS_SECRET_ACCESS_KEY": "labsync-e2e-secret",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def default_inbox_kind() -> str:
+    """s3 when this labsync has the object-storage inbox and moto's server and s3fs are
+    installed; local otherwise. LABSYNC_E2E_INBOX=s3|local decides instead."""
+    chosen = os.environ.get("LABSYNC_E2E_INBOX", "").strip().lower()
+    if chosen:
+        return chosen
+    can_s3 = all(importlib.util.find_spec(m) is not None for m in ("etl.storage", "moto", "s3fs"))
+    return "s3" if can_s3 else "local"
+
+
 class Cluster:
-    def __init__(self, root: Path, *, inbox_kind: str = "local", workers: int = 2,
+    def __init__(self, root: Path, *, inbox_kind: str | None = None, workers: int = 2,
                  worker_concurrency: int = 2, chunk_rows: int = 40) -> None:
-        if inbox_kind != "local":
-            raise ClusterError(f"inbox kind {inbox_kind!r} is not available yet (local only)")
+        inbox_kind = inbox_kind or default_inbox_kind()
+        if inbox_kind not in ("s3", "local"):
+            raise ClusterError(f"LABSYNC_E2E_INBOX must be s3 or local, not {inbox_kind!r}")
         self.root = root
         self.inbox_kind = inbox_kind
         self.n_workers = workers
@@ -94,7 +117,8 @@ class Cluster:
         self.chunk_rows = chunk_rows
         self.procs: dict[str, Proc] = {}
         self.pg: PgServer | None = None
-        self.inbox = root / "inbox"
+        self.s3_env: dict[str, str] = {}
+        self.inbox_url = str(root / "inbox") if inbox_kind == "local" else f"s3://{S3_BUCKET}/inbox"
         self.hostname = socket.gethostname()  # as tests/e2e/hostname.py names the workers
 
     # ---- start / stop ---------------------------------------------------------------------
@@ -102,7 +126,6 @@ class Cluster:
         if self.root.exists():
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True)
-        self.inbox.mkdir()
         self.pg = PgServer().start()
         self.meta_url = create_database(self.pg.admin_url)
         self.warehouse_url = create_database(self.pg.admin_url)
@@ -111,6 +134,7 @@ class Cluster:
         self.api_url = f"http://127.0.0.1:{self.api_port}"
         self._start_redis()
         self._start_sandbox()
+        self._start_inbox()
         self.common = self._common_env()
 
         control = self._home("control")
@@ -215,7 +239,8 @@ class Cluster:
             "AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER": "1",
             # labsync's own settings, on every component (LABSYNC_FERNET_KEY on every worker)
             "LABSYNC_WAREHOUSE_URL": self.warehouse_url,
-            "LABSYNC_INBOX": str(self.inbox),
+            **self.s3_env,
+            "LABSYNC_INBOX": self.inbox_url,
             "LABSYNC_INBOX_SETTLE_SECONDS": "0",
             "LABSYNC_CHUNK_ROWS": str(self.chunk_rows),
             "LABSYNC_FERNET_KEY": Fernet.generate_key().decode(),
@@ -251,6 +276,53 @@ class Cluster:
                                      start_new_session=True)
         self.procs["sandbox"] = Proc("sandbox", popen, log, home)
         wait_until("the sandbox APIs", lambda: self._get_ok(f"{self.sandbox_url}/_sandbox/health"), 60, 0.2, [log])
+
+    def _start_inbox(self) -> None:
+        if self.inbox_kind == "local":
+            Path(self.inbox_url).mkdir(parents=True)
+            return
+        home = self._home("s3")
+        port = _free_port()
+        log = home / "s3.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        with open(log, "wb") as out:
+            popen = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                                     cwd=home, env={**env, "HOME": str(home), "TMPDIR": str(home / "tmp")},
+                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs["s3"] = Proc("s3", popen, log, home)
+        endpoint = f"http://127.0.0.1:{port}"
+        wait_until("the S3-compatible server (moto_server)",
+                   lambda: self._get_ok(f"{endpoint}/moto-api/") or self._get_ok(endpoint), 60, 0.3, [log])
+        self.s3_env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+        self.inbox_fs().mkdir(S3_BUCKET)  # the bucket exists before the deployment: labsync never creates one
+
+    def inbox_fs(self):
+        """The inbox's filesystem (fsspec), as the test (a program manager's upload tool) sees it."""
+        import fsspec
+
+        if self.inbox_kind == "local":
+            return fsspec.filesystem("file")
+        return fsspec.filesystem("s3", key=self.s3_env["AWS_ACCESS_KEY_ID"],
+                                 secret=self.s3_env["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True,
+                                 client_kwargs={"endpoint_url": self.s3_env["AWS_ENDPOINT_URL"],
+                                                "region_name": self.s3_env["AWS_DEFAULT_REGION"]})
+
+    def inbox_names(self, sub: str = "") -> list[str]:
+        """The names of the files directly in the inbox (or its `sub` folder), fresh."""
+        fs = self.inbox_fs()
+        path = f"{self.inbox_url}/{sub}".rstrip("/")
+        fs.invalidate_cache()
+        if not fs.exists(path):
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=True)
+                      if e["type"] == "file")
+
+    def drop(self, local: Path, name: str) -> None:
+        """Upload a file into the inbox, as a program manager's upload lands: whole."""
+        self.inbox_fs().put_file(str(local), f"{self.inbox_url}/{name}")
+
+    def read_inbox(self, relative: str) -> bytes:
+        return self.inbox_fs().cat_file(f"{self.inbox_url}/{relative}")
 
     def spawn(self, name: str, cmd: list[str], extra: dict | None = None) -> Proc:
         home = self._home(name)

@@ -14,9 +14,10 @@ The modules's tests run in order and share the cluster (the second batch follows
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,7 +28,7 @@ import sqlalchemy as sa
 from etl.states import BatchStatus, OrderState, OutboxState
 from etl.warehouse import batch_files, lgc_orders, lgc_outbox, rejected_rows
 from tests.e2e.cluster import REPO, Cluster, wait_until
-from tests.helpers import EXAMPLES, read_rejects, seed_row, write_csv
+from tests.helpers import EXAMPLES, seed_row, write_csv
 
 ROOT = Path(os.environ.get("LABSYNC_E2E_DIR", REPO / ".labsync" / "e2e"))
 SUMMARY = ROOT.parent / "e2e-summary.txt"
@@ -45,13 +46,6 @@ def cluster():
         yield c
 
 
-def drop(cluster: Cluster, source: Path, name: str) -> None:
-    """Put a file into the inbox the way a program manager's upload lands: whole, at once."""
-    tmp = cluster.root / f".{name}.part"
-    shutil.copy(source, tmp)
-    os.replace(tmp, cluster.inbox / name)
-
-
 def failure_of(log: str) -> dict:
     """The exception a task ended with, from its structured (JSON lines) task log."""
     for line in log.splitlines():
@@ -66,7 +60,7 @@ def failure_of(log: str) -> dict:
 
 def test_the_scheduler_runs_three_files_on_the_celery_workers(cluster):
     for name in ("orders.csv", "orders_broken.csv", "orders_unusable.csv"):
-        drop(cluster, EXAMPLES / name, name)
+        cluster.drop(EXAMPLES / name, name)
     cluster.trigger("e2e-first")
     assert cluster.wait_run("e2e-first") == "failed"  # on purpose: the unusable file needs a person
 
@@ -90,22 +84,21 @@ def test_the_scheduler_runs_three_files_on_the_celery_workers(cluster):
     counts = cluster.sandbox_get("/_sandbox/lgc/counts")
     assert counts["accepted_count"] == {coid: 1 for coid in states}
 
-    inbox = cluster.inbox
-    assert sorted(p.name for p in inbox.iterdir() if p.is_file()) == []  # every file moved
-    assert sorted(p.name for p in (inbox / "processed").iterdir()) == [
+    assert cluster.inbox_names() == []  # every file moved
+    assert cluster.inbox_names("processed") == [
         "orders.csv", "orders.summary.html", "orders_broken.csv", "orders_broken.rejects.csv",
         "orders_broken.summary.html"]
-    assert sorted(p.name for p in (inbox / "failed").iterdir()) == [
-        "orders_unusable.csv", "orders_unusable.summary.html"]
-    assert len(read_rejects(inbox / "processed" / "orders_broken.rejects.csv")) == n_rejects
-    print(f"run e2e-first: {len(states)} orders accepted, {n_rejects} rows rejected, files moved; failed on "
+    assert cluster.inbox_names("failed") == ["orders_unusable.csv", "orders_unusable.summary.html"]
+    report = cluster.read_inbox("processed/orders_broken.rejects.csv").decode("utf-8-sig")
+    assert len(list(csv.DictReader(io.StringIO(report)))) == n_rejects
+    print(f"run e2e-first ({cluster.inbox_kind} inbox {cluster.inbox_url}): {len(states)} orders accepted, {n_rejects} rows rejected, files moved; failed on "
           f"purpose, check says: {why['exc_value'].split('. ')[0]}")
 
 
 def test_a_worker_killed_mid_load_is_retried_on_the_other_and_nothing_is_sent_twice(cluster, tmp_path):
     ids = [f"E2E-{i:04d}" for i in range(1, BIG_ROWS + 1)]
     rows = [seed_row(client_order_id=coid, participant_id=f"P{i:05d}") for i, coid in enumerate(ids, 1)]
-    drop(cluster, write_csv(tmp_path / "big.csv", rows), "orders_big.csv")
+    cluster.drop(write_csv(tmp_path / "big.csv", rows), "orders_big.csv")
     cluster.sandbox_post("/_sandbox/lgc/faults", {"latency": LATENCY})
     cluster.trigger("e2e-kill")
 
@@ -177,7 +170,7 @@ def test_a_worker_killed_mid_load_is_retried_on_the_other_and_nothing_is_sent_tw
     again = {coid: n for coid, n in puts.items() if n != 1}
     assert set(again) <= unknown and set(again.values()) <= {2}, (again, unknown)
     resent = sum(again.values()) - len(again)
-    assert (cluster.inbox / "processed" / "orders_big.summary.html").exists()
+    assert "orders_big.summary.html" in cluster.inbox_names("processed")
 
     per_worker = Counter(t.hostname for t in cluster.tries("load"))
     assert set(per_worker) == set(cluster.worker_names())
