@@ -304,8 +304,9 @@ class Cluster:
             return fsspec.filesystem("file")
         return fsspec.filesystem("s3", key=self.s3_env["AWS_ACCESS_KEY_ID"],
                                  secret=self.s3_env["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True,
-                                 client_kwargs={"endpoint_url": self.s3_env["AWS_ENDPOINT_URL"],
-                                                "region_name": self.s3_env["AWS_DEFAULT_REGION"]})
+                                 # no region_name: s3fs would send it as the new bucket's
+                                 # LocationConstraint, which us-east-1 refuses
+                                 client_kwargs={"endpoint_url": self.s3_env["AWS_ENDPOINT_URL"]})
 
     def inbox_names(self, sub: str = "") -> list[str]:
         """The names of the files directly in the inbox (or its `sub` folder), fresh."""
