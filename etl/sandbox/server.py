@@ -5,6 +5,7 @@
     GET/POST /_sandbox/{vendor}/faults   read / change that vendor's fault switches
     POST /_sandbox/{vendor}/reset        switch every fault off
     GET  /_sandbox/lgc/traffic           order PUTs seen: in flight now, the most at once, start times
+    GET  /_sandbox/lgc/counts            per clientOrderId: PUTs received and orders created (never > 1)
     GET/POST /_sandbox/rupa/events       where and how Rupa events are sent (url, duplicates, reorder, hold, secret)
     POST /_sandbox/rupa/orders/{id}      move an order on: {"status": "In Progress"}, {"results": true} (id "latest" works)
     GET/POST /_sandbox/lgc/lifecycle     LetsGetChecked after the PUT: automatic steps, webhook
@@ -81,6 +82,12 @@ class Sandbox:
 
         async def traffic(request: Request):
             return JSONResponse(self.lgc.traffic.snapshot())
+
+        async def counts(request: Request):
+            # what a test in another process (the e2e cluster) asserts "no order sent twice" on
+            return JSONResponse({"put_count": dict(self.lgc.put_count),
+                                 "accepted_count": dict(self.lgc.accepted_count)})
+
         async def lifecycle(request: Request):
             if request.method == "POST":
                 try:
@@ -121,6 +128,7 @@ class Sandbox:
                 Route("/_sandbox/{vendor}/faults", faults, methods=["GET", "POST"]),
                 Route("/_sandbox/{vendor}/reset", reset, methods=["POST"]),
                 Route("/_sandbox/lgc/traffic", traffic),
+                Route("/_sandbox/lgc/counts", counts),
                 # counted outside the faults, so added latency is time in flight
                 Mount("/lgc", app=self.lgc.traffic.counting(
                     FaultMiddleware(self.lgc.app(), self.lgc.faults))),
