@@ -232,9 +232,11 @@ class Store:
                     self.fs.makedirs(self.path(folder), exist_ok=True)
             else:
                 bucket = self.root.split("/", 1)[0]
-                if not self.fs.exists(bucket):
+                try:  # not fs.exists(): it answers False when the store cannot be reached at all
+                    self.fs.info(bucket)
+                except FileNotFoundError:
                     raise StorageUnavailable(f"inbox {self.url}: the bucket {bucket!r} does not exist "
-                                             "(create it, or fix LABSYNC_INBOX)")
+                                             "(create it, or fix LABSYNC_INBOX)") from None
         return self
 
     @contextlib.contextmanager

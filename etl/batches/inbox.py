@@ -186,10 +186,15 @@ def finish_interrupted_moves(engine: Engine, settings: Settings, store: Store, *
         if store.exists(row["moving_from"]) or not store.exists(row["moving_to"]):
             records.release_batch(engine, row["id"], owner=owner, keep_move=True)
             continue
-        values = {} if row["stored_as"] else {"stored_as": row["moving_to"]}
+        target = row["moving_to"]
+        if not row["stored_as"] and not target.startswith("intents/"):  # an order batch's file
+            if row["status"] == BatchStatus.UNUSABLE:
+                _failed_page(store, target, row["error"] or "the file cannot be used", row["file_name"])
+            else:
+                render(engine, row["id"], target, store=store)  # the run died before writing it
+        values = {} if row["stored_as"] else {"stored_as": target}
         records.release_batch(engine, row["id"], owner=owner, **values)
-        log.info("inbox: batch %d: recorded its file at %s (its run stopped after moving it)",
-                 row["id"], row["moving_to"])
+        log.info("inbox: batch %d: recorded its file at %s (its run stopped after moving it)", row["id"], target)
         done += 1
     return done
 
@@ -297,13 +302,17 @@ def _to_failed(engine: Engine, settings: Settings, store: Store, name: str, batc
                owner: str) -> dict:
     target = move(engine, settings, store, batch_id, name, FAILED, owner=owner)
     if target is not None:
-        write_summary(store, target, summary.render(
-            file_name=PurePosixPath(target).name, outcome="This file could not be used; nothing was sent.",
-            counts={}, note=reason.replace(f"{name}: ", "", 1)))
+        _failed_page(store, target, reason, name)
         log.warning("inbox: %s is unusable; moved to %s/", name, FAILED)
     records.release_batch(engine, batch_id, owner=owner, **({"stored_as": target} if target is not None else {}))
     return {"batch_id": batch_id, "file": target, "name": PurePosixPath(target or name).name,
             "status": BatchStatus.UNUSABLE, "error": reason}
+
+
+def _failed_page(store: Store, target: str, reason: str, name: str) -> None:
+    write_summary(store, target, summary.render(
+        file_name=PurePosixPath(target).name, outcome="This file could not be used; nothing was sent.",
+        counts={}, note=reason.replace(f"{PurePosixPath(name).name}: ", "", 1)))
 
 
 def _duplicate(engine: Engine, settings: Settings, store: Store, name: str, batch_id: int, row: dict,
