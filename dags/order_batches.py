@@ -12,6 +12,8 @@ check:   fails the run (red) when a batch ended incomplete, a file was unusable,
          failed for good; the next run sends the rows again and is green once they go through
 
 Schedule: LABSYNC_INBOX_SCHEDULE (default every 5 minutes). Connection: lgc_default.
+LABSYNC_INBOX: a folder or an fsspec URL (s3://bucket/prefix, ...), with credentials from the
+environment or an Airflow Connection (`s3://conn_id@bucket/prefix`, or LABSYNC_INBOX_CONN_ID).
 A load task that fails half-way is retried by Airflow; the ledger makes the re-send safe.
 Alerting: set `on_failure_callback` in default_args (see the README).
 """

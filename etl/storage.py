@@ -154,7 +154,7 @@ class Store:
     def exists(self, relative: str) -> bool:
         where = self.path(relative)
         with self._errors():
-            self.fs.invalidate_cache(posixpath.dirname(where))
+            self._fresh(where)
             return bool(self.fs.exists(where))
 
     def sha256(self, relative: str) -> str:
@@ -166,8 +166,14 @@ class Store:
         return digest.hexdigest()
 
     # ---- reading and writing ----------------------------------------------------------------
+    def _fresh(self, path: str) -> None:
+        """Forget what fsspec remembers of the folder: another run may have changed it."""
+        self.fs.invalidate_cache(posixpath.dirname(path))
+
     @contextlib.contextmanager
     def open(self, relative: str, mode: str = "rb", **kw) -> Iterator[Any]:
+        with self._errors():
+            self._fresh(self.path(relative))
         with self._errors(), self.fs.open(self.path(relative), mode, **kw) as f:
             yield f
 
@@ -204,6 +210,7 @@ class Store:
         with tempfile.TemporaryDirectory(prefix="labsync-") as tmp:
             local = Path(tmp) / posixpath.basename(relative)
             with self._errors():
+                self._fresh(self.path(relative))
                 self.fs.get_file(self.path(relative), str(local))
             yield local
 
@@ -212,6 +219,7 @@ class Store:
         with self._errors():
             if self.has_folders:
                 self.fs.makedirs(posixpath.dirname(self.path(dst)), exist_ok=True)
+            self._fresh(self.path(src))
             self.fs.copy(self.path(src), self.path(dst))
 
     def delete(self, relative: str) -> bool:

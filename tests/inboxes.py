@@ -13,7 +13,7 @@ from tests.helpers import EXAMPLES, write_csv
 class InboxView:
     def __init__(self, location: str) -> None:
         self.location = location
-        self.store: Store = open_store(location)
+        self.store: Store = open_store(location).ensure()  # a folder a person would have made
 
     @property
     def is_s3(self) -> bool:

@@ -114,11 +114,12 @@ def companions(name: str) -> list[str]:
     return [rejects_path_for(PurePosixPath(name)).as_posix(), summary_path(PurePosixPath(name)).as_posix()]
 
 
-def _free_name(store: Store, folder: str, name: str) -> str:
-    """folder/name, or folder/stem.2.csv, … if taken (never overwrite an earlier file)."""
+def _free_name(engine: Engine, store: Store, folder: str, name: str, base: str = "") -> str:
+    """folder/name, or folder/stem.2.csv, … if taken (never overwrite an earlier file), or
+    promised to another batch's unfinished move."""
     stem, suffix = PurePosixPath(name).stem, PurePosixPath(name).suffix
     target, n = f"{folder}/{name}", 2
-    while store.exists(target):
+    while store.exists(target) or records.move_target_taken(engine, base + target):
         target = f"{folder}/{stem}.{n}{suffix}"
         n += 1
     return target
@@ -149,7 +150,7 @@ def move(engine: Engine, settings: Settings, store: Store, batch_id: int, src: s
     else:
         if not store.exists(src):
             return None
-        target = _free_name(store, folder, PurePosixPath(src).name)
+        target = _free_name(engine, store, folder, PurePosixPath(src).name, base)
         records.begin_move(engine, batch_id, base + src, base + target,
                            fence=records.fence(batch_id, owner=owner, lease=staging.lease(settings)))
     try:
@@ -285,13 +286,15 @@ def _stage(engine: Engine, settings: Settings, store: Store, taken: staging.Take
         reports = Path(tmp)
         staged = staging.stage(engine, settings, taken, local, owner=owner,
                                rejects_path=reports / rejects_path_for(Path(name)).name)
-        written = {p.name for p in reports.iterdir() if p.is_file() and not p.name.endswith(".tmp")}
-        if staged.status == BatchStatus.UNUSABLE:
-            written = set()  # a report of a file that was never usable misleads
+        # reports are written in `reports`, or beside the temporary copy of a remote file
+        folders = [reports] if store.is_local else [reports, local.parent]
         stem = PurePosixPath(name).stem
-        for report in sorted(written):
-            if report.startswith(f"{stem}."):
-                store.put(reports / report, report)
+        written = {p.name: p for folder in folders for p in folder.iterdir()
+                   if p.is_file() and p != local and p.name.startswith(f"{stem}.") and not p.name.endswith(".tmp")}
+        if staged.status == BatchStatus.UNUSABLE:
+            written = {}  # a report of a file that was never usable misleads
+        for report, path in sorted(written.items()):
+            store.put(path, report)
         for companion in companions(name):  # a report of an earlier validation of this file
             if PurePosixPath(companion).name not in written and not companion.endswith(".summary.html"):
                 store.delete(companion)

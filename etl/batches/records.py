@@ -190,6 +190,13 @@ def begin_move(engine: Engine, batch_id: int, source: str, target: str, *, fence
                      .values(moving_from=source, moving_to=target))
 
 
+def move_target_taken(engine: Engine, target: str) -> bool:
+    """Whether an unfinished move of some batch will land at `target` (the name is promised)."""
+    with engine.connect() as conn:
+        return conn.execute(sa.select(batch_files.c.id).where(batch_files.c.moving_to == target)
+                            .limit(1)).first() is not None
+
+
 def interrupted_moves(engine: Engine) -> list[dict]:
     """Batches with a move recorded whose claim is free or lapsed: their run died mid-move."""
     b = batch_files
@@ -269,5 +276,5 @@ def rejected(engine: Engine, batch_id: int) -> list[dict]:
 __all__: Iterable[str] = (
     "find_batch", "register_batch", "record_rejects", "finish_validation",
     "set_status", "record_unusable", "rejected", "open_batch", "close_batch", "rupa_lookup_for",
-    "claim_batch", "fence", "release_batch", "begin_move", "interrupted_moves", "reopen", "get", "LostClaim",
+    "claim_batch", "fence", "release_batch", "begin_move", "move_target_taken", "interrupted_moves", "reopen", "get", "LostClaim",
 )
