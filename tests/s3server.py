@@ -29,7 +29,12 @@ class S3Server:
     def start(self) -> S3Server:
         from moto.server import ThreadedMotoServer
 
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+        # werkzeug logs a line per request, and on its first line adds a StreamHandler bound to
+        # whatever sys.stderr is then (a test's capture, closed later): give it a handler of its own
+        quiet = logging.getLogger("werkzeug")
+        quiet.setLevel(logging.ERROR)
+        quiet.addHandler(logging.NullHandler())
+        quiet.propagate = False
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._server.start()
         host, port = self._server.get_host_and_port()
