@@ -7,6 +7,10 @@ server of tests/s3server.py and a local folder alike."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -16,6 +20,7 @@ from etl import storage, warehouse
 from etl.batches import inbox
 from etl.cli import main
 from etl.warehouse import batch_files
+from tests.helpers import REPO
 from tests.inboxes import InboxView
 from tests.test_inbox import OWNER, lapse_every_claim, run
 
@@ -143,22 +148,42 @@ def test_a_password_in_the_url_is_never_shown():
     assert storage.display("s3://bucket/inbox") == "s3://bucket/inbox"
 
 
+AIRFLOW_PROBE = r"""
+import json, sys
+import s3fs
+from airflow.sdk.io import attach
+from etl import storage
+endpoint, url = sys.argv[1], sys.argv[2]
+fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+attach(protocol="s3", conn_id="labsync_inbox_test", fs=fs)
+store = storage.open_store(url.replace("s3://", "s3://labsync_inbox_test@"))
+by_setting = storage.open_store(url, conn_id="labsync_inbox_test")
+store.ensure().write_text("hello.txt", "hi")
+try:
+    storage.open_store("gs://labsync_inbox_test@bucket/inbox")
+    refused = ""
+except Exception as exc:
+    refused = f"{type(exc).__name__}: {exc}"
+print("PROBE" + json.dumps({"same_fs": store.fs is fs and by_setting.fs is fs, "root": store.root,
+                            "refused": refused}))
+"""
+
+
 def test_a_connection_id_goes_through_airflow_object_storage(s3_server, tmp_path):
     """`s3://CONN@bucket/prefix` (ObjectStoragePath's syntax) or LABSYNC_INBOX_CONN_ID: the
     filesystem is the one Airflow gives for that connection. Here the connection's filesystem is
     attached the way Airflow lets a deployment attach one (airflow.sdk.io.attach), an s3fs on the
-    test server; a deployment gets it from apache-airflow-providers-amazon and the Connection."""
-    pytest.importorskip("airflow.sdk")
-    import s3fs
-    from airflow.sdk.io import attach
+    test server; a deployment gets it from apache-airflow-providers-amazon and the Connection.
+    In a subprocess, as a task would be: importing Airflow configures logging process-wide."""
+    import importlib.util
 
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint_url}, skip_instance_cache=True)
-    attach(protocol="s3", conn_id="labsync_inbox_test", fs=fs)
+    assert importlib.util.find_spec("airflow") is not None, "the dev extra installs apache-airflow"
     url = s3_server.new_inbox()
-    store = storage.open_store(url.replace("s3://", "s3://labsync_inbox_test@"))
-    assert store.fs is fs and store.root == url.removeprefix("s3://")
-    assert storage.open_store(url, conn_id="labsync_inbox_test").fs is fs
-    store.ensure().write_text("hello.txt", "hi")
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", AIRFLOW_PROBE, s3_server.endpoint_url, url], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    facts = json.loads(done.stdout.split("PROBE", 1)[1])
+    assert facts["same_fs"] and facts["root"] == url.removeprefix("s3://")
+    assert "ConfigError" in facts["refused"] and "no filesystem for gs://" in facts["refused"]
     assert InboxView(url).read("hello.txt") == "hi"  # the same object, seen without Airflow
-    with pytest.raises(Exception, match="no filesystem|No filesystem"):
-        storage.open_store("gs://labsync_inbox_test@bucket/inbox")
