@@ -17,6 +17,8 @@ Schedule: LABSYNC_INBOX_SCHEDULE (default every 5 minutes). Connection: lgc_defa
 labsync-lgc). Timeouts: LABSYNC_LOAD_TIMEOUT_MINUTES for a load task (default 30: above
 LGC_LOAD_DEADLINE's 15, after which a load stops sending), LABSYNC_TASK_TIMEOUT_MINUTES for the
 others (default 60).
+LABSYNC_INBOX: a folder or an fsspec URL (s3://bucket/prefix, ...), with credentials from the
+environment or an Airflow Connection (`s3://conn_id@bucket/prefix`, or LABSYNC_INBOX_CONN_ID).
 A load task that fails half-way is retried by Airflow; the ledger makes the re-send safe.
 Alerting: set `on_failure_callback` in default_args (see the README).
 """

@@ -88,7 +88,7 @@ def run(env=None, *, retry: RetrySettings = DOCTOR_RETRY) -> list[Check]:
 
     checks.append(_run("warehouse", warehouse_check, "check LABSYNC_WAREHOUSE_URL"))
     checks.append(_run("encryption key", lambda: _fernet(settings, engine)))
-    checks.append(_run("inbox", lambda: _inbox(settings.inbox)))
+    checks.append(_run("inbox", lambda: _inbox(settings.inbox, settings.inbox_conn_id)))
     checks.append(_run("LetsGetChecked", lambda: _lgc(settings), "check LGC_BASE_URL and the credentials"))
     if engine is None and not settings.rupa.api_token:
         checks.append(_skipped("Rupa", "its OAuth tokens are in the warehouse, which could not be read"))
@@ -170,10 +170,19 @@ def _fernet(settings: Settings, engine) -> str:
     return f"the embedded warehouse's key file, made on first use at {path}"
 
 
-def _inbox(path: Path) -> str:
-    if "://" in str(path):
-        return f"{path} (object storage: not checked here)"
-    path = path.absolute()
+def _inbox(location: str | Path, conn_id: str | None = None) -> str:
+    if "://" in str(location):  # an object store: list it (nothing written, nothing created)
+        from etl import storage
+        from etl.errors import LabsyncError
+
+        try:
+            store = storage.open_store(str(location), conn_id=conn_id)
+            n = sum(1 for _ in store.files())
+        except LabsyncError as exc:
+            raise _Problem(str(exc), "check LABSYNC_INBOX and the store's credentials "
+                           "(AWS_* variables, or LABSYNC_INBOX_CONN_ID in Airflow)") from None
+        return f"{storage.display(location)} is reachable ({n} files waiting)"
+    path = Path(location).absolute()
     if not path.exists():
         raise _Problem(f"the inbox {path} does not exist",
                        f"mkdir -p {path} (labsync inbox and the order_batches DAG also create it)")

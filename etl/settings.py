@@ -247,7 +247,10 @@ def _json_object(name: str, raw: str | None, default: Mapping) -> Mapping:
 @dataclass(frozen=True)
 class Settings:
     warehouse_url: str = "sqlite:///.labsync/labsync.db"
-    inbox: Path = Path("inbox")
+    # a local folder or an fsspec URL (s3://bucket/prefix, gs://…, sftp://…: etl.storage), and the
+    # Airflow Connection holding its credentials (else one named in the URL, else the environment)
+    inbox: str | Path = Path("inbox")
+    inbox_conn_id: str | None = None
     inbox_settle_seconds: float = 5.0  # a file younger than this may still be being copied in
     chunk_rows: int = 5_000  # rows per load task when the DAG spreads a batch over workers
     # claims in the warehouse (etl.claims): a lease renewed by a heartbeat while the work goes on;
@@ -304,7 +307,8 @@ class Settings:
         sandbox = f"http://{SANDBOX_HOST}:{num('LABSYNC_SANDBOX_PORT', SANDBOX_PORT, int)}"
         return cls(
             warehouse_url=get("LABSYNC_WAREHOUSE_URL", d.warehouse_url),
-            inbox=Path(get("LABSYNC_INBOX", str(d.inbox))),
+            inbox=get("LABSYNC_INBOX", str(d.inbox)),  # kept a string: Path() would mangle s3://
+            inbox_conn_id=get("LABSYNC_INBOX_CONN_ID"),
             inbox_settle_seconds=num("LABSYNC_INBOX_SETTLE_SECONDS", d.inbox_settle_seconds),
             chunk_rows=num("LABSYNC_CHUNK_ROWS", d.chunk_rows, int),
             lease_seconds=lease,

@@ -129,7 +129,9 @@ def summary_location(settings: Settings, outcome: dict) -> str | None:
 
     inside = outcome.get("summary") or (
         str(summary_path(PurePosixPath(outcome["file"]))) if outcome.get("file") else None)
-    return None if inside is None else f"{str(settings.inbox).rstrip('/')}/{inside}"
+    from etl.storage import display  # a password in the inbox URL never reaches a log or XCom
+
+    return None if inside is None else f"{display(settings.inbox).rstrip('/')}/{inside}"
 
 
 @_plain_errors

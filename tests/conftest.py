@@ -8,6 +8,9 @@
   Fernet key for the stored tokens (a server warehouse has no key file).
 - `lite_engine`, `lite_settings`: the same on a SQLite file only, for tests about files and HTTP
   answers rather than about the warehouse (they run once instead of once per database).
+- `inbox_location`: parametrised over a local folder and a fresh prefix of a bucket on a real
+  S3-compatible server (`s3_server`: moto's standalone server on loopback, one per session,
+  tests/s3server.py); inbox tests take it so each passes on both alike.
 """
 
 from __future__ import annotations
@@ -108,6 +111,22 @@ def lite_settings(lite_engine, sandbox, tmp_path):
         retry=FAST_RETRY,
         fernet_key=TEST_FERNET_KEY,
     )
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from tests.s3server import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def inbox_location(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "inbox")
+    return request.getfixturevalue("s3_server").new_inbox()
 
 
 # Rupa Checkout fixtures (`rupa`: sandbox authorized + extracted; `receiver`: the webhook receiver

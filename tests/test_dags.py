@@ -128,14 +128,17 @@ def sandboxes():
         yield server
 
 
-def test_order_batches_end_to_end(airflow_env, sandboxes, tmp_path):
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    for name in ("orders.csv", "orders_broken.csv", "orders_unusable.csv"):
-        shutil.copy(EXAMPLES / name, inbox / name)
+def test_order_batches_end_to_end(airflow_env, sandboxes, tmp_path, inbox_location):
+    """On a local folder and on the S3 server alike: the tasks share nothing but the warehouse
+    and the inbox's store (each reads the store itself; the AWS_* variables reach them)."""
+    from tests.inboxes import InboxView
+
+    inbox = InboxView(inbox_location)
+    inbox.drop("orders.csv", "orders_broken.csv", "orders_unusable.csv")
     url = migrated(f"sqlite:///{tmp_path / 'warehouse.db'}")
-    extra = dict(LABSYNC_WAREHOUSE_URL=url, LABSYNC_INBOX=str(inbox), LABSYNC_INBOX_SETTLE_SECONDS="0",
-                 LABSYNC_CHUNK_ROWS="4", LGC_BASE_URL=sandboxes.lgc_url, LABSYNC_RETRY_INITIAL_WAIT="0.01")
+    extra = dict(LABSYNC_WAREHOUSE_URL=url, LABSYNC_INBOX=inbox_location, LABSYNC_INBOX_SETTLE_SECONDS="0",
+                 LABSYNC_CHUNK_ROWS="4", LGC_BASE_URL=sandboxes.lgc_url, LABSYNC_RETRY_INITIAL_WAIT="0.01",
+                 **{k: v for k, v in os.environ.items() if k.startswith("AWS_")})
 
     first = probe(airflow_env, "test", "order_batches", extra=extra)
     # the unusable file went to failed/ and the others were loaded: the run says a file needs a person
@@ -149,7 +152,7 @@ def test_order_batches_end_to_end(airflow_env, sandboxes, tmp_path):
     assert re.fullmatch(r"orders_broken\.csv lines \d+-\d+ \(2 rows\)", labels[3]), labels
     # finish returns (XCom) where each summary is
     locations = sorted(o["summary_location"] for o in first["returned"]["finish"])
-    assert locations == sorted(f"{inbox}/{p}" for p in ("processed/orders.summary.html",
+    assert locations == sorted(f"{inbox.location}/{p}" for p in ("processed/orders.summary.html",
                                                          "processed/orders_broken.summary.html",
                                                          "failed/orders_unusable.summary.html"))
 
@@ -161,17 +164,18 @@ def test_order_batches_end_to_end(airflow_env, sandboxes, tmp_path):
         n_rejects = conn.execute(sa.select(sa.func.count()).select_from(rejected_rows)).scalar_one()
     assert len(states) == 12 and set(states.values()) == {"accepted"}
     assert n_rejects == 13
-    assert sorted(p.name for p in (inbox / "processed").iterdir()) == [
+    assert inbox.names("processed") == [
         "orders.csv", "orders.summary.html", "orders_broken.csv", "orders_broken.fix.csv",
         "orders_broken.rejects.csv", "orders_broken.summary.html"]
-    assert sorted(p.name for p in (inbox / "failed").iterdir()) == ["orders_unusable.csv", "orders_unusable.summary.html"]
+    assert inbox.names("failed") == ["orders_unusable.csv", "orders_unusable.summary.html"]
+    assert inbox.names() == []
 
     puts = sum(lgc.put_count.values())
-    shutil.copy(EXAMPLES / "orders.csv", inbox / "orders again.csv")  # a re-dropped copy
+    inbox.put(EXAMPLES / "orders.csv", "orders again.csv")  # a re-dropped copy
     second = probe(airflow_env, "test", "order_batches", extra=extra)
     assert second["state"] == "success", second
     assert sum(lgc.put_count.values()) == puts  # nothing new sent
-    assert (inbox / "processed" / "orders again.summary.html").exists()
+    assert "Already processed" in inbox.read("processed/orders again.summary.html")
 
 
 def test_order_batches_fails_while_the_vendor_is_down_and_succeeds_once_a_later_run_sends_the_rows(

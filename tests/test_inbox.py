@@ -6,8 +6,6 @@ block the inbox, rows that go out again by themselves."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,21 +22,22 @@ from etl.claims import now, run_owner, task_owner
 from etl.cli import main
 from etl.warehouse import batch_files, lgc_orders, lgc_outbox, rejected_rows
 from tests.helpers import EXAMPLES, seed_row, write_csv
+from tests.inboxes import InboxView
 from tests.test_lgc_support import LABSYNC, cli_env, csv_row, outbox_rows
 
 OWNER = "cli:test-inbox"
 
 
 @pytest.fixture
-def box(settings):
-    settings = replace(settings, inbox_settle_seconds=0.0, chunk_rows=4)
-    paths = inbox.InboxPaths(Path(settings.inbox)).ensure()
-    return settings, paths, warehouse.connect(settings.warehouse_url)
+def box(settings, inbox_location):
+    """(settings, the inbox, engine): every test here runs on a local folder and on the S3 server."""
+    settings = replace(settings, inbox=inbox_location, inbox_settle_seconds=0.0, chunk_rows=4)
+    inbox.open_inbox(settings)
+    return settings, InboxView(inbox_location), warehouse.connect(settings.warehouse_url)
 
 
-def drop(paths, *names) -> None:
-    for name in names:
-        shutil.copy(EXAMPLES / name, paths.root / name)
+def drop(paths: InboxView, *names) -> None:
+    paths.drop(*names)
 
 
 def ledger(engine) -> dict[str, str]:
@@ -75,17 +74,17 @@ def test_good_partly_bad_and_unusable_files(box, sandbox):
     assert len(sandbox.sandbox.lgc.orders) == 12 and set(sandbox.sandbox.lgc.accepted_count.values()) == {1}
     assert set(ledger(engine).values()) == {"accepted"} and len(ledger(engine)) == 12
 
-    assert sorted(p.name for p in paths.processed.iterdir()) == [
+    assert paths.names("processed") == [
         "orders.csv", "orders.summary.html", "orders_broken.csv", "orders_broken.fix.csv",
         "orders_broken.rejects.csv", "orders_broken.summary.html"]
-    assert sorted(p.name for p in paths.failed.iterdir()) == ["orders_unusable.csv", "orders_unusable.summary.html"]
-    assert sorted(p.name for p in paths.root.iterdir()) == ["failed", "processed"]  # no staging left anywhere
+    assert paths.names("failed") == ["orders_unusable.csv", "orders_unusable.summary.html"]
+    assert paths.names() == []  # no staging left anywhere
 
-    page = (paths.processed / "orders_broken.summary.html").read_text()
+    page = paths.read("processed/orders_broken.summary.html")
     assert "already appears on line 2" in page and "BROKEN-0008" in page and "Rejected rows" in page
     ids = sandbox.sandbox.lgc.orders["BROKEN-0008"]["response"]["orderItems"]
     assert all(item["id"] in page for item in ids)
-    assert "comma-separated" in (paths.failed / "orders_unusable.summary.html").read_text()
+    assert "comma-separated" in paths.read("failed/orders_unusable.summary.html")
     with engine.connect() as conn:
         n_rejects = conn.execute(sa.select(sa.func.count()).select_from(rejected_rows)).scalar_one()
         bodies = conn.execute(sa.select(sa.func.count()).select_from(lgc_outbox)
@@ -107,23 +106,23 @@ def test_second_run_and_redropped_copy_send_nothing(box, sandbox):
     puts = sum(sandbox.sandbox.lgc.put_count.values())
 
     assert run(engine, settings) == []  # empty inbox, nothing to resume
-    shutil.copy(EXAMPLES / "orders.csv", paths.root / "renamed copy.csv")
+    paths.put(EXAMPLES / "orders.csv", "renamed copy.csv")
     (outcome,) = run(engine, settings)
     assert outcome["status"] == "duplicate"
     assert sum(sandbox.sandbox.lgc.put_count.values()) == puts
-    assert "Already processed" in (paths.processed / "renamed copy.summary.html").read_text()
+    assert "Already processed" in paths.read("processed/renamed copy.summary.html")
 
 
 def test_two_copies_dropped_together_are_one_batch_sent_once(box, sandbox):
     settings, paths, engine = box
     drop(paths, "orders.csv")
-    shutil.copy(EXAMPLES / "orders.csv", paths.root / "orders copy.csv")
+    paths.put(EXAMPLES / "orders.csv", "orders copy.csv")
     (first,) = run(engine, settings)  # one copy is the batch; the other waits for the next run
     assert first["status"] == "loaded" and first["counts"]["accepted"] == 10
     (second,) = run(engine, settings)
     assert second["status"] == "duplicate"
     assert set(sandbox.sandbox.lgc.put_count.values()) == {1} and len(sandbox.sandbox.lgc.orders) == 10
-    assert sorted(p.name for p in paths.processed.iterdir() if p.suffix == ".csv") == ["orders copy.csv", "orders.csv"]
+    assert [n for n in paths.names("processed") if n.endswith(".csv")] == ["orders copy.csv", "orders.csv"]
 
 
 def test_failed_rows_go_out_again_by_themselves_and_the_summary_is_rewritten(box, sandbox):
@@ -134,7 +133,7 @@ def test_failed_rows_go_out_again_by_themselves_and_the_summary_is_rewritten(box
     (first,) = run(engine, settings)
     assert first["counts"] == {"accepted": 9, "failed": 1, "rejected before sending": 0}
     assert first["status"] == "incomplete"
-    page = (paths.processed / "orders.summary.html").read_text()
+    page = paths.read("processed/orders.summary.html")
     assert "Orders that did not go through" in page and "sends them again by itself" in page
 
     lgc.forced.clear()
@@ -145,7 +144,7 @@ def test_failed_rows_go_out_again_by_themselves_and_the_summary_is_rewritten(box
     assert second["retried"] and second["status"] == "loaded"
     assert second["counts"] == {"accepted": 10, "rejected before sending": 0}
     assert ledger(engine)["DEMO-2026-0003"] == "accepted"
-    page = (paths.processed / "orders.summary.html").read_text()  # written again, in place
+    page = paths.read("processed/orders.summary.html")  # written again, in place
     assert "All 10 rows went through" in page and "did not go through" not in page
     assert run(engine, settings) == []  # and then there is nothing left to do
 
@@ -164,16 +163,16 @@ def test_rows_failing_every_time_are_given_up_and_a_redrop_sends_them(box, sandb
     puts = lgc.put_count["DEMO-2026-0003"]
     assert run(engine, settings) == []  # given up: later runs leave it alone
     assert lgc.put_count["DEMO-2026-0003"] == puts
-    page = (paths.processed / "orders.summary.html").read_text()
+    page = paths.read("processed/orders.summary.html")
     assert "need a person" in page and "failed (given up)" in page
 
     lgc.forced.clear()  # a person fixed the cause and drops the file again
-    shutil.copy(EXAMPLES / "orders.csv", paths.root / "orders.csv")
+    drop(paths, "orders.csv")
     before = dict(lgc.put_count)
     (redrop,) = run(engine, settings)
     assert {k for k, v in lgc.put_count.items() if v != before.get(k)} == {"DEMO-2026-0003"}
     assert redrop["status"] == "loaded" and redrop["counts"]["accepted"] == 10
-    assert (paths.processed / "orders.2.csv").exists()  # the earlier file is never overwritten
+    assert paths.exists("processed/orders.2.csv")  # the earlier file is never overwritten
 
 
 def test_a_run_that_died_is_taken_over_without_duplicates(box, sandbox):
@@ -183,7 +182,7 @@ def test_a_run_that_died_is_taken_over_without_duplicates(box, sandbox):
     prepared = inbox.prepare(engine, settings, owner=dead)
     inbox.load_chunk(engine, settings, prepared["chunks"][0], owner=task_owner("order_batches", "scheduled__1", "load", 0),
                      file_owner=dead)  # then the whole run "dies"
-    assert (paths.root / "orders.csv").exists()
+    assert paths.exists("orders.csv")
     assert run(engine, settings, owner=OWNER) == []  # its claim is live: the file is left alone
     lapse_every_claim(engine)
 
@@ -192,7 +191,7 @@ def test_a_run_that_died_is_taken_over_without_duplicates(box, sandbox):
     assert set(sandbox.sandbox.lgc.accepted_count.values()) == {1}
     assert len(sandbox.sandbox.lgc.orders) == 10
     assert inbox.finish(engine, settings, prepared, owner=dead)[0]["taken_over"]  # the dead run's finish: a no-op
-    assert (paths.processed / "orders.csv").exists() and not (paths.processed / "orders.2.csv").exists()
+    assert paths.names("processed") == ["orders.csv", "orders.summary.html"]
 
 
 def test_a_run_that_died_while_validating_is_redone_from_scratch(box, sandbox):
@@ -200,7 +199,7 @@ def test_a_run_that_died_while_validating_is_redone_from_scratch(box, sandbox):
     drop(paths, "orders.csv")
     from etl.batches import staging
 
-    sha = inbox.fingerprint(paths.root / "orders.csv")
+    sha = inbox.fingerprint(paths.store, "orders.csv")
     taken = staging.take(engine, settings, "orders.csv", sha, owner="cli:dead")
     from etl.lgc import outbox
     from etl.vault import vault_for
@@ -217,9 +216,9 @@ def test_a_file_still_being_written_waits_for_the_next_run(box, sandbox):
     settings, paths, engine = box
     drop(paths, "orders.csv")
     assert inbox.prepare(engine, replace(settings, inbox_settle_seconds=60), owner=OWNER)["batches"] == []
-    old = time.time() - 120
-    os.utime(paths.root / "orders.csv", (old, old))
-    assert len(inbox.prepare(engine, replace(settings, inbox_settle_seconds=60), owner=OWNER)["batches"]) == 1
+    (entry,) = paths.store.files()  # the store's own clock says when it was written
+    assert len(inbox.prepare(engine, replace(settings, inbox_settle_seconds=time.time() - entry.mtime - 1),
+                             owner=OWNER)["batches"]) == 1
 
 
 @pytest.fixture
@@ -247,11 +246,12 @@ def _unusable_at_last_line(path: Path, good_rows: int) -> Path:
     return path
 
 
-def test_a_file_unusable_at_its_last_line_sends_nothing_and_the_good_files_beside_it_go_on(box, sandbox, late_failure):
+def test_a_file_unusable_at_its_last_line_sends_nothing_and_the_good_files_beside_it_go_on(box, sandbox, late_failure,
+                                                                                           tmp_path):
     settings, paths, engine = box
     settings = replace(settings, chunk_rows=5000)
-    _unusable_at_last_line(paths.root / "a_bad.csv", 300)
-    write_csv(paths.root / "b_good.csv", [seed_row(client_order_id=f"GOOD-{i}") for i in range(3)])
+    paths.put(_unusable_at_last_line(tmp_path / "a_bad.csv", 300), "a_bad.csv")
+    paths.write_csv("b_good.csv", [seed_row(client_order_id=f"GOOD-{i}") for i in range(3)])
     drop(paths, "orders.csv")
     outcomes = {o["name"]: o for o in run(engine, settings)}
     assert outcomes["a_bad.csv"]["status"] == "unusable" and "line 322" in outcomes["a_bad.csv"]["error"]
@@ -260,8 +260,8 @@ def test_a_file_unusable_at_its_last_line_sends_nothing_and_the_good_files_besid
     assert not any(k.startswith("LAST-") for k in lgc.put_count)  # nothing of the bad file was sent
     assert len(lgc.orders) == 13
     assert not any(k.startswith("LAST-") for k in outbox_rows(engine))  # its staged rows are gone
-    assert sorted(p.name for p in paths.failed.iterdir()) == ["a_bad.csv", "a_bad.summary.html"]
-    assert "not valid CSV" in (paths.failed / "a_bad.summary.html").read_text()
+    assert paths.names("failed") == ["a_bad.csv", "a_bad.summary.html"]
+    assert "not valid CSV" in paths.read("failed/a_bad.summary.html")
 
 
 def test_cli_load_of_a_file_unusable_at_its_last_line_sends_nothing(settings, sandbox, monkeypatch, capsys, tmp_path,
@@ -284,10 +284,10 @@ def test_cli_inbox_exit_codes(box, sandbox, monkeypatch, capsys):
     monkeypatch.setenv("LABSYNC_FERNET_KEY", settings.fernet_key)
     monkeypatch.setenv("LGC_BASE_URL", settings.lgc.base_url)
     monkeypatch.setenv("LABSYNC_INBOX_SETTLE_SECONDS", "0")
-    write_csv(paths.root / "one.csv", [seed_row(client_order_id="CLI-1")])
-    assert main(["inbox", "--folder", str(paths.root)]) == 0
+    paths.write_csv("one.csv", [seed_row(client_order_id="CLI-1")])
+    assert main(["inbox", "--folder", paths.location]) == 0
     drop(paths, "orders_broken.csv")
-    assert main(["inbox", "--folder", str(paths.root)]) == 1
+    assert main(["inbox", "--folder", paths.location]) == 1
     out = capsys.readouterr().out
     assert "one.csv: loaded (accepted 1)" in out and "orders_broken.csv: loaded (accepted 2, rejected before sending 6)" in out
     assert main(["batches"]) == 0
@@ -303,7 +303,7 @@ def test_rows_of_a_load_task_that_died_go_out_on_the_next_run(box, sandbox):
     prepared = inbox.prepare(engine, settings, owner=OWNER)
     (outcome,) = inbox.finish(engine, settings, prepared, owner=OWNER)
     assert outcome["counts"]["queued"] == 10 and outcome["status"] == "incomplete"
-    page = (paths.processed / "orders.summary.html").read_text()
+    page = paths.read("processed/orders.summary.html")
     assert "10 not sent yet (queued) (counted as pending)" in page and "sends them again by itself" in page
     assert sandbox.sandbox.lgc.orders == {}
     with pytest.raises(inbox.BatchesNeedAttention, match="orders.csv incomplete"):
@@ -325,13 +325,13 @@ def test_cli_inbox_with_the_vendor_down_finishes_every_file_and_the_next_run_sen
     monkeypatch.setenv("LABSYNC_RETRY_ATTEMPTS", "3")
     drop(paths, "orders.csv")
     sandbox.sandbox.lgc.faults.update(script=[503] * 3)  # the token endpoint fails every try
-    assert main(["inbox", "--folder", str(paths.root)]) == 1
+    assert main(["inbox", "--folder", paths.location]) == 1
     captured = capsys.readouterr()
     assert "go out on the next run" in captured.err and "Traceback" not in captured.err
     assert "orders.csv: incomplete (queued 10" in captured.out
-    assert (paths.processed / "orders.csv").exists() and sandbox.sandbox.lgc.orders == {}
+    assert paths.exists("processed/orders.csv") and sandbox.sandbox.lgc.orders == {}
 
-    assert main(["inbox", "--folder", str(paths.root)]) == 0  # the vendor is back
+    assert main(["inbox", "--folder", paths.location]) == 0  # the vendor is back
     assert "orders.csv (rows sent again): loaded (accepted 10" in capsys.readouterr().out
     assert len(sandbox.sandbox.lgc.orders) == 10 and statuses(engine) == {"orders.csv": "loaded"}
 
@@ -344,8 +344,8 @@ def test_two_inbox_processes_on_one_inbox_with_three_files(box, sandbox, tmp_pat
     lgc = sandbox.sandbox.lgc
     lgc.faults.update(latency=0.01)
     for name in ("one", "two", "three"):
-        write_csv(paths.root / f"{name}.csv", [csv_row(i, client_order_id=f"{name.upper()}-{i}") for i in range(40)])
-    env = cli_env(settings, LABSYNC_INBOX=str(paths.root), LABSYNC_INBOX_SETTLE_SECONDS="0",
+        paths.write_csv(f"{name}.csv", [csv_row(i, client_order_id=f"{name.upper()}-{i}") for i in range(40)])
+    env = cli_env(settings, LABSYNC_INBOX=paths.location, LABSYNC_INBOX_SETTLE_SECONDS="0",
                   LABSYNC_CHUNK_ROWS="10")
     procs = [subprocess.Popen([*LABSYNC, "inbox"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -356,7 +356,7 @@ def test_two_inbox_processes_on_one_inbox_with_three_files(box, sandbox, tmp_pat
     said = "\n".join(out for out, _ in results)
     for name in ("one", "two", "three"):  # each file reported by one process only
         assert said.count(f"{name}.csv: loaded (accepted 40") == 1, said
-    assert sorted(p.name for p in paths.processed.iterdir()) == [
+    assert paths.names("processed") == [
         "one.csv", "one.summary.html", "three.csv", "three.summary.html", "two.csv", "two.summary.html"]
     assert len(lgc.orders) == 120 and set(lgc.put_count.values()) == {1}
     assert statuses(engine) == {"one.csv": "loaded", "two.csv": "loaded", "three.csv": "loaded"}

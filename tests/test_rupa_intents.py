@@ -10,7 +10,8 @@ import os
 import signal
 import subprocess
 import sys
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from etl.rupa import intents, intents_inbox
 from etl.states import IntentState
 from etl.warehouse import batch_files, rejected_rows
 from tests.helpers import REPO
+from tests.inboxes import InboxView
 from tests.pgserver import wait_for
 from tests.rupa_support import cli_env, ledger, write_intents
 
@@ -194,18 +196,53 @@ def test_refused_credentials_stop_the_run_and_lose_nothing(engine, settings, rup
     assert carts_by_row(rupa) == {"R1": 1, "R2": 1, "R3": 1}
 
 
-def test_the_inbox_subfolder_is_processed_and_filed(engine, settings, rupa, tmp_path):
-    box = intents_inbox.IntentsInbox.of(settings).ensure()
-    write_intents(box.root / "monday.csv", [row("R1", rupa_patient_id="pat_0000001"), row("R2")])
-    (box.root / "broken.csv").write_bytes(b"\x00\x01binary")
+def test_the_inbox_subfolder_is_processed_and_filed(engine, settings, rupa, tmp_path, inbox_location):
+    """On a local folder and on the S3 server alike: claimed in the warehouse, read from a
+    temporary copy, reports put beside the file, moved by copy-then-delete."""
+    settings = replace(settings, inbox=inbox_location)
+    box = InboxView(inbox_location)
+    box.put(write_intents(tmp_path / "monday.csv", [row("R1", rupa_patient_id="pat_0000001"), row("R2")]),
+            "intents/monday.csv")
+    box.write_bytes("intents/broken.csv", b"\x00\x01binary")
+    # left in processing/ by a labsync that claimed by renaming: picked up, not forgotten
+    box.put(write_intents(tmp_path / "old.csv", [row("R3", rupa_patient_id="pat_0000001")]),
+            "intents/processing/old.csv")
     outcomes = {o["name"]: o for o in intents_inbox.process_intents_inbox(engine, settings, settle_seconds=0)}
     assert outcomes["monday.csv"]["status"] == "loaded" and outcomes["monday.csv"]["counts"] == {intents.CREATED: 1}
+    assert outcomes["old.csv"]["status"] == "loaded" and outcomes["old.csv"]["counts"] == {intents.CREATED: 1}
     assert outcomes["broken.csv"]["status"] == "unusable"
-    assert sorted(p.name for p in box.folder("processed").iterdir()) == [
-        "monday.checkout.csv", "monday.csv", "monday.rejects.csv", "monday.summary.html"]
-    assert sorted(p.name for p in box.folder("failed").iterdir()) == ["broken.csv", "broken.summary.html"]
+    assert box.names("intents/processed") == [
+        "monday.checkout.csv", "monday.csv", "monday.rejects.csv", "monday.summary.html",
+        "old.checkout.csv", "old.csv", "old.summary.html"]
+    assert box.names("intents/failed") == ["broken.csv", "broken.summary.html"]
+    assert box.names("intents") == [] and box.names("intents/processing") == []
+    links = box.read("intents/processed/monday.checkout.csv")
+    assert "R1" in links and "checkout" in links
+    assert outcomes["monday.csv"]["checkout_path"].endswith("intents/processed/monday.checkout.csv")
     assert json.dumps(outcomes)  # fit for XCom
+    with engine.connect() as conn:
+        claimed = conn.execute(sa.select(sa.func.count()).select_from(batch_files)
+                               .where(batch_files.c.claimed_by.is_not(None))).scalar_one()
+    assert claimed == 0
     assert intents_inbox.process_intents_inbox(engine, settings, settle_seconds=0) == []
+
+
+def test_an_intents_file_another_run_holds_is_left_alone(engine, settings, rupa, tmp_path, inbox_location):
+    """Two runs at once: the warehouse's claim on the file's content decides, not a rename."""
+    from etl.batches import records
+
+    settings = replace(settings, inbox=inbox_location)
+    box = InboxView(inbox_location)
+    path = write_intents(tmp_path / "tue.csv", [row("R1", rupa_patient_id="pat_0000001")])
+    box.put(path, "intents/tue.csv")
+    batch_id = records.register_batch(engine, "tue.csv", intents_inbox.IntentsInbox.of(settings).store.sha256("tue.csv"))
+    assert records.claim_batch(engine, batch_id, owner="ti:other/run/intents/-1", lease=timedelta(minutes=5))
+    assert intents_inbox.process_intents_inbox(engine, settings, settle_seconds=0) == []
+    assert box.names("intents") == ["tue.csv"] and rupa.stats["POST /order_intents"] == 0
+    records.release_batch(engine, batch_id, owner="ti:other/run/intents/-1")
+    (done,) = intents_inbox.process_intents_inbox(engine, settings, settle_seconds=0)
+    assert done["status"] == "loaded" and box.names("intents/processed") == [
+        "tue.checkout.csv", "tue.csv", "tue.summary.html"]
 
 
 def _cli(env: dict, *args: str, **kw) -> subprocess.CompletedProcess:
@@ -235,11 +272,11 @@ def test_cli_intents_dry_run_then_run(engine, settings, rupa, tmp_path, monkeypa
     assert "cli.summary.html" in done.stdout and "Dorothy" not in done.stdout + done.stderr
     again = _cli(env, "intents", str(path), "--dry-run", "--requests", "-")
     assert "0 rows would be sent (2 already settled" in again.stderr
-    box = intents_inbox.IntentsInbox.of(settings).ensure()
-    path.rename(box.root / "cli.csv")
+    box = InboxView(str(settings.inbox))
+    box.put(path, "intents/cli.csv")
     inbox = _cli({**env, "LABSYNC_INBOX": str(settings.inbox), "LABSYNC_INBOX_SETTLE_SECONDS": "0"}, "intents", "--inbox")
     assert inbox.returncode == 1 and "cli.csv: loaded (already created 2)" in inbox.stdout, inbox.stderr
-    assert (box.folder("processed") / "cli.checkout.csv").exists()
+    assert box.exists("intents/processed/cli.checkout.csv")
 
 
 def test_a_run_killed_mid_batch_sends_no_second_cart_for_any_row(engine, settings, rupa, tmp_path, monkeypatch):

@@ -26,8 +26,17 @@ SHOTS = Path(__file__).resolve().parent.parent / ".labsync" / "screenshots"
 @pytest.fixture
 def box(settings):
     settings = replace(settings, inbox_settle_seconds=0.0)
-    paths = inbox.InboxPaths(Path(settings.inbox)).ensure()
+    paths = LocalInbox(Path(settings.inbox))
     return settings, paths, warehouse.connect(settings.warehouse_url)
+
+
+class LocalInbox:
+    """The inbox folder and its subfolders (these pages are looked at in a browser from disk)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.processed, self.failed = root, root / "processed", root / "failed"
+        for folder in (self.root, self.processed, self.failed):
+            folder.mkdir(parents=True, exist_ok=True)
 
 
 def run(engine, settings) -> dict:
@@ -157,9 +166,9 @@ def test_a_fix_file_beside_its_batch_is_a_report_not_a_batch(box):
     settings, paths, engine = box
     write_csv(paths.root / "orders.csv", [seed_row()])
     write_csv(paths.root / "orders.fix.csv", [seed_row(client_order_id="OTHER")])
-    assert [p.name for p in inbox.discover(paths)] == ["orders.csv"]
+    assert inbox.discover(inbox.open_inbox(settings)) == ["orders.csv"]
     (paths.root / "orders.csv").unlink()
-    assert [p.name for p in inbox.discover(paths)] == ["orders.fix.csv"]
+    assert inbox.discover(inbox.open_inbox(settings)) == ["orders.fix.csv"]
 
 
 def test_the_reconciliation_adds_up_for_every_outbox_state():

@@ -27,21 +27,25 @@ the rows that did not go through (given-up rows included: a person dropped it ag
 did not go through also go out by themselves: each run resumes `incomplete` batches from the
 outbox (`retry`), and a batch whose last row settles becomes `loaded`, its summary rewritten.
 
-The file operations are the few functions under "storage" below, so that the inbox can move to
-object storage without touching the rest.
+The inbox is a local folder or any fsspec URL (`s3://bucket/prefix`, …: etl.storage). Object
+stores cannot rename atomically, and nothing here needs them to: the warehouse decides who owns a
+file, a move is a copy then a delete recorded in the warehouse first (`move`), and a file is
+validated from a local temporary copy inside the one task that reads it; its reports are put
+beside it in the inbox before that task ends. Nothing passes between tasks on a local disk.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from sqlalchemy import Engine
 
+from etl import storage
 from etl.batches import records, staging, summary
 from etl.batches.names import fix_path_for, rejects_path_for, summary_path
 from etl.claims import Heartbeat, cli_owner
@@ -51,6 +55,7 @@ from etl.lgc import outbox
 from etl.logs import counts_text
 from etl.settings import Settings
 from etl.states import BatchStatus, OutboxState
+from etl.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -59,102 +64,148 @@ NEEDS_ATTENTION = (BatchStatus.INCOMPLETE, BatchStatus.UNUSABLE)
 
 # ---- storage: the only functions that touch the inbox's files ----------------------------------
 
-@dataclass(frozen=True)
-class InboxPaths:
-    root: Path
-
-    @property
-    def processed(self) -> Path:
-        return self.root / "processed"
-
-    @property
-    def failed(self) -> Path:
-        return self.root / "failed"
-
-    def ensure(self) -> InboxPaths:
-        for d in (self.root, self.processed, self.failed):
-            d.mkdir(parents=True, exist_ok=True)
-        return self
-
-    def relative(self, path: Path) -> str:
-        return path.relative_to(self.root).as_posix()
-
-    def resolve(self, relative: str) -> Path:
-        return self.root / relative
+PROCESSED, FAILED = "processed", "failed"
 
 
-def _is_batch_file(p: Path) -> bool:
+def open_inbox(settings: Settings) -> Store:
+    """The inbox's store (a local folder or an fsspec URL: etl.storage), its folders made."""
+    return storage.open_store(settings.inbox, conn_id=settings.inbox_conn_id).ensure(PROCESSED, FAILED)
+
+
+def _is_batch_name(name: str) -> bool:
     """Any file whose name ends in .csv (any case, trailing spaces ignored), dotted names such as
     `..csv` included: an odd name is processed, not ignored. Our own reject reports are not."""
-    name = p.name.rstrip().lower()
-    return p.is_file() and name.endswith(".csv") and not name.endswith(".rejects.csv")
+    name = name.rstrip().lower()
+    return name.endswith(".csv") and not name.endswith(".rejects.csv")
 
 
-def _why_not_a_batch(p: Path) -> str:
-    if p.name.rstrip().lower().endswith(".rejects.csv"):
+def _why_not_a_batch(name: str) -> str:
+    if name.rstrip().lower().endswith(".rejects.csv"):
         return "its name ends in .rejects.csv, the name labsync gives its reject reports"
     return "labsync reads files whose name ends in .csv"
 
 
-def discover(paths: InboxPaths, *, settle_seconds: float = 0.0) -> list[Path]:
-    """CSV files waiting in the inbox, oldest first. A file modified within the last
-    `settle_seconds` may still be being copied in and is left for the next run. Any other file
-    is left where it is and reported in the log (never silently ignored)."""
+def _is_companion(name: str) -> bool:
+    """A report labsync writes beside a file while it is processed (left alone, not warned about)."""
+    return name.endswith((".summary.html", ".tmp"))
+
+
+def discover(store: Store, *, settle_seconds: float = 0.0) -> list[str]:
+    """CSV files waiting in the inbox (names relative to it), oldest first. A file modified
+    within the last `settle_seconds` may still be being copied in and is left for the next run.
+    Any other file is left where it is and reported in the log (never silently ignored)."""
     now = time.time()
     found = []
-    files = list(paths.root.iterdir())
+    entries = list(store.files())
     # FILE.fix.csv written beside a FILE.csv still being processed is that file's report, not a
     # batch; once the pair has moved to processed/, a fix file dropped back is a batch like any
-    companions = {fix_path_for(p).name for p in files}
-    for p in files:
-        with contextlib.suppress(FileNotFoundError):  # moved by another run meanwhile
-            if p.name in companions:
-                continue
-            if _is_batch_file(p):
-                if now - p.stat().st_mtime >= settle_seconds:
-                    found.append((p.stat().st_mtime, p.name, p))
-            elif p.is_file():
-                log.warning("inbox: left %s where it is: not a batch file (%s)", p.name, _why_not_a_batch(p))
-    return [p for *_, p in sorted(found)]
+    fixes = {fix_path_for(PurePosixPath(e.name)).name for e in entries}
+    for entry in entries:
+        if entry.name in fixes:
+            continue
+        if _is_batch_name(entry.name):
+            if now - entry.mtime >= settle_seconds:
+                found.append((entry.mtime, entry.name))
+        elif not _is_companion(entry.name):
+            log.warning("inbox: left %s where it is: not a batch file (%s)", entry.name, _why_not_a_batch(entry.name))
+    return [name for _, name in sorted(found)]
 
 
-def fingerprint(path: Path) -> str:
+def fingerprint(store: Store, name: str) -> str:
     """sha256 of the file's bytes: the batch's identity (FileNotFoundError if it is gone)."""
-    return staging.sha256_of(path)
+    return store.sha256(name)
 
 
-@contextlib.contextmanager
-def local_file(path: Path) -> Iterator[Path]:
-    """A local path to read the batch from (the file itself, for a local inbox)."""
-    yield path
+def companions(name: str) -> list[str]:
+    """The reports labsync writes beside a batch file (they move with it)."""
+    path = PurePosixPath(name)
+    return [rejects_path_for(path).as_posix(), fix_path_for(path).as_posix(), summary_path(path).as_posix()]
 
 
-def _free_name(folder: Path, name: str) -> Path:
-    """folder/name, or folder/stem.2.csv, … if taken (never overwrite an earlier file)."""
-    target = folder / name
-    n = 2
-    while target.exists():
-        target = folder / f"{Path(name).stem}.{n}{Path(name).suffix}"
+def _free_name(engine: Engine, store: Store, folder: str, name: str, base: str = "") -> str:
+    """folder/name, or folder/stem.2.csv, … if taken (never overwrite an earlier file), or
+    promised to another batch's unfinished move."""
+    stem, suffix = PurePosixPath(name).stem, PurePosixPath(name).suffix
+    target, n = f"{folder}/{name}", 2
+    while store.exists(target) or records.move_target_taken(engine, base + target):
+        target = f"{folder}/{stem}.{n}{suffix}"
         n += 1
     return target
 
 
-def move(path: Path, folder: Path) -> Path | None:
-    """Move a batch file and its reports (rejects, summary) into `folder`; None if the file is
-    gone (another run moved it first: that is fine)."""
-    target = _free_name(folder, path.name)
+def _renamed(companion: str, src: str, target: str) -> str:
+    """`orders.rejects.csv` beside `orders.csv` -> `processed/orders.2.rejects.csv` beside the target."""
+    base = PurePosixPath(companion).name.replace(PurePosixPath(src).stem, PurePosixPath(target).stem, 1)
+    return str(PurePosixPath(target).with_name(base))
+
+
+def move(engine: Engine, settings: Settings, store: Store, batch_id: int, src: str, folder: str, *,
+         owner: str, base: str = "", reports: list[str] | None = None) -> str | None:
+    """Move a batch file and its reports into `folder` (names relative to `store`); None if the
+    file is gone (another run moved it first: that is fine). `reports`: the files beside it that
+    move with it (default: its reject report and summary).
+
+    Object stores cannot rename, so a move is a copy then a delete. The move is recorded in the
+    warehouse (batch_files.moving_from/moving_to, fenced by our claim) before the copy, so a run
+    that dies between copy and delete leaves a move the next run finishes to the same place: the
+    file never ends up twice in processed/, and is never lost. `base`: the store's path inside
+    the inbox (`intents/`), so the recorded names are the inbox's. The caller clears the record
+    when it releases the batch (records.release_batch)."""
+    row = records.get(engine, batch_id)
+    if row["moving_from"] == base + src and row["moving_to"]:  # a move a run died in
+        target = row["moving_to"].removeprefix(base)
+        log.info("inbox: finishing the interrupted move of %s to %s", src, target)
+    else:
+        if not store.exists(src):
+            return None
+        target = _free_name(engine, store, folder, PurePosixPath(src).name, base)
+        records.begin_move(engine, batch_id, base + src, base + target,
+                           fence=records.fence(batch_id, owner=owner, lease=staging.lease(settings)))
     try:
-        path.replace(target)
+        store.copy(src, target)
     except FileNotFoundError:
-        return None
-    for companion in (rejects_path_for(path), fix_path_for(path), summary_path(path)):
+        if not store.exists(target):  # gone before we copied it: not ours to move any more
+            return None
+        # else: copied and deleted by the run that died; only the record was left to finish
+    pairs = [(c, _renamed(c, src, target)) for c in (companions(src) if reports is None else reports)]
+    for companion, moved in pairs:
         with contextlib.suppress(FileNotFoundError):
-            companion.replace(folder / companion.name.replace(path.stem, target.stem, 1))
+            store.copy(companion, moved)
+    for companion, _ in pairs:
+        store.delete(companion)
+    store.delete(src)
     return target
 
 
-def write_summary(batch_file: Path, page: str) -> Path:
-    return summary.write(summary_path(batch_file), page)
+def write_summary(store: Store, batch_file: str, page: str) -> str:
+    """The summary page beside a batch file (a whole-object PUT on an object store)."""
+    name = summary_path(PurePosixPath(batch_file)).as_posix()
+    store.write_text(name, page)
+    return name
+
+
+def finish_interrupted_moves(engine: Engine, settings: Settings, store: Store, *, owner: str) -> int:
+    """Batches whose run died after deleting the inbox copy but before recording where the file
+    went: record it now (the file is in processed/ or failed/). Moves whose source is still in
+    the inbox are finished by the run that picks the file up again."""
+    done = 0
+    for row in records.interrupted_moves(engine):
+        if records.claim_batch(engine, row["id"], owner=owner, lease=staging.lease(settings)) is None:
+            continue
+        if store.exists(row["moving_from"]) or not store.exists(row["moving_to"]):
+            records.release_batch(engine, row["id"], owner=owner, keep_move=True)
+            continue
+        target = row["moving_to"]
+        if not row["stored_as"] and not target.startswith("intents/"):  # an order batch's file
+            if row["status"] == BatchStatus.UNUSABLE:
+                _failed_page(store, target, row["error"] or "the file cannot be used", row["file_name"])
+            else:
+                render(engine, row["id"], target, store=store)  # the run died before writing it
+        values = {} if row["stored_as"] else {"stored_as": target}
+        records.release_batch(engine, row["id"], owner=owner, **values)
+        log.info("inbox: batch %d: recorded its file at %s (its run stopped after moving it)", row["id"], target)
+        done += 1
+    return done
 
 
 # ---- step 1 ------------------------------------------------------------------------------------
@@ -168,15 +219,16 @@ def prepare(engine: Engine, settings: Settings, *, owner: str, settle_seconds: f
     file, name, status, counts), per resumed batch, and per chunk (batch_id, first_id, last_id,
     rows, file). An unusable file is already in failed/ with its summary."""
     settings.checked()
-    paths = InboxPaths(Path(settings.inbox)).ensure()
+    store = open_inbox(settings)
     settle = settings.inbox_settle_seconds if settle_seconds is None else settle_seconds
     batches: list[dict] = []
     with Heartbeat(engine, [owner], lease=staging.lease(settings), interval=settings.heartbeat_seconds):
-        for path in discover(paths, settle_seconds=settle):
+        finish_interrupted_moves(engine, settings, store, owner=owner)
+        for name in discover(store, settle_seconds=settle):
             try:
-                batch = _prepare_file(engine, settings, paths, path, owner, {b["batch_id"] for b in batches})
+                batch = _prepare_file(engine, settings, store, name, owner, {b["batch_id"] for b in batches})
             except records.LostClaim:
-                log.warning("inbox: %s was taken over by another run; left to it", path.name)
+                log.warning("inbox: %s was taken over by another run; left to it", name)
                 continue
             if batch is not None:
                 batches.append(batch)
@@ -192,82 +244,107 @@ def prepare(engine: Engine, settings: Settings, *, owner: str, settle_seconds: f
     return {"batches": batches, "retried": retried, "chunks": [c.as_dict() for c in chunks]}
 
 
-def _prepare_file(engine: Engine, settings: Settings, paths: InboxPaths, path: Path, owner: str,
+def _prepare_file(engine: Engine, settings: Settings, store: Store, name: str, owner: str,
                   this_run: set[int]) -> dict | None:
     try:
-        sha = fingerprint(path)
+        sha = fingerprint(store, name)
     except FileNotFoundError:
         return None  # moved by the run that processed it
-    taken = staging.take(engine, settings, path.name, sha, owner=owner)
+    taken = staging.take(engine, settings, name, sha, owner=owner)
     if taken is None:
-        log.info("inbox: %s is being processed by another run; left alone", path.name)
+        log.info("inbox: %s is being processed by another run; left alone", name)
         return None
     batch_id, row = taken.batch_id, taken.row
     if batch_id in this_run:  # two copies dropped together: the next run finds this one a duplicate
-        log.info("inbox: %s has the same content as another file of this run; it waits for the next run",
-                 path.name)
+        log.info("inbox: %s has the same content as another file of this run; it waits for the next run", name)
         return None
-    entry = {"batch_id": batch_id, "file": paths.relative(path), "name": path.name}
+    entry = {"batch_id": batch_id, "file": name, "name": name}
     if taken.status == BatchStatus.UNUSABLE:
-        return _to_failed(engine, paths, path, batch_id, row["error"] or "the file cannot be used", owner)
+        return _to_failed(engine, settings, store, name, batch_id, row["error"] or "the file cannot be used", owner)
     if row["stored_as"] and taken.status in (BatchStatus.LOADED, BatchStatus.INCOMPLETE):
         # a copy of a batch that was processed before
         reset = outbox.reset_given_up(engine, [batch_id])
         counts = outbox.counts(engine, [batch_id])[batch_id]
         if staging.final_status(counts) == BatchStatus.LOADED and not staging.needs_validation(engine, taken):
-            return _duplicate(engine, paths, path, batch_id, row, owner)
-        log.info("inbox: %s is batch %d again, with rows still to send%s", path.name, batch_id,
+            return _duplicate(engine, settings, store, name, batch_id, row, owner)
+        log.info("inbox: %s is batch %d again, with rows still to send%s", name, batch_id,
                  f" ({reset} given up before)" if reset else "")
         # loadable again; this copy is stored (and the summary rewritten) when it is finished
         records.reopen(engine, batch_id, fence=records.fence(batch_id, owner=owner, lease=staging.lease(settings)))
     if staging.needs_validation(engine, taken):
-        with local_file(path) as local:
-            staged = staging.stage(engine, settings, taken, local, owner=owner,
-                                   rejects_path=rejects_path_for(path), fix_path=fix_path_for(path))
+        staged = _stage(engine, settings, store, taken, name, owner)
         if staged.status == BatchStatus.UNUSABLE:
-            return _to_failed(engine, paths, path, batch_id, staged.error or "", owner)
-        log.info("inbox: batch %d (%s): %d rows, %d valid, %d rejected", batch_id, path.name,
+            return _to_failed(engine, settings, store, name, batch_id, staged.error or "", owner)
+        log.info("inbox: batch %d (%s): %d rows, %d valid, %d rejected", batch_id, name,
                  staged.total_rows, staged.valid_rows, staged.rejected_rows)
         return {**entry, **staged.as_dict()}
     # staged by a run that died (or finished but never moved the file): carry on from there
     fresh = records.get(engine, batch_id)
-    log.info("inbox: %s is batch %d, %s; resuming it", path.name, batch_id, fresh["status"])
+    log.info("inbox: %s is batch %d, %s; resuming it", name, batch_id, fresh["status"])
     return {**entry, "status": BatchStatus.VALIDATED, "total_rows": fresh["total_rows"],
             "valid_rows": fresh["valid_rows"], "rejected_rows": fresh["rejected_rows"], "resumed": True}
 
 
-def _to_failed(engine: Engine, paths: InboxPaths, path: Path, batch_id: int, reason: str, owner: str) -> dict:
-    target = move(path, paths.failed)
+def _stage(engine: Engine, settings: Settings, store: Store, taken: staging.Taken, name: str,
+           owner: str) -> staging.Staged:
+    """Validate the file from a local copy (or the file itself, on a local inbox), the reports
+    written in a temporary folder of this task, then put beside the file in the inbox: nothing
+    of it stays on this worker's disk for a later task."""
+    with store.local_copy(name) as local, tempfile.TemporaryDirectory(prefix="labsync-reports-") as tmp:
+        reports = Path(tmp)
+        staged = staging.stage(engine, settings, taken, local, owner=owner,
+                               rejects_path=reports / rejects_path_for(Path(name)).name,
+                               fix_path=reports / fix_path_for(Path(name)).name)
+        # reports are written in `reports`, or beside the temporary copy of a remote file
+        folders = [reports] if store.is_local else [reports, local.parent]
+        stem = PurePosixPath(name).stem
+        written = {p.name: p for folder in folders for p in folder.iterdir()
+                   if p.is_file() and p != local and p.name.startswith(f"{stem}.") and not p.name.endswith(".tmp")}
+        if staged.status == BatchStatus.UNUSABLE:
+            written = {}  # a report of a file that was never usable misleads
+        for report, path in sorted(written.items()):
+            store.put(path, report)
+        for companion in companions(name):  # a report of an earlier validation of this file
+            if PurePosixPath(companion).name not in written and not companion.endswith(".summary.html"):
+                store.delete(companion)
+    return staged
+
+
+def _to_failed(engine: Engine, settings: Settings, store: Store, name: str, batch_id: int, reason: str,
+               owner: str) -> dict:
+    target = move(engine, settings, store, batch_id, name, FAILED, owner=owner)
     if target is not None:
-        write_summary(target, summary.render(
-            file_name=target.name, outcome="This file could not be used — nothing was sent.",
-            counts={}, note=reason.replace(f"{path.name}: ", "", 1), tone="bad",
-            links=[summary.Link("The file", target.name, paths.relative(target))],
-            steps=["Correct the file as the note above says (examples/orders.csv shows a file that "
-                   "works), then drop it into the inbox again: none of its rows was sent."]))
-        log.warning("inbox: %s is unusable; moved to %s", path.name, paths.failed)
-    records.release_batch(engine, batch_id, owner=owner,
-                          **({"stored_as": paths.relative(target)} if target is not None else {}))
-    name = target.name if target is not None else path.name
-    return {"batch_id": batch_id, "file": paths.relative(target) if target else None, "name": name,
+        _failed_page(store, target, reason, name)
+        log.warning("inbox: %s is unusable; moved to %s/", name, FAILED)
+    records.release_batch(engine, batch_id, owner=owner, **({"stored_as": target} if target is not None else {}))
+    return {"batch_id": batch_id, "file": target, "name": PurePosixPath(target or name).name,
             "status": BatchStatus.UNUSABLE, "error": reason}
 
 
-def _duplicate(engine: Engine, paths: InboxPaths, path: Path, batch_id: int, row: dict, owner: str) -> dict:
-    target = move(path, paths.processed)
+def _failed_page(store: Store, target: str, reason: str, name: str) -> None:
+    write_summary(store, target, summary.render(
+        file_name=PurePosixPath(target).name, outcome="This file could not be used — nothing was sent.",
+        counts={}, note=reason.replace(f"{PurePosixPath(name).name}: ", "", 1), tone="bad",
+        links=[summary.Link("The file", PurePosixPath(target).name, target)],
+        steps=["Correct the file as the note above says (examples/orders.csv shows a file that "
+               "works), then drop it into the inbox again: none of its rows was sent."]))
+
+
+def _duplicate(engine: Engine, settings: Settings, store: Store, name: str, batch_id: int, row: dict,
+               owner: str) -> dict:
+    target = move(engine, settings, store, batch_id, name, PROCESSED, owner=owner)
     if target is not None:
         when = row.get("processed_at")
-        write_summary(target, summary.render(
-            file_name=target.name, outcome="Already processed — nothing was sent again.", counts={},
+        write_summary(store, target, summary.render(
+            file_name=PurePosixPath(target).name, outcome="Already processed — nothing was sent again.", counts={},
             tone="ok", steps=["Nothing to do: see the summary of the first copy."],
             note=f"This file has the same content as {row['file_name']}"
             + (f", processed {when:%Y-%m-%d %H:%M} UTC" if when else "")
             + ". Every row of it already has its outcome; see that file's summary.",
         ))
-        log.info("inbox: %s is batch %d again, already processed; nothing to send", path.name, batch_id)
+        log.info("inbox: %s is batch %d again, already processed; nothing to send", name, batch_id)
     records.release_batch(engine, batch_id, owner=owner)
-    return {"batch_id": batch_id, "file": paths.relative(target) if target else None,
-            "name": target.name if target else path.name, "status": "duplicate"}
+    return {"batch_id": batch_id, "file": target, "name": PurePosixPath(target or name).name, "status": "duplicate"}
 
 
 def retry_batches(engine: Engine, settings: Settings, *, owner: str, given_up: bool = False) -> list[dict]:
@@ -308,43 +385,42 @@ def finish(engine: Engine, settings: Settings, prepared: dict, *, owner: str) ->
     its file to processed/. Only the run holding a batch's claim finishes it (a batch another
     run took over is reported as such); a resumed batch whose last row settled becomes `loaded`
     and its summary is written again. Safe to run twice."""
-    paths = InboxPaths(Path(settings.inbox)).ensure()
+    store = open_inbox(settings)
     outcomes = []
     for batch in prepared["batches"]:
         if batch["status"] != BatchStatus.VALIDATED:
             outcomes.append(batch)
             continue
-        outcomes.append(_finish_file(engine, settings, paths, batch, owner))
+        outcomes.append(_finish_file(engine, settings, store, batch, owner))
     for batch in prepared.get("retried", []):
         batch_id = batch["batch_id"]
         if batch.get("claimed"):  # a staged batch of a run that died: finish it for that run
             status = staging.finish(engine, settings, batch_id, owner=owner)
-            records.release_batch(engine, batch_id, owner=owner)
+            records.release_batch(engine, batch_id, owner=owner, keep_move=True)
             if status is not None:
                 log.info("batch %d (%s): %s", batch_id, batch["name"], status)
-        if not settle(engine, settings, [batch_id]):
-            _rerender(engine, settings, batch_id)  # still incomplete: its rows' news (e.g. given up)
+        if not settle(engine, settings, [batch_id], store=store):
+            _rerender(engine, settings, batch_id, store=store)  # still incomplete: its rows' news (e.g. given up)
         outcomes.append(_outcome(engine, batch_id, {"name": batch["name"], "retried": True}))
     return outcomes
 
 
-def _finish_file(engine: Engine, settings: Settings, paths: InboxPaths, batch: dict, owner: str) -> dict:
+def _finish_file(engine: Engine, settings: Settings, store: Store, batch: dict, owner: str) -> dict:
     batch_id = batch["batch_id"]
     status = staging.finish(engine, settings, batch_id, owner=owner)
     if status is None:
         log.warning("inbox: batch %d (%s) was taken over by another run, which finishes it",
                     batch_id, batch["name"])
         return _outcome(engine, batch_id, {**batch, "taken_over": True})
-    path = paths.resolve(batch["file"])
-    target = move(path, paths.processed)
+    target = move(engine, settings, store, batch_id, batch["file"], PROCESSED, owner=owner)
     if target is None:  # gone: someone removed it; the warehouse still has every outcome
         log.warning("inbox: %s is no longer in the inbox; its outcomes are in the warehouse", batch["name"])
         records.release_batch(engine, batch_id, owner=owner)
         return _outcome(engine, batch_id, batch)
-    render(engine, batch_id, target, where=paths.relative(target))
-    records.release_batch(engine, batch_id, owner=owner, stored_as=paths.relative(target))
-    settle(engine, settings, [batch_id])  # rows another run settled meanwhile
-    out = _outcome(engine, batch_id, {**batch, "file": paths.relative(target), "name": target.name})
+    render(engine, batch_id, target, store=store)
+    records.release_batch(engine, batch_id, owner=owner, stored_as=target)
+    settle(engine, settings, [batch_id], store=store)  # rows another run settled meanwhile
+    out = _outcome(engine, batch_id, {**batch, "file": target, "name": PurePosixPath(target).name})
     log.info("inbox: batch %d %s, %s", batch_id, out["status"], counts_text(out["counts"]))
     return out
 
@@ -354,30 +430,32 @@ def _outcome(engine: Engine, batch_id: int, base: dict) -> dict:
     counts = {k: v for k, v in sorted(outbox.counts(engine, [batch_id])[batch_id].items()) if v}
     counts["rejected before sending"] = row["rejected_rows"] or 0
     return {**base, "batch_id": batch_id, "status": row["status"], "counts": counts,
-            "summary": str(summary_path(Path(row["stored_as"]))) if row["stored_as"] else None}
+            "summary": summary_path(PurePosixPath(row["stored_as"])).as_posix() if row["stored_as"] else None}
 
 
-def settle(engine: Engine, settings: Settings, batch_ids: list[int]) -> list[int]:
+def settle(engine: Engine, settings: Settings, batch_ids: list[int], *, store: Store | None = None) -> list[int]:
     """Batches that became `loaded` now that their last row settled; their summary pages (where
     their file is in the inbox) are written again. Returns those batch ids."""
     flipped = []
     for batch_id in batch_ids:
         if staging.settle(engine, batch_id):
             flipped.append(batch_id)
-            _rerender(engine, settings, batch_id)
+            _rerender(engine, settings, batch_id, store=store)
             log.info("batch %d: every row settled; loaded", batch_id)
     return flipped
 
 
-def _rerender(engine: Engine, settings: Settings, batch_id: int) -> None:
-    """Write a finished batch's summary again, beside its file in processed/ (if it has one)."""
-    paths = InboxPaths(Path(settings.inbox))
+def _rerender(engine: Engine, settings: Settings, batch_id: int, *, store: Store | None = None) -> None:
+    """Write a finished batch's summary again, beside its file in processed/ (if it is there)."""
     stored = records.get(engine, batch_id)["stored_as"]
-    if stored and paths.resolve(stored).parent.exists():
-        render(engine, batch_id, paths.resolve(stored), where=stored)
+    if not stored:
+        return
+    store = store or open_inbox(settings)
+    if store.exists(stored):
+        render(engine, batch_id, stored, store=store)
 
 
-def render(engine: Engine, batch_id: int, batch_file: Path, *, where: str | None = None) -> Path:
+def render(engine: Engine, batch_id: int, batch_file: str, *, store: Store, where: str | None = None) -> str:
     """The batch's summary page, from the warehouse alone (outbox, ledger, rejected rows, and the
     accepted orders' item statuses once `labsync track` or a webhook has told them). `where`: the
     file's place in the inbox, as the page shows it (`processed/orders.csv`)."""
@@ -388,13 +466,14 @@ def render(engine: Engine, batch_id: int, batch_file: Path, *, where: str | None
     rows = outbox.rows_of(engine, batch_id)
     rejected_rows = row["rejected_rows"] or 0
     shown = [r["client_order_id"] for r in rows if r["state"] == OutboxState.ACCEPTED][:summary.MAX_SHOWN_ROWS]
-    reports = ({"rejects": rejects_path_for(batch_file).name, "fix": fix_path_for(batch_file).name}
+    path = PurePosixPath(batch_file)
+    reports = ({"rejects": rejects_path_for(path).name, "fix": fix_path_for(path).name}
                if rejected_rows else {})
-    return write_summary(batch_file, summary.batch_page(
-        file_name=batch_file.name, total_rows=row["total_rows"] or 0, rejected_rows=rejected_rows,
+    return write_summary(store, batch_file, summary.batch_page(
+        file_name=path.name, total_rows=row["total_rows"] or 0, rejected_rows=rejected_rows,
         counts=counts, rejected=records.rejected_first(engine, batch_id, summary.MAX_SHOWN_ROWS),
         outbox_rows=rows, item_statuses=item_statuses(engine, shown),
-        where=where or f"{batch_file.parent.name}/{batch_file.name}", reports=reports, batch_id=batch_id))
+        where=where or batch_file, reports=reports, batch_id=batch_id))
 
 
 # ---- the whole run -----------------------------------------------------------------------------

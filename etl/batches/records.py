@@ -171,14 +171,43 @@ def fence(batch_id: int, *, owner: str, lease: timedelta):
     return check
 
 
-def release_batch(engine: Engine, batch_id: int, *, owner: str, **values) -> bool:
-    """Give up the claim (and set `values` in the same statement) if it is still ours."""
+def release_batch(engine: Engine, batch_id: int, *, owner: str, keep_move: bool = False, **values) -> bool:
+    """Give up the claim (and set `values` in the same statement) if it is still ours. A move
+    recorded by `begin_move` is over once its file is released (`keep_move`: not yet)."""
+    if not keep_move:
+        values = {"moving_from": None, "moving_to": None, **values}
     with engine.begin() as conn:
         return bool(conn.execute(
             sa.update(batch_files)
             .where(batch_files.c.id == batch_id, batch_files.c.claimed_by == owner)
             .values(claimed_by=None, claimed_until=None, **values)
         ).rowcount)
+
+
+def begin_move(engine: Engine, batch_id: int, source: str, target: str, *, fence) -> None:
+    """Record the move of the batch's file before it starts (a copy then a delete on object
+    stores), so a run that dies half-way leaves the next run the same target (etl.batches.inbox)."""
+    with engine.begin() as conn:
+        fence(conn)
+        conn.execute(sa.update(batch_files).where(batch_files.c.id == batch_id)
+                     .values(moving_from=source, moving_to=target))
+
+
+def move_target_taken(engine: Engine, target: str) -> bool:
+    """Whether an unfinished move of some batch will land at `target` (the name is promised)."""
+    with engine.connect() as conn:
+        return conn.execute(sa.select(batch_files.c.id).where(batch_files.c.moving_to == target)
+                            .limit(1)).first() is not None
+
+
+def interrupted_moves(engine: Engine) -> list[dict]:
+    """Batches with a move recorded whose claim is free or lapsed: their run died mid-move."""
+    b = batch_files
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(b).where(
+            b.c.moving_to.is_not(None), sa.or_(b.c.claimed_by.is_(None), b.c.claimed_until < _now()))
+        ).mappings()
+        return [dict(r) for r in rows]
 
 
 def reopen(engine: Engine, batch_id: int, *, fence) -> None:
@@ -264,5 +293,5 @@ def rejected_first(engine: Engine, batch_id: int, rows: int) -> list[dict]:
 __all__: Iterable[str] = (
     "find_batch", "register_batch", "record_rejects", "finish_validation",
     "set_status", "record_unusable", "rejected", "rejected_first", "open_batch", "close_batch", "rupa_lookup_for",
-    "claim_batch", "fence", "release_batch", "reopen", "get", "LostClaim",
+    "claim_batch", "fence", "release_batch", "begin_move", "move_target_taken", "interrupted_moves", "reopen", "get", "LostClaim",
 )

@@ -106,7 +106,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def inbox(
-        folder: Path = typer.Option(None, help="The inbox folder (default: LABSYNC_INBOX or ./inbox)."),
+        folder: str = typer.Option(None, help="The inbox: a folder or a URL such as s3://bucket/prefix "
+                                   "(default: LABSYNC_INBOX or ./inbox)."),
     ) -> None:
         """Process every CSV file waiting in the inbox once: validate, load, summarise, move.
 
@@ -119,6 +120,7 @@ def register(app: typer.Typer) -> None:
         from etl import warehouse
         from etl.batches import inbox as inbox_mod
         from etl.claims import cli_owner
+        from etl.storage import display
 
         settings = Settings.from_env().checked()
         if folder is not None:
@@ -132,7 +134,7 @@ def register(app: typer.Typer) -> None:
             raise Interrupted("interrupted; rows not sent stay in the outbox and go out on the next run") from None
         outcomes = run.outcomes
         if not outcomes and run.error is None:
-            typer.echo(f"inbox {settings.inbox}: nothing to do")
+            typer.echo(f"inbox {display(settings.inbox)}: nothing to do")
             raise typer.Exit(0)
         from etl.redact import clean
 

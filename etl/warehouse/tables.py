@@ -62,6 +62,11 @@ batch_files = Table(
     Column("claimed_until", TS),
     # where the file ended up, relative to the inbox (e.g. processed/orders.csv); NULL until moved
     Column("stored_as", String(1000)),
+    # a move under way (migration 0009_inbox_moves): on object stores a move is a copy then a
+    # delete, so a run that dies between the two leaves both; the next run finishes the move to
+    # the same place instead of making a second copy. Relative to the inbox, like stored_as.
+    Column("moving_from", String(1000)),
+    Column("moving_to", String(1000)),
 )
 
 rejected_rows = Table(

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0010_excel_rows"
-down_revision = "0008_lgc_lifecycle"
+down_revision = "0009_inbox_moves"
 branch_labels = None
 depends_on = None
 
