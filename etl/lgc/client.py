@@ -230,6 +230,12 @@ def confirmed_order(response: httpx.Response, client_order_id: str) -> tuple[lis
 def order_url(lgc: LgcSettings, client_order_id: str) -> str:
     """`{base}/{clientId}/api/v2/orders/{clientOrderId}`, or UnsafeIdError (nothing is sent)
     when an id could be changed on its way or the URL would not read back as this path."""
+    return _checked_order_url(lgc, client_order_id)[0]
+
+
+def _checked_order_url(lgc: LgcSettings, client_order_id: str) -> tuple[str, httpx.URL]:
+    """`order_url` and the URL as httpx parsed it for the check (parsing is the dear part; the
+    client sends that very object instead of parsing the string again)."""
     for what, value in (("clientId", lgc.client_id), ("clientOrderId", client_order_id)):
         problem = path_id_problem(value)
         if problem:
@@ -238,10 +244,11 @@ def order_url(lgc: LgcSettings, client_order_id: str) -> str:
     tail = f"/{quote(lgc.client_id, safe='')}/api/v2/orders/{quote(client_order_id, safe='')}"
     url = f"{lgc.base_url}{tail}"
     expected = (urlsplit(lgc.base_url).path + tail).encode("ascii")
-    if httpx.URL(url).raw_path != expected:
+    parsed = httpx.URL(url)
+    if parsed.raw_path != expected:
         raise UnsafeIdError("the order URL cannot be sent safely: it would not reach "
                             "{clientId}/api/v2/orders/{clientOrderId} unchanged; check LGC_BASE_URL")
-    return url
+    return url, parsed
 
 
 @dataclass
@@ -266,9 +273,22 @@ class LgcClient:
 
     def __post_init__(self) -> None:
         self._timeout = httpx.Timeout(self.retry.timeout).as_dict()
+        self._headers_token: str | None = None
+        self._headers_built = httpx.Headers()
 
     def order_url(self, client_order_id: str) -> str:
         return order_url(self.lgc, client_order_id)
+
+    def _headers_for(self, token: str) -> httpx.Headers:
+        """The request headers, built once per token (a token lives for an hour), not per PUT."""
+        if token != self._headers_token:
+            self._headers_built = httpx.Headers({"User-Agent": USER_AGENT, **NO_COMPRESSION, **self.headers(token)})
+            self._headers_token = token
+        return self._headers_built
+
+    def _request(self, url: httpx.URL, content: bytes, token: str) -> httpx.Request:
+        return httpx.Request("PUT", url, content=content, headers=self._headers_for(token),
+                             extensions={"timeout": self._timeout})
 
     @staticmethod
     def headers(token: str) -> dict[str, str]:
@@ -278,10 +298,11 @@ class LgcClient:
             "Content-Type": "application/json",
         }
 
-    async def _send(self, url: str, content: bytes, token: str) -> httpx.Response:
+    async def _send(self, request: httpx.Request) -> httpx.Response:
         """One attempt: wait for the budget, start only if the breaker allows, tell it how the
         vendor did. The answer is read under the size cap (etl.http.aread_capped). Raises
-        Tripped instead of sending once the breaker is open."""
+        Tripped instead of sending once the breaker is open. `request` is built once per order
+        and token and sent again as it is by each retry (its body is bytes: replayable)."""
         breaker, budget = self.breaker, self.budget
         if budget is not None and not budget.try_acquire():
             try:
@@ -291,11 +312,6 @@ class LgcClient:
                 raise
         try:
             breaker.check()
-            request = httpx.Request(
-                "PUT", url, content=content,
-                headers={"User-Agent": USER_AGENT, **NO_COMPRESSION, **self.headers(token)},
-                extensions={"timeout": self._timeout},
-            )
             try:
                 if self.transport is None:
                     response = await self.http.send(request, stream=True)
@@ -324,22 +340,28 @@ class LgcClient:
         elif status != 429:
             self.breaker.success()
 
-    async def put_order(self, client_order_id: str, body: Mapping[str, Any], content: bytes) -> Outcome:
-        """PUT one order (body already serialised as `content`) and classify the answer."""
+    async def put_order(self, client_order_id: str, body: Mapping[str, Any] | None, content: bytes) -> Outcome:
+        """PUT one order (body already serialised as `content`) and classify the answer. `body`
+        may be None: it is then parsed from `content` only if an error answer needs it (to
+        tell the fields it names from echoed values)."""
         try:
-            url = self.order_url(client_order_id)
+            _, url = _checked_order_url(self.lgc, client_order_id)
         except UnsafeIdError as exc:  # validation refuses such ids; this is the last guard
             return Outcome(REJECTED, None, attempts=0, error=f"not sent: {exc}")
         attempts = 0
         refreshed = False
         last: str | None = None  # what went wrong with the previous attempt (for the reason)
         status: int | None = None
+        built: dict[str, httpx.Request] = {}  # per token: built once, sent by every retry
 
         async def send(token: str) -> httpx.Response:
             nonlocal attempts, last, status
             attempts += 1
+            request = built.get(token)
+            if request is None:
+                request = built[token] = self._request(url, content, token)
             try:
-                response = await self._send(url, content, token)
+                response = await self._send(request)
             except Tripped:
                 attempts -= 1  # never started
                 raise
@@ -382,7 +404,17 @@ class LgcClient:
                 FAILED, status, attempts=attempts,
                 error=f"{describe_transport_error(exc)} ({attempts} attempts)",
             )
+        if body is None and not 200 <= response.status_code < 300:
+            body = _body_of(content)
         return classify(response, body, attempts, client_order_id, self.lgc.max_response_bytes)
+
+
+def _body_of(content: bytes) -> Mapping[str, Any] | None:
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return None
+    return body if isinstance(body, Mapping) else None
 
 
 def classify(response: httpx.Response, body: Mapping[str, Any] | None, attempts: int,
