@@ -1,22 +1,26 @@
 """A thin HTTP/1.1 transport for the loader's hot path: one keep-alive connection, one request
 at a time, parsed by httptools (the C parser uvicorn uses), behind httpx's transport interface.
 
-Why: at hundreds of orders a second the loader is CPU-bound in one process, and most of each
-PUT's CPU went to the layers between httpx and the socket (httpcore's pool and connection state
-machines, h11's per-event header validation, anyio's cancel scopes around every read and write):
-about twice the work of the rest of the request put together (bench/load.py). This transport
-does what those layers did for a PUT on a connection of its own, and nothing else:
+Why: at hundreds of orders a second the loader is CPU-bound in one process, and more than half
+of its CPU per order went to the layers between httpx and the socket (httpcore's pool and
+connection state machines, h11's per-event header validation, anyio's cancel scopes around
+every read and write). This transport does what those layers did for a PUT on a connection of
+its own, and nothing else:
 
-- `handle_async_request(httpx.Request) -> httpx.Response` like any httpx transport: the caller
-  (etl.lgc.client) builds the request and reads the answer exactly as with httpx's own
-  transport, so the size cap (etl.http.aread_capped), content decoding, retries, breaker and
-  budget are untouched. The answer body is a stream read as it arrives (reading pauses while
-  the caller has not taken what came), so an endless answer never sits in memory.
+- `handle_async_request(httpx.Request) -> httpx.Response` like any httpx transport, the body a
+  stream read as it arrives (reading pauses while the caller has not taken what came), so
+  etl.http.aread_capped, content decoding and everything above work as with httpx's own.
+- `send_capped(request, limit)`: the same as `aread_capped(await handle_async_request(...))`,
+  by the same rules (etl.http.unread_verdict, CappedBody, capped_response), in one step
+  without the streamed response in between (the loader's path: etl.lgc.client).
 - Timeouts from the request's `timeout` extension, as httpx applies them: `connect` for the
   TCP (and TLS) set-up, `write` for the request to leave, `read` for each wait for data.
 - Errors are httpx's own: ConnectError/ConnectTimeout, WriteError/WriteTimeout,
   ReadError/ReadTimeout, RemoteProtocolError (a malformed answer, or the server closing before
-  the answer was complete), UnsupportedProtocol; the retry policy (etl.http) sees what it saw.
+  the answer was complete), LocalProtocolError (a header holding a line break is never sent),
+  UnsupportedProtocol; the retry policy (etl.http) and the breaker see what they saw before.
+  One difference: an answer with two Content-Length headers is malformed here (llhttp), where
+  h11 takes two equal ones as one; RFC 9112 allows either.
 - The request head and body go out in one write (httpcore wrote them separately).
 - A connection is reused only after a complete answer the server lets us keep alive; an answer
   not read to its end, an error, or a cancellation closes it, and the next request opens a new
@@ -29,12 +33,15 @@ httpx's own transport (same behaviour, more CPU).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 
 import httpx
+
+from etl.http import CappedBody, aread_capped, capped_response, unread_verdict
 
 try:
     import httptools
@@ -43,6 +50,7 @@ except ImportError:  # pragma: no cover - httptools comes with labsync's depende
 
 HIGH_WATER = 256 << 10  # answer bytes buffered before reading pauses until the caller takes them
 _BAD_HEADER = re.compile(rb"[\r\n\0]")
+_EXTENSIONS = {"http_version": b"HTTP/1.1"}
 
 
 def available() -> bool:
@@ -215,6 +223,49 @@ class WireTransport(httpx.AsyncBaseTransport):
         self._busy = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        conn = await self._exchange(request)
+        read = (request.extensions.get("timeout") or {}).get("read")
+        return httpx.Response(conn.parser.get_status_code(), headers=conn.headers,
+                              stream=_Body(self, conn, read), extensions=dict(_EXTENSIONS))
+
+    async def send_capped(self, request: httpx.Request, limit: int) -> httpx.Response:
+        """`etl.http.aread_capped(await handle_async_request(request), request, limit)` in one
+        step, without the streamed response in between: the same rules (etl.http.unread_verdict,
+        CappedBody) and the same complete response. An answer with a content coding (asked for
+        none, sent anyway) goes the general way, so it is capped at its decoded size."""
+        conn = await self._exchange(request)
+        status, headers = conn.parser.get_status_code(), conn.headers
+        length = None
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+                read = (request.extensions.get("timeout") or {}).get("read")
+                streamed = httpx.Response(status, headers=headers, stream=_Body(self, conn, read),
+                                          extensions=_EXTENSIONS)
+                return await aread_capped(streamed, request, limit)
+            if lname == b"content-length":
+                length = value if length is None else b"x"  # several: not a size (as httpx reads it)
+        reusable = False
+        try:
+            over = unread_verdict(status, length, limit)
+            if over is not None:  # settled without reading the body: the connection goes
+                return capped_response(status, headers, request, b"", over, _EXTENSIONS)
+            body = CappedBody(limit)
+            stream = _Body(self, conn, (request.extensions.get("timeout") or {}).get("read"))
+            async with contextlib.aclosing(stream.__aiter__()) as chunks:
+                async for chunk in chunks:
+                    if not body.add(chunk):
+                        break
+                else:
+                    reusable = True
+            over = body.size > body.limit
+            return capped_response(status, headers, request, b"" if over else b"".join(body.chunks), over,
+                                   _EXTENSIONS)
+        finally:
+            self._finished(conn, reusable=reusable)
+
+    async def _exchange(self, request: httpx.Request) -> _Connection:
+        """Send the request; return the connection once the answer's head is in."""
         if self._busy:
             raise RuntimeError("WireTransport carries one request at a time")
         url = request.url
@@ -247,14 +298,11 @@ class WireTransport(httpx.AsyncBaseTransport):
                 if conn.error is not None:
                     raise conn.error
                 if conn.closed:
-                    if conn.lost is not None and not isinstance(conn.lost, ssl.SSLError):
+                    if conn.lost is not None:
                         raise httpx.ReadError(f"the connection broke ({type(conn.lost).__name__})")
                     raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
                 await conn.wait(read)
-            return httpx.Response(
-                conn.parser.get_status_code(), headers=conn.headers, stream=_Body(self, conn, read),
-                extensions={"http_version": b"HTTP/1.1"},
-            )
+            return conn
         except BaseException:
             self._finished(self._conn, reusable=False)
             raise

@@ -65,6 +65,7 @@ from etl.lgc.budget import Aborted, AsyncBudget
 from etl.redact import clean, escape_controls, field_names, fixed_text
 from etl.settings import LgcSettings, RetrySettings
 from etl.states import SETTLED_ORDER_STATES, OrderState
+from etl.wire import WireTransport
 from schemas.columns import path_id_problem
 
 log = logging.getLogger(__name__)
@@ -313,11 +314,14 @@ class LgcClient:
         try:
             breaker.check()
             try:
+                limit = self.lgc.max_response_bytes
                 if self.transport is None:
-                    response = await self.http.send(request, stream=True)
+                    response = await aread_capped(await self.http.send(request, stream=True), request, limit)
+                elif isinstance(self.transport, WireTransport):  # the same, in one step (etl.wire)
+                    response = await self.transport.send_capped(request, limit)
                 else:
-                    response = await self.transport.handle_async_request(request)
-                response = await aread_capped(response, request, self.lgc.max_response_bytes)
+                    response = await aread_capped(await self.transport.handle_async_request(request),
+                                                  request, limit)
             except httpx.TransportError as exc:
                 breaker.failure("timed out" if isinstance(exc, httpx.TimeoutException)
                                 else "connection failed")
@@ -384,10 +388,21 @@ class LgcClient:
             return raise_for_retryable(response, max_retry_after=self.lgc.max_retry_after)
 
         try:
-            async for attempt in async_retrying(self.retry, sleep=self.breaker.sleep,
-                                                max_retry_after=self.lgc.max_retry_after):
-                with attempt:
-                    response = await once()
+            # The first attempt runs outside tenacity (setting up its loop costs as much as the
+            # rest of a PUT's Python work); an error goes into the loop as its first attempt, so
+            # waits, logs and the attempt count are the policy's own, unchanged.
+            first: list[Exception] = []
+            try:
+                response = await once()
+            except Exception as exc:
+                first.append(exc)
+            if first:
+                async for attempt in async_retrying(self.retry, sleep=self.breaker.sleep,
+                                                    max_retry_after=self.lgc.max_retry_after):
+                    with attempt:
+                        if first:
+                            raise first.pop()
+                        response = await once()
         except Tripped:
             error = (self.breaker.reason if not attempts or last is None
                      else self.breaker.reason_after(last, attempts))
@@ -420,7 +435,7 @@ def _body_of(content: bytes) -> Mapping[str, Any] | None:
 def classify(response: httpx.Response, body: Mapping[str, Any] | None, attempts: int,
              client_order_id: str, limit: int | None = None) -> Outcome:
     status = response.status_code
-    cap = f" ({size_text(limit)}, LGC_MAX_RESPONSE_BYTES)" if limit else ""
+    cap = f" ({size_text(limit)}, LGC_MAX_RESPONSE_BYTES)" if limit and over_cap(response) else ""
     if 200 <= status < 300:
         items, why = confirmed_order(response, client_order_id)
         if items is not None:
