@@ -9,12 +9,14 @@ claims, sends and records them. The figures are the load's: orders/s, the ratio 
 / latency (goals >= 0.9, 0.9, 0.85, 0.8), and CPU ms per order of the loader process (getrusage
 around the load, every thread: the event loop and the warehouse thread). The sandbox runs in
 one more process, so its CPU is not the loader's; its CPU per order is printed too, because on a
-small machine the two share the cores (2 here) and a busy sandbox slows the answers down.
+small machine the two share the cores (2 here) and a busy sandbox slows the answers down. The
+"1-core ceiling" is the orders/s one core could carry at that CPU per order: the most one loader
+process can send whatever the latency, as long as the machine gives it a whole core.
 
 The baseline is the same loader at commit `--baseline` (default: main before this work), taken
 from git (`git archive`) into a temp dir and run by the same interpreter against the same
 sandbox; without git, or with `--baseline ''`, only today's code runs. The speed-up over a
-sequential loop (concurrency 1, timed on `--sample` orders and extrapolated) is printed last.
+sequential loop (concurrency 1, timed on `--sample` orders) is printed last.
 
     .venv/bin/python bench/load.py [--latency 0.05] [--seconds 3] [--concurrency 8,20,50,100]
                                    [--baseline 5dbcca0] [--repeat 1]
@@ -129,7 +131,9 @@ def child(args: argparse.Namespace) -> None:
         summary = load_chunk(engine, settings, chunk, owner="cli:bench")
         elapsed, cpu = time.perf_counter() - t0, _cpu() - cpu0
         engine.dispose()
-    print(json.dumps({"elapsed": elapsed, "cpu": cpu, "staged": staged,
+    import etl
+
+    print(json.dumps({"elapsed": elapsed, "cpu": cpu, "staged": staged, "etl": etl.__file__,
                       "counts": {str(k): v for k, v in summary.counts.items()}}))
 
 
@@ -143,6 +147,8 @@ def _run(code: str, base: str, concurrency: int, orders: int, prefix: str, sandb
     if out.returncode != 0:
         raise SystemExit(f"the loader process failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    if not Path(result["etl"]).resolve().is_relative_to(Path(code).resolve()):
+        raise SystemExit(f"the loader ran {result['etl']}, not the code in {code}")
     result["sandbox_cpu"] = _proc_cpu(sandbox_pid) - s0  # includes the stage's few requests
     return result
 
@@ -208,13 +214,13 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f} at the end; baseline: "
           f"{args.baseline if len(versions) > 1 else 'not measured (no git revision ' + repr(args.baseline) + ')'}")
     print(f"  {'conc':>4} {'code':>8} {'orders':>6} {'orders/s':>9} {'ideal':>6} {'ratio':>6} {'goal':>5} "
-          f"{'loader CPU ms/order':>19} {'sandbox CPU ms/order':>20}  outcome")
+          f"{'loader CPU ms/order':>19} {'1-core ceiling/s':>16} {'sandbox CPU ms/order':>20}  outcome")
     by = {(c, n): r for c, n, _, r in rows}
     for c, name, orders, r in rows:
         rate = orders / r["elapsed"]
         ideal = c / args.latency
         print(f"  {c:>4} {name:>8} {orders:>6} {rate:>9.0f} {ideal:>6.0f} {rate / ideal:>6.2f} "
-              f"{GOALS.get(c, 0):>5.2f} {r['cpu'] * 1000 / orders:>19.3f} "
+              f"{GOALS.get(c, 0):>5.2f} {r['cpu'] * 1000 / orders:>19.3f} {orders / r['cpu']:>16.0f} "
               f"{r['sandbox_cpu'] * 1000 / orders:>20.3f}  {r['counts']}")
     for c in levels:
         new, old = by.get((c, "today")), by.get((c, args.baseline))
