@@ -6,8 +6,11 @@ httpx's transport + etl.http.aread_capped for each case."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gzip
+import ipaddress
 import json
+import ssl
 
 import httpx
 import pytest
@@ -54,13 +57,14 @@ class Server:
     """A TCP server answering each request with the bytes scripted for its path; special
     paths misbehave. Counts connections, so reuse is visible."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.connections = 0
         self.requests: list[bytes] = []
         self.server: asyncio.Server | None = None
+        self.tls = tls
 
     async def __aenter__(self) -> Server:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -68,7 +72,7 @@ class Server:
         self.server.close()
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{path}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -256,6 +260,51 @@ def test_a_cancelled_request_drops_its_connection():
 
     server, after = _run(go)
     assert after.status_code == 202 and server.connections == 2
+
+
+def _self_signed(tmp_path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, as PEM files (cryptography, no openssl CLI)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_https_with_the_callers_trust_store_and_nothing_without_it(tmp_path):
+    """LetsGetChecked is HTTPS: the connection is verified against the SSL context the loader
+    hands in (httpx.create_ssl_context, the CA bundle); an untrusted certificate never carries a PUT."""
+    cert, key = _self_signed(tmp_path)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+
+    async def go():
+        async with Server(tls=served) as server:
+            async with WireTransport(verify=ssl.create_default_context(cafile=cert)) as wire:
+                answers = [await wire.send_capped(_request(server.url("/ok")), LIMIT) for _ in range(3)]
+            async with WireTransport(verify=httpx.create_ssl_context()) as untrusting:
+                with pytest.raises(httpx.ConnectError):
+                    await untrusting.send_capped(_request(server.url("/ok")), LIMIT)
+            return server, answers
+
+    server, answers = asyncio.run(go())
+    assert [a.status_code for a in answers] == [202, 202, 202]
+    assert len(server.requests) == 3 and server.connections == 1  # kept alive; the refused one never got in
 
 
 # ---- the loader on it ---------------------------------------------------------------------------
