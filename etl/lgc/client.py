@@ -262,7 +262,10 @@ class LgcClient:
     sends the prepared request straight to it. The client layer on top (URL merging, cookies,
     redirects, auth flows) does nothing for a PUT whose headers are already complete, yet costs
     about a third of the CPU of each request; at hundreds of orders a second that is the
-    difference between meeting concurrency / latency or not (bench/load.py)."""
+    difference between meeting concurrency / latency or not (bench/load.py). With an
+    etl.wire.WireTransport (the loader's, when httptools is installed) the answer is read under
+    the cap in the same step (`send_capped`). Each order's request is built once per token and
+    sent again as it is by each retry."""
 
     lgc: LgcSettings
     retry: RetrySettings
