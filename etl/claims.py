@@ -85,10 +85,20 @@ def renew(engine: Engine, owners: Iterable[str], lease: timedelta) -> int:
         return 0
     until = now() + lease
     with engine.begin() as conn:
-        return sum(
-            conn.execute(sa.update(t).where(t.c.claimed_by.in_(owners)).values(claimed_until=until)).rowcount
-            for t in CLAIM_TABLES
-        )
+        return sum(conn.execute(_renewal(conn, t, owners).values(claimed_until=until)).rowcount
+                   for t in CLAIM_TABLES)
+
+
+def _renewal(conn: sa.Connection, t: sa.Table, owners: list[str]):
+    """The UPDATE that renews `owners`' claims in `t`. On PostgreSQL it skips rows another
+    transaction holds right now (the owner's own claim or record, which set or drop the lease
+    themselves): a renewal that waited for them, locking in its own order, could deadlock with
+    a record locking the same rows in clientOrderId order."""
+    if conn.dialect.name != "postgresql":
+        return sa.update(t).where(t.c.claimed_by.in_(owners))
+    (key,) = t.primary_key.columns
+    free = sa.select(key).where(t.c.claimed_by.in_(owners)).with_for_update(skip_locked=True)
+    return sa.update(t).where(key.in_(free.scalar_subquery()))
 
 
 class Heartbeat:

@@ -260,32 +260,41 @@ def describe_transport_error(exc: BaseException) -> str:
 # network read small. `labsync.over_cap` in a capped response's extensions says it was cut.
 OVER_CAP = "labsync.over_cap"
 NO_COMPRESSION = {"Accept-Encoding": "identity"}
-_DROPPED_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+_DROPPED_RAW_HEADERS = frozenset({b"content-encoding", b"content-length", b"transfer-encoding"})
 
 
-def _declared_too_large(response: httpx.Response, limit: int) -> bool:
-    try:
-        return int(response.headers.get("content-length", "0")) > limit
-    except ValueError:
+def capped_response(status: int, headers: list[tuple[bytes, bytes]], request: httpx.Request, body: bytes,
+                    over: bool, extensions: dict) -> httpx.Response:
+    """The complete answer `aread_capped` returns, from its parts (etl.wire builds it from the
+    raw answer without a streamed response first)."""
+    kept = [(k, v) for k, v in headers if k.lower() not in _DROPPED_RAW_HEADERS]
+    return httpx.Response(status, headers=kept, content=body, request=request,
+                          extensions={**extensions, OVER_CAP: over})
+
+
+def unread_verdict(status: int, content_length: bytes | str | None, limit: int) -> bool | None:
+    """When the status or the declared size settle an answer without reading its body: False
+    (a retryable status: retried, its body never read), True (declared larger than `limit`:
+    over the cap), else None (read it)."""
+    if status in RETRYABLE_STATUSES:
         return False
+    try:
+        return True if int(content_length or 0) > limit else None
+    except ValueError:
+        return None
 
 
 def _capped(response: httpx.Response, request: httpx.Request, body: bytes, over: bool) -> httpx.Response:
-    headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _DROPPED_HEADERS]
-    return httpx.Response(response.status_code, headers=headers, content=body, request=request,
-                          extensions={**response.extensions, OVER_CAP: over})
+    return capped_response(response.status_code, response.headers.raw, request, body, over, response.extensions)
 
 
 def _unread(response: httpx.Response, request: httpx.Request, limit: int) -> httpx.Response | None:
     """The answer without reading its body, when the status or the declared size settle it."""
-    if response.status_code in RETRYABLE_STATUSES:
-        return _capped(response, request, b"", False)  # retried: its body is never read
-    if _declared_too_large(response, limit):
-        return _capped(response, request, b"", True)
-    return None
+    over = unread_verdict(response.status_code, response.headers.get("content-length"), limit)
+    return None if over is None else _capped(response, request, b"", over)
 
 
-class _Body:
+class CappedBody:
     """Collects chunks until `limit`; `add` says False once the body is over it."""
 
     def __init__(self, limit: int) -> None:
@@ -307,7 +316,7 @@ async def aread_capped(response: httpx.Response, request: httpx.Request, limit: 
     try:
         if (done := _unread(response, request, limit)) is not None:
             return done
-        body = _Body(limit)
+        body = CappedBody(limit)
         async for chunk in response.aiter_bytes():
             if not body.add(chunk):
                 break
@@ -321,7 +330,7 @@ def read_capped(response: httpx.Response, request: httpx.Request, limit: int) ->
     try:
         if (done := _unread(response, request, limit)) is not None:
             return done
-        body = _Body(limit)
+        body = CappedBody(limit)
         for chunk in response.iter_bytes():
             if not body.add(chunk):
                 break

@@ -69,6 +69,8 @@ def _is_control(ch: str) -> bool:
 
 def escape_controls(text: str) -> str:
     """Control, bidi and invisible characters as visible escapes (`\\n`, `\\x1b`, `\\u202e`)."""
+    if text.isprintable():  # fast path (C): every character _is_control flags is unprintable
+        return text
     if not any(_is_control(ch) for ch in text):
         return text
     out = []

@@ -65,6 +65,7 @@ from etl.lgc.budget import Aborted, AsyncBudget
 from etl.redact import clean, escape_controls, field_names, fixed_text
 from etl.settings import LgcSettings, RetrySettings
 from etl.states import SETTLED_ORDER_STATES, OrderState
+from etl.wire import WireTransport
 from schemas.columns import path_id_problem
 
 log = logging.getLogger(__name__)
@@ -230,6 +231,12 @@ def confirmed_order(response: httpx.Response, client_order_id: str) -> tuple[lis
 def order_url(lgc: LgcSettings, client_order_id: str) -> str:
     """`{base}/{clientId}/api/v2/orders/{clientOrderId}`, or UnsafeIdError (nothing is sent)
     when an id could be changed on its way or the URL would not read back as this path."""
+    return _checked_order_url(lgc, client_order_id)[0]
+
+
+def _checked_order_url(lgc: LgcSettings, client_order_id: str) -> tuple[str, httpx.URL]:
+    """`order_url` and the URL as httpx parsed it for the check (parsing is the dear part; the
+    client sends that very object instead of parsing the string again)."""
     for what, value in (("clientId", lgc.client_id), ("clientOrderId", client_order_id)):
         problem = path_id_problem(value)
         if problem:
@@ -238,10 +245,11 @@ def order_url(lgc: LgcSettings, client_order_id: str) -> str:
     tail = f"/{quote(lgc.client_id, safe='')}/api/v2/orders/{quote(client_order_id, safe='')}"
     url = f"{lgc.base_url}{tail}"
     expected = (urlsplit(lgc.base_url).path + tail).encode("ascii")
-    if httpx.URL(url).raw_path != expected:
+    parsed = httpx.URL(url)
+    if parsed.raw_path != expected:
         raise UnsafeIdError("the order URL cannot be sent safely: it would not reach "
                             "{clientId}/api/v2/orders/{clientOrderId} unchanged; check LGC_BASE_URL")
-    return url
+    return url, parsed
 
 
 @dataclass
@@ -254,7 +262,10 @@ class LgcClient:
     sends the prepared request straight to it. The client layer on top (URL merging, cookies,
     redirects, auth flows) does nothing for a PUT whose headers are already complete, yet costs
     about a third of the CPU of each request; at hundreds of orders a second that is the
-    difference between meeting concurrency / latency or not (bench/load.py)."""
+    difference between meeting concurrency / latency or not (bench/load.py). With an
+    etl.wire.WireTransport (the loader's, when httptools is installed) the answer is read under
+    the cap in the same step (`send_capped`). Each order's request is built once per token and
+    sent again as it is by each retry."""
 
     lgc: LgcSettings
     retry: RetrySettings
@@ -266,9 +277,22 @@ class LgcClient:
 
     def __post_init__(self) -> None:
         self._timeout = httpx.Timeout(self.retry.timeout).as_dict()
+        self._headers_token: str | None = None
+        self._headers_built = httpx.Headers()
 
     def order_url(self, client_order_id: str) -> str:
         return order_url(self.lgc, client_order_id)
+
+    def _headers_for(self, token: str) -> httpx.Headers:
+        """The request headers, built once per token (a token lives for an hour), not per PUT."""
+        if token != self._headers_token:
+            self._headers_built = httpx.Headers({"User-Agent": USER_AGENT, **NO_COMPRESSION, **self.headers(token)})
+            self._headers_token = token
+        return self._headers_built
+
+    def _request(self, url: httpx.URL, content: bytes, token: str) -> httpx.Request:
+        return httpx.Request("PUT", url, content=content, headers=self._headers_for(token),
+                             extensions={"timeout": self._timeout})
 
     @staticmethod
     def headers(token: str) -> dict[str, str]:
@@ -278,10 +302,11 @@ class LgcClient:
             "Content-Type": "application/json",
         }
 
-    async def _send(self, url: str, content: bytes, token: str) -> httpx.Response:
+    async def _send(self, request: httpx.Request) -> httpx.Response:
         """One attempt: wait for the budget, start only if the breaker allows, tell it how the
         vendor did. The answer is read under the size cap (etl.http.aread_capped). Raises
-        Tripped instead of sending once the breaker is open."""
+        Tripped instead of sending once the breaker is open. `request` is built once per order
+        and token and sent again as it is by each retry (its body is bytes: replayable)."""
         breaker, budget = self.breaker, self.budget
         if budget is not None and not budget.try_acquire():
             try:
@@ -291,17 +316,15 @@ class LgcClient:
                 raise
         try:
             breaker.check()
-            request = httpx.Request(
-                "PUT", url, content=content,
-                headers={"User-Agent": USER_AGENT, **NO_COMPRESSION, **self.headers(token)},
-                extensions={"timeout": self._timeout},
-            )
             try:
+                limit = self.lgc.max_response_bytes
                 if self.transport is None:
-                    response = await self.http.send(request, stream=True)
+                    response = await aread_capped(await self.http.send(request, stream=True), request, limit)
+                elif isinstance(self.transport, WireTransport):  # the same, in one step (etl.wire)
+                    response = await self.transport.send_capped(request, limit)
                 else:
-                    response = await self.transport.handle_async_request(request)
-                response = await aread_capped(response, request, self.lgc.max_response_bytes)
+                    response = await aread_capped(await self.transport.handle_async_request(request),
+                                                  request, limit)
             except httpx.TransportError as exc:
                 breaker.failure("timed out" if isinstance(exc, httpx.TimeoutException)
                                 else "connection failed")
@@ -324,22 +347,28 @@ class LgcClient:
         elif status != 429:
             self.breaker.success()
 
-    async def put_order(self, client_order_id: str, body: Mapping[str, Any], content: bytes) -> Outcome:
-        """PUT one order (body already serialised as `content`) and classify the answer."""
+    async def put_order(self, client_order_id: str, body: Mapping[str, Any] | None, content: bytes) -> Outcome:
+        """PUT one order (body already serialised as `content`) and classify the answer. `body`
+        may be None: it is then parsed from `content` only if an error answer needs it (to
+        tell the fields it names from echoed values)."""
         try:
-            url = self.order_url(client_order_id)
+            _, url = _checked_order_url(self.lgc, client_order_id)
         except UnsafeIdError as exc:  # validation refuses such ids; this is the last guard
             return Outcome(REJECTED, None, attempts=0, error=f"not sent: {exc}")
         attempts = 0
         refreshed = False
         last: str | None = None  # what went wrong with the previous attempt (for the reason)
         status: int | None = None
+        built: dict[str, httpx.Request] = {}  # per token: built once, sent by every retry
 
         async def send(token: str) -> httpx.Response:
             nonlocal attempts, last, status
             attempts += 1
+            request = built.get(token)
+            if request is None:
+                request = built[token] = self._request(url, content, token)
             try:
-                response = await self._send(url, content, token)
+                response = await self._send(request)
             except Tripped:
                 attempts -= 1  # never started
                 raise
@@ -362,10 +391,21 @@ class LgcClient:
             return raise_for_retryable(response, max_retry_after=self.lgc.max_retry_after)
 
         try:
-            async for attempt in async_retrying(self.retry, sleep=self.breaker.sleep,
-                                                max_retry_after=self.lgc.max_retry_after):
-                with attempt:
-                    response = await once()
+            # The first attempt runs outside tenacity (setting up its loop costs as much as the
+            # rest of a PUT's Python work); an error goes into the loop as its first attempt, so
+            # waits, logs and the attempt count are the policy's own, unchanged.
+            first: list[Exception] = []
+            try:
+                response = await once()
+            except Exception as exc:
+                first.append(exc)
+            if first:
+                async for attempt in async_retrying(self.retry, sleep=self.breaker.sleep,
+                                                    max_retry_after=self.lgc.max_retry_after):
+                    with attempt:
+                        if first:
+                            raise first.pop()
+                        response = await once()
         except Tripped:
             error = (self.breaker.reason if not attempts or last is None
                      else self.breaker.reason_after(last, attempts))
@@ -382,13 +422,23 @@ class LgcClient:
                 FAILED, status, attempts=attempts,
                 error=f"{describe_transport_error(exc)} ({attempts} attempts)",
             )
+        if body is None and not 200 <= response.status_code < 300:
+            body = _body_of(content)
         return classify(response, body, attempts, client_order_id, self.lgc.max_response_bytes)
+
+
+def _body_of(content: bytes) -> Mapping[str, Any] | None:
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return None
+    return body if isinstance(body, Mapping) else None
 
 
 def classify(response: httpx.Response, body: Mapping[str, Any] | None, attempts: int,
              client_order_id: str, limit: int | None = None) -> Outcome:
     status = response.status_code
-    cap = f" ({size_text(limit)}, LGC_MAX_RESPONSE_BYTES)" if limit else ""
+    cap = f" ({size_text(limit)}, LGC_MAX_RESPONSE_BYTES)" if limit and over_cap(response) else ""
     if 200 <= status < 300:
         items, why = confirmed_order(response, client_order_id)
         if items is not None:

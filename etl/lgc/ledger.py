@@ -65,7 +65,7 @@ class Prepared:
     batch_id: int
     client_order_id: str
     line: int | None
-    body: dict
+    body: dict | None  # None: parsed from `content` only when needed (the loader's reads)
     content: bytes
     sha256: str
     attempts: int = 0  # loads that sent this outbox row before

@@ -39,6 +39,7 @@ from typing import Any
 import httpx
 from sqlalchemy import Engine
 
+from etl import wire
 from etl.claims import Heartbeat, cli_owner
 from etl.errors import AuthError, LabsyncError
 from etl.http import make_async_client
@@ -269,6 +270,8 @@ async def aload_chunk(
             async def new_transport() -> httpx.AsyncBaseTransport:
                 if transport is not None:  # a test's transport: shared, closed with `http`
                     return transport
+                if wire.available():
+                    return await stack.enter_async_context(wire.WireTransport(verify=ssl_context))
                 one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
                 return await stack.enter_async_context(
                     httpx.AsyncHTTPTransport(verify=ssl_context, limits=one)
