@@ -22,6 +22,7 @@ older labsync: it is read once and written back encrypted (etl.rupa.auth.TokenSt
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -110,8 +111,9 @@ def _read_or_create(path: Path) -> bytes:
     """The key in `path`, created (0600, atomically: two first runs agree on one key) if absent."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # a name no other process picks (O_EXCL below), whatever PID namespace it runs in
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(new_key() + "\n")
