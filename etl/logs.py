@@ -34,7 +34,8 @@ def redact_secrets(text: str) -> str:
     return redact_tokens(text)
 
 
-def _ours(name: str) -> bool:
+def _ours(name: str | None) -> bool:
+    name = name or ""  # logging.makeLogRecord (e.g. structlog's bridge) may leave it None
     return any(name == p or name.startswith(p + ".") for p in _OURS)
 
 

@@ -278,3 +278,16 @@ def test_rupa_errors_keep_only_structured_parts(sandbox, tmp_path, engine, setti
     for text in (str(info.value), state["error"]):
         assert leaks(text, bearer) == [], text
         assert "HTTP 422" in text and "Invalid page parameter" in text and "page[after]" in text
+
+
+def test_a_record_made_without_a_logger_name_does_not_crash_the_redaction_point():
+    """logging.makeLogRecord (used by structlog's stdlib bridge in Airflow) calls the record
+    factory with `name` None: the redaction point must take it (it raised AttributeError)."""
+    import logging
+
+    from etl import logs
+
+    logs.install()
+    record = logging.makeLogRecord({"name": None, "msg": "token Bearer abc.def.ghi leaked", "args": ()})
+    record.getMessage()  # formats without raising
+    assert logs._ours(None) is False
