@@ -146,8 +146,46 @@ class _VendorHook(BaseHook):
                             self.conn_id, type(exc).__name__)
             return None
 
-    def _check(self) -> str:  # pragma: no cover - each Hook has its own
+    # Each Hook says how its Connection maps onto its settings and how a token is fetched.
+    example_url: ClassVar[str] = ""
+
+    def _from_connection(self, conn: Any, base: Any) -> Any:  # pragma: no cover - per Hook
         raise NotImplementedError
+
+    def _env_base(self) -> Any:  # pragma: no cover - per Hook
+        raise NotImplementedError
+
+    def _empty_base(self) -> Any:  # pragma: no cover - per Hook
+        raise NotImplementedError
+
+    def _fetch_token(self, settings: Any) -> str:  # pragma: no cover - per Hook
+        raise NotImplementedError
+
+    def settings(self, base: Any = None) -> Any:
+        """`base` (by default the environment's, etl.settings) overlaid with the Connection, or
+        None when the Connection does not exist. Not validated yet."""
+        conn = self.connection()
+        return None if conn is None else self._from_connection(conn, base or self._env_base())
+
+    def _existing(self) -> Any:
+        from etl.errors import ConfigError
+
+        conn = self.connection()
+        if conn is None:
+            raise ConfigError(f"the Airflow Connection {self.conn_id!r} does not exist")
+        return conn
+
+    def get_conn(self) -> Any:
+        """The validated settings of this Connection."""
+        return self._from_connection(self._existing(), self._env_base()).validated()
+
+    def _check(self) -> str:
+        from etl.errors import ConfigError
+
+        conn = self._existing()
+        if not base_url_of(conn):
+            raise ConfigError(f"the API base URL is empty (e.g. {self.example_url})")
+        return self._fetch_token(self._from_connection(conn, self._empty_base()))
 
     def test_connection(self) -> tuple[bool, str]:
         """The UI's Test button: (True, what worked) after the vendor accepted the credentials,
@@ -189,31 +227,21 @@ class LgcHook(_VendorHook):
         super().__init__(lgc_conn_id, **kwargs)
         self.lgc_conn_id = lgc_conn_id
 
-    def settings(self, base: LgcSettings | None = None) -> LgcSettings | None:
-        """`base` (by default the environment's, etl.settings) overlaid with the Connection, or
-        None when the Connection does not exist. Not validated yet."""
-        conn = self.connection()
-        return None if conn is None else lgc_from_connection(conn, base or Settings.from_env().lgc)
+    example_url = "https://api.letsgetchecked.com"
 
-    def get_conn(self) -> LgcSettings:
-        """The validated LetsGetChecked settings of this Connection."""
-        from etl.errors import ConfigError
+    def _from_connection(self, conn: Any, base: LgcSettings) -> LgcSettings:
+        return lgc_from_connection(conn, base)
 
-        settings = self.settings()
-        if settings is None:
-            raise ConfigError(f"the Airflow Connection {self.lgc_conn_id!r} does not exist")
-        return settings.validated()
+    def _env_base(self) -> LgcSettings:
+        return Settings.from_env().lgc
 
-    def _check(self) -> str:
-        from etl.errors import ConfigError
+    def _empty_base(self) -> LgcSettings:
+        return LgcSettings()
+
+    def _fetch_token(self, settings: LgcSettings) -> str:
         from etl.lgc.auth import check_credentials
 
-        conn = self.connection()
-        if conn is None:
-            raise ConfigError(f"the Airflow Connection {self.lgc_conn_id!r} does not exist")
-        if not base_url_of(conn):
-            raise ConfigError("the API base URL is empty (e.g. https://api.letsgetchecked.com)")
-        return asyncio.run(check_credentials(lgc_from_connection(conn, LgcSettings()), TEST_RETRY))
+        return asyncio.run(check_credentials(settings, TEST_RETRY))
 
 
 class RupaHook(_VendorHook):
@@ -241,28 +269,18 @@ class RupaHook(_VendorHook):
         super().__init__(rupa_conn_id, **kwargs)
         self.rupa_conn_id = rupa_conn_id
 
-    def settings(self, base: RupaSettings | None = None) -> RupaSettings | None:
-        """`base` (by default the environment's) overlaid with the Connection, or None when it
-        does not exist. Not validated yet."""
-        conn = self.connection()
-        return None if conn is None else rupa_from_connection(conn, base or Settings.from_env().rupa)
+    example_url = "https://api.rupahealth.com"
 
-    def get_conn(self) -> RupaSettings:
-        """The validated Rupa settings of this Connection."""
-        from etl.errors import ConfigError
+    def _from_connection(self, conn: Any, base: RupaSettings) -> RupaSettings:
+        return rupa_from_connection(conn, base)
 
-        settings = self.settings()
-        if settings is None:
-            raise ConfigError(f"the Airflow Connection {self.rupa_conn_id!r} does not exist")
-        return settings.validated()
+    def _env_base(self) -> RupaSettings:
+        return Settings.from_env().rupa
 
-    def _check(self) -> str:
-        from etl.errors import ConfigError
+    def _empty_base(self) -> RupaSettings:
+        return RupaSettings()
+
+    def _fetch_token(self, settings: RupaSettings) -> str:
         from etl.rupa.auth import check_credentials
 
-        conn = self.connection()
-        if conn is None:
-            raise ConfigError(f"the Airflow Connection {self.rupa_conn_id!r} does not exist")
-        if not base_url_of(conn):
-            raise ConfigError("the API base URL is empty (e.g. https://api.rupahealth.com)")
-        return check_credentials(rupa_from_connection(conn, RupaSettings()), TEST_RETRY)
+        return check_credentials(settings, TEST_RETRY)
