@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
+from etl.readahead import ReadAhead
 from etl.rupa.extract import STREAMS, row_for
-from etl.rupa.readahead import ReadAhead
 from etl.rupa.store import PageWriter
 from etl.warehouse import rupa_patients
 

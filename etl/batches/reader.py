@@ -36,6 +36,7 @@ from __future__ import annotations
 import bisect
 import csv
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,6 +214,9 @@ class Reader:
         self._index_offsets: list[int] = []  # ... and the file offsets where they start
         self._span_lines: list[int] = []  # first lines of records that spanned lines (ascending) ...
         self._span_extra: list[int] = []  # ... and the extra lines taken up to and including each
+        # blocks() may run one block ahead in another thread (etl.readahead) while row_of and
+        # cell_at answer for the blocks already handed out: the four lists change together
+        self._lock = threading.Lock()
 
     # ---- blocks ------------------------------------------------------------------------------
     def blocks(self) -> Iterator[Block]:
@@ -234,21 +238,26 @@ class Reader:
                     yield block
 
     def _span(self, spans: list[tuple[int, int]]) -> None:
-        total = self._span_extra[-1] if self._span_extra else 0
-        for line, extra in spans:
-            total += extra
-            self._span_lines.append(line)
-            self._span_extra.append(total)
+        if not spans:
+            return
+        with self._lock:
+            total = self._span_extra[-1] if self._span_extra else 0
+            for line, extra in spans:
+                total += extra
+                self._span_lines.append(line)
+                self._span_extra.append(total)
 
     def row_of(self, lines) -> np.ndarray:
         """The spreadsheet row (header = 1) of records by their first line; records handed out
         so far only. Equal to the line unless a quoted cell spanned lines before it."""
         lines = np.asarray(lines, dtype=np.int64)
-        if not self._span_lines:
-            return lines
-        k = np.searchsorted(np.asarray(self._span_lines, dtype=np.int64), lines, side="left")
-        extra = np.concatenate(([0], np.asarray(self._span_extra, dtype=np.int64)))
-        return lines - extra[k]
+        with self._lock:
+            if not self._span_lines:
+                return lines
+            span_lines = np.asarray(self._span_lines, dtype=np.int64)
+            span_extra = np.asarray(self._span_extra, dtype=np.int64)
+        k = np.searchsorted(span_lines, lines, side="left")
+        return lines - np.concatenate(([0], span_extra))[k]
 
     def _drop(self, lines: _Lines, n: int) -> None:
         """Drop n lines, remembering where every 64th of them starts."""
@@ -257,8 +266,9 @@ class Reader:
         first = lines.first_line
         k = np.arange(0, n, INDEX_EVERY)
         starts = np.concatenate(([0], lines.ends[: n - 1]))[k] + lines.offset
-        self._index_lines.extend((k + first).tolist())
-        self._index_offsets.extend(starts.tolist())
+        with self._lock:
+            self._index_lines.extend((k + first).tolist())
+            self._index_offsets.extend(starts.tolist())
         lines.drop(n)
 
     def _classify(self, lines: pa.Array) -> np.ndarray:
@@ -392,13 +402,14 @@ class Reader:
     def cell_at(self, line: int, column: int) -> str | None:
         """Cell `column` (trimmed, None when empty or missing) of the record that starts on
         `line`, read again from the file. Only lines already handed out in a block."""
-        k = bisect.bisect_right(self._index_lines, line) - 1
-        if k < 0:
-            return None
+        with self._lock:
+            k = bisect.bisect_right(self._index_lines, line) - 1
+            if k < 0:
+                return None
+            offset, first = self._index_offsets[k], self._index_lines[k]
         with self.path.open("rb") as f:
-            lines = _Lines(f, offset=self._index_offsets[k], first_line=self._index_lines[k],
-                           read_size=MIN_READ)
-            skip = line - self._index_lines[k]
+            lines = _Lines(f, offset=offset, first_line=first, read_size=MIN_READ)
+            skip = line - first
             if not lines.fill(skip + 1):
                 return None
             cells, _ = _exact(lines, skip, self.name)

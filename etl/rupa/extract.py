@@ -13,7 +13,7 @@ Counting: a row is `inserted` (new id), `updated` (content hash changed, or it r
 being marked deleted) or `unchanged` (only `last_seen_at` moves). The hash covers `attributes`
 and `relationships`, so any change the API shows is caught.
 
-Speed: the next page is fetched (a one-page read-ahead thread, `etl.rupa.readahead`) while the
+Speed: the next page is fetched (a one-page read-ahead thread, `etl.readahead`) while the
 current one is written; a page is written as one lookup of its ids, then an upsert of the new
 and changed rows and a touch of the unchanged ones (`etl.rupa.store`), each record serialised
 once, never a server-prepared statement on PostgreSQL. The read-ahead page is not written until the current page's
@@ -43,9 +43,9 @@ from sqlalchemy import Connection, Engine, Table, func, select, update
 
 from etl.errors import ConfigError, LabsyncError
 from etl.http import describe_transport_error
+from etl.readahead import ReadAhead
 from etl.redact import clean
 from etl.rupa.client import Page, RupaApiError, RupaClient, RupaPageLoop, open_client
-from etl.rupa.readahead import ReadAhead
 from etl.rupa.store import PageWriter, Record, record_for
 from etl.settings import Settings
 from etl.warehouse import rupa_lab_tests, rupa_patients, sync_state, upsert

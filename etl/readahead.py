@@ -1,9 +1,12 @@
-"""Iterate something slow (HTTP pages) one item ahead, in a background thread.
+"""Iterate something slow one item ahead, in a background thread.
 
 Why: an extraction alternates between waiting for Rupa's next page and writing the current one
 to the warehouse; both mostly wait on sockets or SQLite, with the GIL released, so fetching the
-next page while this one is written hides most of one behind the other. One item ahead, not
-more: memory stays at two pages, and a stored next-page URL is never more than one page behind.
+next page while this one is written hides most of one behind the other. Validation alternates
+between reading a block of the CSV (pyarrow's parser and NumPy, the GIL released) and checking
+it: the next block is read while this one is checked (etl.batches.validate). One item ahead,
+not more: memory stays at two pages (two blocks), and a stored next-page URL is never more than
+one page behind.
 
 The consumer sees items in order, then the source's own exception (re-raised in its thread,
 traceback kept) if it failed. `close()` stops the thread at the next item boundary; it never
