@@ -66,7 +66,11 @@ MIN_DOB = date(1900, 1, 1)
 
 _PHONE_CC = re.compile(r"^\+\d{1,4}$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# Python's \s spelled out as the characters themselves: pandas runs a pattern holding \s through
+# Python's re one cell at a time (RE2's \s is ASCII-only); this one runs in pyarrow's RE2, with
+# the same meaning in both engines.
+WHITESPACE = "".join(chr(i) for i in range(0x3001) if chr(i).isspace())
+_EMAIL = re.compile(rf"^[^@{WHITESPACE}]+@[^@{WHITESPACE}]+\.[^@{WHITESPACE}]+$")
 _PHONE = re.compile(r"^[0-9]{4,15}$")
 _ZIP = re.compile(r"[0-9]{5}(?:-[0-9]{4})?")  # [0-9], not \d: fullwidth digits are not a ZIP
 _ZIP_LOST_ZERO = re.compile(r"(?P<head>[0-9]{3,4})(?P<tail>-[0-9]{4})?")
@@ -238,6 +242,8 @@ class OrderBatch(pa.DataFrameModel):
 
     @pa.check(*NUMBER_LIKE, name="not_scientific")
     def _not_scientific(cls, s: Series[str]) -> Series[bool]:
+        if not s.str.contains("+", regex=False).any():  # 1.23E+11 has a '+'; most columns none
+            return pd.Series(True, index=s.index)
         return ~s.str.fullmatch(_SCIENTIFIC.pattern)
 
     @pa.check("postal_code", "pcp_postal_code", name="us_zip")
@@ -319,10 +325,11 @@ class OrderBatch(pa.DataFrameModel):
 
 
 def _pcp_full_name_length(df: pd.DataFrame) -> pd.Series:
-    parts = df[["pcp_first_name", "pcp_middle_name", "pcp_last_name"]]
-    lengths = parts.apply(lambda s: s.str.len()).fillna(0).astype(int)
-    spaces = parts.notna().sum(axis=1).sub(1).clip(lower=0)
-    return lengths.sum(axis=1) + spaces
+    """The names joined by single spaces: their lengths, plus one space between two given."""
+    parts = [df[c] for c in ("pcp_first_name", "pcp_middle_name", "pcp_last_name")]
+    lengths = sum(p.str.len().fillna(0).to_numpy(dtype=np.int64) for p in parts)
+    given = sum(p.notna().to_numpy(dtype=np.int64) for p in parts)
+    return pd.Series(lengths + np.maximum(given - 1, 0), index=df.index)
 
 
 # ---- plain-English reasons --------------------------------------------------------------------

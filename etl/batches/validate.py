@@ -9,7 +9,8 @@ What is checked where:
 - the file (here, before any row goes on): readable, UTF-8 (BOM or not), no NUL bytes, a header
   with no unknown, duplicate or missing required columns. Any of these -> UnusableInputError.
 - each row (here): the right number of cells, client_order_id unique within the file.
-- each row (schemas.order_batch, pandera, lazy): every rule of the LetsGetChecked document.
+- each row (the pandera model in schemas.order_batch, run by etl.batches.checks): every rule
+  of the LetsGetChecked document.
 
 Rows are read by `etl.batches.reader`: pyarrow's parser for lines that are whole records, the
 csv module from any line where a quoted cell may span lines, so `line` is the true line number in
@@ -33,23 +34,21 @@ import difflib
 import hashlib
 import logging
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pandera.api.pandas.container
-import pandera.errors
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from etl.batches import csvsafe
+from etl.batches import checks, csvsafe
 from etl.batches.names import fix_path_for, rejects_path_for  # noqa: F401  (re-exported)
 from etl.batches.reader import Block, Reader
 from etl.batches.seen import SeenIds
 from etl.errors import UnusableInputError
+from etl.readahead import ReadAhead
 from schemas.columns import (
     COLUMNS,
     CUSTOM_PREFIX,
@@ -358,8 +357,10 @@ class CsvValidation:
         fix_tmp = self._fix_final.with_name(self._fix_final.name + ".tmp") if self._fix_final else None
         writer_file = fix_file = None
         writer = fix_writer = None
+        # the next block is read (pyarrow, NumPy: the GIL released) while this one is checked
+        blocks = ReadAhead(self._reader.blocks(), name="labsync-csv-blocks")
         try:
-            for block in self._reader.blocks():
+            for block in blocks:
                 valid, problems = self._check(block, keep=keep)
                 if problems:
                     if writer is None:
@@ -398,6 +399,7 @@ class CsvValidation:
             elif self._fix_final is not None and self._fix_final.exists():
                 self._fix_final.unlink()
         finally:
+            blocks.close()
             for handle in (writer_file, fix_file):
                 if handle is not None:
                     handle.close()
@@ -528,16 +530,10 @@ class CsvValidation:
 
     def _schema_problems(self, frame: pd.DataFrame,
                          raw_at: Callable[[int, str], str | None] | None = None) -> list[Problem]:
-        try:
-            _schema_for(frame, self.contract.schema).validate(frame, lazy=True)
-            return []
-        except pandera.errors.SchemaErrors as exc:
-            cases = exc.failure_cases
         problems: dict[tuple[int, str, str], Problem] = {}
         ids = frame[self.contract.id_column]
-        for case in cases.itertuples(index=False):
-            line, column, check = case.index, case.column, str(case.check)
-            if line is None or pd.isna(line):
+        for line, column, check in checks.failures(self.contract.schema, frame):
+            if line is None:
                 log.warning("%s: a check failed without a row (%s)", self.path.name, check)
                 continue
             line = int(line)
@@ -577,58 +573,6 @@ class CsvValidation:
         keys = ["line", *frame.columns]
         cols = [frame.index.tolist()] + [pa.array(frame[c]).to_pylist() for c in frame.columns]
         return [dict(zip(keys, vals, strict=True)) for vals in zip(*cols, strict=True)]
-
-
-Schema = pandera.api.pandas.container.DataFrameSchema
-
-
-# Schemas are module-level constants (one per contract) and pandera's are unhashable, so the
-# caches below are keyed by the schema's identity.
-_UNCHECKED: dict[int, frozenset[str]] = {}
-_TRIMMED: dict[tuple[int, frozenset[str]], Schema] = {}
-
-
-def _unchecked(schema: Schema) -> frozenset[str]:
-    """Columns of a contract's schema that can never fail: missing cells allowed, no check, no
-    uniqueness."""
-    key = id(schema)
-    if key not in _UNCHECKED:
-        _UNCHECKED[key] = frozenset(name for name, col in schema.columns.items()
-                                    if col.nullable and not col.checks and not col.unique)
-    return _UNCHECKED[key]
-
-
-def _schema_without(schema: Schema, skip: frozenset[str]) -> Schema:
-    """A contract's schema as run on our frames: the same checks, minus pandera's fixed cost
-    (~1-2 ms a column a chunk, most of a chunk's validation time) where it can find nothing:
-    - no dtype checks: they hold by construction (`_frame` builds every column as Arrow-backed
-      `str`), yet pandera formats an empty report for each;
-    - no columns in `skip`: the ones that can never fail, and the nullable ones that are empty
-      throughout this chunk (every check skips missing cells). The dataframe-wide checks (the
-      blocks of columns that require each other) still see every column."""
-    key = (id(schema), skip)
-    if key not in _TRIMMED:
-        if len(_TRIMMED) >= 256:  # chunks of a file repeat a few combinations; stay bounded anyway
-            _TRIMMED.clear()
-        trimmed = schema.update_columns({name: {"dtype": None} for name in schema.columns})
-        _TRIMMED[key] = trimmed.remove_columns(sorted(skip)) if skip else trimmed
-    return _TRIMMED[key]
-
-
-def _schema_for(frame: pd.DataFrame, schema: Schema = SCHEMA) -> Schema:
-    n = len(frame)
-    unchecked = _unchecked(schema)
-
-    def nothing_to_check(name: str, col) -> bool:
-        # a regex column (custom.<key>) stands for every column it matches; an optional column
-        # absent from the file (rupa_patient_id) has nothing to check either
-        names = [c for c in frame.columns if re.fullmatch(name, c)] if col.regex else \
-            ([name] if name in frame.columns else [])
-        return all(frame[c].isna().sum() == n for c in names)
-
-    empty = {name for name, col in schema.columns.items()
-             if col.nullable and name not in unchecked and nothing_to_check(name, col)}
-    return _schema_without(schema, unchecked | empty)
 
 
 def validate_file(path: Path | str, **kw) -> ValidationResult:
