@@ -12,9 +12,11 @@ Goals: labsync <= 1.0x the pandera model and <= 3x `read_csv`; peak RSS (each ch
 `ru_maxrss`, via `os.wait4`) flat in the file's size: the largest size <= 1.1x the smallest.
 The comparisons run at the first size; the other sizes run labsync only (`--compare-all` for all).
 
-    .venv/bin/python bench/validate.py [--sizes 100000 1000000] [--repeat 3] [--compare-all]
+    .venv/bin/python bench/validate.py [--sizes 100000 1000000] [--repeat 5] [--compare-all]
 
-Each time is the median of `--repeat` runs. Prints figures; asserts nothing.
+Each time is the median of `--repeat` runs, the steps taking turns (one run of each, then the
+next round), so a busy moment of a shared machine falls on all of them. Prints figures; asserts
+nothing.
 """
 
 from __future__ import annotations
@@ -117,16 +119,22 @@ def run(step: str, path: Path) -> dict:
     return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-def measure(step: str, path: Path, repeat: int) -> dict:
-    runs = [run(step, path) for _ in range(repeat)]
-    return {"seconds": statistics.median(r["seconds"] for r in runs),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+def measure(steps: list[str], path: Path, repeat: int) -> dict[str, dict]:
+    """Each step `repeat` times, the steps taking turns (round after round), so that a slow
+    moment of a shared machine falls on all of them alike; the median time of each, and its
+    largest peak RSS."""
+    runs: dict[str, list[dict]] = {step: [] for step in steps}
+    for _ in range(repeat):
+        for step in steps:
+            runs[step].append(run(step, path))
+    return {step: {"seconds": statistics.median(r["seconds"] for r in rs),
+                   "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)} for step, rs in runs.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--compare-all", action="store_true", help="run the comparisons at every size")
     args = ap.parse_args()
     peaks: dict[int, float] = {}
@@ -138,9 +146,8 @@ def main() -> None:
             print(f"== {rows:,} rows ({path.stat().st_size / 1e6:.0f} MB, generated in "
                   f"{time.perf_counter() - t:.1f}s); whole-process wall time, median of {args.repeat}")
             steps = list(STEPS) if (k == 0 or args.compare_all) else ["labsync validate"]
-            got = {}
-            for step in steps:
-                got[step] = r = measure(step, path, args.repeat)
+            got = measure(steps, path, args.repeat)
+            for step, r in got.items():
                 print(f"  {step:<17} {r['seconds']:6.2f}s {rows / r['seconds']:>10,.0f} rows/s  "
                       f"peak RSS {r['peak_rss_mb']:6.0f} MiB", flush=True)
             peaks[rows] = got["labsync validate"]["peak_rss_mb"]
