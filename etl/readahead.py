@@ -28,20 +28,34 @@ _ITEM, _DONE, _ERROR = range(3)
 
 class ReadAhead(Generic[T]):
     def __init__(self, source: Iterator[T], *, name: str = "read-ahead") -> None:
-        self._source = source
+        self._source = iter(source)
         self._queue: queue.Queue[tuple[int, object]] = queue.Queue(maxsize=1)
+        # the next item is fetched only once the consumer has taken the one before: one item
+        # ahead, never two (one in the queue and another in the making)
+        self._turn = threading.Semaphore(1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            for item in self._source:
+            while self._wait_turn():
+                try:
+                    item = next(self._source)
+                except StopIteration:
+                    self._put(_DONE, None)
+                    return
                 if not self._put(_ITEM, item):
                     return
-            self._put(_DONE, None)
         except BaseException as exc:  # handed to the consumer, raised there
             self._put(_ERROR, exc)
+
+    def _wait_turn(self) -> bool:
+        """Wait until the consumer has taken the last item; False once it has gone (close())."""
+        while not self._stop.is_set():
+            if self._turn.acquire(timeout=0.2):
+                return not self._stop.is_set()
+        return False
 
     def _put(self, kind: int, value: object) -> bool:
         """Hand one message over, unless the consumer has gone (close())."""
@@ -57,6 +71,7 @@ class ReadAhead(Generic[T]):
         while True:
             kind, value = self._queue.get()
             if kind == _ITEM:
+                self._turn.release()  # fetch the next one while this one is used
                 yield value  # type: ignore[misc]
             elif kind == _DONE:
                 return

@@ -175,6 +175,30 @@ def test_ids_sharing_a_hash_are_told_apart_by_reading_the_file_again():
     assert set(reread) == {2}  # only the line the shared hash points at had to be read again
 
 
+def test_repeats_over_many_chunks_are_all_found_whatever_the_merges_of_the_runs():
+    """60 chunks of ids drawn from a small pool, with a weak hash (many shared hashes): every
+    repeat is reported with the line the id first appeared on, as a dict of every id would say."""
+    rng = np.random.default_rng(7)
+    ids_by_line: dict[int, str] = {}
+    seen = SeenIds(lambda line: ids_by_line[line],
+                   hash_fn=lambda ids: np.array([hash(i) % 97 for i in ids], dtype=np.uint64))
+    first: dict[str, int] = {}
+    expected, got = [], []
+    line = 2
+    for _ in range(60):
+        chunk = list(range(line, line + int(rng.integers(1, 40))))
+        line = chunk[-1] + 1
+        for n in chunk:
+            ids_by_line[n] = f"ID{int(rng.integers(0, 400))}"
+            cid = ids_by_line[n]
+            if cid in first:
+                expected.append((n, cid, first[cid]))
+            else:
+                first[cid] = n
+        got += seen.check(np.array(chunk), np.array([ids_by_line[n] for n in chunk], dtype=object))
+    assert got == expected and len(expected) > 100
+
+
 def test_missing_ids_are_not_duplicates():
     seen = SeenIds(lambda line: None)
     assert seen.check(np.array([2, 3, 4]), np.array([None, float("nan"), "X"], dtype=object)) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -121,7 +122,13 @@ def test_read_ahead_fetches_one_item_ahead_and_stops_when_closed():
     ahead = ReadAhead(source())
     items = iter(ahead)
     assert next(items) == 0
-    with wanted:  # while item 0 is being used, item 1 is fetched and handed over, item 2 waits
+    with wanted:  # while item 0 is being used, item 1 is fetched; item 2 is not begun
+        assert wanted.wait_for(lambda: len(fetched) >= 2, timeout=10)
+        assert not wanted.wait_for(lambda: len(fetched) > 2, timeout=0.5)
+    assert next(items) == 1
+    with wanted:  # item 1 taken: item 2 is fetched while it is used, and no more
         assert wanted.wait_for(lambda: len(fetched) >= 3, timeout=10)
+        assert not wanted.wait_for(lambda: len(fetched) > 3, timeout=0.5)
     ahead.close()
-    assert len(fetched) <= 4  # nothing more is fetched after close()
+    time.sleep(0.5)
+    assert len(fetched) == 3  # nothing more is fetched after close()

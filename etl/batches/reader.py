@@ -97,9 +97,13 @@ def line_ends(data: bytes | bytearray, final: bool, start: int = 0) -> np.ndarra
 
 
 def trim_null(arr: pa.Array) -> pa.Array:
-    """Trim whitespace around each cell; an empty cell becomes null."""
+    """Trim whitespace around each cell; an empty cell becomes null. (The parser already makes
+    empty cells null: only cells of spaces, and rows read the exact way, are left to do.)"""
     arr = pc.utf8_trim_whitespace(arr)
-    return pc.if_else(pc.equal(arr, ""), pa.scalar(None, arr.type), arr)
+    empty = pc.equal(arr, "")
+    if not pc.any(empty).as_py():
+        return arr
+    return pc.if_else(empty, pa.scalar(None, arr.type), arr)
 
 
 # `'` + what csvsafe.safe_cell guards (formula starts, and `'` itself): RE2 has no lookahead, so
@@ -307,7 +311,7 @@ class Reader:
         """The records that start on the first n lines; and how many lines they took (more than
         n when the last record's quoted cell continues past them)."""
         offsets = np.concatenate(([0], lines.ends[:n]))
-        data = bytes(lines.buf[: offsets[-1]])  # immutable: pyarrow keeps views of it
+        data = bytes(memoryview(lines.buf)[: offsets[-1]])  # one copy, immutable: pyarrow keeps views of it
         view = pa.StringArray.from_buffers(n, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data))
         if self.exact_only:
             return self._walk(lines, np.full(n, EXACT, dtype=np.int8), data, offsets)  # type: ignore[return-value]
@@ -392,7 +396,8 @@ class Reader:
                                           newlines_in_values=False, ignore_empty_lines=False,
                                           invalid_row_handler=invalid),
             convert_options=pv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()),
-                                              strings_can_be_null=False, quoted_strings_can_be_null=False),
+                                              null_values=[""], strings_can_be_null=True,
+                                              quoted_strings_can_be_null=True),
         )
         if invalid_rows or table.num_rows != rows:
             return None
@@ -432,7 +437,8 @@ def _merge(fast_lines: np.ndarray, fast: list[pa.ChunkedArray], exact_lines: lis
             lines = lines[order]
             idx = pa.array(order)
             columns = [col.take(idx) for col in columns]
-    columns = [unprefix(trim_null(col)) for col in columns]
+    for k in range(len(columns)):  # in place, one column at a time: each original freed once done
+        columns[k] = unprefix(trim_null(columns[k]))
     if len(lines):
         empty = np.ones(len(lines), dtype=bool)
         for col in columns:

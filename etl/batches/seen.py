@@ -85,6 +85,18 @@ class SeenIds:
         self._runs.append((hashes, lines))
         while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
             (h1, l1), (h2, l2) = self._runs[-2], self._runs.pop()
-            h = np.concatenate((h1, h2))
-            order = np.argsort(h, kind="stable")
-            self._runs[-1] = (h[order], np.concatenate((l1, l2))[order])
+            self._runs[-1] = _merged(h1, l1, h2, l2)
+
+
+def _merged(h1: np.ndarray, l1: np.ndarray, h2: np.ndarray, l2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two sorted runs as one, the first's entries before the second's equal ones; written
+    straight into the result (no argsort of the whole: the largest merge of a million ids
+    needed ~32 bytes an id on top of the runs, this ~17)."""
+    n = len(h1) + len(h2)
+    at = np.searchsorted(h1, h2, side="right") + np.arange(len(h2))  # where h2's entries land
+    hashes, lines = np.empty(n, dtype=h1.dtype), np.empty(n, dtype=l1.dtype)
+    rest = np.ones(n, dtype=bool)
+    rest[at] = False
+    hashes[at], lines[at] = h2, l2
+    hashes[rest], lines[rest] = h1, l1
+    return hashes, lines

@@ -384,6 +384,7 @@ class CsvValidation:
                 log.debug("%s: checked %d rows so far", self.path.name, self.result.total_rows)
                 if len(valid):
                     yield valid
+                del block, valid, problems  # not kept alive while the next block is taken
             if writer_file is not None:
                 writer_file.close()
                 writer_file = None
