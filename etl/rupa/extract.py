@@ -13,8 +13,8 @@ Counting: a row is `inserted` (new id), `updated` (content hash changed, or it r
 being marked deleted) or `unchanged` (only `last_seen_at` moves). The hash covers `attributes`
 and `relationships`, so any change the API shows is caught.
 
-Speed: the next page is fetched (a one-page read-ahead thread, `etl.readahead`) while the
-current one is written; a page is written as one lookup of its ids, then an upsert of the new
+Speed: the next page is fetched and its records built (serialised, hashed) in a one-page
+read-ahead thread (`etl.readahead`) while the current one is written; a page is written as one lookup of its ids, then an upsert of the new
 and changed rows and a touch of the unchanged ones (`etl.rupa.store`), each record serialised
 once, never a server-prepared statement on PostgreSQL. The read-ahead page is not written until the current page's
 transaction has committed, so the crash story above is unchanged: a kill loses at most the page
@@ -188,13 +188,26 @@ def _fail(engine: Engine, spec: Stream, exc: BaseException) -> None:
 
 
 # ---- one page ------------------------------------------------------------------------------------
-def _apply_page(writer: PageWriter, spec: Stream, resources: list[dict], seen_at: datetime) -> tuple[int, int, int, str | None]:
-    """Upsert one page; returns (inserted, updated, unchanged, newest updated_at on the page)."""
+def _records(spec: Stream, resources: list[dict]) -> dict[str, Record]:
+    """One page's resources as Records (serialised once, hashed), by id."""
     records: dict[str, Record] = {}
     for res in resources:
         if isinstance(res, dict) and res.get("id") is not None:
             rec = row_for(spec, res)
             records[rec.id] = rec
+    return records
+
+
+def _with_records(spec: Stream, pages: Iterator[Page]) -> Iterator[tuple[Page, dict[str, Record]]]:
+    """Each page with its Records, built in the read-ahead thread: the JSON work of the next
+    page runs while this one is written (on PostgreSQL the writing is the server's, in its own
+    process: the main thread only waits)."""
+    for page in pages:
+        yield page, _records(spec, page.data)
+
+
+def _apply_page(writer: PageWriter, records: dict[str, Record], seen_at: datetime) -> tuple[int, int, int, str | None]:
+    """Upsert one page; returns (inserted, updated, unchanged, newest updated_at on the page)."""
     inserted, updated, unchanged = writer.apply(records, seen_at)
     stamps = [r.updated_raw for r in records.values() if r.updated_raw]
     return inserted, updated, unchanged, max(stamps) if stamps else None
@@ -236,16 +249,16 @@ def extract_stream(engine: Engine, settings: Settings, stream: str, *,
             log.info("%s: resuming the interrupted run", spec.name)
         pages, run = _pages_from(client, engine, spec, run)
         summary = run.summary
-        ahead = ReadAhead(pages, name=f"rupa-{spec.name}-pages")
+        ahead = ReadAhead(_with_records(spec, pages), name=f"rupa-{spec.name}-pages")
         stack.callback(ahead.close)
         conn = stack.enter_context(engine.connect())  # one session for the run, a transaction a page
         writer = PageWriter(conn, spec.table, spec.typed)
         stack.callback(writer.close)
-        for page in ahead:
+        for page, records in ahead:
             # never stamp a row earlier than the run start, even if this host's clock is behind
             seen_at = max(datetime.now(UTC), run.started_at)
             with conn.begin():
-                ins, upd, same, newest = _apply_page(writer, spec, page.data, seen_at)
+                ins, upd, same, newest = _apply_page(writer, records, seen_at)
                 summary.inserted += ins
                 summary.updated += upd
                 summary.unchanged += same
