@@ -67,6 +67,37 @@ def test_multi_page_extraction_then_a_rerun_changes_nothing(engine, settings, ru
     assert count(engine, rupa_patients) == N_PATIENTS
 
 
+def test_pages_that_arrive_while_a_write_runs_are_written_together_in_one_transaction(engine, settings, rupa):
+    """The first write is held up (a slow warehouse): the pages fetched meanwhile (four, the
+    read-ahead's bound) go in the next write, one transaction with one sync_state update;
+    counts, pages and rows are as ever."""
+    settings = with_rupa(settings, page_size=5)
+    authorize(engine, settings)
+    writes = []
+
+    def count_state_writes(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("UPDATE SYNC_STATE"):
+            writes.append(statement)
+
+    def slow_first_page(rows, total, calls=[]):  # noqa: B006 - a counter on purpose
+        calls.append(rows)
+        if len(calls) == 1:
+            time.sleep(1.0)  # pages 2-5 (50 ms each) are fetched meanwhile, then fetching waits
+
+    rupa.faults.update(latency=0.05)
+    sa.event.listen(engine, "before_cursor_execute", count_state_writes)
+    try:
+        summary = extract_stream(engine, settings, "patients", progress=slow_first_page)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", count_state_writes)
+        rupa.faults.reset()
+    assert (summary.inserted, summary.pages) == (N_PATIENTS, 10)
+    assert len(writes) <= 7  # pages 2-5 shared one write
+    assert _ids(engine, rupa_patients) == set(rupa.patient_ids())
+    state = state_of(engine, "patients")
+    assert state["status"] == "succeeded" and state["inserted"] == N_PATIENTS and state["resume_url"] is None
+
+
 def test_update_disappearance_and_reappearance_are_picked_up(engine, settings, rupa):
     settings = with_rupa(settings, page_size=9)
     authorize(engine, settings)

@@ -132,3 +132,33 @@ def test_read_ahead_fetches_one_item_ahead_and_stops_when_closed():
     ahead.close()
     time.sleep(0.5)
     assert len(fetched) == 3  # nothing more is fetched after close()
+
+
+def test_read_ahead_of_several_hands_over_what_has_arrived_and_keeps_an_error_for_last():
+    fetched = []
+    arrived = threading.Condition()
+
+    def source():
+        for i in range(6):
+            with arrived:
+                fetched.append(i)
+                arrived.notify_all()
+            yield i
+        raise ValueError("page 7 is broken")
+
+    ahead = ReadAhead(source(), ahead=3)
+    items = iter(ahead)
+    assert next(items) == 0
+    with arrived:  # room for three more while item 0 is used, and no more
+        assert arrived.wait_for(lambda: len(fetched) >= 4, timeout=10)
+        assert not arrived.wait_for(lambda: len(fetched) > 4, timeout=0.5)
+    time.sleep(0.2)
+    assert ahead.ready() == [1, 2, 3]  # what has arrived, without waiting
+    assert next(items) == 4
+    with arrived:
+        assert arrived.wait_for(lambda: len(fetched) >= 6, timeout=10)
+    time.sleep(0.2)
+    assert ahead.ready() == [5]  # the error waits behind the items before it
+    with pytest.raises(ValueError, match="page 7"):
+        next(items)
+    ahead.close()

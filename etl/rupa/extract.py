@@ -1,9 +1,10 @@
 """Extraction: Rupa patients and lab tests streamed page by page into the warehouse.
 
 How a run stays correct when it is killed at any moment:
-- Each page is written in ONE transaction together with the stream's `sync_state` row (the
-  running counts and the URL of the next page). A kill loses at most the page in flight; the
-  warehouse never holds rows that `sync_state` does not account for.
+- Each write (a page, or the few pages that arrived while the last write ran: see Speed) is ONE
+  transaction together with the stream's `sync_state` row (the running counts and the URL of
+  the next page). A kill loses at most the pages in flight; the warehouse never holds rows that
+  `sync_state` does not account for.
 - A run that finds its stream `running` or `failed` with a stored next-page URL resumes there,
   keeping the original run start, so the disappearance check still covers the whole run.
 - Disappearance is decided only after the last page, in that page's transaction: every live row
@@ -11,17 +12,23 @@ How a run stays correct when it is killed at any moment:
 
 Counting: a row is `inserted` (new id), `updated` (content hash changed, or it reappears after
 being marked deleted) or `unchanged` (only `last_seen_at` moves). The hash covers `attributes`
-and `relationships`, so any change the API shows is caught.
+and `relationships`, so any change the API shows is caught. A row on two pages of one write
+counts once.
 
-Speed: the next page is fetched and its records built (serialised, hashed) in a one-page
-read-ahead thread (`etl.readahead`) while the current one is written; a page is written as one lookup of its ids, then an upsert of the new
-and changed rows and a touch of the unchanged ones (`etl.rupa.store`), each record serialised
-once, never a server-prepared statement on PostgreSQL. The read-ahead page is not written until the current page's
-transaction has committed, so the crash story above is unchanged: a kill loses at most the page
-being written and the one fetched ahead, and the next run resumes from the stored URL.
+Speed: the next pages are fetched and their records built (serialised, hashed) in a read-ahead
+thread (`etl.readahead`, at most AHEAD_PAGES ahead) while the current write runs; the pages that
+have arrived by then are written together, up to about GROUP_ROWS rows (on PostgreSQL at page size 100 the round trips
+and commit of each page, not its rows, were most of the time; when fetching is the slower side,
+each page is still written as it comes). A write is one lookup of its ids, then an upsert of the
+new and changed rows and a touch of the unchanged ones (`etl.rupa.store`), each record
+serialised once, never a server-prepared statement on PostgreSQL. Pages fetched ahead are not
+written until the current transaction has committed, so the crash story above is unchanged: a
+kill loses at most the pages being written and those fetched ahead, and the next run resumes
+from the stored URL.
 
-Memory stays flat: at most two pages of resources are held at a time (the one being written and
-the one fetched ahead), and existing rows are looked up by the page's ids only.
+Memory stays flat: at most about 2 x GROUP_ROWS rows of resources are held at a time (those
+being written and those fetched ahead; one page of each when pages are larger), and existing
+rows are looked up by the write's ids only.
 
 Watermark: the Rupa API documents no `updated_at` filter for list endpoints, so every run is a
 full sync; `sync_state.watermark` records the newest `updated_at` seen, for monitoring and for
@@ -188,6 +195,10 @@ def _fail(engine: Engine, spec: Stream, exc: BaseException) -> None:
 
 
 # ---- one page ------------------------------------------------------------------------------------
+GROUP_ROWS = 500  # pages already fetched are written together up to about this many rows
+AHEAD_PAGES = 4  # pages fetched ahead at most (a stored next-page URL is never further behind)
+
+
 def _records(spec: Stream, resources: list[dict]) -> dict[str, Record]:
     """One page's resources as Records (serialised once, hashed), by id."""
     records: dict[str, Record] = {}
@@ -249,12 +260,23 @@ def extract_stream(engine: Engine, settings: Settings, stream: str, *,
             log.info("%s: resuming the interrupted run", spec.name)
         pages, run = _pages_from(client, engine, spec, run)
         summary = run.summary
-        ahead = ReadAhead(_with_records(spec, pages), name=f"rupa-{spec.name}-pages")
+        ahead = ReadAhead(_with_records(spec, pages), name=f"rupa-{spec.name}-pages",
+                          ahead=min(AHEAD_PAGES, max(1, GROUP_ROWS // settings.rupa.page_size)))
         stack.callback(ahead.close)
-        conn = stack.enter_context(engine.connect())  # one session for the run, a transaction a page
+        conn = stack.enter_context(engine.connect())  # one session for the run, a transaction a write
         writer = PageWriter(conn, spec.table, spec.typed)
         stack.callback(writer.close)
-        for page, records in ahead:
+        for first in ahead:
+            # the pages that arrived while the last write ran go in this one write (small pages
+            # on a busy database: the round trips and commits of a page, not its rows, were
+            # most of PostgreSQL's time at page size 100)
+            group = [first, *ahead.ready()] if first[0].next_url is not None else [first]
+            page = group[-1][0]
+            records = first[1]
+            if len(group) > 1:
+                records = {}
+                for _, more in group:
+                    records.update(more)
             # never stamp a row earlier than the run start, even if this host's clock is behind
             seen_at = max(datetime.now(UTC), run.started_at)
             with conn.begin():
@@ -273,10 +295,11 @@ def extract_stream(engine: Engine, settings: Settings, stream: str, *,
                     values.update(status="succeeded", deleted=summary.deleted, run_finished_at=done,
                                   last_success_at=done, error=None)
                 conn.execute(update(sync_state).where(sync_state.c.stream == spec.name).values(**values))
-            summary.pages += 1
-            log.debug("%s: page %d stored (%d resources)", spec.name, summary.pages, len(page.data))
-            if progress is not None:
-                progress(len(page.data), page.total)
+            for stored, _ in group:
+                summary.pages += 1
+                log.debug("%s: page %d stored (%d resources)", spec.name, summary.pages, len(stored.data))
+                if progress is not None:
+                    progress(len(stored.data), stored.total)
     except BaseException as exc:
         stack.close()  # stop fetching before recording the failure
         _fail(engine, spec, exc)
