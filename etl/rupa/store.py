@@ -131,7 +131,10 @@ class PageWriter:
         if self.dialect == "sqlite":
             self._ts = table.c.last_seen_at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
         else:
-            types = ["text"] * (1 + len(typed)) + ["jsonb", "jsonb", "text", "timestamptz"]
+            # attributes/relationships come out of the recordset as json (kept as text, checked)
+            # and become jsonb on the way into the table: parsed into jsonb once, not twice (~12 %
+            # of the statement's server time on a 500-row page)
+            types = ["text"] * (1 + len(typed)) + ["json", "json", "text", "timestamptz"]
             defs = ", ".join(f"{q(c)} {t}" for c, t in zip(self._data_cols, types, strict=True))
             data = ", ".join(q(c) for c in self._data_cols)
             ident = q("id")
