@@ -208,11 +208,16 @@ def read(
                      r.body_sha256, r.attempts) for r in rows]
 
 
-def pages(engine: Engine, chunk: Chunk, *, size: int, max_attempts: int, vault: Vault) -> Iterator[list[Prepared]]:
+def pages(engine: Engine, chunk: Chunk, *, size: int, max_attempts: int, vault: Vault,
+          first: int | None = None) -> Iterator[list[Prepared]]:
+    """The chunk's loadable rows, `size` at a time (`first` for the first page: a small one
+    lets sending start sooner)."""
     after = chunk.first_id - 1
+    limit = first or size
     while True:
         with engine.connect() as conn:
-            page = read(conn, chunk, after_id=after, limit=size, max_attempts=max_attempts, vault=vault)
+            page = read(conn, chunk, after_id=after, limit=limit, max_attempts=max_attempts, vault=vault)
+        limit = size
         if not page:
             return
         after = page[-1].outbox_id

@@ -3,7 +3,9 @@
 Switches (all off by default), set with `POST /_sandbox/{vendor}/faults` (JSON body with any of
 the fields below) or in code through `Faults`:
 
-- latency:        seconds added before every request is handled
+- latency:        seconds from a request's arrival to its answer (the request is handled at
+                  once; its answer leaves when the time is up, as a vendor whose answers take
+                  that long: the sandbox's own work does not add to it)
 - error_rate:     fraction of requests answered 500 or 503 *without* being processed
 - throttle_rate:  fraction of requests answered 429 with `Retry-After: retry_after`
 - retry_after:    seconds sent in Retry-After (may be fractional)
@@ -107,7 +109,7 @@ class FaultMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.faults.latency:
-            await asyncio.sleep(self.faults.latency)
+            send = _answered_at(send, asyncio.get_running_loop().time() + self.faults.latency)
         decision = self.faults.decide(scope.get("path", ""))
         if decision in (500, 503):
             self.faults.count("errors")
@@ -139,6 +141,19 @@ class FaultMiddleware:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")]})
         await send({"type": "http.response.body", "body": b'{"partial": ', "more_body": True})
         raise _Drop("connection dropped by the sandbox's fault switch")
+
+
+def _answered_at(send, due: float):
+    """`send`, with the answer held back until the loop's clock reaches `due`."""
+
+    async def held(message):
+        if message["type"] == "http.response.start":
+            delay = due - asyncio.get_running_loop().time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await send(message)
+
+    return held
 
 
 async def _plain(send, status: int, body: dict, headers: list | None = None) -> None:
