@@ -64,6 +64,9 @@ _WELL_FORMED = rf"^{_CELL}(?:,{_CELL})*(?:\r\n|\r|\n)?$"
 _BLANK = r"^[\s,]*$"  # RE2's \s is ASCII: other whitespace makes a line EXACT, which skips it too
 
 FAST, BLANK, EXACT = 0, 1, 2
+# the cells' Arrow type: what pandas' "str" dtype holds, so the validator's frames wrap the
+# reader's arrays without a cast (a copy of every column's offsets, in the checking thread)
+TEXT = pa.large_string()
 
 
 @dataclass
@@ -371,7 +374,7 @@ class Reader:
             if columns is None:
                 return None
         else:
-            columns = [pa.chunked_array([], pa.string()) for _ in range(self.width)]
+            columns = [pa.chunked_array([], TEXT) for _ in range(self.width)]
         block = _merge(fast_lines, columns, exact_lines, exact_cells)
         block.bad = bad
         block.spans = spans
@@ -395,7 +398,7 @@ class Reader:
             parse_options=pv.ParseOptions(quote_char='"' if quoted else False, double_quote=True,
                                           newlines_in_values=False, ignore_empty_lines=False,
                                           invalid_row_handler=invalid),
-            convert_options=pv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()),
+            convert_options=pv.ConvertOptions(column_types=dict.fromkeys(names, TEXT),
                                               null_values=[""], strings_can_be_null=True,
                                               quoted_strings_can_be_null=True),
         )
@@ -429,9 +432,9 @@ def _merge(fast_lines: np.ndarray, fast: list[pa.ChunkedArray], exact_lines: lis
     """FAST and EXACT rows in file order, trimmed, without blank rows."""
     lines, columns = fast_lines, fast
     if exact_lines:
-        extra = [pa.array([c[k] for c in exact_cells], pa.string()) for k in range(len(fast))]
+        extra = [pa.array([c[k] for c in exact_cells], TEXT) for k in range(len(fast))]
         lines = np.concatenate((lines, np.asarray(exact_lines, dtype=np.int64)))
-        columns = [pa.chunked_array([*col.chunks, x], pa.string()) for col, x in zip(columns, extra, strict=True)]
+        columns = [pa.chunked_array([*col.chunks, x], TEXT) for col, x in zip(columns, extra, strict=True)]
         if len(fast_lines):
             order = np.argsort(lines, kind="stable")
             lines = lines[order]

@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 
 from etl.batches import checks, csvsafe
 from etl.batches.names import fix_path_for, rejects_path_for  # noqa: F401  (re-exported)
-from etl.batches.reader import Block, Reader
+from etl.batches.reader import TEXT, Block, Reader
 from etl.batches.seen import SeenIds
 from etl.errors import UnusableInputError
 from etl.readahead import ReadAhead
@@ -78,7 +78,7 @@ CrossCheck = Callable[[pd.DataFrame], list[tuple[int, str, str | None, str]]]
 
 csv.field_size_limit(16 * 1024 * 1024)
 _STR = pd.StringDtype("pyarrow", na_value=float("nan"))  # pandas 3's default "str" dtype
-_CANONICAL = {name: (pa.array(list(m)), pa.array(list(m.values()))) for name, m in CANONICAL.items()}
+_CANONICAL = {name: (pa.array(list(m), TEXT), pa.array(list(m.values()), TEXT)) for name, m in CANONICAL.items()}
 
 
 def _re2_class(chars: str) -> str:
@@ -496,7 +496,7 @@ class CsvValidation:
                   if name not in self.contract.ignored_columns}
         for name in self.contract.columns:
             if name not in arrays:
-                arrays[name] = pa.nulls(n, pa.string())
+                arrays[name] = pa.nulls(n, TEXT)
         if self.contract.normalise_arrays is not None:
             arrays = self.contract.normalise_arrays(arrays, n)
         frame = pd.DataFrame({name: pd.Series(pd.array(arr, dtype=_STR), index=index, copy=False)
