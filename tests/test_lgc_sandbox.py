@@ -141,3 +141,48 @@ def test_validation_rules_written_independently():
     errors = validate_order(bad)
     assert set(errors) == {"orderItems[0].quantity", "address.addressLine1",
                            "patientInfo.phoneNumber.phoneCountryCode"}
+
+
+def test_latency_is_from_arrival_to_answer_the_order_stored_at_once(lgc, sandbox):
+    """A vendor whose answers take `latency`: the request is handled when it arrives (the order
+    exists while the answer is still on its way) and the answer leaves when the time is up."""
+    import threading
+
+    token = _token(lgc)
+    state = sandbox.sandbox.lgc
+    state.faults.update(latency=0.6)
+    try:
+        answers = []
+        put = threading.Thread(target=lambda: answers.append(_put(lgc, "SLOW-1", build_payload(order_row(2)), token)))
+        started = time.monotonic()
+        put.start()
+        deadline = started + 5
+        while "SLOW-1" not in state.orders and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stored_after = time.monotonic() - started
+        put.join(timeout=10)
+        answered_after = time.monotonic() - started
+    finally:
+        state.faults.reset()
+    assert stored_after < 0.4  # handled at once, not after the latency
+    assert answers[0].status_code == 202 and answered_after >= 0.6
+
+
+def test_the_standalone_sandbox_freezes_what_it_keeps_out_of_the_collector():
+    import asyncio
+    import gc
+
+    from etl.sandbox.server import _FreezeEvery
+
+    async def app(scope, receive, send):
+        return None
+
+    wrapped = _FreezeEvery(app, every=10)
+    kept = [{"order": i} for i in range(100)]  # what a sandbox would keep
+    before = gc.get_freeze_count()
+    try:
+        for _ in range(10):
+            asyncio.run(wrapped({"type": "http"}, None, None))
+        assert gc.get_freeze_count() >= before + len(kept)
+    finally:
+        gc.unfreeze()
