@@ -108,55 +108,56 @@ def test_read_ahead_yields_in_order_then_raises_the_sources_error():
     assert got == [0, 1, 2, 3, 4]
 
 
-def test_read_ahead_fetches_one_item_ahead_and_stops_when_closed():
-    fetched = []
-    wanted = threading.Condition()
+class _Counted:
+    """A source that records each item it begins, so a test can wait for a count or rule out more."""
 
-    def source():
-        for i in range(100):
-            with wanted:
-                fetched.append(i)
-                wanted.notify_all()
+    def __init__(self, n: int, error: Exception | None = None) -> None:
+        self.n, self.error, self.begun = n, error, 0
+        self.changed = threading.Condition()
+
+    def __iter__(self):
+        for i in range(self.n):
+            with self.changed:
+                self.begun += 1
+                self.changed.notify_all()
             yield i
+        if self.error is not None:
+            raise self.error
 
-    ahead = ReadAhead(source())
+    def reaches(self, count: int) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: self.begun >= count, timeout=10)
+
+    def stays_at(self, count: int) -> bool:
+        with self.changed:
+            return not self.changed.wait_for(lambda: self.begun > count, timeout=0.5)
+
+
+def test_read_ahead_fetches_one_item_ahead_and_stops_when_closed():
+    source = _Counted(100)
+    ahead = ReadAhead(iter(source))
     items = iter(ahead)
     assert next(items) == 0
-    with wanted:  # while item 0 is being used, item 1 is fetched; item 2 is not begun
-        assert wanted.wait_for(lambda: len(fetched) >= 2, timeout=10)
-        assert not wanted.wait_for(lambda: len(fetched) > 2, timeout=0.5)
+    # while item 0 is being used, item 1 is fetched; item 2 is not begun
+    assert source.reaches(2) and source.stays_at(2)
     assert next(items) == 1
-    with wanted:  # item 1 taken: item 2 is fetched while it is used, and no more
-        assert wanted.wait_for(lambda: len(fetched) >= 3, timeout=10)
-        assert not wanted.wait_for(lambda: len(fetched) > 3, timeout=0.5)
+    # item 1 taken: item 2 is fetched while it is used, and no more
+    assert source.reaches(3) and source.stays_at(3)
     ahead.close()
     time.sleep(0.5)
-    assert len(fetched) == 3  # nothing more is fetched after close()
+    assert source.begun == 3  # nothing more is fetched after close()
 
 
 def test_read_ahead_of_several_hands_over_what_has_arrived_and_keeps_an_error_for_last():
-    fetched = []
-    arrived = threading.Condition()
-
-    def source():
-        for i in range(6):
-            with arrived:
-                fetched.append(i)
-                arrived.notify_all()
-            yield i
-        raise ValueError("page 7 is broken")
-
-    ahead = ReadAhead(source(), ahead=3)
+    source = _Counted(6, ValueError("page 7 is broken"))
+    ahead = ReadAhead(iter(source), ahead=3)
     items = iter(ahead)
     assert next(items) == 0
-    with arrived:  # room for three more while item 0 is used, and no more
-        assert arrived.wait_for(lambda: len(fetched) >= 4, timeout=10)
-        assert not arrived.wait_for(lambda: len(fetched) > 4, timeout=0.5)
+    assert source.reaches(4) and source.stays_at(4)  # room for three more while item 0 is used
     time.sleep(0.2)
     assert ahead.ready() == [1, 2, 3]  # what has arrived, without waiting
     assert next(items) == 4
-    with arrived:
-        assert arrived.wait_for(lambda: len(fetched) >= 6, timeout=10)
+    assert source.reaches(6)
     time.sleep(0.2)
     assert ahead.ready() == [5]  # the error waits behind the items before it
     with pytest.raises(ValueError, match="page 7"):
