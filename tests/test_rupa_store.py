@@ -1,5 +1,6 @@
 """The extraction write path on SQLite and PostgreSQL: counts, what is stored, the content hash
-kept from the previous writer, no server-prepared statements; and the one-page read-ahead."""
+kept from the previous writer, no server-prepared statements, PostgreSQL's COPY of new pages
+and its way back to the upsert; and the one-page read-ahead."""
 
 from __future__ import annotations
 
@@ -72,6 +73,77 @@ def test_pages_are_counted_and_stored_the_same_on_both_warehouses(engine):
     assert rows["pat_0003"]["first_seen_at"] == t0
     assert rows["pat_0002"]["deleted_at"] is None and rows["pat_0002"]["last_seen_at"] == t0 + timedelta(hours=3)
     assert rows["pat_0009"]["first_seen_at"] == t0 + timedelta(hours=2)
+
+
+def _count_copies(monkeypatch) -> list[int]:
+    """How many pages went to COPY (PostgreSQL's path while every row is new): each builds its
+    COPY text once."""
+    from etl.rupa import store
+
+    copies: list[int] = []
+    real = store._copy_text
+
+    def counted(*args):
+        copies.append(1)
+        return real(*args)
+    monkeypatch.setattr(store, "_copy_text", counted)
+    return copies
+
+
+HOSTILE = {"first_name": "Tab\there", "last_name": "New\nline\r\\back", "email": "\\N",
+           "note": "\\ \" \t é 😀", "tags": ["\\x", {"z": "\n"}]}
+
+
+def test_pages_of_new_rows_are_copied_and_read_back_exactly(engine, monkeypatch):
+    """After a page of only new rows, PostgreSQL COPYs the next: tabs, newlines, carriage
+    returns, backslashes, a literal \\N and NULLs in the typed and JSON columns must come back
+    as sent, the same as on SQLite. A page that repeats ids then fails the COPY and is counted
+    as unchanged (the savepoint rolled back, the transaction still usable)."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    hostile = [resource(10, **HOSTILE, birthday=None), resource(11, **HOSTILE), resource(12, first_name="Only\ta tab"),
+               resource(13, updated_at="not a time"), resource(14, last_name="No\\tab\nbut\rthese")]
+    with engine.connect() as conn:
+        writer = PageWriter(conn, SPEC.table, SPEC.typed)
+        copies = _count_copies(monkeypatch)
+        assert page(writer, conn, [resource(i) for i in range(3)], t0) == (3, 0, 0)
+        assert page(writer, conn, hostile, t0) == (5, 0, 0)
+        assert page(writer, conn, hostile, t0 + timedelta(hours=1)) == (0, 0, 5)
+        writer.close()
+        rows = {r["id"]: r for r in conn.execute(sa.select(rupa_patients)).mappings()}
+    assert len(copies) == (2 if engine.dialect.name == "postgresql" else 0)  # the second page copied; the third tried, then upserted
+    assert len(rows) == 8
+    got = rows["pat_0011"]
+    assert (got["first_name"], got["last_name"], got["email"], got["birthday"]) == (
+        "Tab\there", "New\nline\r\\back", "\\N", "1990-01-02")
+    assert (rows["pat_0010"]["last_name"], rows["pat_0010"]["birthday"]) == ("New\nline\r\\back", None)
+    assert rows["pat_0012"]["first_name"] == "Only\ta tab"
+    assert rows["pat_0014"]["last_name"] == "No\\tab\nbut\rthese"
+    assert got["attributes"] == resource(11, **HOSTILE)["attributes"]
+    assert got["relationships"] == resource(11)["relationships"]
+    assert got["content_sha256"] == row_for(SPEC, resource(11, **HOSTILE)).content_sha256
+    assert aware(got["updated_at"]) == datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
+    assert rows["pat_0013"]["updated_at"] is None
+    assert aware(got["first_seen_at"]) == t0 and aware(got["last_seen_at"]) == t0 + timedelta(hours=1)
+    assert got["deleted_at"] is None
+
+
+def test_a_row_written_by_someone_else_meanwhile_sends_the_page_back_to_the_upsert(engine, monkeypatch):
+    """Another run stores one of the ids between two pages: the COPY fails on it, the page is
+    upserted instead (that row counted unchanged, the others new) and the writer keeps working."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    with engine.connect() as conn, engine.connect() as other:
+        writer = PageWriter(conn, SPEC.table, SPEC.typed)
+        copies = _count_copies(monkeypatch)
+        assert page(writer, conn, [resource(i) for i in range(3)], t0) == (3, 0, 0)
+        theirs = PageWriter(other, SPEC.table, SPEC.typed)
+        assert page(theirs, other, [resource(4)], t0) == (1, 0, 0)
+        theirs.close()
+        assert page(writer, conn, [resource(i) for i in range(3, 7)], t0) == (3, 0, 1)
+        assert page(writer, conn, [resource(i) for i in range(7, 9)], t0) == (2, 0, 0)
+        assert page(writer, conn, [resource(i) for i in range(9, 11)], t0) == (2, 0, 0)
+        writer.close()
+        assert conn.execute(sa.select(sa.func.count()).select_from(rupa_patients)).scalar_one() == 11
+    assert len(copies) == (2 if engine.dialect.name == "postgresql" else 0)  # tried after page 1 (failed), then after page 3 (all new again)
 
 
 @pytest.mark.postgres

@@ -7,13 +7,20 @@ which was most of an extraction's CPU. Here each record is serialised once (`Rec
 JSON text feeds the content hash and the JSON columns) and the page goes to the driver as plain
 tuples or arrays:
 
-- PostgreSQL: two statements a page, each with JSON text parameters: one reads which ids are
+- PostgreSQL, while every row is new (a first extraction, or the pages past the end of the last
+  one): the page is `COPY`ed straight into the table, inside a savepoint, with no lookup; its
+  text is built here, the JSON columns as serialised. About 40 % less time a row than the upsert
+  below (the server parses no JSON array and makes no recordset). A row that is already there
+  (another run got there first, a page shifted, a deleted row came back) fails the `COPY` with a
+  unique violation: the savepoint is rolled back and the page takes the path below, which then
+  decides the following pages too, until a page is all new again.
+- PostgreSQL otherwise: two statements a page, each with JSON text parameters: one reads which ids are
   already there (`id = ANY(ARRAY(SELECT json_array_elements_text(...)))`, an index scan), one
   upserts the new and changed rows (one JSON array, each record's JSON text spliced in, not
   re-serialised, unpacked by `json_to_recordset`) and moves `last_seen_at` of the unchanged.
   Measured against the alternatives: `id IN (...)` plus executemany (per-row parameter
   handling in Python), arrays through `unnest` (psycopg quotes array elements in Python), `COPY`
-  into a temp table (its truncation at every commit cost more than the statements), and one
+  into a temp table to upsert from (its truncation at every commit cost more than the statements), and one
   statement rewriting every row of the page (re-runs, where nearly every row is unchanged,
   were 2x slower than touching `last_seen_at` alone). No statement is server-prepared (`prepare=False`): psycopg prepares a statement
   after five runs and PostgreSQL may then keep a generic plan chosen while the table was empty,
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,6 +49,10 @@ LOOKUP_CHUNK = 500  # ids per IN (...) on SQLite
 
 _dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 _dumps_text = json.JSONEncoder().encode  # a str or None as a JSON value
+# COPY's text format: a backslash, tab, newline or carriage return inside a value is escaped
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_ESCAPE_NEEDED = re.compile(r"[\\\n\r]")  # (and a tab, found by counting them)
+_UNIQUE_VIOLATION = "23505"  # SQLSTATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +158,8 @@ class PageWriter:
                 f"put AS (INSERT INTO {self._name} ({self._cols}) SELECT {data}, %s, %s, NULL FROM page "
                 f"ON CONFLICT ({ident}) DO UPDATE SET {self._set}) "
                 f"UPDATE {self._name} SET {q('last_seen_at')} = %s WHERE {ident} = ANY(ARRAY({ids}))")
+            self._copy_sql = f"COPY {self._name} ({self._cols}) FROM STDIN"
+            self._all_new = False  # the last page was all new rows: COPY the next one
             keys = ",".join(f"{json.dumps(c)}:%s" for c in ["id", *typed])
             self._row_json = ("{" + keys + ',"attributes":%s,"relationships":%s,"content_sha256":"%s",'
                               '"updated_at":%s}')
@@ -168,6 +182,8 @@ class PageWriter:
         array). Then one statement upserts the new and changed rows (sent as one JSON array,
         each record's JSON text spliced in as serialised, never parsed back) and moves
         last_seen_at of the unchanged ones, which on a re-run are nearly all of them."""
+        if self._all_new and self._copy(records, seen_at):
+            return len(records), 0, 0
         d = _dumps_text
         self._cursor.execute(self._lookup_sql, (d(list(records)),), prepare=False)
         existing = {rid: (sha, deleted) for rid, sha, deleted in self._cursor.fetchall()}
@@ -178,7 +194,25 @@ class PageWriter:
                         for r in changed)
         self._cursor.execute(self._write_sql, ("[" + rows + "]", seen_at, seen_at, seen_at, d(unchanged)),
                              prepare=False)
+        self._all_new = new == len(records)
         return new, len(changed) - new, len(unchanged)
+
+    def _copy(self, records: dict[str, Record], seen_at: datetime) -> bool:
+        """COPY the page into the table as new rows, inside a savepoint. False, with nothing
+        written, when one of its ids is already in the table."""
+        cur = self._cursor
+        cur.execute("SAVEPOINT labsync_page", prepare=False)
+        try:
+            with cur.copy(self._copy_sql) as copy:
+                copy.write(_copy_text(records, seen_at))
+        except Exception as exc:
+            if getattr(exc, "sqlstate", None) != _UNIQUE_VIOLATION:
+                raise
+            cur.execute("ROLLBACK TO SAVEPOINT labsync_page", prepare=False)
+            self._all_new = False
+            return False
+        cur.execute("RELEASE SAVEPOINT labsync_page", prepare=False)
+        return True
 
     # ---- SQLite: executemany in process ------------------------------------------------------------
     def _apply_sqlite(self, records: dict[str, Record], seen_at: datetime) -> tuple[int, int, int]:
@@ -202,6 +236,29 @@ class PageWriter:
             cur.execute(f"UPDATE {self._name} SET {q('last_seen_at')} = ? "
                         f"WHERE {q('id')} IN ({', '.join('?' * len(chunk))})", [seen, *chunk])
         return new, len(changed) - new, len(unchanged)
+
+
+def _copy_text(records: dict[str, Record], seen_at: datetime) -> str:
+    """The page in COPY's text format: a line a row, tab-separated, \\N for NULL, in the column
+    order of PageWriter._cols. The JSON columns need only their backslashes doubled: JSON text
+    holds no raw tab, newline or carriage return. The id and typed columns are escaped only when
+    one of them holds a NULL or a character to escape (a check of the row's joined text, ~10x
+    cheaper than escaping each value)."""
+    seen = seen_at.isoformat()
+    tail = f"\t{seen}\t{seen}\t\\N\n"
+    lines = []
+    for r in records.values():
+        head = (r.id, *r.typed)
+        try:
+            text = "\t".join(head)
+        except TypeError:  # a NULL among them
+            text = None
+        if text is None or text.count("\t") != len(head) - 1 or _ESCAPE_NEEDED.search(text):
+            text = "\t".join("\\N" if v is None else v.translate(_COPY_ESCAPES) for v in head)
+        lines.append("\t".join((text, r.attributes.replace("\\", "\\\\"), r.relationships.replace("\\", "\\\\"),
+                                r.content_sha256, "\\N" if r.updated_at is None else r.updated_at.isoformat()))
+                     + tail)
+    return "".join(lines)
 
 
 def _chunks(ids: Iterable[str]) -> Iterable[list[str]]:
