@@ -133,3 +133,26 @@ def test_parse_authorization_response_accepts_a_code_or_the_redirected_url():
         parse_authorization_response("http://h/cb?code=xyz&state=other", "s1")
     with pytest.raises(AuthError, match="access_denied"):
         parse_authorization_response("http://h/cb?error=access_denied")
+
+
+def test_the_sandbox_pages_are_the_documents_it_always_wrote_and_show_edits_at_once(sandbox, rupa):
+    """The sandbox keeps each generated record's JSON text: a page must still be exactly the
+    document it used to write, and an edit or deletion must show on the next listing."""
+    import json
+
+    auth = {"Authorization": f"Bearer {rupa.mint_access_token()}"}
+
+    def listing() -> httpx.Response:
+        return httpx.get(f"{sandbox.rupa_url}/patients", params={"page[size]": "3"}, headers=auth)
+
+    first = listing()
+    links = first.json()["links"]
+    assert first.content == json.dumps(
+        {"data": [rupa.patients.resource(p) for p in range(3)], "links": links, "meta": {"total": 50}},
+        separators=(",", ":")).encode()
+    rupa.update_patient(rupa.patients.id_of(1), last_name="Renamed")
+    rupa.delete_patient(rupa.patients.id_of(0))
+    again = listing().json()
+    assert [r["id"] for r in again["data"]] == [rupa.patients.id_of(p) for p in (1, 2, 3)]
+    assert again["data"][0]["attributes"]["last_name"] == "Renamed"
+    assert again["data"][1] == rupa.patients.resource(2) and again["meta"]["total"] == 49
