@@ -67,10 +67,9 @@ def test_multi_page_extraction_then_a_rerun_changes_nothing(engine, settings, ru
     assert count(engine, rupa_patients) == N_PATIENTS
 
 
-def test_pages_that_arrive_while_a_write_runs_are_written_together_in_one_transaction(engine, settings, rupa):
-    """The first write is held up (a slow warehouse): the pages fetched meanwhile (four, the
-    read-ahead's bound) go in the next write, one transaction with one sync_state update;
-    counts, pages and rows are as ever."""
+def _extract_with_a_slow_first_write(engine, settings, rupa):
+    """Extract patients 5 a page, each page 50 ms away, the first write held up for a second;
+    the summary and the sync_state writes (one a write)."""
     settings = with_rupa(settings, page_size=5)
     authorize(engine, settings)
     writes = []
@@ -82,7 +81,7 @@ def test_pages_that_arrive_while_a_write_runs_are_written_together_in_one_transa
     def slow_first_page(rows, total, calls=[]):  # noqa: B006 - a counter on purpose
         calls.append(rows)
         if len(calls) == 1:
-            time.sleep(1.0)  # pages 2-5 (50 ms each) are fetched meanwhile, then fetching waits
+            time.sleep(1.0)  # the next pages are fetched meanwhile, up to the read-ahead's bound
 
     rupa.faults.update(latency=0.05)
     sa.event.listen(engine, "before_cursor_execute", count_state_writes)
@@ -92,10 +91,29 @@ def test_pages_that_arrive_while_a_write_runs_are_written_together_in_one_transa
         sa.event.remove(engine, "before_cursor_execute", count_state_writes)
         rupa.faults.reset()
     assert (summary.inserted, summary.pages) == (N_PATIENTS, 10)
-    assert len(writes) <= 7  # pages 2-5 shared one write
     assert _ids(engine, rupa_patients) == set(rupa.patient_ids())
+    return summary, writes
+
+
+def test_pages_that_arrive_while_a_write_runs_are_written_together_in_one_transaction(engine, settings, rupa):
+    """The first write is held up (a slow warehouse): the pages fetched meanwhile (four, the
+    read-ahead's bound) go in the next write, one transaction with one sync_state update;
+    counts, pages and rows are as ever."""
+    _, writes = _extract_with_a_slow_first_write(engine, settings, rupa)
+    assert len(writes) <= 7  # pages 2-5 shared one write
     state = state_of(engine, "patients")
     assert state["status"] == "succeeded" and state["inserted"] == N_PATIENTS and state["resume_url"] is None
+
+
+def test_two_pages_are_fetched_ahead_even_when_one_page_fills_a_write(engine, settings, rupa, monkeypatch):
+    """Pages as large as a whole write (GROUP_ROWS): still two pages fetched ahead, so a write
+    that runs long finds both waiting and takes them together (one page ahead left the fetching
+    idle behind a slow warehouse)."""
+    from etl.rupa import extract
+
+    monkeypatch.setattr(extract, "GROUP_ROWS", 5)
+    _, writes = _extract_with_a_slow_first_write(engine, settings, rupa)
+    assert len(writes) <= 9  # pages 2 and 3 shared one write (one page ahead: 10 writes)
 
 
 def test_update_disappearance_and_reappearance_are_picked_up(engine, settings, rupa):

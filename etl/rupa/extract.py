@@ -26,9 +26,12 @@ written until the current transaction has committed, so the crash story above is
 kill loses at most the pages being written and those fetched ahead, and the next run resumes
 from the stored URL.
 
-Memory stays flat: at most about 2 x GROUP_ROWS rows of resources are held at a time (those
-being written and those fetched ahead; one page of each when pages are larger), and existing
-rows are looked up by the write's ids only.
+Memory stays flat: with A pages fetched ahead (GROUP_ROWS' worth, at least 2, at most
+AHEAD_PAGES), at most 2A + 1 pages of resources are held at a time (those being written and
+those fetched ahead: ~900 rows at page size 100, 2,500 at 500), and existing rows are looked up
+by the write's ids only. Two pages ahead even when one page fills a write: a page alone ahead
+left the fetching thread waiting whenever a write ran long (PostgreSQL sharing the machine's
+cores), 5-10 % of PostgreSQL's rows/s at page size 500 in bench/extract.py.
 
 Watermark: the Rupa API documents no `updated_at` filter for list endpoints, so every run is a
 full sync; `sync_state.watermark` records the newest `updated_at` seen, for monitoring and for
@@ -197,6 +200,7 @@ def _fail(engine: Engine, spec: Stream, exc: BaseException) -> None:
 # ---- one page ------------------------------------------------------------------------------------
 GROUP_ROWS = 500  # pages already fetched are written together up to about this many rows
 AHEAD_PAGES = 4  # pages fetched ahead at most (a stored next-page URL is never further behind)
+MIN_AHEAD = 2  # pages fetched ahead at least, however large
 
 
 def _records(spec: Stream, resources: list[dict]) -> dict[str, Record]:
@@ -261,7 +265,7 @@ def extract_stream(engine: Engine, settings: Settings, stream: str, *,
         pages, run = _pages_from(client, engine, spec, run)
         summary = run.summary
         ahead = ReadAhead(_with_records(spec, pages), name=f"rupa-{spec.name}-pages",
-                          ahead=min(AHEAD_PAGES, max(1, GROUP_ROWS // settings.rupa.page_size)))
+                          ahead=min(AHEAD_PAGES, max(MIN_AHEAD, GROUP_ROWS // settings.rupa.page_size)))
         stack.callback(ahead.close)
         conn = stack.enter_context(engine.connect())  # one session for the run, a transaction a write
         writer = PageWriter(conn, spec.table, spec.typed)
