@@ -13,7 +13,9 @@ run alike its pages come from the JSON text it keeps (etl/sandbox/rupa.py `_Reco
 sandbox shares this machine's cores with the extractor and PostgreSQL, where a real Rupa costs
 them nothing. Rendering every page afresh took ~7 us of CPU a row, as much as the PostgreSQL
 server's own work, on the 2 cores that PostgreSQL (and not SQLite, which runs inside the
-extractor) has to share.
+extractor) has to share. For the same reason each run's database is dropped (its SQLite file
+deleted) once timed: PostgreSQL's autovacuum and checkpoints of earlier runs' rows would
+otherwise run during the later runs.
 
     .venv/bin/python bench/extract.py [--sizes 20000 200000] [--page-sizes 100 500] [--repeat 3]
                                       [--rerun]
@@ -152,7 +154,7 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"])
     args = ap.parse_args()
 
-    from tests.pgserver import PgServer, create_database
+    from tests.pgserver import PgServer, create_database, drop_database
 
     server = None
     admin = os.environ.get("LABSYNC_TEST_POSTGRES_URL")
@@ -171,9 +173,16 @@ def main() -> None:
                         got: dict[str, list[dict]] = {backend: [] for backend in args.backends}
                         for i in range(args.repeat):  # the backends take turns: a busy moment hits both
                             for backend in args.backends:
-                                url = (f"sqlite:///{Path(tmp) / f'bench_{n}_{page_size}_{i}.db'}"
-                                       if backend == "sqlite" else create_database(admin))
+                                db = Path(tmp) / f"bench_{n}_{page_size}_{i}.db"
+                                url = f"sqlite:///{db}" if backend == "sqlite" else create_database(admin)
                                 got[backend].append(run_one(sandbox, url, page_size, args.rerun))
+                                # gone before the next run: no autovacuum or checkpoint of an
+                                # earlier run's 200k rows competes with a later run for the cores
+                                if backend == "sqlite":
+                                    for leftover in Path(tmp).glob(f"{db.name}*"):
+                                        leftover.unlink()
+                                else:
+                                    drop_database(url)
                         for backend in args.backends:
                             runs = got[backend]
                             rerun = (f", re-run {_median(runs, 'rerun_rows_per_s'):>8,.0f} rows/s"

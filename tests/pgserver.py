@@ -87,6 +87,19 @@ def create_database(admin_url: str) -> str:
     return admin_url.rsplit("/", 1)[0] + "/" + name
 
 
+def drop_database(url: str) -> None:
+    """Drop a database that create_database made (nobody may be connected to it)."""
+    import sqlalchemy as sa
+
+    admin, name = url.rsplit("/", 1)
+    eng = sa.create_engine(admin + "/postgres", isolation_level="AUTOCOMMIT")
+    try:
+        with eng.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+    finally:
+        eng.dispose()
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
