@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -47,12 +48,15 @@ from sqlalchemy import Connection, Table
 
 LOOKUP_CHUNK = 500  # ids per IN (...) on SQLite
 
+log = logging.getLogger(__name__)
+
 _dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 _dumps_text = json.JSONEncoder().encode  # a str or None as a JSON value
 # COPY's text format: a backslash, tab, newline or carriage return inside a value is escaped
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _ESCAPE_NEEDED = re.compile(r"[\\\n\r]")  # (and a tab, found by counting them)
 _UNIQUE_VIOLATION = "23505"  # SQLSTATE
+_NUL_JSON = "\\u0000"  # U+0000 as the JSON text holds it
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +93,16 @@ def record_for(resource: dict, typed: Callable[[dict], tuple]) -> Record:
     rels = resource.get("relationships")
     rels = rels if isinstance(rels, dict) else {}
     a_text, r_text = _dumps(attrs), _dumps(rels)
+    rid = str(resource["id"])
+    if _NUL_JSON in a_text or _NUL_JSON in r_text or "\x00" in rid:  # a substring test: ~0.1 us a row
+        attrs, rels, rid = _without_nul(attrs), _without_nul(rels), _without_nul(rid)
+        a_text, r_text = _dumps(attrs), _dumps(rels)
+        log.warning("a Rupa %s held the character U+0000 (NUL), which PostgreSQL cannot store: "
+                    "it is stored as U+FFFD on every warehouse", _kind(resource))
     canonical = '{"attributes":' + a_text + ',"relationships":' + r_text + "}"
     raw = attrs.get("updated_at")
     return Record(
-        id=str(resource["id"]),
+        id=rid,
         typed=typed(attrs),
         attributes=a_text,
         relationships=r_text,
@@ -100,6 +110,26 @@ def record_for(resource: dict, typed: Callable[[dict], tuple]) -> Record:
         updated_at=timestamp(raw),
         updated_raw=str(raw) if raw else None,
     )
+
+
+def _without_nul(value):
+    """The value with every U+0000, in any string or key at any depth, made U+FFFD (the
+    replacement character). PostgreSQL's text and jsonb reject U+0000, so a vendor's "\\u0000"
+    failed the whole extraction there; it is replaced on SQLite too, so that both warehouses hold
+    and hash the same."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
+
+
+def _kind(resource: dict) -> str:
+    """The resource's JSON:API type for a log line (never a value of it), when it is a plain name."""
+    kind = resource.get("type")
+    return f"{kind} resource" if isinstance(kind, str) and kind.isidentifier() else "resource"
 
 
 def classify(records: dict[str, Record], existing: dict[str, tuple[str, bool]]) -> tuple[list[Record], list[str], int]:
