@@ -4,6 +4,7 @@ expire or are rotated mid-run, and no PHI or tokens in any log line."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ from dataclasses import replace
 import httpx
 import pytest
 import sqlalchemy as sa
+from starlette.responses import Response
 
 from etl.rupa.auth import OAuthTokens, TokenStore
 from etl.rupa.extract import extract_stream, live_count
@@ -114,6 +116,44 @@ def test_two_pages_are_fetched_ahead_even_when_one_page_fills_a_write(engine, se
     monkeypatch.setattr(extract, "GROUP_ROWS", 5)
     _, writes = _extract_with_a_slow_first_write(engine, settings, rupa)
     assert len(writes) <= 9  # pages 2 and 3 shared one write (one page ahead: 10 writes)
+
+
+def test_a_page_of_malformed_resources_is_written_without_them_and_says_how_many_it_skipped(
+        engine, settings, rupa, caplog):
+    """A vendor page with resources the warehouse cannot key (no id, an empty, boolean or null
+    one, one longer than the id column, not an object) and one carrying NUL characters: the run
+    succeeds on both warehouses (an over-long id or a NUL used to fail it on PostgreSQL), the
+    usable rows are stored (the NUL as U+FFFD), and the skipped ones are counted in the summary
+    and a warning, never silently dropped."""
+    authorize(engine, settings)
+    page = [{"type": "patient", "attributes": {"first_name": "No id"}},
+            {"type": "patient", "id": "", "attributes": {}},
+            {"type": "patient", "id": True, "attributes": {}},
+            {"type": "patient", "id": None, "attributes": {}},
+            {"type": "patient", "id": "p" * 101, "attributes": {}},
+            "not an object",
+            {"type": "patient", "id": "pat_nul", "attributes": {"first_name": "A\x00da", "tags": {"k\x00": "v"}}},
+            {"type": "patient", "id": 7, "attributes": {"first_name": "Int"}},
+            {"type": "patient", "id": "p" * 100, "attributes": {}}]
+
+    def answer(request):
+        if request.method != "GET" or not request.url.path.endswith("/patients"):
+            return None
+        return Response(json.dumps({"data": page, "links": {"next": None}, "meta": {"total": len(page)}}),
+                        media_type="application/vnd.api+json")
+
+    rupa.answer = answer
+    with caplog.at_level(logging.WARNING):
+        s = extract_stream(engine, settings, "patients")
+    assert (s.inserted, s.skipped) == (3, 6)
+    assert "3 inserted" in s.line() and "6 skipped (no usable id)" in s.line()
+    assert state_of(engine, "patients")["status"] == "succeeded"
+    with engine.connect() as conn:
+        rows = {r["id"]: r for r in conn.execute(sa.select(rupa_patients)).mappings()}
+    assert sorted(rows) == sorted(["pat_nul", "7", "p" * 100])
+    assert rows["pat_nul"]["first_name"] == "A\ufffdda" and rows["pat_nul"]["attributes"]["tags"] == {"k\ufffd": "v"}
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("6 resource(s) on this page had no usable id" in m for m in said), said
 
 
 def test_update_disappearance_and_reappearance_are_picked_up(engine, settings, rupa):

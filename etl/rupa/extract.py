@@ -119,6 +119,7 @@ class SyncSummary:
     updated: int = 0
     unchanged: int = 0
     deleted: int = 0
+    skipped: int = 0  # resources without a usable id, by this process (never stored)
     pages: int = 0  # pages fetched by this process
     resumed: bool = False
     seconds: float = 0.0
@@ -131,7 +132,8 @@ class SyncSummary:
     def line(self) -> str:
         rate = f", {self.pages / self.seconds:.1f} pages/s" if self.seconds > 0 and self.pages else ""
         return (f"{self.stream}: {self.inserted} inserted, {self.updated} updated, "
-                f"{self.unchanged} unchanged, {self.deleted} marked deleted "
+                f"{self.unchanged} unchanged, {self.deleted} marked deleted"
+                f"{f', {self.skipped} skipped (no usable id)' if self.skipped else ''} "
                 f"({self.pages} pages in {self.seconds:.1f}s{rate}{', resumed' if self.resumed else ''})")
 
 
@@ -203,22 +205,36 @@ AHEAD_PAGES = 4  # pages fetched ahead at most (a stored next-page URL is never 
 MIN_AHEAD = 2  # pages fetched ahead at least, however large
 
 
-def _records(spec: Stream, resources: list[dict]) -> dict[str, Record]:
-    """One page's resources as Records (serialised once, hashed), by id."""
+def _usable_id(res: object, limit: int) -> bool:
+    """A resource the warehouse can key: an object whose id is a non-empty string or an integer
+    that fits the id column (PostgreSQL refuses a longer one, which failed the whole run there)."""
+    rid = res.get("id") if isinstance(res, dict) else None
+    if isinstance(rid, bool) or not isinstance(rid, str | int):
+        return False
+    return 0 < len(str(rid)) <= limit
+
+
+def _records(spec: Stream, resources: list[dict]) -> tuple[dict[str, Record], int]:
+    """One page's resources as Records (serialised once, hashed), by id, and how many were
+    skipped for want of a usable id."""
     records: dict[str, Record] = {}
+    limit = spec.table.c.id.type.length
+    skipped = 0
     for res in resources:
-        if isinstance(res, dict) and res.get("id") is not None:
+        if _usable_id(res, limit):
             rec = row_for(spec, res)
             records[rec.id] = rec
-    return records
+        else:
+            skipped += 1
+    return records, skipped
 
 
-def _with_records(spec: Stream, pages: Iterator[Page]) -> Iterator[tuple[Page, dict[str, Record]]]:
-    """Each page with its Records, built in the read-ahead thread: the JSON work of the next
-    page runs while this one is written (on PostgreSQL the writing is the server's, in its own
-    process: the main thread only waits)."""
+def _with_records(spec: Stream, pages: Iterator[Page]) -> Iterator[tuple[Page, dict[str, Record], int]]:
+    """Each page with its Records (and the count of resources skipped), built in the read-ahead
+    thread: the JSON work of the next page runs while this one is written (on PostgreSQL the
+    writing is the server's, in its own process: the main thread only waits)."""
     for page in pages:
-        yield page, _records(spec, page.data)
+        yield page, *_records(spec, page.data)
 
 
 def _apply_page(writer: PageWriter, records: dict[str, Record], seen_at: datetime) -> tuple[int, int, int, str | None]:
@@ -279,8 +295,14 @@ def extract_stream(engine: Engine, settings: Settings, stream: str, *,
             records = first[1]
             if len(group) > 1:
                 records = {}
-                for _, more in group:
+                for _, more, _ in group:
                     records.update(more)
+            skipped = sum(g[2] for g in group)
+            if skipped:
+                summary.skipped += skipped
+                log.warning("%s: %d resource(s) on this page had no usable id (missing, empty, not a string "
+                            "or integer, or over %d characters) and were skipped", spec.name, skipped,
+                            spec.table.c.id.type.length)
             # never stamp a row earlier than the run start, even if this host's clock is behind
             seen_at = max(datetime.now(UTC), run.started_at)
             with conn.begin():
@@ -299,7 +321,7 @@ def extract_stream(engine: Engine, settings: Settings, stream: str, *,
                     values.update(status="succeeded", deleted=summary.deleted, run_finished_at=done,
                                   last_success_at=done, error=None)
                 conn.execute(update(sync_state).where(sync_state.c.stream == spec.name).values(**values))
-            for stored, _ in group:
+            for stored, _, _ in group:
                 summary.pages += 1
                 log.debug("%s: page %d stored (%d resources)", spec.name, summary.pages, len(stored.data))
                 if progress is not None:
