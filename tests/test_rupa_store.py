@@ -261,3 +261,23 @@ def test_a_nul_character_is_stored_as_the_replacement_character_on_both_warehous
     said = [r.getMessage() for r in caplog.records if r.name == "etl.rupa.store"]
     assert said and set(said) == {"a Rupa patient resource held the character U+0000 (NUL), which PostgreSQL "
                                   "cannot store: it is stored as U+FFFD on every warehouse"}  # no value of it
+
+
+def test_pages_written_in_one_transaction_each_roll_back_only_their_own_copy(engine, monkeypatch):
+    """The savepoint of a COPY is left for the commit to release: a later page in the same
+    transaction whose COPY fails rolls back to its own savepoint, never to an earlier page's,
+    so the rows COPYed before it stay."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    with engine.connect() as conn:
+        writer = PageWriter(conn, SPEC.table, SPEC.typed)
+        copies = _count_copies(monkeypatch)
+        with conn.begin():
+            recs = lambda ids: {r["id"]: row_for(SPEC, r) for r in (resource(i) for i in ids)}  # noqa: E731
+            assert writer.apply(recs(range(0, 2)), t0) == (2, 0, 0)  # looked up: all new
+            assert writer.apply(recs(range(2, 4)), t0) == (2, 0, 0)  # COPYed
+            assert writer.apply(recs(range(4, 6)), t0) == (2, 0, 0)  # COPYed
+            assert writer.apply(recs(range(5, 8)), t0) == (2, 0, 1)  # COPY fails on pat_0005: upserted
+        writer.close()
+        ids = sorted(conn.execute(sa.select(rupa_patients.c.id)).scalars())
+    assert ids == [f"pat_{i:04d}" for i in range(8)]
+    assert len(copies) == (3 if engine.dialect.name == "postgresql" else 0)

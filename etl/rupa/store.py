@@ -228,8 +228,8 @@ class PageWriter:
         return new, len(changed) - new, len(unchanged)
 
     def _copy(self, records: dict[str, Record], seen_at: datetime) -> bool:
-        """COPY the page into the table as new rows, inside a savepoint. False, with nothing
-        written, when one of its ids is already in the table."""
+        """COPY the page into the table as new rows, inside a savepoint (left to the commit to
+        release). False, with nothing written, when one of its ids is already in the table."""
         cur = self._cursor
         cur.execute("SAVEPOINT labsync_page", prepare=False)
         try:
@@ -241,7 +241,9 @@ class PageWriter:
             cur.execute("ROLLBACK TO SAVEPOINT labsync_page", prepare=False)
             self._all_new = False
             return False
-        cur.execute("RELEASE SAVEPOINT labsync_page", prepare=False)
+        # no RELEASE: the commit releases the savepoint, and a round trip less a page matters:
+        # each one waits for the server and then for the GIL (held by the thread building the
+        # next pages). At 20k patients, page size 100: PostgreSQL/SQLite 0.90-0.91 -> 0.96-1.06
         return True
 
     # ---- SQLite: executemany in process ------------------------------------------------------------
