@@ -153,7 +153,7 @@ def test_a_page_of_malformed_resources_is_written_without_them_and_says_how_many
     assert sorted(rows) == sorted(["pat_nul", "7", "p" * 100])
     assert rows["pat_nul"]["first_name"] == "A\ufffdda" and rows["pat_nul"]["attributes"]["tags"] == {"k\ufffd": "v"}
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("6 resource(s) on this page had no usable id" in m for m in said), said
+    assert any("6 resource(s) on 1 page(s) had no usable id" in m for m in said), said
 
 
 def test_update_disappearance_and_reappearance_are_picked_up(engine, settings, rupa):

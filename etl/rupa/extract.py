@@ -300,8 +300,8 @@ def extract_stream(engine: Engine, settings: Settings, stream: str, *,
             skipped = sum(g[2] for g in group)
             if skipped:
                 summary.skipped += skipped
-                log.warning("%s: %d resource(s) on this page had no usable id (missing, empty, not a string "
-                            "or integer, or over %d characters) and were skipped", spec.name, skipped,
+                log.warning("%s: %d resource(s) on %d page(s) had no usable id (missing, empty, not a string "
+                            "or integer, or over %d characters) and were skipped", spec.name, skipped, len(group),
                             spec.table.c.id.type.length)
             # never stamp a row earlier than the run start, even if this host's clock is behind
             seen_at = max(datetime.now(UTC), run.started_at)
