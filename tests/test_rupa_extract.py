@@ -145,8 +145,8 @@ def test_a_page_of_malformed_resources_is_written_without_them_and_says_how_many
     rupa.answer = answer
     with caplog.at_level(logging.WARNING):
         s = extract_stream(engine, settings, "patients")
-    assert (s.inserted, s.skipped) == (3, 6)
-    assert "3 inserted" in s.line() and "6 skipped (no usable id)" in s.line()
+    assert (s.inserted, s.skipped, s.nul_replaced) == (3, 6, 1)
+    assert "3 inserted" in s.line() and "6 skipped (no usable id), 1 with NUL stored as U+FFFD" in s.line()
     assert state_of(engine, "patients")["status"] == "succeeded"
     with engine.connect() as conn:
         rows = {r["id"]: r for r in conn.execute(sa.select(rupa_patients)).mappings()}
@@ -154,6 +154,9 @@ def test_a_page_of_malformed_resources_is_written_without_them_and_says_how_many
     assert rows["pat_nul"]["first_name"] == "A\ufffdda" and rows["pat_nul"]["attributes"]["tags"] == {"k\ufffd": "v"}
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("6 resource(s) on 1 page(s) had no usable id" in m for m in said), said
+    assert [m for m in said if "U+0000" in m] == [
+        "patients: 1 resource(s) held the character U+0000 (NUL), which PostgreSQL cannot store: "
+        "stored as U+FFFD on every warehouse"]  # once a write, a count and never a value
 
 
 def test_update_disappearance_and_reappearance_are_picked_up(engine, settings, rupa):

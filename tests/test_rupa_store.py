@@ -237,7 +237,7 @@ def test_read_ahead_of_several_hands_over_what_has_arrived_and_keeps_an_error_fo
     ahead.close()
 
 
-def test_a_nul_character_is_stored_as_the_replacement_character_on_both_warehouses(engine, monkeypatch, caplog):
+def test_a_nul_character_is_stored_as_the_replacement_character_on_both_warehouses(engine, monkeypatch):
     """PostgreSQL's text and jsonb cannot hold U+0000 (a vendor's JSON may carry "\\u0000"): such
     a page used to fail the whole extraction there. Every NUL, in a typed column, deep in the
     JSON, in a key or in the id, is stored as U+FFFD on both warehouses, on both PostgreSQL paths
@@ -257,10 +257,9 @@ def test_a_nul_character_is_stored_as_the_replacement_character_on_both_warehous
     assert sorted(rows) == ["pat_0001", "pat_0002", "pat_\ufffd3"]
     for row in rows.values():
         assert (row["first_name"], row["attributes"]["note"]) == ok
-    assert row_for(SPEC, resource(1, **nul)) == row_for(SPEC, resource(1, first_name=ok[0], note=ok[1]))
-    said = [r.getMessage() for r in caplog.records if r.name == "etl.rupa.store"]
-    assert said and set(said) == {"a Rupa patient resource held the character U+0000 (NUL), which PostgreSQL "
-                                  "cannot store: it is stored as U+FFFD on every warehouse"}  # no value of it
+    replaced, clean = row_for(SPEC, resource(1, **nul)), row_for(SPEC, resource(1, first_name=ok[0], note=ok[1]))
+    assert (replaced.nul_replaced, clean.nul_replaced) == (True, False)  # for the caller's one warning a write
+    assert replaced.content_sha256 == clean.content_sha256 and replaced.attributes == clean.attributes
 
 
 def test_pages_written_in_one_transaction_each_roll_back_only_their_own_copy(engine, monkeypatch):
@@ -271,8 +270,9 @@ def test_pages_written_in_one_transaction_each_roll_back_only_their_own_copy(eng
     with engine.connect() as conn:
         writer = PageWriter(conn, SPEC.table, SPEC.typed)
         copies = _count_copies(monkeypatch)
+        def recs(ids: range) -> dict:
+            return {r["id"]: row_for(SPEC, r) for r in (resource(i) for i in ids)}
         with conn.begin():
-            recs = lambda ids: {r["id"]: row_for(SPEC, r) for r in (resource(i) for i in ids)}  # noqa: E731
             assert writer.apply(recs(range(0, 2)), t0) == (2, 0, 0)  # looked up: all new
             assert writer.apply(recs(range(2, 4)), t0) == (2, 0, 0)  # COPYed
             assert writer.apply(recs(range(4, 6)), t0) == (2, 0, 0)  # COPYed
@@ -281,3 +281,17 @@ def test_pages_written_in_one_transaction_each_roll_back_only_their_own_copy(eng
         ids = sorted(conn.execute(sa.select(rupa_patients.c.id)).scalars())
     assert ids == [f"pat_{i:04d}" for i in range(8)]
     assert len(copies) == (3 if engine.dialect.name == "postgresql" else 0)
+
+
+def test_an_event_copy_with_a_nul_is_stored_replaced_and_said_without_its_value(caplog):
+    """Rupa events write one resource at a time (etl.rupa.events through row_dict): the same
+    replacement, and a warning that carries a count, never the value."""
+    from etl.rupa.extract import row_dict
+
+    row = row_dict(SPEC, resource(1, first_name="Zo\x00e"))
+    assert row["first_name"] == "Zo\ufffde" and row["attributes"]["first_name"] == "Zo\ufffde"
+    said = [r.getMessage() for r in caplog.records if "U+0000" in r.getMessage()]
+    assert len(said) == 1 and "patients: 1 resource(s)" in said[0] and "Zo" not in said[0]
+    caplog.clear()
+    row_dict(SPEC, resource(2))
+    assert not [r for r in caplog.records if "U+0000" in r.getMessage()]

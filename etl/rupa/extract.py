@@ -48,6 +48,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import chain
+from typing import NamedTuple
 
 from sqlalchemy import Connection, Engine, Table, func, select, update
 
@@ -120,6 +121,7 @@ class SyncSummary:
     unchanged: int = 0
     deleted: int = 0
     skipped: int = 0  # resources without a usable id, by this process (never stored)
+    nul_replaced: int = 0  # resources whose U+0000 characters were stored as U+FFFD, by this process
     pages: int = 0  # pages fetched by this process
     resumed: bool = False
     seconds: float = 0.0
@@ -133,7 +135,8 @@ class SyncSummary:
         rate = f", {self.pages / self.seconds:.1f} pages/s" if self.seconds > 0 and self.pages else ""
         return (f"{self.stream}: {self.inserted} inserted, {self.updated} updated, "
                 f"{self.unchanged} unchanged, {self.deleted} marked deleted"
-                f"{f', {self.skipped} skipped (no usable id)' if self.skipped else ''} "
+                f"{f', {self.skipped} skipped (no usable id)' if self.skipped else ''}"
+                f"{f', {self.nul_replaced} with NUL stored as U+FFFD' if self.nul_replaced else ''} "
                 f"({self.pages} pages in {self.seconds:.1f}s{rate}{', resumed' if self.resumed else ''})")
 
 
@@ -154,6 +157,8 @@ def row_dict(spec: Stream, resource: dict) -> dict:
     """The same as a dict of column values, for writers of one row at a time (the Rupa events)
     that go through etl.warehouse.upsert rather than the page writer."""
     rec = row_for(spec, resource)
+    if rec.nul_replaced:
+        log.warning(NUL_WARNING, spec.name, 1)
     return {"id": rec.id, **dict(zip(spec.typed, rec.typed, strict=True)),
             "attributes": json.loads(rec.attributes), "relationships": json.loads(rec.relationships),
             "content_sha256": rec.content_sha256, "updated_at": rec.updated_at}
@@ -214,27 +219,54 @@ def _usable_id(res: object, limit: int) -> bool:
     return 0 < len(str(rid)) <= limit
 
 
-def _records(spec: Stream, resources: list[dict]) -> tuple[dict[str, Record], int]:
-    """One page's resources as Records (serialised once, hashed), by id, and how many were
-    skipped for want of a usable id."""
+class _Fetched(NamedTuple):
+    """A page as the read-ahead thread hands it over."""
+
+    page: Page
+    records: dict[str, Record]  # by id, serialised once and hashed
+    skipped: int  # resources without a usable id (never stored)
+    nul_replaced: int  # records whose U+0000 characters became U+FFFD
+
+
+def _fetched(spec: Stream, page: Page) -> _Fetched:
     records: dict[str, Record] = {}
     limit = spec.table.c.id.type.length
-    skipped = 0
-    for res in resources:
+    skipped = nul = 0
+    for res in page.data:
         if _usable_id(res, limit):
             rec = row_for(spec, res)
             records[rec.id] = rec
+            nul += rec.nul_replaced
         else:
             skipped += 1
-    return records, skipped
+    return _Fetched(page, records, skipped, nul)
 
 
-def _with_records(spec: Stream, pages: Iterator[Page]) -> Iterator[tuple[Page, dict[str, Record], int]]:
-    """Each page with its Records (and the count of resources skipped), built in the read-ahead
-    thread: the JSON work of the next page runs while this one is written (on PostgreSQL the
-    writing is the server's, in its own process: the main thread only waits)."""
+def _with_records(spec: Stream, pages: Iterator[Page]) -> Iterator[_Fetched]:
+    """Each page with its Records, built in the read-ahead thread: the JSON work of the next
+    page runs while this one is written (on PostgreSQL the writing is the server's, in its own
+    process: the main thread only waits)."""
     for page in pages:
-        yield page, *_records(spec, page.data)
+        yield _fetched(spec, page)
+
+
+NUL_WARNING = ("%s: %d resource(s) held the character U+0000 (NUL), which PostgreSQL cannot store: "
+               "stored as U+FFFD on every warehouse")
+
+
+def _say_what_was_odd(spec: Stream, group: list[_Fetched], summary: SyncSummary) -> None:
+    """One warning a write for the resources skipped, one for those whose NULs were replaced
+    (counts only, never a value), and the counts into the summary."""
+    skipped = sum(f.skipped for f in group)
+    if skipped:
+        summary.skipped += skipped
+        log.warning("%s: %d resource(s) on %d page(s) had no usable id (missing, empty, not a string "
+                    "or integer, or over %d characters) and were skipped", spec.name, skipped, len(group),
+                    spec.table.c.id.type.length)
+    nul = sum(f.nul_replaced for f in group)
+    if nul:
+        summary.nul_replaced += nul
+        log.warning(NUL_WARNING, spec.name, nul)
 
 
 def _apply_page(writer: PageWriter, records: dict[str, Record], seen_at: datetime) -> tuple[int, int, int, str | None]:
@@ -290,19 +322,14 @@ def extract_stream(engine: Engine, settings: Settings, stream: str, *,
             # the pages that arrived while the last write ran go in this one write (small pages
             # on a busy database: the round trips and commits of a page, not its rows, were
             # most of PostgreSQL's time at page size 100)
-            group = [first, *ahead.ready()] if first[0].next_url is not None else [first]
-            page = group[-1][0]
-            records = first[1]
+            group = [first, *ahead.ready()] if first.page.next_url is not None else [first]
+            page = group[-1].page
+            records = first.records
             if len(group) > 1:
                 records = {}
-                for _, more, _ in group:
-                    records.update(more)
-            skipped = sum(g[2] for g in group)
-            if skipped:
-                summary.skipped += skipped
-                log.warning("%s: %d resource(s) on %d page(s) had no usable id (missing, empty, not a string "
-                            "or integer, or over %d characters) and were skipped", spec.name, skipped, len(group),
-                            spec.table.c.id.type.length)
+                for fetched in group:
+                    records.update(fetched.records)
+            _say_what_was_odd(spec, group, summary)
             # never stamp a row earlier than the run start, even if this host's clock is behind
             seen_at = max(datetime.now(UTC), run.started_at)
             with conn.begin():
@@ -321,11 +348,11 @@ def extract_stream(engine: Engine, settings: Settings, stream: str, *,
                     values.update(status="succeeded", deleted=summary.deleted, run_finished_at=done,
                                   last_success_at=done, error=None)
                 conn.execute(update(sync_state).where(sync_state.c.stream == spec.name).values(**values))
-            for stored, _, _ in group:
+            for fetched in group:
                 summary.pages += 1
-                log.debug("%s: page %d stored (%d resources)", spec.name, summary.pages, len(stored.data))
+                log.debug("%s: page %d stored (%d resources)", spec.name, summary.pages, len(fetched.page.data))
                 if progress is not None:
-                    progress(len(stored.data), stored.total)
+                    progress(len(fetched.page.data), fetched.page.total)
     except BaseException as exc:
         stack.close()  # stop fetching before recording the failure
         _fail(engine, spec, exc)

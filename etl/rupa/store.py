@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -47,8 +46,6 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection, Table
 
 LOOKUP_CHUNK = 500  # ids per IN (...) on SQLite
-
-log = logging.getLogger(__name__)
 
 _dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 _dumps_text = json.JSONEncoder().encode  # a str or None as a JSON value
@@ -71,6 +68,7 @@ class Record:
     content_sha256: str
     updated_at: datetime | None
     updated_raw: str | None  # attributes.updated_at as the API gave it (for the watermark)
+    nul_replaced: bool = False  # it held U+0000, stored as U+FFFD (the caller says so, once)
 
 
 def timestamp(value: object) -> datetime | None:
@@ -97,8 +95,9 @@ def record_for(resource: dict, typed: Callable[[dict], tuple]) -> Record:
     if _NUL_JSON in a_text or _NUL_JSON in r_text or "\x00" in rid:  # a substring test: ~0.1 us a row
         attrs, rels, rid = _without_nul(attrs), _without_nul(rels), _without_nul(rid)
         a_text, r_text = _dumps(attrs), _dumps(rels)
-        log.warning("a Rupa %s held the character U+0000 (NUL), which PostgreSQL cannot store: "
-                    "it is stored as U+FFFD on every warehouse", _kind(resource))
+        nul = True
+    else:
+        nul = False
     canonical = '{"attributes":' + a_text + ',"relationships":' + r_text + "}"
     raw = attrs.get("updated_at")
     return Record(
@@ -109,6 +108,7 @@ def record_for(resource: dict, typed: Callable[[dict], tuple]) -> Record:
         content_sha256=hashlib.sha256(canonical.encode()).hexdigest(),
         updated_at=timestamp(raw),
         updated_raw=str(raw) if raw else None,
+        nul_replaced=nul,
     )
 
 
@@ -124,12 +124,6 @@ def _without_nul(value):
     if isinstance(value, list):
         return [_without_nul(v) for v in value]
     return value
-
-
-def _kind(resource: dict) -> str:
-    """The resource's JSON:API type for a log line (never a value of it), when it is a plain name."""
-    kind = resource.get("type")
-    return f"{kind} resource" if isinstance(kind, str) and kind.isidentifier() else "resource"
 
 
 def classify(records: dict[str, Record], existing: dict[str, tuple[str, bool]]) -> tuple[list[Record], list[str], int]:
