@@ -35,7 +35,7 @@ from bench.load import _free_port, _row, _start_sandbox  # noqa: E402
 def worker(prefix: str, orders: int, go: str) -> None:
     """One loader process: set up, say so, wait for the go file, load, print the summary."""
     from etl import warehouse
-    from etl.lgc.load import load_rows
+    from etl.orders.load import load_rows
     from etl.settings import Settings
 
     settings = Settings.from_env()

@@ -28,7 +28,7 @@ from bench.validate import generate  # noqa: E402
 
 def one_run(location: str, files: list[Path], tmp: Path, n: int) -> float:
     from etl import warehouse
-    from etl.batches import inbox
+    from etl.orders import inbox
     from etl.settings import Settings
     from tests.conftest import TEST_FERNET_KEY, migrated
     from tests.inboxes import InboxView

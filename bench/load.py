@@ -109,8 +109,8 @@ def child(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from etl import warehouse
-    from etl.lgc import outbox
-    from etl.lgc.load import load_chunk
+    from etl.orders import outbox
+    from etl.orders.load import load_chunk
     from etl.settings import RetrySettings, Settings
     from etl.vault import vault_for
 

@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 from bench.load import _cpu, _free_port, _start_sandbox  # noqa: E402  (the same sandbox and clock as the load bench)
 from bench.load import _row as _load_row  # noqa: E402
 from etl import warehouse  # noqa: E402
-from etl.lgc.lifecycle import track  # noqa: E402
-from etl.lgc.load import load_rows  # noqa: E402
+from etl.orders.lifecycle import track  # noqa: E402
+from etl.orders.load import load_rows  # noqa: E402
 from etl.settings import LgcSettings, RetrySettings, Settings  # noqa: E402
 
 

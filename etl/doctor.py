@@ -172,7 +172,7 @@ def _fernet(settings: Settings, engine) -> str:
 
 def _inbox(location: str | Path, conn_id: str | None = None) -> str:
     if "://" in str(location):  # an object store: list it (nothing written, nothing created)
-        from etl import storage
+        from etl.intake import storage
         from etl.errors import LabsyncError
 
         try:

@@ -6,7 +6,7 @@ redaction point (`etl.redact.clean`): token-shaped strings are masked and contro
 escaped, so a file name with a newline cannot forge a second log line.
 
 Why a record factory rather than a logging.Filter: a filter on the `etl` logger never sees the
-records of its children (`etl.batches.inbox`, ...), and a filter on handlers only covers the
+records of its children (`etl.orders.inbox`, ...), and a filter on handlers only covers the
 handlers we install, not Airflow's task handlers or pytest's. The factory runs when any record
 is created, whoever handles it. Records of other libraries (httpx prints URLs) get their tokens
 masked too, but keep their own line breaks.

@@ -5,7 +5,7 @@ to the warehouse; both mostly wait on sockets or the database, with the GIL rele
 fetching the next pages while this one is written hides most of one behind the other (and the
 pages that have arrived meanwhile can be written together: `ready()`). Validation alternates
 between reading a block of the CSV (pyarrow's parser and NumPy, the GIL released) and checking
-it: the next block is read while this one is checked (etl.batches.validate).
+it: the next block is read while this one is checked (etl.intake.validate).
 
 `ahead` bounds the memory: at most that many items are fetched and not yet taken, besides the
 one the consumer holds (one, the default, for CSV blocks; a few small pages for extraction).

@@ -144,7 +144,7 @@ class RupaSettings:
     page_size: int = 100
     max_pages: int = 10_000  # pages per stream per run: a server whose paging never ends is stopped
     max_response_bytes: int = 8 * MiB  # one page (or any answer); more is not read
-    concurrency: int = 4  # order-intent rows sent at once (etl.rupa.intents)
+    concurrency: int = 4  # order-intent rows sent at once (etl.checkout.intents)
 
     def validated(self) -> RupaSettings:
         check_base_url("RUPA_BASE_URL", self.base_url)
@@ -216,7 +216,7 @@ DEFAULT_CANCEL_PATCH = {"patchOperation": {"op": "replace", "path": "/status", "
 
 @dataclass(frozen=True)
 class LifecycleSettings:
-    """After the PUT (etl.lgc.lifecycle, etl.lgc.results): tracking, webhooks applied, cancels."""
+    """After the PUT (etl.orders.lifecycle, etl.orders.results): tracking, webhooks applied, cancels."""
 
     stale_after: float = 3600.0  # seconds: the sweep polls open orders not checked for this long
     max_event_attempts: int = 10  # a webhook event that failed this often is left alone
@@ -247,7 +247,7 @@ def _json_object(name: str, raw: str | None, default: Mapping) -> Mapping:
 @dataclass(frozen=True)
 class Settings:
     warehouse_url: str = "sqlite:///.labsync/labsync.db"
-    # a local folder or an fsspec URL (s3://bucket/prefix, gs://…, sftp://…: etl.storage), and the
+    # a local folder or an fsspec URL (s3://bucket/prefix, gs://…, sftp://…: etl.intake.storage), and the
     # Airflow Connection holding its credentials (else one named in the URL, else the environment)
     inbox: str | Path = Path("inbox")
     inbox_conn_id: str | None = None

@@ -93,7 +93,7 @@ class IntentState(StrEnum):
 SETTLED_INTENT_STATES = frozenset({IntentState.CREATED, IntentState.REJECTED})
 # Orders LetsGetChecked holds under our clientOrderId: `accepted`, and `conflict` (a 409, or an
 # order accepted earlier with other data: either way LetsGetChecked keeps an order). Both are
-# tracked after the PUT (etl.lgc.lifecycle).
+# tracked after the PUT (etl.orders.lifecycle).
 TRACKED_ORDER_STATES = frozenset({OrderState.ACCEPTED, OrderState.CONFLICT})
 
 

@@ -64,7 +64,7 @@ def _owners(ti_owner: str | None = None, run_owner: str | None = None) -> tuple[
 @_plain_errors
 def rupa_extract(stream: str, settings: Settings | None = None) -> dict:
     """Full sync of one Rupa stream (`patients` or `lab_tests`) into the warehouse."""
-    from etl.rupa.extract import extract_stream
+    from etl.extract.streams import extract_stream
 
     settings = settings or Settings.from_airflow(require=("rupa",))
     summary = extract_stream(_engine(settings), settings, stream)
@@ -73,7 +73,7 @@ def rupa_extract(stream: str, settings: Settings | None = None) -> dict:
 
 def rupa_intents(settings: Settings | None = None) -> list[dict]:
     """Send the order-intents files waiting in inbox/intents/ (one cart per row, checkout report)."""
-    from etl.rupa.intents_inbox import process_intents_inbox
+    from etl.checkout.inbox import process_intents_inbox
 
     settings = settings or Settings.from_airflow(require=("rupa",))
     ti, _ = _owners()  # a retry of this task instance takes its rows over at once
@@ -82,7 +82,7 @@ def rupa_intents(settings: Settings | None = None) -> list[dict]:
 
 def rupa_events(settings: Settings | None = None) -> dict:
     """Apply stored Rupa events to the warehouse and download new results."""
-    from etl.rupa.events import apply_events
+    from etl.checkout.events import apply_events
 
     settings = settings or Settings.from_airflow()
     summary = apply_events(_engine(settings), settings)
@@ -93,7 +93,7 @@ def rupa_events(settings: Settings | None = None) -> dict:
 def inbox_prepare(settings: Settings | None = None, *, run_owner: str | None = None) -> dict:
     """Claim and validate new inbox files into the outbox; list the chunks to load (theirs and
     those of incomplete batches whose rows go out again)."""
-    from etl.batches import inbox
+    from etl.orders import inbox
 
     settings = settings or Settings.from_airflow()
     _, run = _owners("-", run_owner) if run_owner else _owners()
@@ -104,7 +104,7 @@ def inbox_prepare(settings: Settings | None = None, *, run_owner: str | None = N
 def inbox_load_chunk(chunk: dict, settings: Settings | None = None, *, ti_owner: str | None = None,
                      run_owner: str | None = None) -> dict:
     """Load one chunk of outbox rows into LetsGetChecked (one mapped task per chunk)."""
-    from etl.batches import inbox
+    from etl.orders import inbox
 
     settings = settings or Settings.from_airflow(require=("lgc",))
     ti, run = _owners(ti_owner, run_owner)
@@ -125,11 +125,11 @@ def summary_location(settings: Settings, outcome: dict) -> str | None:
     """Where a batch's summary page is: the inbox joined with the page's path inside it."""
     from pathlib import PurePosixPath
 
-    from etl.batches.names import summary_path
+    from etl.intake.names import summary_path
 
     inside = outcome.get("summary") or (
         str(summary_path(PurePosixPath(outcome["file"]))) if outcome.get("file") else None)
-    from etl.storage import display  # a password in the inbox URL never reaches a log or XCom
+    from etl.intake.storage import display  # a password in the inbox URL never reaches a log or XCom
 
     return None if inside is None else f"{display(settings.inbox).rstrip('/')}/{inside}"
 
@@ -138,7 +138,7 @@ def summary_location(settings: Settings, outcome: dict) -> str | None:
 def inbox_finish(prepared: dict, settings: Settings | None = None, *, run_owner: str | None = None) -> list[dict]:
     """Statuses from the outbox, summaries beside each file, files moved to processed/. Each
     summary's location is written to the task log and returned (XCom) as `summary_location`."""
-    from etl.batches import inbox
+    from etl.orders import inbox
 
     settings = settings or Settings.from_airflow()
     _, run = _owners("-", run_owner) if run_owner else _owners()
@@ -153,13 +153,13 @@ def inbox_finish(prepared: dict, settings: Settings | None = None, *, run_owner:
 
 def inbox_check(outcomes: list[dict]) -> dict:
     """Fail the run (red) when a batch ended incomplete or a file was unusable."""
-    from etl.batches import inbox
+    from etl.orders import inbox
 
     inbox.check(list(outcomes or []))
     return {"batches": len(outcomes or [])}
 
 
-# ---- lgc_lifecycle: LetsGetChecked after the PUT (etl.lgc.lifecycle, etl.lgc.results) ----------
+# ---- lgc_lifecycle: LetsGetChecked after the PUT (etl.orders.lifecycle, etl.orders.results) ----------
 
 def _all_failed(failed: int, succeeded: int) -> bool:
     """A pass where nothing answered and something failed is a failed task (the vendor is down);
@@ -171,7 +171,7 @@ def _all_failed(failed: int, succeeded: int) -> bool:
 def lgc_apply_webhooks(settings: Settings | None = None) -> dict:
     """Apply stored LetsGetChecked webhook events; each order they name is confirmed by a GET."""
     from etl.errors import ApiError
-    from etl.lgc.lifecycle import apply_webhooks
+    from etl.orders.lifecycle import apply_webhooks
 
     settings = settings or Settings.from_airflow(require=("lgc",))
     summary = apply_webhooks(_engine(settings), settings)
@@ -184,7 +184,7 @@ def lgc_apply_webhooks(settings: Settings | None = None) -> dict:
 def lgc_sweep(settings: Settings | None = None) -> dict:
     """GET the open orders not checked for `lifecycle.stale_after` (catches lost webhooks)."""
     from etl.errors import ApiError
-    from etl.lgc.lifecycle import track
+    from etl.orders.lifecycle import track
 
     settings = settings or Settings.from_airflow(require=("lgc",))
     summary = track(_engine(settings), settings, stale_after=settings.lifecycle.validated().stale_after)
@@ -197,7 +197,7 @@ def lgc_sweep(settings: Settings | None = None) -> dict:
 def lgc_fetch_results(settings: Settings | None = None) -> dict:
     """Fetch and store the results of items at ResultsAvailable (JSON + HL7), once each."""
     from etl.errors import ApiError
-    from etl.lgc.results import fetch_results
+    from etl.orders.results import fetch_results
 
     settings = settings or Settings.from_airflow(require=("lgc",))
     summary = fetch_results(_engine(settings), settings)

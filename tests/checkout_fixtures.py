@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from etl.asgi import BackgroundServer
-from etl.rupa.extract import extract_all
+from etl.extract.streams import extract_all
 from etl.settings import WebhookSettings
 from etl.webhooks.app import build_app
 from tests.rupa_support import authorize

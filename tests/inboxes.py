@@ -1,12 +1,12 @@
 """A test's view of an inbox, the same on a local folder and on the S3 server: every look goes
-through etl.storage, so one test body checks both (`inbox_location` in conftest gives the URL)."""
+through etl.intake.storage, so one test body checks both (`inbox_location` in conftest gives the URL)."""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
-from etl.storage import Store, open_store
+from etl.intake.storage import Store, open_store
 from tests.helpers import EXAMPLES, write_csv
 
 

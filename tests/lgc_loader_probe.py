@@ -26,7 +26,7 @@ def _wait(go: str) -> None:
 
 
 def load(prefix: str, rows: int, go: str) -> None:
-    from etl.lgc.load import load_rows
+    from etl.orders.load import load_rows
     from tests.test_lgc_support import order_row
 
     settings = Settings.from_env()

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from etl import cli
 from etl.asgi import BackgroundServer
-from etl.lgc.load import load_rows
+from etl.orders.load import load_rows
 from etl.settings import Settings, WebhookSettings
 from etl.warehouse.tables import lgc_item_status_history, lgc_order_items
 from etl.webhooks.app import build_app

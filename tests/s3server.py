@@ -5,7 +5,7 @@
     url = server.new_inbox()           # s3://labsync-tests/<fresh prefix>/inbox
     server.stop()
 
-The code under test reaches it exactly as it reaches S3: s3fs through etl.storage, with the
+The code under test reaches it exactly as it reaches S3: s3fs through etl.intake.storage, with the
 standard AWS_* variables (subprocesses inherit them). Nothing of the storage API is mocked.
 """
 

@@ -1,4 +1,4 @@
-"""etl.batches.checks runs a contract's pandera schema without pandera's validate(); these tests
+"""etl.intake.checks runs a contract's pandera schema without pandera's validate(); these tests
 hold it to pandera's own answer: on chunks that break every rule of both contracts, the failures
 (line, column, check) are exactly those of `schema.validate(frame, lazy=True)`."""
 
@@ -9,8 +9,8 @@ import pandera.errors
 import pandera.pandas as pa
 import pytest
 
-from etl.batches import checks
-from etl.batches.validate import CsvValidation
+from etl.intake import checks
+from etl.intake.validate import CsvValidation
 from schemas.order_batch import SCHEMA
 from schemas.order_intents import CONTRACT as INTENTS
 from tests.helpers import seed_row, write_csv

@@ -9,7 +9,7 @@ from datetime import date, timedelta
 
 import pytest
 
-from etl.batches.validate import CsvValidation
+from etl.intake.validate import CsvValidation
 from schemas.columns import REQUIRED
 from tests.helpers import read_rejects, seed_row, write_csv
 

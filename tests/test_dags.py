@@ -260,7 +260,7 @@ def test_rupa_checkout_end_to_end(airflow_env, sandboxes, tmp_path):
                  RUPA_BASE_URL=sandboxes.rupa_url, RUPA_API_TOKEN=token, LABSYNC_RETRY_INITIAL_WAIT="0.01")
     from dataclasses import replace
 
-    from etl.rupa.extract import extract_all
+    from etl.extract.streams import extract_all
     from etl.settings import Settings
 
     base = Settings()
@@ -290,7 +290,7 @@ def test_rupa_checkout_end_to_end(airflow_env, sandboxes, tmp_path):
 
 
 def test_lgc_lifecycle_end_to_end(airflow_env, sandboxes, tmp_path):
-    from etl.lgc.load import load_rows
+    from etl.orders.load import load_rows
     from etl.settings import LgcSettings, Settings
     from etl.warehouse.tables import lgc_order_items, lgc_results, webhook_events
     from tests.lifecycle_support import receiver, send_webhooks_to

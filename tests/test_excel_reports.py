@@ -9,8 +9,8 @@ import csv
 
 import pytest
 
-from etl.batches.csvsafe import read_rows
-from etl.batches.validate import CsvValidation, fix_path_for, validate_file
+from etl.intake.csvsafe import read_rows
+from etl.intake.validate import CsvValidation, fix_path_for, validate_file
 from etl.errors import UnusableInputError
 from tests.helpers import read_rejects, seed_row, write_csv
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from etl.batches.validate import validate_file
+from etl.intake.validate import validate_file
 from tests.helpers import read_rejects, seed_row, write_csv
 
 PCP = dict(pcp_id="PCP1", pcp_first_name="Grace", pcp_last_name="Hopper",

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from etl.lgc.load import load_rows
+from etl.orders.load import load_rows
 from tests.test_lgc_support import fast, ledger, order_row
 
 COID = "ORD-00001"
@@ -105,7 +105,7 @@ def test_an_oversized_answer_is_cut_off_with_a_plain_reason(lite_engine, lite_se
 
 
 def test_unconfirmed_rows_keep_a_batch_incomplete_and_are_resent_when_dropped_again(settings, sandbox, engine):
-    from etl.batches import inbox
+    from etl.orders import inbox
     from tests.test_lgc_support import csv_row, write_csv
 
     box = settings.inbox
@@ -126,7 +126,7 @@ def test_unconfirmed_rows_keep_a_batch_incomplete_and_are_resent_when_dropped_ag
 
 
 def test_dry_run_and_status_treat_unconfirmed_like_failed(engine, settings, sandbox):
-    from etl.lgc import ledger as ledger_mod
+    from etl.orders import ledger as ledger_mod
     from tests.test_lgc_support import put_item
 
     sandbox.sandbox.lgc.answers[COID] = _answer(200, "text/html", b"<html></html>")
@@ -139,8 +139,8 @@ def test_an_unconfirmed_order_is_checked_by_GET_and_confirmed_without_a_second_P
     """Issue 10 point 3 with the lifecycle work (issue 11): `labsync track` (and the DAG's sweep)
     GETs `unconfirmed` orders; one LetsGetChecked holds becomes accepted in the ledger and in the
     batch's outbox, one it does not hold stays unconfirmed and is PUT again by the next load."""
-    from etl.lgc import outbox
-    from etl.lgc.lifecycle import track
+    from etl.orders import outbox
+    from etl.orders.lifecycle import track
 
     engine, settings = lite_engine, fast(lite_settings)
     lgc = sandbox.sandbox.lgc

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from starlette.responses import JSONResponse, Response
 
 from etl import cli
-from etl.lgc.load import load_rows
+from etl.orders.load import load_rows
 from tests.test_lgc_support import cli_env, csv_row, fast, ledger, order_row, write_csv
 
 # The patient: an accented first name, short middle and last names.
@@ -134,7 +134,7 @@ def test_planted_names_and_tokens_appear_nowhere(settings, sandbox, engine, env,
     """The must-show check: warehouse text columns, `labsync status --json`, the summary, logs."""
     import logging
 
-    from etl.batches import inbox
+    from etl.orders import inbox
 
     caplog.set_level(logging.DEBUG)
     lgc = sandbox.sandbox.lgc
@@ -206,7 +206,7 @@ def test_a_title_is_kept_only_when_it_looks_like_a_fixed_string(title, kept):
     import httpx
 
     from etl.lgc.client import vendor_reason
-    from etl.lgc.payload import build_payload
+    from etl.orders.payload import build_payload
 
     body = build_payload(order_row(1, **PATIENT))
     response = httpx.Response(400, json={"title": title, "detail": "Zoë Al said hi",
@@ -253,7 +253,7 @@ def test_ordinary_text_passes_the_redaction_point_unchanged(text):
 def test_rupa_errors_keep_only_structured_parts(sandbox, tmp_path, engine, settings):
     """A JSON:API error echoing names and the token: neither the exception nor sync_state holds them."""
     from etl.rupa.client import RupaApiError
-    from etl.rupa.extract import extract_stream
+    from etl.extract.streams import extract_stream
     from tests.rupa_support import authorize, state_of, with_rupa
 
     rupa = sandbox.sandbox.rupa

@@ -10,7 +10,7 @@ import pytest
 
 from etl.cli import main
 from etl.rupa.client import RupaApiError
-from etl.rupa.extract import extract_stream
+from etl.extract.streams import extract_stream
 from etl.warehouse import rupa_patients
 from tests.rupa_support import authorize, cli_env, count, state_of, with_rupa
 

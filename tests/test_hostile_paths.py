@@ -18,7 +18,7 @@ from etl.errors import ConfigError, LabsyncError
 from etl.http import make_async_client
 from etl.lgc.auth import TokenProvider
 from etl.lgc.client import LgcClient
-from etl.lgc.payload import build_payload
+from etl.orders.payload import build_payload
 from etl.rupa.client import open_client
 from etl.settings import RupaSettings, Settings
 from tests.conftest import FAST_RETRY
@@ -88,7 +88,7 @@ def test_the_client_reaches_exactly_the_orders_endpoint_or_sends_nothing(bare, s
 @pytest.fixture(scope="module")
 def validated_ids(tmp_path_factory):
     """Every id of the table in one file, validated once: {id: the problems of its row}."""
-    from etl.batches.validate import validate_file
+    from etl.intake.validate import validate_file
 
     ids = SAFE_IDS + UNSAFE_IDS
     path = write_csv(tmp_path_factory.mktemp("ids") / "ids.csv",

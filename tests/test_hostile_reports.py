@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from markupsafe import escape  # Jinja2's own escaping (the summary page)
 
-from etl.batches.validate import validate_file
+from etl.intake.validate import validate_file
 from tests.helpers import seed_row, write_csv
 
 # OWASP's list, plus the fullwidth forms some Excel locales also read as a formula start
@@ -37,7 +37,7 @@ HOSTILE = [
     "\uff201", "", "plain", "a=b", " =1", "0123",
 ])
 def test_safe_cell_neutralises_and_the_reader_gets_the_value_back(value):
-    from etl.batches.csvsafe import safe_cell, unsafe_cell
+    from etl.intake.csvsafe import safe_cell, unsafe_cell
 
     cell = safe_cell(value)
     assert not cell.startswith(FORMULA_STARTS)
@@ -45,7 +45,7 @@ def test_safe_cell_neutralises_and_the_reader_gets_the_value_back(value):
 
 
 def test_no_cell_of_a_rejects_file_starts_with_a_formula_character(tmp_path, engine):
-    from etl.batches import records
+    from etl.intake import records
 
     rows = [seed_row(client_order_id=f"=X{i}" if i == 0 else f"ORD-{i}", **{col: value})
             for i, (col, value) in enumerate(HOSTILE)]
@@ -61,7 +61,7 @@ def test_no_cell_of_a_rejects_file_starts_with_a_formula_character(tmp_path, eng
     assert bad == [], bad
 
     # labsync's reader gets every value back exactly, and so does the warehouse
-    from etl.batches.csvsafe import read_rows
+    from etl.intake.csvsafe import read_rows
 
     got = {(r["column"], r["value"]) for r in read_rows(result.rejects_path)}
     for col, value in HOSTILE:
@@ -73,7 +73,7 @@ def test_no_cell_of_a_rejects_file_starts_with_a_formula_character(tmp_path, eng
 
 
 def test_the_summary_page_shows_the_values_escaped(tmp_path, settings, sandbox, engine):
-    from etl.batches import inbox
+    from etl.orders import inbox
 
     box = settings.inbox
     box.mkdir(parents=True)
@@ -88,7 +88,7 @@ def test_the_summary_page_shows_the_values_escaped(tmp_path, settings, sandbox, 
 
 
 def test_every_csv_writer_goes_through_the_safe_writer(tmp_path):
-    from etl.batches.csvsafe import read_rows, write_rows
+    from etl.intake.csvsafe import read_rows, write_rows
 
     out = tmp_path / "x.csv"
     write_rows(out, ["a", "=b"], [["=1", "-2"], ["@3", "ok"]])

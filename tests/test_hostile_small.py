@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from etl import logs
 from etl.errors import ApiError, UnusableInputError
-from etl.lgc.load import load_rows
+from etl.orders.load import load_rows
 from tests.test_lgc_support import csv_row, fast, ledger, order_row, write_csv
 
 TOKEN_ANSWERS = [
@@ -67,7 +67,7 @@ ODD_NAMES = ["..csv", ".hidden.csv", "ORDERS.CSV", "orders.csv ", "x y.csv", "a\
 @pytest.mark.parametrize("name", ODD_NAMES, ids=repr)
 def test_an_odd_file_name_is_processed_or_reported_never_silently_ignored(lite_settings, sandbox, lite_engine, name, caplog):
     settings, engine = lite_settings, lite_engine
-    from etl.batches import inbox
+    from etl.orders import inbox
 
     caplog.set_level(logging.INFO)
     box = settings.inbox
@@ -87,11 +87,11 @@ def test_an_odd_file_name_is_processed_or_reported_never_silently_ignored(lite_s
 
 def test_a_file_name_cannot_forge_a_log_line(lite_settings, sandbox, lite_engine, caplog):
     settings, engine = lite_settings, lite_engine
-    from etl.batches import inbox
+    from etl.orders import inbox
 
     logs.configure()
     caplog.set_level(logging.INFO)
-    forged = "evil\n2030-01-01 00:00:00,000 ERROR etl.lgc.load: forged\r\x1b[2K.csv"
+    forged = "evil\n2030-01-01 00:00:00,000 ERROR etl.orders.load: forged\r\x1b[2K.csv"
     box = settings.inbox
     box.mkdir(parents=True)
     write_csv(box / forged, [csv_row(1)])
@@ -106,7 +106,7 @@ def test_a_file_name_cannot_forge_a_log_line(lite_settings, sandbox, lite_engine
 
 
 def test_ten_thousand_unknown_columns_give_a_bounded_reason(tmp_path):
-    from etl.batches.validate import CsvValidation
+    from etl.intake.validate import CsvValidation
 
     columns = list(csv_row(1)) + [f"extra_{i}" for i in range(10_000)]
     path = write_csv(tmp_path / "wide.csv", [csv_row(1)], columns=columns)
@@ -118,7 +118,7 @@ def test_ten_thousand_unknown_columns_give_a_bounded_reason(tmp_path):
 
 
 def test_a_very_long_unknown_column_name_is_cut_in_the_reason(tmp_path):
-    from etl.batches.validate import CsvValidation
+    from etl.intake.validate import CsvValidation
 
     columns = list(csv_row(1)) + ["z" * 100_000]
     path = write_csv(tmp_path / "long.csv", [csv_row(1)], columns=columns)
@@ -128,7 +128,7 @@ def test_a_very_long_unknown_column_name_is_cut_in_the_reason(tmp_path):
 
 
 def test_a_data_row_in_place_of_the_header_is_not_echoed(tmp_path):
-    from etl.batches.validate import CsvValidation
+    from etl.intake.validate import CsvValidation
 
     path = tmp_path / "noheader.csv"
     path.write_text("ORD-1,Health4All,P1,Zelda,Fitzgerald,zelda@example.org,+1,5550100001\n", encoding="utf-8")

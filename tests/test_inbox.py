@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from etl import warehouse
-from etl.batches import inbox
+from etl.orders import inbox
 from etl.claims import now, run_owner, task_owner
 from etl.cli import main
 from etl.warehouse import batch_files, lgc_orders, lgc_outbox, rejected_rows
@@ -197,11 +197,11 @@ def test_a_run_that_died_is_taken_over_without_duplicates(box, sandbox):
 def test_a_run_that_died_while_validating_is_redone_from_scratch(box, sandbox):
     settings, paths, engine = box
     drop(paths, "orders.csv")
-    from etl.batches import staging
+    from etl.orders import staging
 
     sha = inbox.fingerprint(paths.store, "orders.csv")
     taken = staging.take(engine, settings, "orders.csv", sha, owner="cli:dead")
-    from etl.lgc import outbox
+    from etl.orders import outbox
     from etl.vault import vault_for
 
     outbox.write(engine, taken.batch_id, [{"line": 2, "client_order_id": "HALF-WRITTEN"}],  # half a file
@@ -229,8 +229,8 @@ def late_failure(monkeypatch):
     before it were checked, and staged, before the file proved unusable."""
     import csv
 
-    import etl.batches.validate  # noqa: F401  (it sets the production limit when first imported)
-    from etl.batches import staging
+    import etl.intake.validate  # noqa: F401  (it sets the production limit when first imported)
+    from etl.orders import staging
 
     old = csv.field_size_limit(4096)
     monkeypatch.setattr(staging, "VALIDATION_CHUNK_ROWS", 100)

@@ -16,8 +16,9 @@ from dataclasses import replace
 import pytest
 import sqlalchemy as sa
 
-from etl import storage, warehouse
-from etl.batches import inbox
+from etl.intake import storage
+from etl import warehouse
+from etl.orders import inbox
 from etl.cli import main
 from etl.warehouse import batch_files
 from tests.helpers import REPO
@@ -152,7 +153,7 @@ AIRFLOW_PROBE = r"""
 import json, sys
 import s3fs
 from airflow.sdk.io import attach
-from etl import storage
+from etl.intake import storage
 endpoint, url = sys.argv[1], sys.argv[2]
 fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
 attach(protocol="s3", conn_id="labsync_inbox_test", fs=fs)

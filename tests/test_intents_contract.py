@@ -7,7 +7,7 @@ import csv
 
 import pytest
 
-from etl.batches.validate import CsvValidation
+from etl.intake.validate import CsvValidation
 from etl.errors import UnusableInputError
 from schemas.order_intents import CONTRACT
 

@@ -14,7 +14,7 @@ import pytest
 
 from etl.errors import ApiError, ConfigError
 from etl.lgc.breaker import Breaker, Tripped
-from etl.lgc.load import load_rows
+from etl.orders.load import load_rows
 from etl.settings import RetrySettings, Settings
 from tests.test_lgc_support import (
     LABSYNC,

@@ -15,7 +15,7 @@ from etl.errors import AuthError
 from etl.http import make_async_client
 from etl.lgc.auth import TokenProvider
 from etl.lgc.client import LgcClient, vendor_reason
-from etl.lgc.load import STOPPED_ERROR, load_rows
+from etl.orders.load import STOPPED_ERROR, load_rows
 from etl.settings import RetrySettings, Settings
 from tests.conftest import FAST_RETRY
 from tests.test_lgc_support import fast, ledger, order_row, put_item

@@ -11,7 +11,7 @@ import threading
 
 import sqlalchemy as sa
 
-from etl.lgc.load import load_rows
+from etl.orders.load import load_rows
 from etl.settings import RetrySettings
 from etl.warehouse import batch_files
 from tests.pgserver import wait_for

@@ -16,9 +16,9 @@ import httpx
 import sqlalchemy as sa
 
 from etl.claims import now, task_owner
-from etl.lgc import ledger as lg
-from etl.lgc import outbox
-from etl.lgc.load import load_rows
+from etl.orders import ledger as lg
+from etl.orders import outbox
+from etl.orders.load import load_rows
 from etl.warehouse import lgc_orders
 from tests.test_lgc_support import fast, ledger, load_batch, order_row, outbox_rows, stage_rows
 

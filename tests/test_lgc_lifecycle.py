@@ -13,8 +13,8 @@ import sqlalchemy as sa
 
 from etl import warehouse
 from etl.errors import UnusableInputError
-from etl.lgc import lifecycle
-from etl.lgc.lifecycle import Observation, apply_observations, cancel, open_orders, track
+from etl.orders import lifecycle
+from etl.orders.lifecycle import Observation, apply_observations, cancel, open_orders, track
 from etl.lgc.orders_api import get_order, open_session, parse_order, status_code
 from etl.states import CancelState, ItemStatus, StatusSource
 from etl.warehouse.tables import lgc_order_items, lgc_orders

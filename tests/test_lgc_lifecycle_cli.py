@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from etl.batches import summary
+from etl.intake import summary
 from tests.lifecycle_support import lgc, place_orders, quick, receiver, run, send_webhooks_to
 
 __all__ = ["run"]  # the in-process CLI fixture

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from etl.asgi import BackgroundServer
-from etl.lgc.lifecycle import apply_webhooks, track
+from etl.orders.lifecycle import apply_webhooks, track
 from etl.sandbox.lgc_lifecycle import LgcLifecycle
 from etl.settings import WebhookSettings
 from etl.states import WebhookEventState

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-from etl.batches.validate import CsvValidation
+from etl.intake.validate import CsvValidation
 from etl.claims import now
-from etl.lgc.outbox import body_bytes, staged
-from etl.lgc.payload import build_payload, payload_sha256
+from etl.orders.outbox import body_bytes, staged
+from etl.orders.payload import build_payload, payload_sha256
 from etl.vault import Vault
 from tests.conftest import TEST_FERNET_KEY
 from tests.test_lgc_support import order_row, write_csv

@@ -15,8 +15,8 @@ import pytest
 import sqlalchemy as sa
 
 from etl import logs
-from etl.lgc.lifecycle import Observation, apply_observations, track
-from etl.lgc.results import candidates, fetch_results, parse_results, store_result
+from etl.orders.lifecycle import Observation, apply_observations, track
+from etl.orders.results import candidates, fetch_results, parse_results, store_result
 from etl.states import StatusSource
 from etl.warehouse.tables import lgc_result_values, lgc_results
 from tests.lifecycle_support import items, lgc, place_orders, quick, receiver, run, send_webhooks_to
@@ -132,7 +132,7 @@ def test_parsing_is_tolerant_and_an_unreadable_document_is_kept_raw(engine):
     with pytest.raises(ValueError):
         parse_results(b'{"status": "ResultsAvailable"}')
 
-    from etl.lgc.results import _Candidate
+    from etl.orders.results import _Candidate
 
     c = _Candidate("item-x", "ORD-X", "LGC-0000-0000-0009", "ABCDEF", False)
     assert store_result(engine, c, b"<html>oops</html>", None) == (True, 0, False)

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from etl.lgc.payload import build_payload
+from etl.orders.payload import build_payload
 from etl.sandbox.lgc import npi_is_valid, validate_order
 from etl.settings import SANDBOX_LGC_ACCESS_KEY, SANDBOX_LGC_SECRET_KEY
 from tests.test_lgc_support import order_row

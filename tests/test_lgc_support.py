@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def order_row(i: int, **overrides) -> dict:
-    """A validated row dict (as etl.batches.validate yields it) for order number `i`."""
+    """A validated row dict (as etl.intake.validate yields it) for order number `i`."""
     row: dict = {c: None for c in COLUMNS}
     row.update(
         line=i + 2,
@@ -102,8 +102,8 @@ def put_item(row: dict):
     """(client_order_id, body, content) of a row, as the loader hands them to LgcClient.put_order."""
     from types import SimpleNamespace
 
-    from etl.lgc.outbox import body_bytes
-    from etl.lgc.payload import build_payload, client_order_id, payload_sha256
+    from etl.orders.outbox import body_bytes
+    from etl.orders.payload import build_payload, client_order_id, payload_sha256
 
     body = build_payload(row)
     return SimpleNamespace(client_order_id=client_order_id(row), body=body, content=body_bytes(body),
@@ -123,7 +123,7 @@ def outbox_rows(engine, batch_id: int | None = None) -> dict[str, dict]:
 
 def stage_rows(engine, rows: list[dict], *, name: str = "(rows)") -> int:
     """A batch whose outbox holds `rows` (queued), as prepare leaves it; returns its id."""
-    from etl.lgc import outbox
+    from etl.orders import outbox
     from etl.vault import vault_for
     from tests.conftest import TEST_FERNET_KEY
 
@@ -134,8 +134,8 @@ def stage_rows(engine, rows: list[dict], *, name: str = "(rows)") -> int:
 
 def load_batch(engine, settings: Settings, batch_id: int, *, owner: str = "cli:test", **kw):
     """Load every loadable outbox row of a batch, as a load task (or a rerun) does."""
-    from etl.lgc import outbox
-    from etl.lgc.load import LoadSummary, load_chunk
+    from etl.orders import outbox
+    from etl.orders.load import LoadSummary, load_chunk
 
     summary = LoadSummary()
     for chunk in outbox.chunks(engine, [batch_id], 1 << 40, max_attempts=settings.max_attempts):

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from etl import warehouse
 from etl.errors import ConfigError
-from etl.lgc.load import INTERRUPTED_ERROR, INTERRUPTED_INFLIGHT
+from etl.orders.load import INTERRUPTED_ERROR, INTERRUPTED_INFLIGHT
 from etl.settings import LgcSettings
 from etl.warehouse import batch_files, lgc_orders
 from tests.conftest import migrated

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from etl.batches.reader import Reader
-from etl.batches.seen import SeenIds
-from etl.batches.validate import CsvValidation
+from etl.intake.reader import Reader
+from etl.intake.seen import SeenIds
+from etl.intake.validate import CsvValidation
 from tests.helpers import read_rejects, seed_row
 
 COLUMNS = list(seed_row())

@@ -11,7 +11,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from selenium.webdriver.support.ui import Select
 
-from etl.rupa import events, intents
+from etl.checkout import events, intents
 from etl.warehouse import rupa_orders
 from tests.browser import chromium, screenshot, wait_for_element, wait_until
 from tests.pgserver import wait_for

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from etl import logs
-from etl.rupa import events, intents
+from etl.checkout import events, intents
 from etl.states import WebhookEventState
 from etl.warehouse import rupa_ordered_tests, rupa_orders, rupa_patients, rupa_results
 from etl.webhooks import store

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from starlette.responses import Response
 
 from etl.rupa.auth import OAuthTokens, TokenStore
-from etl.rupa.extract import extract_stream, live_count
+from etl.extract.streams import extract_stream, live_count
 from etl.settings import RetrySettings
 from etl.warehouse import rupa_lab_tests, rupa_patients
 from tests.conftest import REPO
@@ -111,7 +111,7 @@ def test_two_pages_are_fetched_ahead_even_when_one_page_fills_a_write(engine, se
     """Pages as large as a whole write (GROUP_ROWS): still two pages fetched ahead, so a write
     that runs long finds both waiting and takes them together (one page ahead left the fetching
     idle behind a slow warehouse)."""
-    from etl.rupa import extract
+    from etl.extract import streams as extract
 
     monkeypatch.setattr(extract, "GROUP_ROWS", 5)
     _, writes = _extract_with_a_slow_first_write(engine, settings, rupa)

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from etl.claims import aware
 from etl.errors import UnusableInputError
-from etl.rupa import intents, intents_inbox
+from etl.checkout import intents, inbox as intents_inbox
 from etl.states import IntentState
 from etl.warehouse import batch_files, rejected_rows
 from tests.helpers import REPO
@@ -229,7 +229,7 @@ def test_the_inbox_subfolder_is_processed_and_filed(engine, settings, rupa, tmp_
 
 def test_an_intents_file_another_run_holds_is_left_alone(engine, settings, rupa, tmp_path, inbox_location):
     """Two runs at once: the warehouse's claim on the file's content decides, not a rename."""
-    from etl.batches import records
+    from etl.intake import records
 
     settings = replace(settings, inbox=inbox_location)
     box = InboxView(inbox_location)

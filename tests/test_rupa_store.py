@@ -14,8 +14,8 @@ import pytest
 import sqlalchemy as sa
 
 from etl.readahead import ReadAhead
-from etl.rupa.extract import STREAMS, row_for
-from etl.rupa.store import PageWriter
+from etl.extract.streams import STREAMS, row_for
+from etl.extract.store import PageWriter
 from etl.warehouse import rupa_patients
 
 SPEC = STREAMS["patients"]
@@ -78,7 +78,7 @@ def test_pages_are_counted_and_stored_the_same_on_both_warehouses(engine):
 def _count_copies(monkeypatch) -> list[int]:
     """How many pages went to COPY (PostgreSQL's path while every row is new): each builds its
     COPY text once."""
-    from etl.rupa import store
+    from etl.extract import store
 
     copies: list[int] = []
     real = store._copy_text
@@ -284,9 +284,9 @@ def test_pages_written_in_one_transaction_each_roll_back_only_their_own_copy(eng
 
 
 def test_an_event_copy_with_a_nul_is_stored_replaced_and_said_without_its_value(caplog):
-    """Rupa events write one resource at a time (etl.rupa.events through row_dict): the same
+    """Rupa events write one resource at a time (etl.checkout.events through row_dict): the same
     replacement, and a warning that carries a count, never the value."""
-    from etl.rupa.extract import row_dict
+    from etl.extract.streams import row_dict
 
     row = row_dict(SPEC, resource(1, first_name="Zo\x00e"))
     assert row["first_name"] == "Zo\ufffde" and row["attributes"]["first_name"] == "Zo\ufffde"

@@ -15,7 +15,7 @@ from cryptography.fernet import Fernet
 
 from etl.cli import main
 from etl.errors import ConfigError
-from etl.rupa.extract import extract_stream
+from etl.extract.streams import extract_stream
 from etl.warehouse import oauth_tokens, rupa_patients
 from tests.rupa_support import authorize, cli_env, count
 
@@ -85,7 +85,7 @@ def test_rotating_the_key_re_encrypts_every_row(engine, settings, rupa, monkeypa
 def test_order_bodies_waiting_in_the_outbox_are_sealed_and_follow_a_key_rotation(
         engine, settings, sandbox, monkeypatch, capsys):
     """The outbox keeps the patient's data of rows not sent yet: sealed, never as text."""
-    from etl.lgc.load import load_rows
+    from etl.orders.load import load_rows
     from etl.warehouse import lgc_outbox
     from tests.test_lgc_support import cli_env as lgc_env
     from tests.test_lgc_support import fast, order_row, outbox_rows

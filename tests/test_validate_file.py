@@ -9,8 +9,8 @@ import shutil
 import pytest
 import sqlalchemy as sa
 
-from etl.batches import records
-from etl.batches.validate import CsvValidation, validate_file
+from etl.intake import records
+from etl.intake.validate import CsvValidation, validate_file
 from etl.cli import main
 from etl.errors import UnusableInputError
 from etl.warehouse import batch_files, rejected_rows

@@ -324,7 +324,7 @@ def _spy(monkeypatch) -> list[str]:
 
 
 def test_the_loader_sends_every_put_through_the_thin_transport(lite_engine, lite_settings, sandbox, monkeypatch):
-    from etl.lgc.load import load_rows
+    from etl.orders.load import load_rows
     from tests.test_lgc_support import fast, order_row
 
     seen = _spy(monkeypatch)
@@ -336,7 +336,7 @@ def test_the_loader_sends_every_put_through_the_thin_transport(lite_engine, lite
 
 def test_without_httptools_the_loader_uses_httpx_and_does_the_same(lite_engine, lite_settings, sandbox, monkeypatch):
     from etl import wire
-    from etl.lgc.load import load_rows
+    from etl.orders.load import load_rows
     from tests.test_lgc_support import fast, order_row
 
     seen = _spy(monkeypatch)

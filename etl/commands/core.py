@@ -89,11 +89,11 @@ def register(app: typer.Typer) -> None:
 
         A dry check: nothing goes to the warehouse or to LetsGetChecked unless --record is
         given, so a file checked before it is dropped in the inbox is not a batch yet. Exit 0: every row is valid. 1: some rows were rejected. 2: the file cannot be used."""
-        from etl.batches.validate import CsvValidation
+        from etl.intake.validate import CsvValidation
 
         if record:
             from etl import warehouse
-            from etl.batches import records
+            from etl.intake import records
 
             engine = warehouse.connect(Settings.from_env().warehouse_url)
             batch_id, validation = records.open_batch(engine, file)
@@ -118,9 +118,9 @@ def register(app: typer.Typer) -> None:
         from dataclasses import replace
 
         from etl import warehouse
-        from etl.batches import inbox as inbox_mod
+        from etl.orders import inbox as inbox_mod
         from etl.claims import cli_owner
-        from etl.storage import display
+        from etl.intake.storage import display
 
         settings = Settings.from_env().checked()
         if folder is not None:
@@ -165,7 +165,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from etl import warehouse
-        from etl.lgc import outbox
+        from etl.orders import outbox
         from etl.redact import clean
         from etl.warehouse import batch_files
 

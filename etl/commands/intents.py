@@ -1,5 +1,5 @@
 """`labsync intents FILE.csv [--dry-run]` and `labsync intents --inbox`: Rupa order intents from
-a CSV (etl.rupa.intents).
+a CSV (etl.checkout.intents).
 
 Exit codes: 0 every row has its cart, 1 some rows were rejected, failed or have an unknown
 outcome (the next run sends those again), 2 the file or the configuration is unusable
@@ -31,8 +31,8 @@ def register(app: typer.Typer) -> None:
         patient's checkout link for the practitioner, and FILE.checkout.csv of the links."""
         from etl import warehouse
         from etl.commands.core import without_name
-        from etl.rupa import intents as mod
-        from etl.rupa.intents_inbox import IntentsInbox, process_intents_inbox
+        from etl.checkout import intents as mod
+        from etl.checkout.inbox import IntentsInbox, process_intents_inbox
         from etl.settings import Settings
 
         settings = Settings.from_env()

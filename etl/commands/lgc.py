@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
 
         from etl import warehouse
         from etl.commands import jsonout
-        from etl.lgc import ledger, lifecycle, outbox
+        from etl.orders import ledger, lifecycle, outbox
 
         settings = Settings.from_env()
         engine = warehouse.connect(settings.warehouse_url)
@@ -158,13 +158,14 @@ def _load(engine, settings: Settings, file: Path) -> int:
     """Claim the file's batch, stage it whole into the outbox (unless a run before did), load
     it, finish it. The claim keeps two runs from staging the same file; the ledger keeps rows
     from going out twice."""
-    from etl.batches import records, staging
-    from etl.batches.validate import CsvValidation
+    from etl.intake import records
+    from etl.orders import staging
+    from etl.intake.validate import CsvValidation
     from etl.claims import Heartbeat, cli_owner
     from etl.commands import progress as bars
     from etl.errors import Interrupted, UnusableInputError
-    from etl.lgc import outbox
-    from etl.lgc.load import LoadSummary, load_chunk
+    from etl.orders import outbox
+    from etl.orders.load import LoadSummary, load_chunk
     from etl.states import BatchStatus
 
     owner = cli_owner()
@@ -245,7 +246,7 @@ def _load(engine, settings: Settings, file: Path) -> int:
 def _finish_quietly(engine, settings: Settings, batch_id: int, owner: str) -> None:
     """Record the batch's true status before giving it up (it may be `incomplete`: `labsync
     retry` and later runs send the rest); never hide the error that got us here."""
-    from etl.batches import staging
+    from etl.orders import staging
 
     with contextlib.suppress(Exception):
         staging.finish(engine, settings, batch_id, owner=owner)
@@ -253,11 +254,11 @@ def _finish_quietly(engine, settings: Settings, batch_id: int, owner: str) -> No
 
 def _retry(include_given_up: bool) -> int:
     from etl import warehouse
-    from etl.batches import inbox
+    from etl.orders import inbox
     from etl.claims import cli_owner
     from etl.errors import Interrupted, LabsyncError
-    from etl.lgc import outbox
-    from etl.lgc.load import LoadSummary, load_chunk
+    from etl.orders import outbox
+    from etl.orders.load import LoadSummary, load_chunk
 
     settings = Settings.from_env().checked()
     settings.lgc.validated()
@@ -298,9 +299,9 @@ def _dry_run(engine, settings: Settings, lgc, file: Path, out: Path | None) -> i
     """Validate, then write the requests a load would send, tokens masked. Sends nothing and
     writes nothing to the warehouse; consults the ledger (read only) to leave out rows a load
     would skip."""
-    from etl.batches.validate import CsvValidation
+    from etl.intake.validate import CsvValidation
     from etl.claims import now
-    from etl.lgc import ledger, outbox
+    from etl.orders import ledger, outbox
     from etl.lgc.client import LgcClient, order_url
     from etl.states import OutboxState
 

@@ -1,6 +1,6 @@
 """LetsGetChecked after the PUT: `labsync track`, `labsync results`, `labsync cancel` and
-`labsync lifecycle` (what the lgc_lifecycle DAG does, once). The work is in etl.lgc.lifecycle
-and etl.lgc.results; these commands print and choose exit codes:
+`labsync lifecycle` (what the lgc_lifecycle DAG does, once). The work is in etl.orders.lifecycle
+and etl.orders.results; these commands print and choose exit codes:
 
     0  everything asked about answered      1  some orders failed / were not found / refused
     2  configuration, credentials or an order/item that does not exist
@@ -21,7 +21,7 @@ def _engine(settings: Settings):
 
 
 def _batch_ids(engine, batch: str | None) -> list[int] | None:
-    from etl.lgc import ledger
+    from etl.orders import ledger
 
     if batch is None:
         return None
@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
         Without arguments: every accepted order that has an item not yet in a final state
         (ResultsAvailable, Cancelled, ValidationFailed). Prints items per status."""
         from etl.commands import progress as bars
-        from etl.lgc import lifecycle
+        from etl.orders import lifecycle
 
         settings = Settings.from_env()
         settings.lgc.validated()
@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
         """Fetch the results (JSON and HL7) of every item at ResultsAvailable that has none stored.
 
         Idempotent: a result is stored once however often this runs. Values are never printed."""
-        from etl.lgc.results import fetch_results
+        from etl.orders.results import fetch_results
 
         settings = Settings.from_env()
         settings.lgc.validated()
@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
         The order is fetched first; an item whose kit reached the lab (KitArrivedAtLab or later)
         is refused here and nothing is sent for it. Others are PATCHed and marked
         `cancel requested` until `labsync track` sees them Cancelled."""
-        from etl.lgc import lifecycle
+        from etl.orders import lifecycle
 
         settings = Settings.from_env()
         settings.lgc.validated()
@@ -118,8 +118,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """What the lgc_lifecycle DAG does, once: apply stored webhook events (each order confirmed
         with a GET), sweep open orders not checked recently, fetch new results."""
-        from etl.lgc import lifecycle
-        from etl.lgc.results import fetch_results
+        from etl.orders import lifecycle
+        from etl.orders.results import fetch_results
 
         settings = Settings.from_env()
         settings.lgc.validated()

@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         from etl import warehouse
         from etl.commands import progress as bars
         from etl.rupa.client import open_client
-        from etl.rupa.extract import extract_stream
+        from etl.extract.streams import extract_stream
         from etl.settings import Settings
 
         settings = Settings.from_env()
@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
         Exit 0: all applied. 1: some events could not be applied or a result download is still
         pending (both are retried by the next run)."""
         from etl import warehouse
-        from etl.rupa.events import apply_events as run
+        from etl.checkout.events import apply_events as run
         from etl.settings import Settings
 
         settings = Settings.from_env()

@@ -340,7 +340,7 @@ class LgcApi:
 class ApiSession:
     """One token, one vendor budget and one token-fetching client for a whole run; `api()` hands
     each concurrent worker its own `LgcApi` with a one-connection keep-alive transport (a
-    shared pool costs O(pool) bookkeeping per request in httpcore; see etl.lgc.load)."""
+    shared pool costs O(pool) bookkeeping per request in httpcore; see etl.orders.load)."""
 
     def __init__(self, settings: Settings, stack: contextlib.AsyncExitStack, http: httpx.AsyncClient,
                  tokens: TokenProvider, budget: AsyncBudget | None, transport: httpx.AsyncBaseTransport | None,

@@ -325,7 +325,7 @@ class RupaClient:
         """`POST /order_intents`: a cart for the practitioner to finish at `checkout_url`.
         Rupa takes no idempotency key, so only failures that surely left the request unprocessed
         are retried here; any other failure raises ApiError and the caller records the outcome
-        as unknown (etl.rupa.intents sends it again on its next run and counts it)."""
+        as unknown (etl.checkout.intents sends it again on its next run and counts it)."""
         body = {"data": {
             "type": "order_intent",
             "attributes": {"return_url": return_url},

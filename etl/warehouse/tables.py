@@ -120,7 +120,7 @@ lgc_outbox = Table(
     Column("line", Integer),
     Column("client_order_id", String(100), nullable=False),
     Column("body", Text),  # the exact bytes PUT, as UTF-8 text; NULL once settled
-    Column("body_sha256", String(64), nullable=False),  # etl.lgc.payload.payload_sha256
+    Column("body_sha256", String(64), nullable=False),  # etl.orders.payload.payload_sha256
     Column("outcome", String(20), nullable=False),  # etl.states.OutboxState
     Column("http_status", Integer),
     Column("attempts", Integer, nullable=False, default=0),  # loads that sent it, across runs
@@ -320,7 +320,7 @@ rupa_results = Table(
     Index("ix_rupa_results_order_id", "order_id"),
 )
 
-# ---- LetsGetChecked after the PUT: items, their status history, results (etl.lgc.lifecycle) --
+# ---- LetsGetChecked after the PUT: items, their status history, results (etl.orders.lifecycle) --
 lgc_order_items = Table(
     "lgc_order_items",
     metadata,

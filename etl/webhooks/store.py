@@ -26,7 +26,7 @@ from etl.warehouse.tables import webhook_events
 t = webhook_events
 MAX_ERROR = 500
 # Not a vendor event: the receiver's `GET /webhooks/rupa/return` stores one when a practitioner
-# comes back from Rupa Checkout (`return_url?order=…`); etl.rupa.events links the order.
+# comes back from Rupa Checkout (`return_url?order=…`); etl.checkout.events links the order.
 RUPA_CHECKOUT_RETURNED = "labsync.checkout_returned"
 
 

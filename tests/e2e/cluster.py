@@ -16,7 +16,7 @@ package), the metadata DB, the broker, the warehouse, the vendors, and the inbox
     inbox_kind="s3"      a bucket on moto's S3-compatible server (`moto_server`, moto[server]),
                          reached with the standard AWS_* variables: no folder shared at all
     inbox_kind="local"   a folder every worker sees (the only shared folder), for a checkout
-                         whose labsync has no object-storage inbox (etl/storage.py) yet
+                         whose labsync has no object-storage inbox (etl/intake/storage.py) yet
 
 LABSYNC_E2E_INBOX picks one; by default s3 when labsync and moto can do it, else local.
 
@@ -100,7 +100,7 @@ def default_inbox_kind() -> str:
     chosen = os.environ.get("LABSYNC_E2E_INBOX", "").strip().lower()
     if chosen:
         return chosen
-    can_s3 = all(importlib.util.find_spec(m) is not None for m in ("etl.storage", "moto", "s3fs"))
+    can_s3 = all(importlib.util.find_spec(m) is not None for m in ("etl.intake.storage", "moto", "s3fs"))
     return "s3" if can_s3 else "local"
 
 

@@ -47,8 +47,8 @@ from etl.http import (
     raise_for_retryable,
     retrying,
 )
-from etl.rupa.extract import STREAMS, row_dict
-from etl.rupa.store import timestamp as _timestamp
+from etl.extract.streams import STREAMS, row_dict
+from etl.extract.store import timestamp as _timestamp
 from etl.settings import Settings
 from etl.states import WebhookEventState
 from etl.warehouse import (

@@ -37,7 +37,7 @@ from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
 from etl.errors import ApiError
-from etl.lgc.lifecycle import run_async
+from etl.orders.lifecycle import run_async
 from etl.lgc.orders_api import get_field, open_session, text_of
 from etl.settings import Settings
 from etl.states import ItemStatus

@@ -9,21 +9,21 @@ What is checked where:
 - the file (here, before any row goes on): readable, UTF-8 (BOM or not), no NUL bytes, a header
   with no unknown, duplicate or missing required columns. Any of these -> UnusableInputError.
 - each row (here): the right number of cells, client_order_id unique within the file.
-- each row (the pandera model in schemas.order_batch, run by etl.batches.checks): every rule
+- each row (the pandera model in schemas.order_batch, run by etl.intake.checks): every rule
   of the LetsGetChecked document.
 
-Rows are read by `etl.batches.reader`: pyarrow's parser for lines that are whole records, the
+Rows are read by `etl.intake.reader`: pyarrow's parser for lines that are whole records, the
 csv module from any line where a quoted cell may span lines, so `line` is the true line number in
 the file (header = 1), blank lines are skipped and quoted cells may span lines. Memory is bounded
 by `chunk_rows`, whatever the file's size: the duplicate-id check keeps 12 bytes an id
-(`etl.batches.seen`), not the ids themselves.
+(`etl.intake.seen`), not the ids themselves.
 The rejects file (`FILE.rejects.csv`: one line per problem, `line` the file's physical line and
 `row` the row Excel shows) is written to a temporary name and renamed at the end; a file with no
 problems leaves no rejects file (a stale one from an earlier run is removed). With `fix_path`,
 the fix file (`FILE.fix.csv`) is written the same way: the rejected rows themselves, their
 original columns and values, behind a first column `problems` that says what is wrong with each.
 Fixed in Excel and dropped back, it is an ordinary batch: `problems` is read and ignored.
-Both are written by etl.batches.csvsafe (UTF-8 with BOM, CRLF, formula-safe cells).
+Both are written by etl.intake.csvsafe (UTF-8 with BOM, CRLF, formula-safe cells).
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from etl.batches import checks, csvsafe
-from etl.batches.names import fix_path_for, rejects_path_for  # noqa: F401  (re-exported)
-from etl.batches.reader import TEXT, Block, Reader
-from etl.batches.seen import SeenIds
+from etl.intake import checks, csvsafe
+from etl.intake.names import fix_path_for, rejects_path_for  # noqa: F401  (re-exported)
+from etl.intake.reader import TEXT, Block, Reader
+from etl.intake.seen import SeenIds
 from etl.errors import UnusableInputError
 from etl.readahead import ReadAhead
 from schemas.columns import (
@@ -69,7 +69,7 @@ PHONE_SEPARATORS = r"[\s\-.()]"
 _ROW = "(row)"  # the `column` of a problem that concerns the whole row
 
 # A callable that maps Rupa patient ids to {"first_name", "last_name", "email", "dob"} for the
-# ids it knows (see etl.rupa.enrich); rows whose id is unknown are rejected.
+# ids it knows (see etl.orders.enrich); rows whose id is unknown are rejected.
 RupaLookup = Callable[[list[str]], dict[str, dict]]
 
 # A contract's checks against the warehouse (e.g. unknown Rupa ids): the chunk's frame in,

@@ -1,7 +1,7 @@
 """The `lgc_orders` ledger: one row per clientOrderId saying what LetsGetChecked made of it.
 
 The ledger is the authority that keeps an order from being sent twice, across batches, runs,
-workers and retries. Rows to send come from the outbox (etl.lgc.outbox); each outbox row's own
+workers and retries. Rows to send come from the outbox (etl.orders.outbox); each outbox row's own
 result is written back there in the same transaction as the ledger's.
 
 Life of a ledger row:

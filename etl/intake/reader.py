@@ -20,7 +20,7 @@ with universal newlines (`\\n`, `\\r\\n` or a lone `\\r`), as Python's text file
 
 Cells come out trimmed (Unicode whitespace: the same set as `str.strip`) with empty cells as
 null; a record whose cells are all empty is a blank line and is skipped. A cell that starts with
-the apostrophe labsync puts before a formula-like value in the CSVs it writes (etl.batches.csvsafe:
+the apostrophe labsync puts before a formula-like value in the CSVs it writes (etl.intake.csvsafe:
 `'+1`, `''x`) loses that one apostrophe, so a fix file (FILE.fix.csv) edited in Excel and dropped
 back reads as the values it was written from; `O'Brien` or `'x` are left alone.
 
@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pv
 
-from etl.batches.csvsafe import unsafe_cell
+from etl.intake.csvsafe import unsafe_cell
 from etl.errors import UnusableInputError
 
 csv.field_size_limit(16 * 1024 * 1024)

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from etl.batches import csvsafe, summary
-from etl.batches.validate import rejects_path_for
+from etl.intake import csvsafe, summary
+from etl.intake.validate import rejects_path_for
 from etl.warehouse import rupa_order_intents, rupa_patients
 
 if TYPE_CHECKING:  # pragma: no cover
-    from etl.rupa.intents import IntentsOutcome
+    from etl.checkout.intents import IntentsOutcome
 
 t = rupa_order_intents
 LOOKUP_CHUNK = 500
@@ -78,7 +78,7 @@ def checkout_rows(engine: Engine, seen: Sequence[tuple[int | None, str]],
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Mapping]) -> Path:
-    """A UTF-8 (BOM) CSV through the house's formula-safe writer (etl.batches.csvsafe)."""
+    """A UTF-8 (BOM) CSV through the house's formula-safe writer (etl.intake.csvsafe)."""
     return csvsafe.write_rows(path, header, ([r.get(c) for c in header] for r in rows), bom=True)
 
 

@@ -15,7 +15,7 @@ The rows themselves travel through the warehouse (the outbox), never through a l
 each step can run on a different worker.
 
 Who processes a file is decided in the warehouse, not by renaming it: the batch (known by the
-sha256 of the file's bytes) is claimed by one owner with a lease (etl.batches.records). Two
+sha256 of the file's bytes) is claimed by one owner with a lease (etl.intake.records). Two
 `labsync inbox` runs, or the CLI beside the DAG, each process the files they claimed; a file held
 by a live run is left alone, and one whose run died (its lease lapsed) is taken over where it
 stood: re-validated if its outbox was half-written, loaded and finished if it was staged.
@@ -27,7 +27,7 @@ the rows that did not go through (given-up rows included: a person dropped it ag
 did not go through also go out by themselves: each run resumes `incomplete` batches from the
 outbox (`retry`), and a batch whose last row settles becomes `loaded`, its summary rewritten.
 
-The inbox is a local folder or any fsspec URL (`s3://bucket/prefix`, …: etl.storage). Object
+The inbox is a local folder or any fsspec URL (`s3://bucket/prefix`, …: etl.intake.storage). Object
 stores cannot rename atomically, and nothing here needs them to: the warehouse decides who owns a
 file, a move is a copy then a delete recorded in the warehouse first (`move`), and a file is
 validated from a local temporary copy inside the one task that reads it; its reports are put
@@ -45,17 +45,18 @@ from pathlib import Path, PurePosixPath
 
 from sqlalchemy import Engine
 
-from etl import storage
-from etl.batches import records, staging, summary
-from etl.batches.names import fix_path_for, rejects_path_for, summary_path
+from etl.intake import storage
+from etl.intake import records, summary
+from etl.orders import staging
+from etl.intake.names import fix_path_for, rejects_path_for, summary_path
 from etl.claims import Heartbeat, cli_owner
 from etl.claims import now as _now
 from etl.errors import LabsyncError
-from etl.lgc import outbox
+from etl.orders import outbox
 from etl.logs import counts_text
 from etl.settings import Settings
 from etl.states import BatchStatus, OutboxState
-from etl.storage import Store
+from etl.intake.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ PROCESSED, FAILED = "processed", "failed"
 
 
 def open_inbox(settings: Settings) -> Store:
-    """The inbox's store (a local folder or an fsspec URL: etl.storage), its folders made."""
+    """The inbox's store (a local folder or an fsspec URL: etl.intake.storage), its folders made."""
     return storage.open_store(settings.inbox, conn_id=settings.inbox_conn_id).ensure(PROCESSED, FAILED)
 
 
@@ -370,7 +371,7 @@ def load_chunk(engine: Engine, settings: Settings, chunk: dict, *, owner: str,
                file_owner: str | None = None, **kw) -> dict:
     """Load one chunk of outbox rows; returns the LoadSummary as a dict plus the batch id.
     `file_owner`: the run holding the batch's file, whose claim the heartbeat keeps alive too."""
-    from etl.lgc.load import load_chunk as load
+    from etl.orders.load import load_chunk as load
 
     result = load(engine, settings, chunk, owner=owner, heartbeat_owners=[file_owner] if file_owner else [], **kw)
     log.info("batch %s rows %s-%s: %s", chunk["batch_id"], chunk["first_id"], chunk["last_id"],
@@ -459,7 +460,7 @@ def render(engine: Engine, batch_id: int, batch_file: str, *, store: Store, wher
     """The batch's summary page, from the warehouse alone (outbox, ledger, rejected rows, and the
     accepted orders' item statuses once `labsync track` or a webhook has told them). `where`: the
     file's place in the inbox, as the page shows it (`processed/orders.csv`)."""
-    from etl.lgc.lifecycle import item_statuses
+    from etl.orders.lifecycle import item_statuses
 
     row = records.get(engine, batch_id)
     counts = outbox.counts(engine, [batch_id])[batch_id]

@@ -67,7 +67,7 @@ def client_order_id(row: Mapping[str, Any]) -> str:
 
 
 def build_payload(row: Mapping[str, Any]) -> dict:
-    """Validated row dict (see etl.batches.validate) -> PUT body (a JSON-ready dict)."""
+    """Validated row dict (see etl.intake.validate) -> PUT body (a JSON-ready dict)."""
     try:
         items = parse_order_items(_value(row, "order_items"))
     except ValueError as exc:  # OrderItemError: its message names codes, never PHI

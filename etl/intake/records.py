@@ -27,7 +27,7 @@ from etl.states import BatchStatus
 from etl.warehouse import batch_files, rejected_rows
 
 if TYPE_CHECKING:  # validation needs pandas; commands that only load a staged batch skip it
-    from etl.batches.validate import CsvValidation, RupaLookup, ValidationResult
+    from etl.intake.validate import CsvValidation, RupaLookup, ValidationResult
 
 INSERT_PAGE = 5_000
 
@@ -71,7 +71,7 @@ def record_rejects(engine: Engine, batch_id: int, rejects_csv: Path | None) -> i
 
 
 def _record_rejects(conn: sa.Connection, batch_id: int, rejects_csv: Path | None) -> int:
-    from etl.batches.csvsafe import read_rows
+    from etl.intake.csvsafe import read_rows
 
     conn.execute(sa.delete(rejected_rows).where(rejected_rows.c.batch_id == batch_id))
     if rejects_csv is None or not Path(rejects_csv).exists():
@@ -103,7 +103,7 @@ def finish_validation(
 ) -> None:
     """Store the counts of a completed validation and its rejected rows, in one transaction.
 
-    `status`: `validated` once the batch's outbox rows are all written (etl.batches.staging).
+    `status`: `validated` once the batch's outbox rows are all written (etl.orders.staging).
     None (a check-only run, `labsync validate`): a batch that was never staged stays (or becomes
     again) `received`; one already staged or loaded keeps its status: checking a file again
     must not make its outbox look unwritten."""
@@ -186,7 +186,7 @@ def release_batch(engine: Engine, batch_id: int, *, owner: str, keep_move: bool 
 
 def begin_move(engine: Engine, batch_id: int, source: str, target: str, *, fence) -> None:
     """Record the move of the batch's file before it starts (a copy then a delete on object
-    stores), so a run that dies half-way leaves the next run the same target (etl.batches.inbox)."""
+    stores), so a run that dies half-way leaves the next run the same target (etl.orders.inbox)."""
     with engine.begin() as conn:
         fence(conn)
         conn.execute(sa.update(batch_files).where(batch_files.c.id == batch_id)
@@ -238,7 +238,7 @@ def rupa_lookup_for(engine: Engine) -> RupaLookup:
     validation works without the Rupa module's dependencies)."""
 
     def lookup(ids: list[str]) -> dict[str, dict]:
-        from etl.rupa.enrich import make_rupa_lookup
+        from etl.orders.enrich import make_rupa_lookup
 
         return make_rupa_lookup(engine)(ids)
 
@@ -250,7 +250,7 @@ def open_batch(engine: Engine, path: Path | str, **kw) -> tuple[int, CsvValidati
 
     An unusable file is recorded (status `unusable`, with the reason) and the
     UnusableInputError re-raised for the caller to report."""
-    from etl.batches.validate import CsvValidation
+    from etl.intake.validate import CsvValidation
 
     kw.setdefault("rupa_lookup", rupa_lookup_for(engine))
     try:

@@ -20,7 +20,7 @@ thread (`etl.readahead`, at most AHEAD_PAGES ahead) while the current write runs
 have arrived by then are written together, up to about GROUP_ROWS rows (on PostgreSQL at page size 100 the round trips
 and commit of each page, not its rows, were most of the time; when fetching is the slower side,
 each page is still written as it comes). A write is one lookup of its ids, then an upsert of the
-new and changed rows and a touch of the unchanged ones (`etl.rupa.store`), each record
+new and changed rows and a touch of the unchanged ones (`etl.extract.store`), each record
 serialised once, never a server-prepared statement on PostgreSQL. Pages fetched ahead are not
 written until the current transaction has committed, so the crash story above is unchanged: a
 kill loses at most the pages being written and those fetched ahead, and the next run resumes
@@ -57,7 +57,7 @@ from etl.http import describe_transport_error
 from etl.readahead import ReadAhead
 from etl.redact import clean
 from etl.rupa.client import Page, RupaApiError, RupaClient, RupaPageLoop, open_client
-from etl.rupa.store import PageWriter, Record, record_for
+from etl.extract.store import PageWriter, Record, record_for
 from etl.settings import Settings
 from etl.warehouse import rupa_lab_tests, rupa_patients, sync_state, upsert
 

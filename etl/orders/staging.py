@@ -2,14 +2,14 @@
 
     taken = take(engine, settings, name, sha256, owner=...)  # None: another live run has it
     staged = stage(engine, settings, taken, path, owner=...)  # unusable -> nothing loadable
-    ... load the batch's chunks (etl.lgc.load.load_chunk) ...
+    ... load the batch's chunks (etl.orders.load.load_chunk) ...
     status = finish(engine, settings, batch_id, owner=...)    # loaded | incomplete; None if not ours
 
-The inbox (etl.batches.inbox) and `labsync load FILE` both go this way, so nothing is ever sent
+The inbox (etl.orders.inbox) and `labsync load FILE` both go this way, so nothing is ever sent
 for a file that proves unusable anywhere in it: the batch's outbox rows become loadable only
 when the batch is `validated`, set in the transaction that records the end of its validation;
 a file found unusable on its last line has the rows written so far deleted and becomes
-`unusable`. Every write is fenced by the batch's claim (etl.batches.records.fence).
+`unusable`. Every write is fenced by the batch's claim (etl.intake.records.fence).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from etl.batches import records
-from etl.batches.names import fix_path_for, rejects_path_for
+from etl.intake import records
+from etl.intake.names import fix_path_for, rejects_path_for
 from etl.claims import now as _now
 from etl.errors import UnusableInputError
-from etl.lgc import outbox
+from etl.orders import outbox
 from etl.settings import Settings
 from etl.states import BatchStatus, OutboxState
 from etl.vault import vault_for
@@ -114,7 +114,7 @@ def stage(
     """Validate the whole file and write its outbox (bodies built once, in bulk). The batch is
     `validated` (loadable) only at the end; an unusable file leaves no outbox rows and the batch
     `unusable` with the one-line reason. Raises LostClaim if another run took the batch over."""
-    from etl.batches.validate import CsvValidation  # pandas: only when a file is validated
+    from etl.intake.validate import CsvValidation  # pandas: only when a file is validated
 
     batch_id = taken.batch_id
     fence = records.fence(batch_id, owner=owner, lease=lease(settings))

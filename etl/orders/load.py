@@ -4,7 +4,7 @@
                                                                      # the CLI and `retry` call
     load_rows(engine, settings, rows, ...) -> LoadSummary            # rows -> outbox -> load (tests, bench)
 
-A chunk is an id range of one batch's outbox rows (etl.lgc.outbox.Chunk). Pipeline: read a window
+A chunk is an id range of one batch's outbox rows (etl.orders.outbox.Chunk). Pipeline: read a window
 of rows (their stored bodies) -> `ledger.claim` (pending written *before* sending; decides
 send / skip / busy; the outbox follows in the same transaction) -> a bounded queue -> N workers
 (`LgcSettings.concurrency`) sharing one httpx.AsyncClient, one token and the vendor budget ->
@@ -43,13 +43,13 @@ from etl import wire
 from etl.claims import Heartbeat, cli_owner
 from etl.errors import AuthError, LabsyncError
 from etl.http import make_async_client
-from etl.lgc import ledger, outbox
+from etl.orders import ledger, outbox
 from etl.lgc.auth import TokenProvider
 from etl.lgc.breaker import Breaker
 from etl.lgc.budget import AsyncBudget
 from etl.lgc.client import ACCEPTED, CONFLICT, FAILED, LgcClient, Outcome
-from etl.lgc.ledger import BUSY, SEND, Prepared, Result
-from etl.lgc.outbox import Chunk, body_bytes  # noqa: F401  (body_bytes re-exported)
+from etl.orders.ledger import BUSY, SEND, Prepared, Result
+from etl.orders.outbox import Chunk, body_bytes  # noqa: F401  (body_bytes re-exported)
 from etl.settings import Settings
 from etl.states import OutboxState
 from etl.vault import vault_for
@@ -439,7 +439,7 @@ def load_rows(
     """Validated row dicts -> the outbox of `batch_id` (a new batch when None) -> loaded.
 
     The shortcut for callers without a file (tests, bench/load.py); files go through
-    etl.batches (validate the whole file first, then load). Rows repeating a clientOrderId of
+    etl.orders.inbox (validate the whole file first, then load). Rows repeating a clientOrderId of
     the batch are counted `duplicate` and not sent."""
     batch_id = batch_id if batch_id is not None else outbox.adhoc_batch(engine)
     written = outbox.write(engine, batch_id, rows, vault=vault_for(settings.fernet_key, engine))

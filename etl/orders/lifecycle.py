@@ -46,7 +46,7 @@ from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
 from etl.errors import ApiError, UnusableInputError
-from etl.lgc import ledger
+from etl.orders import ledger
 from etl.lgc.orders_api import (
     LgcOrder,
     get_field,
@@ -545,7 +545,7 @@ def apply_webhooks(engine: Engine, settings: Settings, *, page: int = 500,
     `lifecycle.max_event_attempts` times), page by page, oldest first:
     order events -> their item status by the ordering rule, then a GET of the order;
     result events -> a GET of the order holding that barcode (its results are fetched by
-    `etl.lgc.results`); other types are marked `ignored`. An event is `applied` once its order
+    `etl.orders.results`); other types are marked `ignored`. An event is `applied` once its order
     answered the GET; `failed` (retried next run) when the GET failed or the barcode is not
     known yet."""
     summary = WebhookSummary(track=TrackSummary())

@@ -2,7 +2,7 @@
 
 Why from the warehouse and not the API: validation runs on whole batches and must not depend on
 Rupa being up; `labsync extract patients` keeps the copy current. The validator
-(etl.batches.validate, `rupa_lookup=`) fills only blank cells, so a value the program manager
+(etl.intake.validate, `rupa_lookup=`) fills only blank cells, so a value the program manager
 typed always wins, and rejects a row whose id is unknown (or marked deleted).
 """
 

@@ -17,8 +17,8 @@ Credentials:
   read it).
 
 Object stores have no atomic rename and no folders: nothing here relies on either. Who owns a
-file is decided in the warehouse (etl.batches.records); a move is a copy then a delete, made
-safe to repeat by the caller (etl.batches.inbox.move). Listings are never served from fsspec's
+file is decided in the warehouse (etl.intake.records); a move is a copy then a delete, made
+safe to repeat by the caller (etl.orders.inbox.move). Listings are never served from fsspec's
 cache, since other runs change the folder between two looks.
 """
 

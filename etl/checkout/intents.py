@@ -4,7 +4,7 @@ report out.
     process_intents_file(engine, settings, path)  -> IntentsOutcome   (`labsync intents`, the inbox)
     dry_run(engine, settings, path, out)          -> (would send, already settled, validation)
 
-(The inbox subfolder is etl.rupa.intents_inbox; the report is etl.rupa.checkout_report.)
+(The inbox subfolder is etl.checkout.inbox; the report is etl.checkout.report.)
 
 Per valid row (schemas/order_intents.py, validated by the one validator with a warehouse
 cross-check; RUPA_CONCURRENCY rows at a time): get or create the patient (`POST /patients`;
@@ -42,12 +42,12 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
-from etl.batches import records
-from etl.batches.validate import CsvValidation
+from etl.intake import records
+from etl.intake.validate import CsvValidation
 from etl.claims import Heartbeat, cli_owner
 from etl.errors import ApiError, AuthError
 from etl.logs import counts_text
-from etl.rupa.checkout_report import (
+from etl.checkout.report import (
     RESENT,
     ledger_rows,
     write_report,

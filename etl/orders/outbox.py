@@ -28,8 +28,8 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
 from etl.claims import now as _now
-from etl.lgc.ledger import Prepared
-from etl.lgc.payload import PayloadError, build_payload, client_order_id, payload_sha256
+from etl.orders.ledger import Prepared
+from etl.orders.payload import PayloadError, build_payload, client_order_id, payload_sha256
 from etl.states import RETRYABLE_OUTBOX_STATES, BatchStatus, OutboxState
 from etl.vault import Vault
 from etl.warehouse.tables import batch_files, lgc_orders, lgc_outbox
@@ -82,7 +82,7 @@ def _insert(conn: Connection):
 
 def staged(row: Mapping[str, Any], batch_id: int, now: datetime, vault: Vault | None) -> dict:
     """One validated row -> its outbox row: the body built once, by the one mapping
-    (etl.lgc.payload), and sealed by the vault (`None` only for the dry run, which stores
+    (etl.orders.payload), and sealed by the vault (`None` only for the dry run, which stores
     nothing). A row that cannot be mapped is stored `rejected` with the reason, no body."""
     coid = client_order_id(row)
     line = row.get("line")

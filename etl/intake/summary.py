@@ -1,6 +1,6 @@
 """The summary page a program manager opens: what needs doing first, then the totals, where the
 file and its reports are, the next steps, and the rows themselves. One self-contained HTML file
-(Jinja2 templates in etl/batches/templates/, the stylesheet inline, no scripts), written beside
+(Jinja2 templates in etl/intake/templates/, the stylesheet inline, no scripts), written beside
 the processed file.
 
 Every value is escaped by Jinja2's autoescape; error texts (ledger errors, the note) also pass
@@ -8,7 +8,7 @@ the redaction point (etl.redact). Links are relative (the reports sit beside the
 percent-encoded, so the page works wherever the folder is copied.
 
 Two entry points:
-- `batch_page(...)`: an order batch, from the warehouse's counts (etl.batches.inbox.render). The
+- `batch_page(...)`: an order batch, from the warehouse's counts (etl.orders.inbox.render). The
   page names six outcomes, and they add up to the rows of the file (the reconciliation line):
   rows in file = rejected + accepted + conflict + failed + pending + already settled. The outbox
   has finer states; each is counted under one of the six and the page says so (PAGE_OUTCOME).
@@ -45,7 +45,7 @@ STATE_HELP = {
     "busy": "another run was sending this order at the same time",
     "duplicate": "the same clientOrderId appeared twice in this batch",
     "rejected before sending": "did not pass validation, so nothing was sent; see the rejected rows below",
-    # Rupa order intents (etl.rupa.intents)
+    # Rupa order intents (etl.checkout.intents)
     "created": "Rupa created the cart; send the practitioner to its checkout link below",
     "already created": "this row_id got its cart in an earlier run; nothing was sent again",
     "rejected by Rupa": "Rupa refused the row; see the note below",
@@ -89,7 +89,7 @@ FOLDED = {
 def _env():
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-    return Environment(loader=PackageLoader("etl.batches", "templates"),
+    return Environment(loader=PackageLoader("etl.intake", "templates"),
                        autoescape=select_autoescape(default=True, default_for_string=True),
                        undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
@@ -141,7 +141,7 @@ def render(
     order_item_ids); `problem_rows`: ledger rows that did not go through; `checkout`: Rupa
     order-intent rows (line, row_id, patient, rupa_patient_id, state, checkout_url, note), each
     with a clickable link (http/https only); `item_statuses`: clientOrderId -> its items as
-    etl.lgc.lifecycle.item_statuses gives them."""
+    etl.orders.lifecycle.item_statuses gives them."""
     tiles = [{"name": state, "count": n, "tone": _tone_of(state), "help": STATE_HELP.get(state, "")}
              for state, n in counts.items() if n]
     legend = [(state, STATE_HELP[state]) for state, n in counts.items() if n and state in STATE_HELP]
