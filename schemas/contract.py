@@ -1,4 +1,4 @@
-"""What a CSV contract tells the one validator (etl.batches.validate.CsvValidation).
+"""What a CSV contract tells the one validator (etl.intake.validate.CsvValidation).
 
 The validator reads, trims, numbers lines, checks the header and row widths, runs the pandera
 schema lazily, turns failures into sentences and writes the reject report; a contract says

@@ -10,7 +10,7 @@
 
 Like the order batch (schemas/order_batch.py): cells arrive as trimmed strings, nothing is
 coerced, each check has a name and `reason_for` turns a failure into a sentence. Whether an id
-exists at Rupa is checked against the warehouse copy by etl.rupa.intents (a cross-check hook).
+exists at Rupa is checked against the warehouse copy by etl.checkout.intents (a cross-check hook).
 """
 
 from __future__ import annotations
