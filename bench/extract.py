@@ -1,7 +1,7 @@
 """Benchmark: Rupa sandbox patients extracted into SQLite AND PostgreSQL, at two page sizes.
 
 For each size (default 20k and 200k patients) and page size (default 100 and 500) the DAG's
-task function (`etl.tasks.rupa_extract`) runs in a fresh interpreter against a fresh SQLite file and a fresh
+task function (`etl.airflow.tasks.rupa_extract`) runs in a fresh interpreter against a fresh SQLite file and a fresh
 database on a throwaway PostgreSQL server (started the way tests/pgserver.py does, or
 LABSYNC_TEST_POSTGRES_URL). Prints rows/s of each, the PostgreSQL/SQLite ratio (goal >= 0.9 at
 every page size) and each child's peak RSS (read from `os.wait4`'s `ru_maxrss`). The sandbox
@@ -98,7 +98,7 @@ def _clean_env() -> dict:
 CHILD = r"""
 import json, sys
 from etl.settings import Settings
-from etl.tasks import rupa_extract
+from etl.airflow.tasks import rupa_extract
 print(json.dumps(rupa_extract("patients", Settings.from_env())))
 """
 

@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from etl import warehouse  # noqa: E402
-from etl.extract.streams import extract_all  # noqa: E402
 from etl.checkout.intents import process_intents_file  # noqa: E402
+from etl.extract.streams import extract_all  # noqa: E402
 from etl.settings import RetrySettings, Settings  # noqa: E402
 
 

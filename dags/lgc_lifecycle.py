@@ -35,19 +35,19 @@ RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=1), "execution_timeout
 def lgc_lifecycle():
     @task(outlets=[LGC_ORDER_ITEMS])
     def apply_webhooks() -> dict:
-        from etl.tasks import lgc_apply_webhooks
+        from etl.airflow.tasks import lgc_apply_webhooks
 
         return lgc_apply_webhooks()
 
     @task(outlets=[LGC_ORDER_ITEMS], trigger_rule="all_done")
     def sweep() -> dict:
-        from etl.tasks import lgc_sweep
+        from etl.airflow.tasks import lgc_sweep
 
         return lgc_sweep()
 
     @task(outlets=[LGC_RESULTS], trigger_rule="all_done")
     def fetch_results() -> dict:
-        from etl.tasks import lgc_fetch_results
+        from etl.airflow.tasks import lgc_fetch_results
 
         return lgc_fetch_results()
 

@@ -48,7 +48,7 @@ RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=1), "execution_timeout
 def order_batches():
     @task
     def prepare() -> dict:
-        from etl.tasks import inbox_prepare
+        from etl.airflow.tasks import inbox_prepare
 
         return inbox_prepare()
 
@@ -61,20 +61,20 @@ def order_batches():
     def load(chunk: dict) -> dict:
         from airflow.sdk import get_current_context
 
-        from etl.tasks import chunk_label, inbox_load_chunk
+        from etl.airflow.tasks import chunk_label, inbox_load_chunk
 
         get_current_context()["chunk_label"] = chunk_label(chunk)  # the UI's name for this task
         return inbox_load_chunk(chunk)
 
     @task(trigger_rule="all_done")
     def finish(prepared: dict) -> list:
-        from etl.tasks import inbox_finish
+        from etl.airflow.tasks import inbox_finish
 
         return inbox_finish(prepared)
 
     @task(trigger_rule="none_failed", retries=0)
     def check(outcomes: list) -> dict:
-        from etl.tasks import inbox_check
+        from etl.airflow.tasks import inbox_check
 
         return inbox_check(outcomes)
 

@@ -33,13 +33,13 @@ RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=1), "execution_timeout
 def rupa_checkout():
     @task
     def intents() -> list:
-        from etl.tasks import rupa_intents
+        from etl.airflow.tasks import rupa_intents
 
         return rupa_intents()
 
     @task
     def rupa_events() -> dict:
-        from etl.tasks import rupa_events as run
+        from etl.airflow.tasks import rupa_events as run
 
         return run()
 

@@ -29,13 +29,13 @@ RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=2), "execution_timeout
 def rupa_extract():
     @task(outlets=[RUPA_PATIENTS])
     def extract_patients() -> dict:
-        from etl.tasks import rupa_extract as run
+        from etl.airflow.tasks import rupa_extract as run
 
         return run("patients")
 
     @task(outlets=[RUPA_LAB_TESTS])
     def extract_lab_tests() -> dict:
-        from etl.tasks import rupa_extract as run
+        from etl.airflow.tasks import rupa_extract as run
 
         return run("lab_tests")
 

@@ -150,6 +150,8 @@ def _warehouse_error(exc: BaseException):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import etl.airflow.storage  # noqa: F401  (an inbox connection id goes through Airflow, when installed)
+
     with logs.cli_session():
         return _main(argv)
 

@@ -172,8 +172,8 @@ def _fernet(settings: Settings, engine) -> str:
 
 def _inbox(location: str | Path, conn_id: str | None = None) -> str:
     if "://" in str(location):  # an object store: list it (nothing written, nothing created)
-        from etl.intake import storage
         from etl.errors import LabsyncError
+        from etl.intake import storage
 
         try:
             store = storage.open_store(str(location), conn_id=conn_id)

@@ -49,7 +49,7 @@ def counts_text(counts, order=()) -> str:
 
 def install() -> None:
     """Route every log record through the redaction point (idempotent). `configure` does this;
-    Airflow tasks, whose logging Airflow sets up, call it directly (etl.tasks)."""
+    Airflow tasks, whose logging Airflow sets up, call it directly (etl.airflow.tasks)."""
     global _installed
     with _lock:
         if _installed:

@@ -364,24 +364,3 @@ class Settings:
                                           d.lifecycle.cancel_patch),
             ),
         )
-
-    @classmethod
-    def from_airflow(
-        cls,
-        *,
-        lgc_conn_id: str = "lgc_default",
-        rupa_conn_id: str = "rupa_default",
-        warehouse_conn_id: str = "labsync_warehouse",
-        env: Mapping[str, str] | None = None,
-        require: tuple[str, ...] = (),
-    ) -> Settings:
-        """Environment settings overlaid with Airflow Connections (the DAGs' source), read
-        through the labsync Hooks: see etl.airflow.settings (which needs Airflow; this module
-        does not). A task that talks to a vendor named in `require` ("lgc", "rupa") with neither
-        its Connection nor its base-URL variable fails with a message naming both."""
-        try:
-            from etl.airflow.settings import task_settings
-        except ImportError as exc:  # pragma: no cover - the DAGs always have Airflow
-            raise ConfigError("Airflow is not installed; use Settings.from_env()") from exc
-        return task_settings(lgc_conn_id=lgc_conn_id, rupa_conn_id=rupa_conn_id,
-                             warehouse_conn_id=warehouse_conn_id, env=env, require=require)

@@ -6,7 +6,7 @@ Where the key comes from, first match wins:
 1. `LABSYNC_FERNET_KEY` (`Settings.fernet_key`): one key, or `new,old,...` while rotating. The
    first encrypts; any of them decrypts (MultiFernet). Give the same value to the CLI and to
    every Airflow worker (e.g. from a Kubernetes Secret).
-2. In Airflow tasks, the Variable `labsync_fernet_secret` (Settings.from_airflow), which a
+2. In Airflow tasks, the Variable `labsync_fernet_secret` (etl.airflow.settings.task_settings), which a
    secrets backend can hold. Airflow's own `[core] fernet_key` is deliberately not used: Airflow
    3 workers need not have it, and the CLI must read the rows the DAGs write.
 3. For an embedded SQLite warehouse only: a key file beside the database (`labsync.db.key`,

@@ -110,7 +110,7 @@ say "airflow dags test order_batches: 12 orders accepted, files in $(ls "$run/in
 bare="$work/bare-venv"
 uv venv --quiet --python "$py" "$bare"
 uv pip install --quiet --python "$bare/bin/python" "$wheel"
-(cd "$work" && "$bare/bin/python" -c "import etl.lgc.client, etl.rupa.client, etl.tasks, etl.airflow.provider")
+(cd "$work" && "$bare/bin/python" -c "import etl.lgc.client, etl.rupa.client, etl.airflow.tasks, etl.airflow.provider")
 set +e
 said=$(cd "$work" && "$bare/bin/labsync" sandbox 2>&1); code=$?
 set -e

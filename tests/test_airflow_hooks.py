@@ -140,9 +140,9 @@ def test_the_test_button_fetches_real_tokens_and_says_plainly_why_not(airflow_en
 
 
 def test_tasks_read_their_vendor_settings_through_the_hooks(monkeypatch):
-    """Settings.from_airflow: the Connections (any type, plain or prefixed extras) overlay the
+    """airflow_settings: the Connections (any type, plain or prefixed extras) overlay the
     environment; the same LgcSettings/RupaSettings objects, checked by the same validated()."""
-    from etl.settings import Settings
+    from etl.airflow.tasks import airflow_settings
 
     for name in ("LGC_BASE_URL", "LGC_CLIENT_ID", "RUPA_BASE_URL", "RUPA_API_TOKEN"):
         monkeypatch.delenv(name, raising=False)
@@ -152,7 +152,7 @@ def test_tasks_read_their_vendor_settings_through_the_hooks(monkeypatch):
         "extra": {"client_id": "ABCD"}}))
     monkeypatch.setenv("AIRFLOW_CONN_RUPA_DEFAULT", json.dumps({  # an older untyped Connection
         "conn_type": "http", "host": "https://api.rupa.example/", "extra": {"extra__labsync-rupa__access_token": "tok.en"}}))
-    settings = Settings.from_airflow(require=("lgc", "rupa"))
+    settings = airflow_settings(require=("lgc", "rupa"))
     lgc = settings.lgc.validated()
     assert (lgc.base_url, lgc.client_id, lgc.access_key, lgc.concurrency) == ("https://api.lgc.example", "ABCD", "A" * 25, 3)
     assert (settings.rupa.base_url, settings.rupa.api_token) == ("https://api.rupa.example", "tok.en")
@@ -169,12 +169,13 @@ def test_the_clients_and_the_provider_info_import_without_airflow():
                "        if name == 'airflow' or name.startswith('airflow.'):\n"
                "            raise ImportError('no airflow here')\n"
                "sys.meta_path.insert(0, Block())\n"
-               "import etl.lgc.client, etl.rupa.client, etl.settings, etl.tasks, etl.cli\n"
+               "import etl.lgc.client, etl.rupa.client, etl.settings, etl.airflow.tasks, etl.cli\n"
                "from etl.airflow.provider import get_provider_info\n"
                "print(sorted(c['connection-type'] for c in get_provider_info()['connection-types']))\n"
                "from etl.settings import Settings\n"
                "from etl.errors import ConfigError\n"
-               "try:\n    Settings.from_airflow()\n"
+               "from etl.airflow.tasks import airflow_settings\n"
+               "try:\n    airflow_settings()\n"
                "except ConfigError as exc:\n    print(exc)\n")
     done = subprocess.run([sys.executable, "-c", blocker], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -212,9 +212,9 @@ def test_order_batches_fails_while_the_vendor_is_down_and_succeeds_once_a_later_
 
 
 def test_a_task_with_no_lgc_connection_and_no_variable_names_both(airflow_env, tmp_path):
-    code = ("from etl.settings import Settings\n"
+    code = ("from etl.airflow.tasks import airflow_settings\n"
             "from etl.errors import ConfigError\n"
-            "try:\n    Settings.from_airflow(require=('lgc',))\n"
+            "try:\n    airflow_settings(require=('lgc',))\n"
             "except ConfigError as exc:\n    print('PROBE', exc)\n")
     env = {k: v for k, v in airflow_env.items() if not k.startswith("AIRFLOW_CONN_")}
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)

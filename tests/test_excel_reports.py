@@ -9,9 +9,9 @@ import csv
 
 import pytest
 
+from etl.errors import UnusableInputError
 from etl.intake.csvsafe import read_rows
 from etl.intake.validate import CsvValidation, fix_path_for, validate_file
-from etl.errors import UnusableInputError
 from tests.helpers import read_rejects, seed_row, write_csv
 
 BOM = b"\xef\xbb\xbf"

@@ -252,8 +252,8 @@ def test_ordinary_text_passes_the_redaction_point_unchanged(text):
 
 def test_rupa_errors_keep_only_structured_parts(sandbox, tmp_path, engine, settings):
     """A JSON:API error echoing names and the token: neither the exception nor sync_state holds them."""
-    from etl.rupa.client import RupaApiError
     from etl.extract.streams import extract_stream
+    from etl.rupa.client import RupaApiError
     from tests.rupa_support import authorize, state_of, with_rupa
 
     rupa = sandbox.sandbox.rupa

@@ -9,8 +9,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import pytest
 
 from etl.cli import main
-from etl.rupa.client import RupaApiError
 from etl.extract.streams import extract_stream
+from etl.rupa.client import RupaApiError
 from etl.warehouse import rupa_patients
 from tests.rupa_support import authorize, cli_env, count, state_of, with_rupa
 

@@ -17,9 +17,9 @@ import pytest
 import sqlalchemy as sa
 
 from etl import warehouse
-from etl.orders import inbox
 from etl.claims import now, run_owner, task_owner
 from etl.cli import main
+from etl.orders import inbox
 from etl.warehouse import batch_files, lgc_orders, lgc_outbox, rejected_rows
 from tests.helpers import EXAMPLES, seed_row, write_csv
 from tests.inboxes import InboxView
@@ -375,7 +375,7 @@ def test_a_load_task_in_another_working_directory_and_temp_dir_loads_its_chunk(b
     elsewhere = tmp_path / "worker-2"
     (elsewhere / "tmp").mkdir(parents=True)
     env = cli_env(settings, TMPDIR=str(elsewhere / "tmp"), LABSYNC_INBOX=str(elsewhere / "no-inbox-here"))
-    code = ("import json, sys; from etl.tasks import inbox_load_chunk; "
+    code = ("import json, sys; from etl.airflow.tasks import inbox_load_chunk; "
             "print(json.dumps(inbox_load_chunk(json.loads(sys.argv[1]), ti_owner=sys.argv[2], run_owner=sys.argv[3])))")
     done = subprocess.run([sys.executable, "-c", code, json.dumps(chunk),
                            task_owner("order_batches", "r", "load", 0), OWNER],

@@ -16,10 +16,10 @@ from dataclasses import replace
 import pytest
 import sqlalchemy as sa
 
-from etl.intake import storage
 from etl import warehouse
-from etl.orders import inbox
 from etl.cli import main
+from etl.intake import storage
+from etl.orders import inbox
 from etl.warehouse import batch_files
 from tests.helpers import REPO
 from tests.inboxes import InboxView
@@ -153,6 +153,7 @@ AIRFLOW_PROBE = r"""
 import json, sys
 import s3fs
 from airflow.sdk.io import attach
+import etl.airflow.storage  # the CLI and the DAG tasks import it: connection ids work
 from etl.intake import storage
 endpoint, url = sys.argv[1], sys.argv[2]
 fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)

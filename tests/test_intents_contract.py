@@ -7,8 +7,8 @@ import csv
 
 import pytest
 
-from etl.intake.validate import CsvValidation
 from etl.errors import UnusableInputError
+from etl.intake.validate import CsvValidation
 from schemas.order_intents import CONTRACT
 
 

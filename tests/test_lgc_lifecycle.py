@@ -13,9 +13,9 @@ import sqlalchemy as sa
 
 from etl import warehouse
 from etl.errors import UnusableInputError
+from etl.lgc.orders_api import get_order, open_session, parse_order, status_code
 from etl.orders import lifecycle
 from etl.orders.lifecycle import Observation, apply_observations, cancel, open_orders, track
-from etl.lgc.orders_api import get_order, open_session, parse_order, status_code
 from etl.states import CancelState, ItemStatus, StatusSource
 from etl.warehouse.tables import lgc_order_items, lgc_orders
 from tests.lifecycle_support import (

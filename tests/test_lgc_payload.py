@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from etl.intake.validate import CsvValidation
 from etl.claims import now
+from etl.intake.validate import CsvValidation
 from etl.orders.outbox import body_bytes, staged
 from etl.orders.payload import build_payload, payload_sha256
 from etl.vault import Vault

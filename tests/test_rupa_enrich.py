@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from etl.extract.streams import extract_stream
 from etl.intake.validate import CsvValidation
 from etl.orders.enrich import make_rupa_lookup
-from etl.extract.streams import extract_stream
 from tests.helpers import read_rejects, seed_row, write_csv
 from tests.rupa_support import with_rupa
 

@@ -20,8 +20,8 @@ import pytest
 import sqlalchemy as sa
 from starlette.responses import Response
 
-from etl.rupa.auth import OAuthTokens, TokenStore
 from etl.extract.streams import extract_stream, live_count
+from etl.rupa.auth import OAuthTokens, TokenStore
 from etl.settings import RetrySettings
 from etl.warehouse import rupa_lab_tests, rupa_patients
 from tests.conftest import REPO

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from etl.checkout import inbox as intents_inbox
+from etl.checkout import intents
 from etl.claims import aware
 from etl.errors import UnusableInputError
-from etl.checkout import intents, inbox as intents_inbox
 from etl.states import IntentState
 from etl.warehouse import batch_files, rejected_rows
 from tests.helpers import REPO

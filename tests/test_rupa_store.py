@@ -13,9 +13,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from etl.readahead import ReadAhead
-from etl.extract.streams import STREAMS, row_for
 from etl.extract.store import PageWriter
+from etl.extract.streams import STREAMS, row_for
+from etl.readahead import ReadAhead
 from etl.warehouse import rupa_patients
 
 SPEC = STREAMS["patients"]

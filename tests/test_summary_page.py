@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from etl import warehouse
-from etl.orders import inbox
 from etl.intake import summary
+from etl.orders import inbox
 from tests.browser import chromium, screenshot, wait_for_element
 from tests.helpers import EXAMPLES, seed_row, write_csv
 

@@ -171,11 +171,11 @@ def test_a_server_warehouse_without_a_key_refuses_before_the_code_is_spent(pg_ad
 
 
 def test_airflow_tasks_read_the_key_from_a_variable(monkeypatch):
-    from etl.settings import Settings
+    from etl.airflow.tasks import airflow_settings
 
     key = Fernet.generate_key().decode()
     monkeypatch.delenv("LABSYNC_FERNET_KEY", raising=False)
     monkeypatch.setenv("AIRFLOW_VAR_LABSYNC_FERNET_SECRET", key)
-    assert Settings.from_airflow().fernet_key == key
+    assert airflow_settings().fernet_key == key
     monkeypatch.setenv("LABSYNC_FERNET_KEY", "from-env")  # the environment wins, as for every setting
-    assert Settings.from_airflow().fernet_key == "from-env"
+    assert airflow_settings().fernet_key == "from-env"

@@ -9,10 +9,10 @@ import shutil
 import pytest
 import sqlalchemy as sa
 
-from etl.intake import records
-from etl.intake.validate import CsvValidation, validate_file
 from etl.cli import main
 from etl.errors import UnusableInputError
+from etl.intake import records
+from etl.intake.validate import CsvValidation, validate_file
 from etl.warehouse import batch_files, rejected_rows
 from schemas.columns import REQUIRED
 from tests.conftest import migrated

@@ -239,7 +239,7 @@ class LgcHook(_VendorHook):
         return LgcSettings()
 
     def _fetch_token(self, settings: LgcSettings) -> str:
-        from etl.lgc.auth import check_credentials
+        from etl.lgc.client import check_credentials
 
         return asyncio.run(check_credentials(settings, TEST_RETRY))
 
@@ -281,6 +281,6 @@ class RupaHook(_VendorHook):
         return RupaSettings()
 
     def _fetch_token(self, settings: RupaSettings) -> str:
-        from etl.rupa.auth import check_credentials
+        from etl.rupa.client import check_credentials
 
         return check_credentials(settings, TEST_RETRY)

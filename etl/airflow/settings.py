@@ -1,6 +1,6 @@
 """The tasks' settings: the environment (etl.settings.Settings.from_env) overlaid with the
 Airflow Connections, read through the Hooks (etl.airflow.hooks), plus the warehouse Connection
-and the Fernet Variable. `Settings.from_airflow()` calls `task_settings()`.
+and the Fernet Variable. The DAG tasks call `task_settings()` (through etl.airflow.tasks.airflow_settings).
 
     lgc_default  (type labsync-lgc):  see etl.airflow.hooks.LgcHook
     rupa_default (type labsync-rupa): see etl.airflow.hooks.RupaHook

@@ -40,6 +40,8 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
+from etl.extract.store import timestamp as _timestamp
+from etl.extract.streams import STREAMS, row_dict
 from etl.http import (
     RetryableStatus,
     describe_transport_error,
@@ -47,8 +49,6 @@ from etl.http import (
     raise_for_retryable,
     retrying,
 )
-from etl.extract.streams import STREAMS, row_dict
-from etl.extract.store import timestamp as _timestamp
 from etl.settings import Settings
 from etl.states import WebhookEventState
 from etl.warehouse import (

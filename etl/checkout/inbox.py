@@ -12,7 +12,7 @@ processes a file is decided in the warehouse, as for order batches (the batch's 
 batch_files, by the sha256 of its bytes, with a lease kept alive while the file is worked on);
 the file is read from a local temporary copy, its reports are written in a temporary folder and
 put beside it, and the move to processed/ or failed/ is the order inbox's copy-then-delete
-(etl.orders.inbox.move), which a run that died half-way finishes to the same place. Sending a
+(etl.intake.inbox.move), which a run that died half-way finishes to the same place. Sending a
 file again is safe: the intents ledger never sends a row twice on purpose.
 """
 
@@ -27,15 +27,15 @@ from pathlib import Path, PurePosixPath
 
 from sqlalchemy import Engine
 
-from etl.intake import records, summary
-from etl.orders.inbox import move, open_inbox
+from etl.checkout.intents import process_intents_file
 from etl.claims import cli_owner
 from etl.errors import UnusableInputError
+from etl.intake import records, summary
+from etl.intake.inbox import move, open_inbox
+from etl.intake.storage import Store
 from etl.rupa.client import open_client
-from etl.checkout.intents import process_intents_file
 from etl.settings import Settings
 from etl.states import BatchStatus
-from etl.intake.storage import Store
 
 log = logging.getLogger(__name__)
 

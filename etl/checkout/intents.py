@@ -42,16 +42,16 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
-from etl.intake import records
-from etl.intake.validate import CsvValidation
-from etl.claims import Heartbeat, cli_owner
-from etl.errors import ApiError, AuthError
-from etl.logs import counts_text
 from etl.checkout.report import (
     RESENT,
     ledger_rows,
     write_report,
 )
+from etl.claims import Heartbeat, cli_owner
+from etl.errors import ApiError, AuthError
+from etl.intake import records
+from etl.intake.validate import CsvValidation
+from etl.logs import counts_text
 from etl.rupa.client import RupaApiError, RupaClient, open_client
 from etl.settings import Settings
 from etl.states import BatchStatus, IntentState

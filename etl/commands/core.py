@@ -96,7 +96,9 @@ def register(app: typer.Typer) -> None:
             from etl.intake import records
 
             engine = warehouse.connect(Settings.from_env().warehouse_url)
-            batch_id, validation = records.open_batch(engine, file)
+            from etl.orders.enrich import rupa_lookup_for
+
+            batch_id, validation = records.open_batch(engine, file, rupa_lookup=rupa_lookup_for(engine))
             validation.run()
             result = records.close_batch(engine, batch_id, validation)
         else:
@@ -118,9 +120,9 @@ def register(app: typer.Typer) -> None:
         from dataclasses import replace
 
         from etl import warehouse
-        from etl.orders import inbox as inbox_mod
         from etl.claims import cli_owner
         from etl.intake.storage import display
+        from etl.orders import inbox as inbox_mod
 
         settings = Settings.from_env().checked()
         if folder is not None:

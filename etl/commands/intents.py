@@ -30,9 +30,9 @@ def register(app: typer.Typer) -> None:
         """Create one Rupa order intent (a cart) per row; write FILE.summary.html with each
         patient's checkout link for the practitioner, and FILE.checkout.csv of the links."""
         from etl import warehouse
-        from etl.commands.core import without_name
         from etl.checkout import intents as mod
         from etl.checkout.inbox import IntentsInbox, process_intents_inbox
+        from etl.commands.core import without_name
         from etl.settings import Settings
 
         settings = Settings.from_env()

@@ -158,13 +158,12 @@ def _load(engine, settings: Settings, file: Path) -> int:
     """Claim the file's batch, stage it whole into the outbox (unless a run before did), load
     it, finish it. The claim keeps two runs from staging the same file; the ledger keeps rows
     from going out twice."""
-    from etl.intake import records
-    from etl.orders import staging
-    from etl.intake.validate import CsvValidation
     from etl.claims import Heartbeat, cli_owner
     from etl.commands import progress as bars
     from etl.errors import Interrupted, UnusableInputError
-    from etl.orders import outbox
+    from etl.intake import records
+    from etl.intake.validate import CsvValidation
+    from etl.orders import outbox, staging
     from etl.orders.load import LoadSummary, load_chunk
     from etl.states import BatchStatus
 
@@ -254,10 +253,9 @@ def _finish_quietly(engine, settings: Settings, batch_id: int, owner: str) -> No
 
 def _retry(include_given_up: bool) -> int:
     from etl import warehouse
-    from etl.orders import inbox
     from etl.claims import cli_owner
     from etl.errors import Interrupted, LabsyncError
-    from etl.orders import outbox
+    from etl.orders import inbox, outbox
     from etl.orders.load import LoadSummary, load_chunk
 
     settings = Settings.from_env().checked()
@@ -299,10 +297,10 @@ def _dry_run(engine, settings: Settings, lgc, file: Path, out: Path | None) -> i
     """Validate, then write the requests a load would send, tokens masked. Sends nothing and
     writes nothing to the warehouse; consults the ledger (read only) to leave out rows a load
     would skip."""
-    from etl.intake.validate import CsvValidation
     from etl.claims import now
-    from etl.orders import ledger, outbox
+    from etl.intake.validate import CsvValidation
     from etl.lgc.client import LgcClient, order_url
+    from etl.orders import ledger, outbox
     from etl.states import OutboxState
 
     validation = CsvValidation(file)

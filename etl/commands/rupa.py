@@ -29,8 +29,8 @@ def register(app: typer.Typer) -> None:
         interrupted run)."""
         from etl import warehouse
         from etl.commands import progress as bars
-        from etl.rupa.client import open_client
         from etl.extract.streams import extract_stream
+        from etl.rupa.client import open_client
         from etl.settings import Settings
 
         settings = Settings.from_env()

@@ -53,11 +53,11 @@ from typing import NamedTuple
 from sqlalchemy import Connection, Engine, Table, func, select, update
 
 from etl.errors import ConfigError, LabsyncError
+from etl.extract.store import PageWriter, Record, record_for
 from etl.http import describe_transport_error
 from etl.readahead import ReadAhead
 from etl.redact import clean
 from etl.rupa.client import Page, RupaApiError, RupaClient, RupaPageLoop, open_client
-from etl.extract.store import PageWriter, Record, record_for
 from etl.settings import Settings
 from etl.warehouse import rupa_lab_tests, rupa_patients, sync_state, upsert
 

@@ -47,8 +47,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pv
 
-from etl.intake.csvsafe import unsafe_cell
 from etl.errors import UnusableInputError
+from etl.intake.csvsafe import unsafe_cell
 
 csv.field_size_limit(16 * 1024 * 1024)
 

@@ -27,7 +27,7 @@ from etl.states import BatchStatus
 from etl.warehouse import batch_files, rejected_rows
 
 if TYPE_CHECKING:  # validation needs pandas; commands that only load a staged batch skip it
-    from etl.intake.validate import CsvValidation, RupaLookup, ValidationResult
+    from etl.intake.validate import CsvValidation, ValidationResult
 
 INSERT_PAGE = 5_000
 
@@ -233,26 +233,14 @@ def record_unusable(engine: Engine, path: Path | str, sha256: str | None, reason
     return batch_id
 
 
-def rupa_lookup_for(engine: Engine) -> RupaLookup:
-    """Resolve rupa_patient_id against the warehouse's copy of Rupa patients (lazily imported so
-    validation works without the Rupa module's dependencies)."""
-
-    def lookup(ids: list[str]) -> dict[str, dict]:
-        from etl.orders.enrich import make_rupa_lookup
-
-        return make_rupa_lookup(engine)(ids)
-
-    return lookup
-
-
 def open_batch(engine: Engine, path: Path | str, **kw) -> tuple[int, CsvValidation]:
     """File-level checks and registration: (batch id, validation ready to iterate).
 
     An unusable file is recorded (status `unusable`, with the reason) and the
-    UnusableInputError re-raised for the caller to report."""
+    UnusableInputError re-raised for the caller to report. `kw` goes to CsvValidation (an order
+    batch's caller passes etl.orders.enrich.rupa_lookup_for(engine))."""
     from etl.intake.validate import CsvValidation
 
-    kw.setdefault("rupa_lookup", rupa_lookup_for(engine))
     try:
         validation = CsvValidation(path, **kw)
     except UnusableInputError as exc:
@@ -292,6 +280,6 @@ def rejected_first(engine: Engine, batch_id: int, rows: int) -> list[dict]:
 
 __all__: Iterable[str] = (
     "find_batch", "register_batch", "record_rejects", "finish_validation",
-    "set_status", "record_unusable", "rejected", "rejected_first", "open_batch", "close_batch", "rupa_lookup_for",
+    "set_status", "record_unusable", "rejected", "rejected_first", "open_batch", "close_batch",
     "claim_batch", "fence", "release_batch", "begin_move", "move_target_taken", "interrupted_moves", "reopen", "get", "LostClaim",
 )

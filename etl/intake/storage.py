@@ -8,7 +8,7 @@
 
 Credentials:
 - A connection id (`s3://aws_default@bucket/prefix`, Airflow's ObjectStoragePath syntax, or the
-  setting LABSYNC_INBOX_CONN_ID) goes through `airflow.sdk.ObjectStoragePath`, so the filesystem
+  setting LABSYNC_INBOX_CONN_ID) goes through `airflow.sdk.ObjectStoragePath` (etl.airflow.storage), so the filesystem
   comes from an Airflow Connection (the workers need the scheme's provider, e.g.
   apache-airflow-providers-amazon for s3://).
 - Otherwise fsspec (`fsspec.core.url_to_fs`) with the environment's credentials: for s3:// the
@@ -18,7 +18,7 @@ Credentials:
 
 Object stores have no atomic rename and no folders: nothing here relies on either. Who owns a
 file is decided in the warehouse (etl.intake.records); a move is a copy then a delete, made
-safe to repeat by the caller (etl.orders.inbox.move). Listings are never served from fsspec's
+safe to repeat by the caller (etl.intake.inbox.move). Listings are never served from fsspec's
 cache, since other runs change the folder between two looks.
 """
 
@@ -29,7 +29,7 @@ import hashlib
 import os
 import posixpath
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -277,9 +277,20 @@ def _fsspec_options(protocol: str) -> dict:
     return {}
 
 
+# How a connection id becomes a filesystem: set by etl.airflow.storage (Airflow's ObjectStoragePath)
+# when the CLI or a DAG task imports it; this module itself never imports Airflow.
+_connections: Callable[[str, str, str], tuple[Any, str]] | None = None
+
+
+def use_connections(opener: Callable[[str, str, str], tuple[Any, str]] | None) -> None:
+    """Install how `open_store` turns (url, conn_id, shown) into (filesystem, root)."""
+    global _connections
+    _connections = opener
+
+
 def open_store(location: str | Path, *, conn_id: str | None = None) -> Store:
     """The store at `location` (a local path or an fsspec URL). `conn_id` (or one in the URL):
-    credentials from that Airflow Connection through ObjectStoragePath."""
+    credentials from that Airflow Connection through ObjectStoragePath (etl.airflow.storage)."""
     text = str(location)
     if not is_url(text) or text.startswith("file://"):
         from fsspec.implementations.local import LocalFileSystem
@@ -290,18 +301,11 @@ def open_store(location: str | Path, *, conn_id: str | None = None) -> Store:
     conn_id = in_url or conn_id
     shown = display(text)
     if conn_id:
-        try:
-            from airflow.sdk import ObjectStoragePath
-        except ImportError:
+        if _connections is None:
             raise ConfigError(f"inbox {shown}: a connection id ({conn_id}) needs Airflow installed; "
-                              "without Airflow give the URL alone and credentials in the environment") from None
-        try:
-            path = ObjectStoragePath(url, conn_id=conn_id)
-            fs = path.fs
-        except ValueError as exc:  # no filesystem registered for the scheme
-            raise ConfigError(f"inbox {shown}: Airflow has no filesystem for {urlsplit(url).scheme}:// "
-                              f"({exc}); install its provider on the workers") from None
-        return Store(fs, path.path.rstrip("/"), shown)
+                              "without Airflow give the URL alone and credentials in the environment")
+        fs, root = _connections(url, conn_id, shown)
+        return Store(fs, root.rstrip("/"), shown)
     import fsspec.core
 
     scheme = urlsplit(url).scheme

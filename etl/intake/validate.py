@@ -43,11 +43,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from etl.errors import UnusableInputError
 from etl.intake import checks, csvsafe
 from etl.intake.names import fix_path_for, rejects_path_for  # noqa: F401  (re-exported)
 from etl.intake.reader import TEXT, Block, Reader
 from etl.intake.seen import SeenIds
-from etl.errors import UnusableInputError
 from etl.readahead import ReadAhead
 from schemas.columns import (
     COLUMNS,

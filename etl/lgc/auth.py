@@ -28,7 +28,6 @@ from etl.http import (
     asend_capped,
     async_retrying,
     describe_transport_error,
-    make_async_client,
     raise_for_retryable,
     unreachable,
 )
@@ -126,35 +125,3 @@ class TokenProvider:
         self._expires_at = self._clock() + max(0.0, expires_in - early)
         self.fetches += 1
         log.info("LetsGetChecked token obtained (valid %.0fs)", expires_in)
-
-
-CHECK_ORDER_ID = "labsync-connection-test"  # an order nobody creates: asked for, never sent
-
-
-async def check_credentials(lgc: LgcSettings, retry: RetrySettings) -> str:
-    """Prove that these settings reach LetsGetChecked and that it accepts the credentials (the
-    Airflow Test button, etl.airflow.hooks). Keys: a real token from the token endpoint. A ready
-    token cannot be fetched, so it is shown to the order API with a GET of an order that does not
-    exist: 404 means the token was accepted, 401/403 that it was not. Nothing is created.
-
-    Returns one sentence without secrets; raises ConfigError, AuthError or ApiError."""
-    from etl.lgc.client import order_url
-
-    lgc = lgc.validated()
-    async with make_async_client(lgc.base_url, retry, concurrency=1) as client:
-        if not lgc.api_token:
-            await TokenProvider(lgc, retry).token(client)
-            return f"LetsGetChecked issued a token for client {lgc.client_id} at {lgc.base_url}"
-        request = client.build_request("GET", order_url(lgc, CHECK_ORDER_ID), headers={
-            "Authorization": f"Bearer {lgc.api_token}", "Accept": "application/json", **NO_COMPRESSION})
-        try:
-            response = await asend_capped(client, request, TOKEN_ANSWER_LIMIT)
-        except httpx.TransportError as exc:
-            raise ApiError(f"could not reach LetsGetChecked: {describe_transport_error(exc)}") from None
-    if response.status_code in (401, 403):
-        raise AuthError(f"LetsGetChecked refused the access token (HTTP {response.status_code})",
-                        status=response.status_code)
-    if response.status_code not in (200, 404):
-        raise ApiError(f"LetsGetChecked answered HTTP {response.status_code} to a test GET",
-                       status=response.status_code)
-    return f"LetsGetChecked accepted the access token for client {lgc.client_id} at {lgc.base_url}"

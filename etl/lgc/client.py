@@ -45,16 +45,19 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from etl.errors import UnsafeIdError, size_text
+from etl.errors import ApiError, AuthError, UnsafeIdError, size_text
 from etl.http import (
     NO_COMPRESSION,
     RETRYABLE_STATUSES,
+    TOKEN_ANSWER_LIMIT,
     USER_AGENT,
     RetryableStatus,
     RetryAfterTooLong,
     aread_capped,
+    asend_capped,
     async_retrying,
     describe_transport_error,
+    make_async_client,
     over_cap,
     parse_retry_after,
     raise_for_retryable,
@@ -466,3 +469,33 @@ def classify(response: httpx.Response, body: Mapping[str, Any] | None, attempts:
         parts = problem_parts(response, body)
         cause = f"unexpected HTTP {status} from LetsGetChecked" + (f": {parts}" if parts else "")
     return Outcome(FAILED, status, attempts=attempts, error=reason or cause)
+
+
+CHECK_ORDER_ID = "labsync-connection-test"  # an order nobody creates: asked for, never sent
+
+
+async def check_credentials(lgc: LgcSettings, retry: RetrySettings) -> str:
+    """Prove that these settings reach LetsGetChecked and that it accepts the credentials (the
+    Airflow Test button, etl.airflow.hooks). Keys: a real token from the token endpoint. A ready
+    token cannot be fetched, so it is shown to the order API with a GET of an order that does not
+    exist: 404 means the token was accepted, 401/403 that it was not. Nothing is created.
+
+    Returns one sentence without secrets; raises ConfigError, AuthError or ApiError."""
+    lgc = lgc.validated()
+    async with make_async_client(lgc.base_url, retry, concurrency=1) as client:
+        if not lgc.api_token:
+            await TokenProvider(lgc, retry).token(client)
+            return f"LetsGetChecked issued a token for client {lgc.client_id} at {lgc.base_url}"
+        request = client.build_request("GET", order_url(lgc, CHECK_ORDER_ID), headers={
+            "Authorization": f"Bearer {lgc.api_token}", "Accept": "application/json", **NO_COMPRESSION})
+        try:
+            response = await asend_capped(client, request, TOKEN_ANSWER_LIMIT)
+        except httpx.TransportError as exc:
+            raise ApiError(f"could not reach LetsGetChecked: {describe_transport_error(exc)}") from None
+    if response.status_code in (401, 403):
+        raise AuthError(f"LetsGetChecked refused the access token (HTTP {response.status_code})",
+                        status=response.status_code)
+    if response.status_code not in (200, 404):
+        raise ApiError(f"LetsGetChecked answered HTTP {response.status_code} to a test GET",
+                       status=response.status_code)
+    return f"LetsGetChecked accepted the access token for client {lgc.client_id} at {lgc.base_url}"

@@ -39,3 +39,13 @@ def make_rupa_lookup(engine: Engine) -> RupaLookup:
         return out
 
     return lookup
+
+
+def rupa_lookup_for(engine: Engine) -> RupaLookup:
+    """Resolve rupa_patient_id against the warehouse's copy of Rupa patients (lazily imported so
+    validation works without the Rupa module's dependencies)."""
+
+    def lookup(ids: list[str]) -> dict[str, dict]:
+        return make_rupa_lookup(engine)(ids)
+
+    return lookup

@@ -46,7 +46,6 @@ from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
 from etl.errors import ApiError, UnusableInputError
-from etl.orders import ledger
 from etl.lgc.orders_api import (
     LgcOrder,
     get_field,
@@ -55,6 +54,7 @@ from etl.lgc.orders_api import (
     status_code,
     text_of,
 )
+from etl.orders import ledger
 from etl.settings import Settings
 from etl.states import (
     CANCELLABLE_ITEM_STATUSES,

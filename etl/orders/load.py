@@ -43,11 +43,11 @@ from etl import wire
 from etl.claims import Heartbeat, cli_owner
 from etl.errors import AuthError, LabsyncError
 from etl.http import make_async_client
-from etl.orders import ledger, outbox
 from etl.lgc.auth import TokenProvider
 from etl.lgc.breaker import Breaker
 from etl.lgc.budget import AsyncBudget
 from etl.lgc.client import ACCEPTED, CONFLICT, FAILED, LgcClient, Outcome
+from etl.orders import ledger, outbox
 from etl.orders.ledger import BUSY, SEND, Prepared, Result
 from etl.orders.outbox import Chunk, body_bytes  # noqa: F401  (body_bytes re-exported)
 from etl.settings import Settings

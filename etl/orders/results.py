@@ -37,8 +37,8 @@ from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
 from etl.errors import ApiError
-from etl.orders.lifecycle import run_async
 from etl.lgc.orders_api import get_field, open_session, text_of
+from etl.orders.lifecycle import run_async
 from etl.settings import Settings
 from etl.states import ItemStatus
 from etl.warehouse.tables import lgc_order_items, lgc_result_values, lgc_results

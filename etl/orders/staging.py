@@ -23,11 +23,12 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from etl.intake import records
-from etl.intake.names import fix_path_for, rejects_path_for
 from etl.claims import now as _now
 from etl.errors import UnusableInputError
+from etl.intake import records
+from etl.intake.names import fix_path_for, rejects_path_for
 from etl.orders import outbox
+from etl.orders.enrich import rupa_lookup_for
 from etl.settings import Settings
 from etl.states import BatchStatus, OutboxState
 from etl.vault import vault_for
@@ -126,7 +127,7 @@ def stage(
     rejects = rejects_path or rejects_path_for(path)
     fix = fix_path or fix_path_for(path)
     try:
-        validation = CsvValidation(path, rupa_lookup=records.rupa_lookup_for(engine), rejects_path=rejects,
+        validation = CsvValidation(path, rupa_lookup=rupa_lookup_for(engine), rejects_path=rejects,
                                    fix_path=fix, chunk_rows=VALIDATION_CHUNK_ROWS)
         outbox.write(engine, batch_id, _rows(validation), fence=fence,
                      vault=vault_for(settings.fernet_key, engine))

@@ -37,7 +37,9 @@ from sqlalchemy import Engine
 from etl.errors import ApiError, AuthError, UnsafeIdError, size_text
 from etl.http import (
     NO_COMPRESSION,
+    TOKEN_ANSWER_LIMIT,
     RetryableStatus,
+    access_token_from,
     describe_transport_error,
     is_retryable,
     is_retryable_unsent,
@@ -49,7 +51,7 @@ from etl.http import (
     unreachable,
 )
 from etl.redact import escape_controls, field_names, fixed_text
-from etl.rupa.auth import TokenSource, token_source
+from etl.rupa.auth import StaticToken, TokenSource, token_endpoint, token_source
 from etl.settings import RetrySettings, RupaSettings, Settings
 from schemas.columns import path_id_problem
 
@@ -359,3 +361,46 @@ def open_client(settings: Settings, engine: Engine | None = None) -> RupaClient:
         http.close()
         raise
     return RupaClient(rupa, settings.retry, auth, http)
+
+
+# ---- the Airflow Test button (etl.airflow.hooks) -------------------------------------------------
+CHECK_REFRESH_TOKEN = "labsync-connection-test"  # a refresh token nobody was given
+
+
+def check_credentials(rupa: RupaSettings, retry: RetrySettings) -> str:
+    """Prove that these settings reach Rupa and that it accepts the credentials, changing
+    nothing. A ready access token: one page of one lab test (no patient data) is asked for.
+    Client id and secret alone: Rupa's authorization-code flow issues no token without a person's
+    consent, but its token endpoint authenticates the client before it looks at the grant, so a
+    refresh with a made-up refresh token answers `invalid_grant` for good credentials and
+    `invalid_client` (or 401) for bad ones. The stored tokens are not touched.
+
+    Returns one sentence without secrets; raises ConfigError, AuthError or ApiError."""
+    rupa = rupa.validated()
+    with make_client(rupa.base_url, retry, concurrency=1) as http:
+        if rupa.api_token:
+            client = RupaClient(replace(rupa, page_size=1), retry, StaticToken(rupa.api_token), http)
+            try:
+                client.request("GET", client.first_page_url("/lab_tests"))
+            except AuthError as exc:
+                raise AuthError("Rupa refused the access token (HTTP 401)", status=exc.status) from None
+            return f"Rupa accepted the access token at {rupa.base_url}"
+        form = {"grant_type": "refresh_token", "refresh_token": CHECK_REFRESH_TOKEN,
+                "client_id": rupa.client_id or "", "client_secret": rupa.client_secret or ""}
+        try:
+            for attempt in retrying(retry):
+                with attempt:
+                    request = http.build_request("POST", token_endpoint(rupa), data=form,
+                                                 headers={"Accept": "application/json", **NO_COMPRESSION})
+                    response = raise_for_retryable(send_capped(http, request, TOKEN_ANSWER_LIMIT))
+        except (RetryableStatus, httpx.TransportError) as exc:
+            raise ApiError(f"Rupa token endpoint failed: {describe_transport_error(exc)}") from None
+    _, body = access_token_from(response)
+    error = body.get("error")
+    if response.status_code == 401 or error == "invalid_client":
+        raise AuthError("Rupa refused the client id and secret (invalid_client)", status=response.status_code)
+    if error == "invalid_grant":
+        return (f"Rupa accepted the client id and secret at {rupa.base_url}; run `labsync rupa "
+                "authorize` once so the tasks have tokens")
+    raise ApiError(f"Rupa token endpoint answered HTTP {response.status_code} to a test refresh",
+                   status=response.status_code)

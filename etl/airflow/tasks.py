@@ -17,9 +17,23 @@ import functools
 import logging
 from dataclasses import asdict
 
+import etl.airflow.storage  # noqa: F401  (an inbox connection id goes through Airflow)
+from etl.errors import ConfigError
 from etl.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def airflow_settings(*, require: tuple[str, ...] = ()) -> Settings:
+    """The task's settings: the environment overlaid with the Airflow Connections
+    (etl.airflow.settings.task_settings, imported here so this module loads without Airflow). A
+    task that talks to a vendor named in `require` ("lgc", "rupa") with neither its Connection nor
+    its base-URL variable fails with a message naming both."""
+    try:
+        from etl.airflow.settings import task_settings
+    except ImportError as exc:  # pragma: no cover - the DAGs always have Airflow
+        raise ConfigError("Airflow is not installed; use Settings.from_env()") from exc
+    return task_settings(require=require)
 
 
 def _engine(settings: Settings):
@@ -66,7 +80,7 @@ def rupa_extract(stream: str, settings: Settings | None = None) -> dict:
     """Full sync of one Rupa stream (`patients` or `lab_tests`) into the warehouse."""
     from etl.extract.streams import extract_stream
 
-    settings = settings or Settings.from_airflow(require=("rupa",))
+    settings = settings or airflow_settings(require=("rupa",))
     summary = extract_stream(_engine(settings), settings, stream)
     return {**asdict(summary), "summary": summary.line()}
 
@@ -75,7 +89,7 @@ def rupa_intents(settings: Settings | None = None) -> list[dict]:
     """Send the order-intents files waiting in inbox/intents/ (one cart per row, checkout report)."""
     from etl.checkout.inbox import process_intents_inbox
 
-    settings = settings or Settings.from_airflow(require=("rupa",))
+    settings = settings or airflow_settings(require=("rupa",))
     ti, _ = _owners()  # a retry of this task instance takes its rows over at once
     return process_intents_inbox(_engine(settings), settings, owner=ti)
 
@@ -84,7 +98,7 @@ def rupa_events(settings: Settings | None = None) -> dict:
     """Apply stored Rupa events to the warehouse and download new results."""
     from etl.checkout.events import apply_events
 
-    settings = settings or Settings.from_airflow()
+    settings = settings or airflow_settings()
     summary = apply_events(_engine(settings), settings)
     return {**summary.as_dict(), "summary": summary.line()}
 
@@ -95,7 +109,7 @@ def inbox_prepare(settings: Settings | None = None, *, run_owner: str | None = N
     those of incomplete batches whose rows go out again)."""
     from etl.orders import inbox
 
-    settings = settings or Settings.from_airflow()
+    settings = settings or airflow_settings()
     _, run = _owners("-", run_owner) if run_owner else _owners()
     return inbox.prepare(_engine(settings), settings, owner=run)
 
@@ -106,7 +120,7 @@ def inbox_load_chunk(chunk: dict, settings: Settings | None = None, *, ti_owner:
     """Load one chunk of outbox rows into LetsGetChecked (one mapped task per chunk)."""
     from etl.orders import inbox
 
-    settings = settings or Settings.from_airflow(require=("lgc",))
+    settings = settings or airflow_settings(require=("lgc",))
     ti, run = _owners(ti_owner, run_owner)
     return inbox.load_chunk(_engine(settings), settings, chunk, owner=ti, file_owner=run)
 
@@ -129,7 +143,9 @@ def summary_location(settings: Settings, outcome: dict) -> str | None:
 
     inside = outcome.get("summary") or (
         str(summary_path(PurePosixPath(outcome["file"]))) if outcome.get("file") else None)
-    from etl.intake.storage import display  # a password in the inbox URL never reaches a log or XCom
+    from etl.intake.storage import (
+        display,  # a password in the inbox URL never reaches a log or XCom
+    )
 
     return None if inside is None else f"{display(settings.inbox).rstrip('/')}/{inside}"
 
@@ -140,7 +156,7 @@ def inbox_finish(prepared: dict, settings: Settings | None = None, *, run_owner:
     summary's location is written to the task log and returned (XCom) as `summary_location`."""
     from etl.orders import inbox
 
-    settings = settings or Settings.from_airflow()
+    settings = settings or airflow_settings()
     _, run = _owners("-", run_owner) if run_owner else _owners()
     outcomes = []
     for outcome in inbox.finish(_engine(settings), settings, prepared, owner=run):
@@ -173,7 +189,7 @@ def lgc_apply_webhooks(settings: Settings | None = None) -> dict:
     from etl.errors import ApiError
     from etl.orders.lifecycle import apply_webhooks
 
-    settings = settings or Settings.from_airflow(require=("lgc",))
+    settings = settings or airflow_settings(require=("lgc",))
     summary = apply_webhooks(_engine(settings), settings)
     if _all_failed(summary.failed, summary.applied + summary.ignored):
         raise ApiError(f"no webhook event could be applied ({summary.failed} failed); they are retried next run")
@@ -186,7 +202,7 @@ def lgc_sweep(settings: Settings | None = None) -> dict:
     from etl.errors import ApiError
     from etl.orders.lifecycle import track
 
-    settings = settings or Settings.from_airflow(require=("lgc",))
+    settings = settings or airflow_settings(require=("lgc",))
     summary = track(_engine(settings), settings, stale_after=settings.lifecycle.validated().stale_after)
     if _all_failed(len(summary.failed), summary.checked):
         raise ApiError(f"no order could be checked ({len(summary.failed)} failed)")
@@ -199,7 +215,7 @@ def lgc_fetch_results(settings: Settings | None = None) -> dict:
     from etl.errors import ApiError
     from etl.orders.results import fetch_results
 
-    settings = settings or Settings.from_airflow(require=("lgc",))
+    settings = settings or airflow_settings(require=("lgc",))
     summary = fetch_results(_engine(settings), settings)
     if _all_failed(len(summary.failed), summary.stored + summary.hl7_added + summary.not_released):
         raise ApiError(f"no result could be fetched ({len(summary.failed)} failed)")
