@@ -11,20 +11,22 @@ Assets: lgc_order_items (apply_webhooks, sweep) and lgc_results (fetch_results).
 idempotent, so a retried task is safe; sweep and fetch_results run even if an earlier step failed.
 """
 
-import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import Asset, dag, task
 
+from etl.settings import DagSettings
+
 LGC_ORDER_ITEMS = Asset(name="lgc_order_items", uri="labsync://warehouse/lgc_order_items")
 LGC_RESULTS = Asset(name="lgc_results", uri="labsync://warehouse/lgc_results")
 
-TASK_TIMEOUT = timedelta(minutes=float(os.environ.get("LABSYNC_TASK_TIMEOUT_MINUTES", "60")))
+DAG_SETTINGS = DagSettings.from_env()  # checked: a bad value names its setting
+TASK_TIMEOUT = timedelta(minutes=DAG_SETTINGS.task_timeout_minutes)
 RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=1), "execution_timeout": TASK_TIMEOUT}
 
 
 @dag(
-    schedule=os.environ.get("LABSYNC_LIFECYCLE_SCHEDULE", "*/15 * * * *"),
+    schedule=DAG_SETTINGS.lifecycle_schedule,
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,

@@ -23,21 +23,23 @@ A load task that fails half-way is retried by Airflow; the ledger makes the re-s
 Alerting: set `on_failure_callback` in default_args (see the README).
 """
 
-import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import Asset, dag, task
 
+from etl.settings import DagSettings
+
 LGC_ORDERS = Asset(name="lgc_orders", uri="labsync://warehouse/lgc_orders")
 
-POOL = os.environ.get("LABSYNC_LGC_POOL", "lgc_api")
-TASK_TIMEOUT = timedelta(minutes=float(os.environ.get("LABSYNC_TASK_TIMEOUT_MINUTES", "60")))
-LOAD_TIMEOUT = timedelta(minutes=float(os.environ.get("LABSYNC_LOAD_TIMEOUT_MINUTES", "30")))
+DAG_SETTINGS = DagSettings.from_env()  # checked: a bad value names its setting
+POOL = DAG_SETTINGS.lgc_pool
+TASK_TIMEOUT = timedelta(minutes=DAG_SETTINGS.task_timeout_minutes)
+LOAD_TIMEOUT = timedelta(minutes=DAG_SETTINGS.load_timeout_minutes)
 RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=1), "execution_timeout": TASK_TIMEOUT}
 
 
 @dag(
-    schedule=os.environ.get("LABSYNC_INBOX_SCHEDULE", "*/5 * * * *"),
+    schedule=DAG_SETTINGS.inbox_schedule,
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
@@ -56,7 +58,7 @@ def order_batches():
     def chunks(prepared: dict) -> list:
         return prepared["chunks"]  # the list `load` is mapped over (one task per chunk)
 
-    @task(pool=POOL, max_active_tis_per_dagrun=int(os.environ.get("LABSYNC_LOAD_PARALLELISM", "4")),
+    @task(pool=POOL, max_active_tis_per_dagrun=DAG_SETTINGS.load_parallelism,
           execution_timeout=LOAD_TIMEOUT, outlets=[LGC_ORDERS], map_index_template="{{ chunk_label }}")
     def load(chunk: dict) -> dict:
         from airflow.sdk import get_current_context

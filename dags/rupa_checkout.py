@@ -12,17 +12,19 @@ Both tasks are safe to retry: the intents ledger never sends a row twice on purp
 apply idempotently in any order.
 """
 
-import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import dag, task
 
-TASK_TIMEOUT = timedelta(minutes=float(os.environ.get("LABSYNC_TASK_TIMEOUT_MINUTES", "60")))
+from etl.settings import DagSettings
+
+DAG_SETTINGS = DagSettings.from_env()  # checked: a bad value names its setting
+TASK_TIMEOUT = timedelta(minutes=DAG_SETTINGS.task_timeout_minutes)
 RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=1), "execution_timeout": TASK_TIMEOUT}
 
 
 @dag(
-    schedule=os.environ.get("LABSYNC_RUPA_CHECKOUT_SCHEDULE", "*/5 * * * *"),
+    schedule=DAG_SETTINGS.rupa_checkout_schedule,
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,

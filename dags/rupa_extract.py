@@ -5,20 +5,22 @@ Timeout: LABSYNC_TASK_TIMEOUT_MINUTES per task (default 60).
 Each task marks the Asset of the table it refreshed, so downstream DAGs can be asset-scheduled.
 """
 
-import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import Asset, dag, task
 
+from etl.settings import DagSettings
+
 RUPA_PATIENTS = Asset(name="rupa_patients", uri="labsync://warehouse/rupa_patients")
 RUPA_LAB_TESTS = Asset(name="rupa_lab_tests", uri="labsync://warehouse/rupa_lab_tests")
 
-TASK_TIMEOUT = timedelta(minutes=float(os.environ.get("LABSYNC_TASK_TIMEOUT_MINUTES", "60")))
+DAG_SETTINGS = DagSettings.from_env()  # checked: a bad value names its setting
+TASK_TIMEOUT = timedelta(minutes=DAG_SETTINGS.task_timeout_minutes)
 RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=2), "execution_timeout": TASK_TIMEOUT}
 
 
 @dag(
-    schedule=os.environ.get("LABSYNC_RUPA_SCHEDULE", "@hourly"),
+    schedule=DAG_SETTINGS.rupa_schedule,
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,

@@ -1,7 +1,7 @@
 """`labsync doctor`: is this deployment ready to run? One check per thing that must be right,
 each saying what is wrong and what to do about it.
 
-    settings        every setting reads and passes its checks (etl.settings)
+    settings        every setting reads and passes its checks (etl.settings), the DAG files' too
     warehouse       reachable, at the schema revision this code needs (SCHEMA_HEADS)
     encryption key  LABSYNC_FERNET_KEY present and a Fernet key (or the SQLite key file)
     inbox           the inbox folder exists and labsync may write to it
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from etl.errors import LabsyncError
 from etl.redact import clean
-from etl.settings import RetrySettings, Settings
+from etl.settings import DagSettings, RetrySettings, Settings
 
 OK, PROBLEM, SKIPPED = "ok", "problem", "not checked"
 # a doctor answers quickly: one retry, short timeouts (a vendor that is down says so in seconds)
@@ -73,6 +73,9 @@ def run(env=None, *, retry: RetrySettings = DOCTOR_RETRY) -> list[Check]:
         settings = Settings.from_env(env).checked()
         settings.webhooks.validated()
         settings.lifecycle.validated()
+        settings.lgc.network.validated("LGC")
+        settings.rupa.network.validated("RUPA")
+        DagSettings.from_env(env)  # what only the DAG files read is checked too
     except LabsyncError as exc:
         checks = [Check("settings", PROBLEM, clean(str(exc), limit=None), "fix that variable, then run labsync doctor again")]
         return checks + [_skipped(n, "the settings must read first") for n in
@@ -205,7 +208,7 @@ def _lgc(settings: Settings) -> str:
         return f"{lgc.base_url}: LGC_API_TOKEN is set and used as is (checked by the first request)"
 
     async def fetch() -> None:
-        async with make_async_client("", settings.retry, concurrency=1) as http:
+        async with make_async_client("", settings.retry, lgc.network, concurrency=1) as http:
             await TokenProvider(lgc, settings.retry).token(http)
 
     asyncio.run(fetch())

@@ -1,4 +1,10 @@
-"""The shared HTTP plumbing: httpx client factories and the one retry policy.
+"""The shared HTTP plumbing: the one httpx client factory and the one retry policy.
+
+Every vendor request goes through an httpx client made here (`make_client`, `make_async_client`),
+on httpx's own transport: HTTP framing, interim 1xx answers, keep-alive and TLS are httpx's
+business. Each client honours, per vendor connection (etl.settings.NetworkSettings), an explicit
+proxy, a CA bundle, a client certificate (mTLS) and a timeout; without an explicit proxy the
+standard HTTP_PROXY / HTTPS_PROXY / ALL_PROXY / NO_PROXY variables apply (httpx's trust_env).
 
 Both vendor clients retry the same things the same way: 429, 500, 502, 503, 504, timeouts and
 broken connections, with exponential backoff and full jitter, honouring `Retry-After` when the
@@ -22,16 +28,19 @@ Usage (sync or async)::
 from __future__ import annotations
 
 import email.utils
+import functools
 import logging
+import ssl
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import tenacity
 from tenacity import wait_random_exponential
 
 from etl import __version__
-from etl.settings import BEARER_TOKEN_RE, RetrySettings
+from etl.settings import BEARER_TOKEN_RE, NetworkSettings, RetrySettings
 
 log = logging.getLogger(__name__)
 
@@ -164,28 +173,60 @@ def _limits(concurrency: int) -> httpx.Limits:
     return httpx.Limits(max_connections=max(concurrency, 1), max_keepalive_connections=max(concurrency, 1))
 
 
-def make_client(base_url: str, settings: RetrySettings, *, concurrency: int = 4, **kw) -> httpx.Client:
-    headers = {"User-Agent": USER_AGENT, **kw.pop("headers", {})}
-    return httpx.Client(
-        base_url=base_url,
-        timeout=settings.timeout,
-        limits=_limits(concurrency),
-        headers=headers,
-        **kw,
-    )
+@functools.lru_cache(maxsize=16)
+def _ssl_context(ca_bundle: str | None, client_cert: str | None, client_key: str | None) -> ssl.SSLContext:
+    from etl.errors import ConfigError
+
+    try:
+        ctx = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else httpx.create_ssl_context()
+    except (OSError, ssl.SSLError):
+        raise ConfigError(f"the CA bundle {ca_bundle!r} could not be read as PEM certificates") from None
+    if client_cert:
+        try:
+            ctx.load_cert_chain(client_cert, client_key)
+        except (OSError, ssl.SSLError):
+            raise ConfigError(f"the client certificate {client_cert!r} (and its key) could not be "
+                              "loaded: a PEM certificate and its private key are needed") from None
+    return ctx
 
 
-def make_async_client(
-    base_url: str, settings: RetrySettings, *, concurrency: int = 8, **kw
-) -> httpx.AsyncClient:
-    headers = {"User-Agent": USER_AGENT, **kw.pop("headers", {})}
-    return httpx.AsyncClient(
-        base_url=base_url,
-        timeout=settings.timeout,
-        limits=_limits(concurrency),
-        headers=headers,
+def ssl_context(network: NetworkSettings | None = None) -> ssl.SSLContext:
+    """The TLS context for a connection: its CA bundle (else the system's) and client
+    certificate. Built once per distinct setting (loading a CA bundle costs milliseconds)."""
+    network = network or NetworkSettings()
+    return _ssl_context(network.ca_bundle, network.client_cert, network.client_key)
+
+
+def client_options(retry: RetrySettings, network: NetworkSettings | None = None, *, concurrency: int = 4,
+                   **kw: Any) -> dict[str, Any]:
+    """The arguments of every labsync httpx client. `transport` in `kw` replaces the network
+    (tests' stand-ins); otherwise httpx builds its own transport, through the proxy that applies."""
+    network = network or NetworkSettings()
+    options: dict[str, Any] = {
+        "timeout": network.timeout or retry.timeout,
+        "limits": _limits(concurrency),
+        "trust_env": True,  # HTTP(S)_PROXY / ALL_PROXY / NO_PROXY, as every client should
         **kw,
-    )
+        "headers": {"User-Agent": USER_AGENT, **kw.get("headers", {})},
+    }
+    if kw.get("transport") is None:
+        options.pop("transport", None)
+        options.setdefault("verify", ssl_context(network))
+        if network.proxy:
+            options["proxy"] = network.proxy
+    return options
+
+
+def make_client(base_url: str, settings: RetrySettings, network: NetworkSettings | None = None, *,
+                concurrency: int = 4, **kw: Any) -> httpx.Client:
+    """The one sync client factory (Rupa's API, result downloads)."""
+    return httpx.Client(base_url=base_url, **client_options(settings, network, concurrency=concurrency, **kw))
+
+
+def make_async_client(base_url: str, settings: RetrySettings, network: NetworkSettings | None = None, *,
+                      concurrency: int = 8, **kw: Any) -> httpx.AsyncClient:
+    """The one async client factory (LetsGetChecked: tokens, PUTs, GETs)."""
+    return httpx.AsyncClient(base_url=base_url, **client_options(settings, network, concurrency=concurrency, **kw))
 
 
 def _causes(exc: BaseException):
@@ -265,8 +306,7 @@ _DROPPED_RAW_HEADERS = frozenset({b"content-encoding", b"content-length", b"tran
 
 def capped_response(status: int, headers: list[tuple[bytes, bytes]], request: httpx.Request, body: bytes,
                     over: bool, extensions: dict) -> httpx.Response:
-    """The complete answer `aread_capped` returns, from its parts (etl.wire builds it from the
-    raw answer without a streamed response first)."""
+    """The complete answer `aread_capped` returns, from its parts."""
     kept = [(k, v) for k, v in headers if k.lower() not in _DROPPED_RAW_HEADERS]
     return httpx.Response(status, headers=kept, content=body, request=request,
                           extensions={**extensions, OVER_CAP: over})

@@ -12,6 +12,7 @@ points at a loopback address, so a real endpoint never receives made-up keys.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -40,6 +41,71 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9]{25}$")
 BEARER_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
 _URL_PATH_RE = re.compile(r"^(?:/[A-Za-z0-9._~-]*)*$")
 MiB = 1 << 20
+
+
+# ---- numbers: every numeric setting, declared once with its range ------------------------------
+# name -> (kind, lowest, highest, lowest excluded, the sentence when out of range). Both readers
+# (the environment here, Airflow through etl.airflow) and every `validated()` check through
+# `check_number`, so `nan`, `inf`, a negative timeout or zero attempts fail the same way: a
+# ConfigError (exit 2) naming the setting.
+NUMBERS: dict[str, tuple[type, float | None, float | None, bool, str]] = {
+    "LABSYNC_SANDBOX_PORT": (int, 1, 65535, False, "must be a port number (1-65535)"),
+    "LABSYNC_INBOX_SETTLE_SECONDS": (float, 0, None, False, "must be 0 or more seconds"),
+    "LABSYNC_CHUNK_ROWS": (int, 1, None, False, "must be at least 1"),
+    "LABSYNC_LEASE_SECONDS": (float, 0, None, True, "must be above 0 seconds"),
+    "LABSYNC_HEARTBEAT_SECONDS": (float, 0, None, True, "must be above 0 seconds"),
+    "LABSYNC_MAX_ATTEMPTS": (int, 1, None, False, "must be at least 1"),
+    "LGC_CONCURRENCY": (int, 1, 1000, False, "must be at least 1 (and at most 1000)"),
+    "LGC_RATE_LIMIT": (float, 0, None, False, "must be 0 (unlimited) or a positive number"),
+    "LGC_MAX_RETRY_AFTER": (float, 0, None, False, "must be 0 or a positive number of seconds"),
+    "LGC_BREAKER_FAILURES": (int, 0, None, False, "must be 0 (off) or a positive whole number"),
+    "LGC_LOAD_DEADLINE": (float, 0, None, False, "must be 0 (none) or a positive number of seconds"),
+    "LGC_MAX_RESPONSE_BYTES": (int, 1024, None, False, "must be at least 1024"),
+    "LGC_TIMEOUT": (float, 0, 3600, True, "must be above 0 and at most 3600 seconds"),
+    "RUPA_PAGE_SIZE": (int, 1, 1000, False, "must be between 1 and 1000"),
+    "RUPA_MAX_PAGES": (int, 1, None, False, "must be at least 1"),
+    "RUPA_MAX_RESPONSE_BYTES": (int, 1024, None, False, "must be at least 1024"),
+    "RUPA_CONCURRENCY": (int, 1, 64, False, "must be between 1 and 64"),
+    "RUPA_TIMEOUT": (float, 0, 3600, True, "must be above 0 and at most 3600 seconds"),
+    "LABSYNC_RETRY_ATTEMPTS": (int, 1, 100, False, "must be between 1 and 100"),
+    "LABSYNC_RETRY_INITIAL_WAIT": (float, 0, 3600, False, "must be between 0 and 3600 seconds"),
+    "LABSYNC_RETRY_MAX_WAIT": (float, 0, 3600, False, "must be between 0 and 3600 seconds"),
+    "LABSYNC_HTTP_TIMEOUT": (float, 0, 3600, True, "must be above 0 and at most 3600 seconds"),
+    "LABSYNC_WEBHOOK_PORT": (int, 1, 65535, False, "must be a port number (1-65535)"),
+    "LABSYNC_WEBHOOK_MAX_BYTES": (int, 1024, None, False, "must be at least 1024"),
+    "LABSYNC_TRACK_STALE_MINUTES": (float, 0, None, False, "must be 0 or more"),
+    "LABSYNC_WEBHOOK_MAX_ATTEMPTS": (int, 1, None, False, "must be at least 1"),
+    # read by the DAG files only (etl.settings.DagSettings)
+    "LABSYNC_TASK_TIMEOUT_MINUTES": (float, 0, None, True, "must be above 0 minutes"),
+    "LABSYNC_LOAD_TIMEOUT_MINUTES": (float, 0, None, True, "must be above 0 minutes"),
+    "LABSYNC_LOAD_PARALLELISM": (int, 1, None, False, "must be at least 1"),
+}
+
+
+def check_number(name: str, value: float) -> float:
+    """`value` if it is a finite number inside `name`'s declared range, else ConfigError."""
+    kind, low, high, low_open, rule = NUMBERS[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a number")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if kind is int and value != int(value):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
+        raise ConfigError(f"{name} {rule}")
+    return value
+
+
+def parse_number(name: str, raw: str) -> float:
+    """A setting's text as its declared kind, checked (ConfigError naming it otherwise)."""
+    kind = NUMBERS[name][0]
+    try:
+        value = kind(raw)
+    except ValueError:
+        if kind is int:
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    return check_number(name, value)
 
 
 def check_base_url(name: str, url: str) -> None:
@@ -73,6 +139,51 @@ class RetrySettings:
     max_wait: float = 30.0
     timeout: float = 30.0
 
+    def validated(self) -> RetrySettings:
+        check_number("LABSYNC_RETRY_ATTEMPTS", self.max_attempts)
+        check_number("LABSYNC_RETRY_INITIAL_WAIT", self.initial_wait)
+        check_number("LABSYNC_RETRY_MAX_WAIT", self.max_wait)
+        check_number("LABSYNC_HTTP_TIMEOUT", self.timeout)
+        return self
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """How one vendor connection reaches the network (etl.http builds every client from it).
+
+    proxy:       an http(s):// or socks5:// proxy URL for this vendor. Unset: the standard
+                 HTTP_PROXY / HTTPS_PROXY / ALL_PROXY / NO_PROXY environment variables apply
+                 (httpx's trust_env), as for any well-behaved client.
+    ca_bundle:   a PEM file of the CAs to trust (a TLS-inspecting proxy's, a private CA);
+                 unset: the system's bundle (certifi).
+    client_cert, client_key: a PEM client certificate (and its key, unless in the same file)
+                 presented to a server that asks for one (mTLS).
+    timeout:     seconds for connect/read/write/pool; unset: LABSYNC_HTTP_TIMEOUT.
+    Environment: <VENDOR>_PROXY, _CA_BUNDLE, _CLIENT_CERT, _CLIENT_KEY, _TIMEOUT; Airflow
+    Connection extras: proxy, ca_bundle (or verify), client_cert (or cert), client_key (or key),
+    timeout (etl.airflow.hooks)."""
+
+    proxy: str | None = None
+    ca_bundle: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = field(default=None, repr=False)
+    timeout: float | None = None
+
+    def validated(self, prefix: str) -> NetworkSettings:
+        if self.proxy is not None:
+            parts = urlsplit(self.proxy)
+            if parts.scheme not in ("http", "https", "socks5", "socks5h") or not parts.hostname:
+                raise ConfigError(f"{prefix}_PROXY must be a proxy URL such as http://proxy.example:3128")
+        for name, path in ((f"{prefix}_CA_BUNDLE", self.ca_bundle), (f"{prefix}_CLIENT_CERT", self.client_cert),
+                           (f"{prefix}_CLIENT_KEY", self.client_key)):
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"{name} {path!r} is not a readable file")
+        if self.client_key is not None and self.client_cert is None:
+            raise ConfigError(f"{prefix}_CLIENT_KEY is set without {prefix}_CLIENT_CERT")
+        if self.timeout is not None:
+            check_number(f"{prefix}_TIMEOUT", self.timeout)
+        return self
+
 
 @dataclass(frozen=True)
 class LgcSettings:
@@ -92,6 +203,7 @@ class LgcSettings:
     breaker_failures: int = 10
     load_deadline: float = 900.0  # seconds per load (one CLI file, one DAG load task)
     max_response_bytes: int = 1 * MiB  # a PUT's answer is a small order; more is not read
+    network: NetworkSettings = field(default_factory=NetworkSettings)
 
     def validated(self) -> LgcSettings:
         """Fill the sandbox defaults where allowed and check the documented formats."""
@@ -118,18 +230,13 @@ class LgcSettings:
             for name, value in (("LGC_ACCESS_KEY", s.access_key), ("LGC_SECRET_KEY", s.secret_key)):
                 if not _KEY_RE.match(value):
                     raise ConfigError(f"{name} must be 25 letters or digits")
-        if s.concurrency < 1:
-            raise ConfigError("LGC_CONCURRENCY must be at least 1")
-        if s.rate_limit < 0:
-            raise ConfigError("LGC_RATE_LIMIT must be 0 (unlimited) or a positive number")
-        if s.max_retry_after < 0:
-            raise ConfigError("LGC_MAX_RETRY_AFTER must be 0 or a positive number of seconds")
-        if s.breaker_failures < 0:
-            raise ConfigError("LGC_BREAKER_FAILURES must be 0 (off) or a positive whole number")
-        if s.load_deadline < 0:
-            raise ConfigError("LGC_LOAD_DEADLINE must be 0 (none) or a positive number of seconds")
-        if s.max_response_bytes < 1024:
-            raise ConfigError("LGC_MAX_RESPONSE_BYTES must be at least 1024")
+        for name, value in (("LGC_CONCURRENCY", s.concurrency), ("LGC_RATE_LIMIT", s.rate_limit),
+                            ("LGC_MAX_RETRY_AFTER", s.max_retry_after),
+                            ("LGC_BREAKER_FAILURES", s.breaker_failures),
+                            ("LGC_LOAD_DEADLINE", s.load_deadline),
+                            ("LGC_MAX_RESPONSE_BYTES", s.max_response_bytes)):
+            check_number(name, value)
+        s.network.validated("LGC")
         return s
 
 
@@ -145,6 +252,7 @@ class RupaSettings:
     max_pages: int = 10_000  # pages per stream per run: a server whose paging never ends is stopped
     max_response_bytes: int = 8 * MiB  # one page (or any answer); more is not read
     concurrency: int = 4  # order-intent rows sent at once (etl.checkout.intents)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
 
     def validated(self) -> RupaSettings:
         check_base_url("RUPA_BASE_URL", self.base_url)
@@ -163,14 +271,10 @@ class RupaSettings:
             raise ConfigError(
                 "Rupa credentials missing: set RUPA_CLIENT_ID and RUPA_CLIENT_SECRET, or RUPA_API_TOKEN"
             )
-        if not 1 <= s.concurrency <= 64:
-            raise ConfigError("RUPA_CONCURRENCY must be between 1 and 64")
-        if not 1 <= s.page_size <= 1000:
-            raise ConfigError("RUPA_PAGE_SIZE must be between 1 and 1000")
-        if s.max_pages < 1:
-            raise ConfigError("RUPA_MAX_PAGES must be at least 1")
-        if s.max_response_bytes < 1024:
-            raise ConfigError("RUPA_MAX_RESPONSE_BYTES must be at least 1024")
+        for name, value in (("RUPA_CONCURRENCY", s.concurrency), ("RUPA_PAGE_SIZE", s.page_size),
+                            ("RUPA_MAX_PAGES", s.max_pages), ("RUPA_MAX_RESPONSE_BYTES", s.max_response_bytes)):
+            check_number(name, value)
+        s.network.validated("RUPA")
         return s
 
 
@@ -195,10 +299,8 @@ class WebhookSettings:
     rupa_prefix: str = ""  # e.g. "sha256=" when the header carries one
 
     def validated(self) -> WebhookSettings:
-        if not 1 <= self.port <= 65535:
-            raise ConfigError("LABSYNC_WEBHOOK_PORT must be a port number (1-65535)")
-        if self.max_body < 1024:
-            raise ConfigError("LABSYNC_WEBHOOK_MAX_BYTES must be at least 1024")
+        check_number("LABSYNC_WEBHOOK_PORT", self.port)
+        check_number("LABSYNC_WEBHOOK_MAX_BYTES", self.max_body)
         if self.rupa_encoding not in ("hex", "base64"):
             raise ConfigError("RUPA_WEBHOOK_ENCODING must be hex or base64")
         import hashlib
@@ -223,10 +325,8 @@ class LifecycleSettings:
     cancel_patch: Mapping = field(default_factory=lambda: DEFAULT_CANCEL_PATCH)
 
     def validated(self) -> LifecycleSettings:
-        if self.stale_after < 0:
-            raise ConfigError("LABSYNC_TRACK_STALE_MINUTES must be 0 or more")
-        if self.max_event_attempts < 1:
-            raise ConfigError("LABSYNC_WEBHOOK_MAX_ATTEMPTS must be at least 1")
+        check_number("LABSYNC_TRACK_STALE_MINUTES", self.stale_after / 60)
+        check_number("LABSYNC_WEBHOOK_MAX_ATTEMPTS", self.max_event_attempts)
         if not isinstance(self.cancel_patch, Mapping) or not self.cancel_patch:
             raise ConfigError("LGC_CANCEL_PATCH must be a JSON object")
         return self
@@ -267,15 +367,17 @@ class Settings:
     def checked(self) -> Settings:
         """Check the settings every command and task needs (the vendors' are checked by
         `LgcSettings.validated()` / `RupaSettings.validated()` where they are used)."""
-        if self.chunk_rows < 1:
-            raise ConfigError("LABSYNC_CHUNK_ROWS must be at least 1")
+        check_number("LABSYNC_CHUNK_ROWS", self.chunk_rows)
+        check_number("LABSYNC_INBOX_SETTLE_SECONDS", self.inbox_settle_seconds)
+        check_number("LABSYNC_LEASE_SECONDS", self.lease_seconds)
+        check_number("LABSYNC_HEARTBEAT_SECONDS", self.heartbeat_seconds)
+        self.retry.validated()
         if not 0 < self.heartbeat_seconds < self.lease_seconds:
             raise ConfigError(
                 "LABSYNC_HEARTBEAT_SECONDS must be above 0 and below LABSYNC_LEASE_SECONDS "
                 "(a lease must be renewed before it lapses)"
             )
-        if self.max_attempts < 1:
-            raise ConfigError("LABSYNC_MAX_ATTEMPTS must be at least 1")
+        check_number("LABSYNC_MAX_ATTEMPTS", self.max_attempts)
         return self
 
     # Fernet key(s) for the tokens stored in the warehouse, "new,old" while rotating (etl.vault)
@@ -292,14 +394,16 @@ class Settings:
             value = env.get(name)
             return value.strip() if value and value.strip() else default
 
-        def num(name: str, default, kind=float):
+        def num(name: str, default, kind=float):  # kind: declared in NUMBERS
             raw = get(name)
-            if raw is None:
-                return default
-            try:
-                return kind(raw)
-            except ValueError:
-                raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+            return default if raw is None else parse_number(name, raw)
+
+        def network(prefix: str) -> NetworkSettings:
+            timeout = get(f"{prefix}_TIMEOUT")
+            return NetworkSettings(
+                proxy=get(f"{prefix}_PROXY"), ca_bundle=get(f"{prefix}_CA_BUNDLE"),
+                client_cert=get(f"{prefix}_CLIENT_CERT"), client_key=get(f"{prefix}_CLIENT_KEY"),
+                timeout=None if timeout is None else parse_number(f"{prefix}_TIMEOUT", timeout))
 
         lease = num("LABSYNC_LEASE_SECONDS", d.lease_seconds)
         # the local sandbox's port, the one place to change it: `labsync sandbox` listens there
@@ -326,6 +430,7 @@ class Settings:
                 breaker_failures=num("LGC_BREAKER_FAILURES", d.lgc.breaker_failures, int),
                 load_deadline=num("LGC_LOAD_DEADLINE", d.lgc.load_deadline),
                 max_response_bytes=num("LGC_MAX_RESPONSE_BYTES", d.lgc.max_response_bytes, int),
+                network=network("LGC"),
             ),
             rupa=RupaSettings(
                 base_url=get("RUPA_BASE_URL", f"{sandbox}/rupa").rstrip("/"),
@@ -338,6 +443,7 @@ class Settings:
                 max_pages=num("RUPA_MAX_PAGES", d.rupa.max_pages, int),
                 max_response_bytes=num("RUPA_MAX_RESPONSE_BYTES", d.rupa.max_response_bytes, int),
                 concurrency=num("RUPA_CONCURRENCY", d.rupa.concurrency, int),
+                network=network("RUPA"),
             ),
             retry=RetrySettings(
                 max_attempts=num("LABSYNC_RETRY_ATTEMPTS", d.retry.max_attempts, int),
@@ -363,4 +469,44 @@ class Settings:
                 cancel_patch=_json_object("LGC_CANCEL_PATCH", get("LGC_CANCEL_PATCH"),
                                           d.lifecycle.cancel_patch),
             ),
+        )
+
+
+@dataclass(frozen=True)
+class DagSettings:
+    """What the DAG files read when Airflow parses them (schedules, pools, timeouts, how many load
+    tasks run at once). Declared here like every other setting, so `labsync doctor` checks them
+    and a bad value fails the parse with a sentence naming the setting, not a traceback."""
+
+    task_timeout_minutes: float = 60.0
+    load_timeout_minutes: float = 30.0
+    load_parallelism: int = 4
+    lgc_pool: str = "lgc_api"
+    inbox_schedule: str = "*/5 * * * *"
+    lifecycle_schedule: str = "*/15 * * * *"
+    rupa_schedule: str = "@hourly"
+    rupa_checkout_schedule: str = "*/5 * * * *"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> DagSettings:
+        env = os.environ if env is None else env
+        d = cls()
+
+        def get(name: str, default: str) -> str:
+            value = (env.get(name) or "").strip()
+            return value or default
+
+        def num(name: str, default: float) -> float:
+            raw = (env.get(name) or "").strip()
+            return default if not raw else parse_number(name, raw)
+
+        return cls(
+            task_timeout_minutes=num("LABSYNC_TASK_TIMEOUT_MINUTES", d.task_timeout_minutes),
+            load_timeout_minutes=num("LABSYNC_LOAD_TIMEOUT_MINUTES", d.load_timeout_minutes),
+            load_parallelism=int(num("LABSYNC_LOAD_PARALLELISM", d.load_parallelism)),
+            lgc_pool=get("LABSYNC_LGC_POOL", d.lgc_pool),
+            inbox_schedule=get("LABSYNC_INBOX_SCHEDULE", d.inbox_schedule),
+            lifecycle_schedule=get("LABSYNC_LIFECYCLE_SCHEDULE", d.lifecycle_schedule),
+            rupa_schedule=get("LABSYNC_RUPA_SCHEDULE", d.rupa_schedule),
+            rupa_checkout_schedule=get("LABSYNC_RUPA_CHECKOUT_SCHEDULE", d.rupa_checkout_schedule),
         )

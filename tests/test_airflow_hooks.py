@@ -59,11 +59,13 @@ def test_providers_manager_lists_both_connection_types_and_hooks_with_their_form
     assert std["port"]["hidden"] and std["url_schema"]["hidden"] and not std["host"]["hidden"]
     assert rupa["standard_fields"]["login"]["title"] == "OAuth client ID"
     assert rupa["standard_fields"]["password"]["title"] == "OAuth client secret"
-    assert sorted(lgc["extra_fields"]) == ["access_token", "client_id"]
+    network = ["ca_bundle", "client_cert", "client_key", "proxy", "timeout"]  # the network extras, as Airflow's HTTP provider has
+    assert sorted(lgc["extra_fields"]) == sorted(["access_token", "client_id", *network])
+    assert lgc["extra_fields"]["proxy"]["schema"]["title"] == "Proxy URL (optional)"
     assert lgc["extra_fields"]["client_id"]["schema"]["title"] == "Client ID"
     assert "format" not in lgc["extra_fields"]["client_id"]["schema"]
     assert lgc["extra_fields"]["access_token"]["schema"]["format"] == "password"  # shown masked
-    assert sorted(rupa["extra_fields"]) == ["access_token"]
+    assert sorted(rupa["extra_fields"]) == sorted(["access_token", *network])
     assert rupa["extra_fields"]["access_token"]["schema"]["format"] == "password"
 
 

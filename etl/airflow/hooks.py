@@ -12,6 +12,10 @@ A Connection (any type: older `http` ones keep working) maps as
                   extra client_id, access_token (optional, a ready token)
     labsync-rupa: host = API base URL, login = OAuth client id, password = OAuth client secret,
                   extra access_token (optional, a ready token)
+and both carry the network settings in their extras, as Airflow's HTTP provider does
+(etl.settings.NetworkSettings): `proxy` (a URL; Airflow's `proxies` {"https": …} is read too),
+`ca_bundle` (or `verify` as a path), `client_cert` (or `cert`), `client_key` (or `key`),
+`timeout` (seconds). Unset extras leave the environment's <VENDOR>_PROXY, … in place.
 The host may be a whole URL or a bare host name (then https, or the schema field if it says
 http). Extra keys may also carry Airflow's old `extra__<type>__` prefix.
 
@@ -33,7 +37,14 @@ except ImportError:  # pragma: no cover - older layouts
 
 from etl.airflow.provider import CONNECTION_FORMS, LGC_CONN_TYPE, RUPA_CONN_TYPE
 from etl.errors import LabsyncError
-from etl.settings import LgcSettings, RetrySettings, RupaSettings, Settings
+from etl.settings import (
+    LgcSettings,
+    NetworkSettings,
+    RetrySettings,
+    RupaSettings,
+    Settings,
+    parse_number,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +108,34 @@ def base_url_of(conn: Any) -> str | None:
     return f"{scheme}://{host}{port}".rstrip("/")
 
 
+def network_from_connection(conn: Any, conn_type: str, prefix: str, base: NetworkSettings) -> NetworkSettings:
+    """The connection's network extras over `base` (the environment's)."""
+    extra = extra_of(conn)
+    proxies = extra.get("proxies")
+    proxy = extra_field(conn, conn_type, "proxy")
+    if proxy is None and isinstance(proxies, dict):  # Airflow's HTTP provider shape
+        found = proxies.get("https") or proxies.get("http") or proxies.get("all")
+        proxy = found.strip() if isinstance(found, str) and found.strip() else None
+    timeout = extra.get("timeout")
+    if isinstance(timeout, str) and timeout.strip():
+        timeout = parse_number(f"{prefix}_TIMEOUT", timeout.strip())
+    elif isinstance(timeout, int | float) and not isinstance(timeout, bool):
+        timeout = parse_number(f"{prefix}_TIMEOUT", str(timeout))
+    else:
+        timeout = None
+    verify = extra_field(conn, conn_type, "ca_bundle", "verify")
+    if verify is not None and verify.lower() in ("true", "false"):
+        verify = None  # a boolean `verify`: labsync always verifies; only a bundle path is taken
+    return replace(
+        base,
+        proxy=proxy or base.proxy,
+        ca_bundle=verify or base.ca_bundle,
+        client_cert=extra_field(conn, conn_type, "client_cert", "cert") or base.client_cert,
+        client_key=extra_field(conn, conn_type, "client_key", "key") or base.client_key,
+        timeout=timeout if timeout is not None else base.timeout,
+    )
+
+
 def lgc_from_connection(conn: Any, base: LgcSettings) -> LgcSettings:
     return replace(
         base,
@@ -105,6 +144,7 @@ def lgc_from_connection(conn: Any, base: LgcSettings) -> LgcSettings:
         secret_key=(conn.password or "").strip() or base.secret_key,
         client_id=extra_field(conn, LGC_CONN_TYPE, "client_id") or base.client_id,
         api_token=extra_field(conn, LGC_CONN_TYPE, "access_token", "api_token") or base.api_token,
+        network=network_from_connection(conn, LGC_CONN_TYPE, "LGC", base.network),
     )
 
 
@@ -115,6 +155,7 @@ def rupa_from_connection(conn: Any, base: RupaSettings) -> RupaSettings:
         client_id=(conn.login or "").strip() or base.client_id,
         client_secret=(conn.password or "").strip() or base.client_secret,
         api_token=extra_field(conn, RUPA_CONN_TYPE, "access_token") or base.api_token,
+        network=network_from_connection(conn, RUPA_CONN_TYPE, "RUPA", base.network),
     )
 
 
@@ -212,7 +253,9 @@ class LgcHook(_VendorHook):
     vendor = "LetsGetChecked"
     field_names = {"LGC_BASE_URL": "the API base URL", "LGC_CLIENT_ID": "the Client ID",
                    "LGC_ACCESS_KEY": "the Access key", "LGC_SECRET_KEY": "the Secret key",
-                   "LGC_API_TOKEN": "the ready access token"}
+                   "LGC_API_TOKEN": "the ready access token", "LGC_PROXY": "the extra `proxy`",
+                   "LGC_CA_BUNDLE": "the extra `ca_bundle`", "LGC_CLIENT_CERT": "the extra `client_cert`",
+                   "LGC_CLIENT_KEY": "the extra `client_key`", "LGC_TIMEOUT": "the extra `timeout`"}
 
     # Defined on each Hook itself: Airflow 3.1 reads them only from the class's own __dict__.
     @classmethod
@@ -254,7 +297,9 @@ class RupaHook(_VendorHook):
     vendor = "Rupa"
     field_names = {"RUPA_BASE_URL": "the API base URL", "RUPA_CLIENT_ID": "the OAuth client ID",
                    "RUPA_CLIENT_SECRET": "the OAuth client secret",
-                   "RUPA_API_TOKEN": "the ready access token"}
+                   "RUPA_API_TOKEN": "the ready access token", "RUPA_PROXY": "the extra `proxy`",
+                   "RUPA_CA_BUNDLE": "the extra `ca_bundle`", "RUPA_CLIENT_CERT": "the extra `client_cert`",
+                   "RUPA_CLIENT_KEY": "the extra `client_key`", "RUPA_TIMEOUT": "the extra `timeout`"}
 
     # Defined on each Hook itself: Airflow 3.1 reads them only from the class's own __dict__.
     @classmethod

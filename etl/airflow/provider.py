@@ -20,6 +20,21 @@ RUPA_CONN_TYPE = "labsync-rupa"
 LGC_HOOK = "etl.airflow.hooks.LgcHook"
 RUPA_HOOK = "etl.airflow.hooks.RupaHook"
 
+# The network settings both connection types carry in their extras (etl.settings.NetworkSettings),
+# as Airflow's own HTTP provider does: an egress proxy, a private CA, a client certificate (mTLS).
+NETWORK_FIELDS: dict[str, tuple[str, str, bool]] = {
+    "proxy": ("Proxy URL (optional)", "e.g. http://proxy.example:3128. Empty: the workers' "
+              "HTTP_PROXY / HTTPS_PROXY / NO_PROXY apply.", False),
+    "ca_bundle": ("CA bundle path (optional)", "A PEM file of the CAs to trust (a TLS-inspecting "
+                  "proxy's or a private CA). Empty: the system's.", False),
+    "client_cert": ("Client certificate path (optional)", "A PEM client certificate for a vendor "
+                    "or gateway that requires mutual TLS.", False),
+    "client_key": ("Client key path (optional)", "The PEM private key of the client certificate, "
+                   "unless it is in the same file.", False),
+    "timeout": ("Timeout in seconds (optional)", "Connect/read/write timeout. Empty: "
+                "LABSYNC_HTTP_TIMEOUT (30).", False),
+}
+
 # conn type -> hook class, display name, extra fields (name -> label, description, secret?),
 # and how the standard fields are shown (hidden ones, relabelled ones, placeholders).
 CONNECTION_FORMS: dict[str, dict[str, Any]] = {
@@ -31,6 +46,7 @@ CONNECTION_FORMS: dict[str, dict[str, Any]] = {
                           "part of every order URL).", False),
             "access_token": ("Ready access token (optional)", "A bearer token to use instead of "
                              "the access and secret keys; it cannot be refreshed.", True),
+            **NETWORK_FIELDS,
         },
         "behaviour": {
             "hidden_fields": ["schema", "port"],
@@ -46,6 +62,7 @@ CONNECTION_FORMS: dict[str, dict[str, Any]] = {
         "fields": {
             "access_token": ("Ready access token (optional)", "A bearer token to use instead of the "
                              "OAuth tokens `labsync rupa authorize` stores in the warehouse.", True),
+            **NETWORK_FIELDS,
         },
         "behaviour": {
             "hidden_fields": ["schema", "port"],

@@ -301,7 +301,7 @@ def download_results(engine: Engine, settings: Settings, out: ApplySummary, *,
     if not pending:
         return
     own = http is None
-    http = http or make_client("", settings.retry, follow_redirects=True)
+    http = http or make_client("", settings.retry, settings.rupa.network, follow_redirects=True)
     try:
         for test in pending:
             errors = []

@@ -68,7 +68,6 @@ from etl.lgc.budget import Aborted, AsyncBudget
 from etl.redact import clean, escape_controls, field_names, fixed_text
 from etl.settings import LgcSettings, RetrySettings
 from etl.states import SETTLED_ORDER_STATES, OrderState
-from etl.wire import WireTransport
 from schemas.columns import path_id_problem
 
 log = logging.getLogger(__name__)
@@ -260,26 +259,21 @@ class LgcClient:
     """PUTs orders; the token, the vendor budget, the breaker and the retry policy are shared by
     all workers of a load.
 
-    `http` (from etl.http.make_async_client) fetches tokens and sends the PUTs, unless a
-    `transport` is given: the loader hands each worker its own one-connection transport and
-    sends the prepared request straight to it. The client layer on top (URL merging, cookies,
-    redirects, auth flows) does nothing for a PUT whose headers are already complete, yet costs
-    about a third of the CPU of each request; at hundreds of orders a second that is the
-    difference between meeting concurrency / latency or not (bench/load.py). With an
-    etl.wire.WireTransport (the loader's, when httptools is installed) the answer is read under
-    the cap in the same step (`send_capped`). Each order's request is built once per token and
-    sent again as it is by each retry."""
+    `http` (from etl.http.make_async_client: httpx's own transport, the connection's proxy, CA
+    bundle, client certificate and timeout) fetches tokens and sends the PUTs. The loader gives
+    each worker its own one-connection client (a shared pool costs O(pool) bookkeeping per
+    request in httpcore). Each order's request is built once per token and sent again as it is
+    by each retry."""
 
     lgc: LgcSettings
     retry: RetrySettings
     http: httpx.AsyncClient
     tokens: TokenProvider
     budget: AsyncBudget | None = None  # None: no limit (tests of the client alone)
-    transport: httpx.AsyncBaseTransport | None = None
     breaker: Breaker = field(default_factory=Breaker)  # default: never opens
 
     def __post_init__(self) -> None:
-        self._timeout = httpx.Timeout(self.retry.timeout).as_dict()
+        self._timeout = httpx.Timeout(self.lgc.network.timeout or self.retry.timeout).as_dict()
         self._headers_token: str | None = None
         self._headers_built = httpx.Headers()
 
@@ -320,14 +314,8 @@ class LgcClient:
         try:
             breaker.check()
             try:
-                limit = self.lgc.max_response_bytes
-                if self.transport is None:
-                    response = await aread_capped(await self.http.send(request, stream=True), request, limit)
-                elif isinstance(self.transport, WireTransport):  # the same, in one step (etl.wire)
-                    response = await self.transport.send_capped(request, limit)
-                else:
-                    response = await aread_capped(await self.transport.handle_async_request(request),
-                                                  request, limit)
+                response = await aread_capped(await self.http.send(request, stream=True), request,
+                                              self.lgc.max_response_bytes)
             except httpx.TransportError as exc:
                 breaker.failure("timed out" if isinstance(exc, httpx.TimeoutException)
                                 else "connection failed")
@@ -482,7 +470,7 @@ async def check_credentials(lgc: LgcSettings, retry: RetrySettings) -> str:
 
     Returns one sentence without secrets; raises ConfigError, AuthError or ApiError."""
     lgc = lgc.validated()
-    async with make_async_client(lgc.base_url, retry, concurrency=1) as client:
+    async with make_async_client(lgc.base_url, retry, lgc.network, concurrency=1) as client:
         if not lgc.api_token:
             await TokenProvider(lgc, retry).token(client)
             return f"LetsGetChecked issued a token for client {lgc.client_id} at {lgc.base_url}"

@@ -178,20 +178,18 @@ class CancelAnswer:
 
 @dataclass
 class LgcApi:
-    """The calls after the PUT. `http` fetches tokens (and sends when no `transport` is given);
-    with a `transport` (one connection per worker, as the loader does) requests go straight
-    to it."""
+    """The calls after the PUT, sent through `http` (etl.http.make_async_client; one
+    connection per worker, as the loader does), which also fetches tokens."""
 
     lgc: LgcSettings
     retry: RetrySettings
     http: httpx.AsyncClient
     tokens: TokenProvider
     budget: AsyncBudget | None = None  # None: no limit (tests of the API alone)
-    transport: httpx.AsyncBaseTransport | None = None
     requests: int = 0  # HTTP requests sent, retries included
 
     def __post_init__(self) -> None:
-        self._timeout = httpx.Timeout(self.retry.timeout).as_dict()
+        self._timeout = httpx.Timeout(self.lgc.network.timeout or self.retry.timeout).as_dict()
 
     # -- plumbing --
     async def _send_once(self, method: str, url: str, token: str, accept: str,
@@ -205,10 +203,7 @@ class LgcApi:
             await self.budget.acquire()
         try:
             self.requests += 1
-            if self.transport is None:
-                response = await self.http.send(request, stream=True)
-            else:
-                response = await self.transport.handle_async_request(request)
+            response = await self.http.send(request, stream=True)
             return await aread_capped(response, request, self.lgc.max_response_bytes)
         finally:
             if self.budget is not None:
@@ -339,24 +334,23 @@ class LgcApi:
 
 class ApiSession:
     """One token, one vendor budget and one token-fetching client for a whole run; `api()` hands
-    each concurrent worker its own `LgcApi` with a one-connection keep-alive transport (a
-    shared pool costs O(pool) bookkeeping per request in httpcore; see etl.orders.load)."""
+    each concurrent worker its own `LgcApi` with a one-connection keep-alive client from
+    etl.http (a shared pool costs O(pool) bookkeeping per request in httpcore; see
+    etl.orders.load). With a test's `transport`, every worker shares the one client."""
 
     def __init__(self, settings: Settings, stack: contextlib.AsyncExitStack, http: httpx.AsyncClient,
-                 tokens: TokenProvider, budget: AsyncBudget | None, transport: httpx.AsyncBaseTransport | None,
-                 ssl_context) -> None:
+                 tokens: TokenProvider, budget: AsyncBudget | None, shared: bool) -> None:
         self.settings, self.lgc = settings, settings.lgc
         self._stack, self.http, self.tokens, self.budget = stack, http, tokens, budget
-        self._transport, self._ssl = transport, ssl_context
+        self._shared = shared
         self._apis: list[LgcApi] = []
 
     async def api(self) -> LgcApi:
-        transport = self._transport
-        if transport is None:
-            one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-            transport = await self._stack.enter_async_context(
-                httpx.AsyncHTTPTransport(verify=self._ssl, limits=one))
-        api = LgcApi(self.lgc, self.settings.retry, self.http, self.tokens, self.budget, transport)
+        http = self.http
+        if not self._shared:
+            http = await self._stack.enter_async_context(
+                make_async_client("", self.settings.retry, self.lgc.network, concurrency=1))
+        api = LgcApi(self.lgc, self.settings.retry, http, self.tokens, self.budget)
         self._apis.append(api)
         return api
 
@@ -410,13 +404,12 @@ async def open_session(settings: Settings, *, engine=None, transport: httpx.Asyn
     settings = settings if lgc is settings.lgc else _with_lgc(settings, lgc)
     kw: dict[str, Any] = {"transport": transport} if transport is not None else {}
     async with contextlib.AsyncExitStack() as stack:
-        ssl_context = httpx.create_ssl_context()
         http = await stack.enter_async_context(
-            make_async_client("", settings.retry, concurrency=1, verify=ssl_context, **kw))
+            make_async_client("", settings.retry, lgc.network, concurrency=1, **kw))
         tokens = TokenProvider(lgc, settings.retry)
         await tokens.token(http)
         budget = await stack.enter_async_context(AsyncBudget(lgc, engine, holder=owner))
-        yield ApiSession(settings, stack, http, tokens, budget, transport, ssl_context)
+        yield ApiSession(settings, stack, http, tokens, budget, shared=transport is not None)
 
 
 def _with_lgc(settings: Settings, lgc: LgcSettings) -> Settings:

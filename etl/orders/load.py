@@ -39,7 +39,6 @@ from typing import Any
 import httpx
 from sqlalchemy import Engine
 
-from etl import wire
 from etl.claims import Heartbeat, cli_owner
 from etl.errors import AuthError, LabsyncError
 from etl.http import make_async_client
@@ -246,12 +245,12 @@ async def aload_chunk(
     failure: BaseException | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
-            # One keep-alive connection per worker, each its own one-connection transport: a
+            # One keep-alive connection per worker, each its own one-connection client (etl.http:
+            # httpx's transport, the connection's proxy, CA bundle and client certificate): a
             # single pool of N connections costs O(N) bookkeeping per request in httpcore, which
             # caps throughput long before the network does. Token, rate limit and ledger are shared.
-            ssl_context = httpx.create_ssl_context()  # load the CA bundle once, not per worker
             http = await stack.enter_async_context(
-                make_async_client("", settings.retry, concurrency=1, verify=ssl_context, **kw)
+                make_async_client("", settings.retry, lgc.network, concurrency=1, **kw)
             )
             tokens = TokenProvider(lgc, settings.retry)
             await tokens.token(http)  # bad keys fail here, before any row is claimed
@@ -267,15 +266,11 @@ async def aload_chunk(
             stack.callback(breaker.close)
             writer = _Writer(db, engine, owner, max_attempts, inflight)
 
-            async def new_transport() -> httpx.AsyncBaseTransport:
+            async def worker_client() -> httpx.AsyncClient:
                 if transport is not None:  # a test's transport: shared, closed with `http`
-                    return transport
-                if wire.available():
-                    return await stack.enter_async_context(wire.WireTransport(verify=ssl_context))
-                one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+                    return http
                 return await stack.enter_async_context(
-                    httpx.AsyncHTTPTransport(verify=ssl_context, limits=one)
-                )
+                    make_async_client("", settings.retry, lgc.network, concurrency=1))
 
             crashed: list[BaseException] = []
 
@@ -292,7 +287,7 @@ async def aload_chunk(
                         unsent.append(item)
 
             async def send_all() -> None:
-                client = LgcClient(lgc, settings.retry, http, tokens, budget, await new_transport(), breaker)
+                client = LgcClient(lgc, settings.retry, await worker_client(), tokens, budget, breaker)
                 while (item := await queue.get()) is not None:
                     if stop.is_set():
                         unsent.append(item)

@@ -309,7 +309,7 @@ def exchange_code(engine: Engine, settings: Settings, code: str) -> Tokens:
     key for storing them is checked first: the code is single-use."""
     rupa = settings.rupa.validated()
     store = TokenStore.for_settings(engine, settings)
-    with make_client(rupa.base_url, settings.retry) as http:
+    with make_client(rupa.base_url, settings.retry, rupa.network) as http:
         tokens = request_tokens(http, rupa, settings.retry, {
             "grant_type": "authorization_code", "code": code, "redirect_uri": rupa.redirect_uri})
     store.save(tokens)

@@ -354,7 +354,7 @@ def open_client(settings: Settings, engine: Engine | None = None) -> RupaClient:
     """A client for `settings.rupa` (validated), its tokens from RUPA_API_TOKEN or the warehouse."""
     rupa = settings.rupa.validated()
     settings = replace(settings, rupa=rupa)
-    http = make_client(rupa.base_url, settings.retry)
+    http = make_client(rupa.base_url, settings.retry, rupa.network)
     try:
         auth = token_source(settings, engine, http)
     except Exception:
@@ -377,7 +377,7 @@ def check_credentials(rupa: RupaSettings, retry: RetrySettings) -> str:
 
     Returns one sentence without secrets; raises ConfigError, AuthError or ApiError."""
     rupa = rupa.validated()
-    with make_client(rupa.base_url, retry, concurrency=1) as http:
+    with make_client(rupa.base_url, retry, rupa.network, concurrency=1) as http:
         if rupa.api_token:
             client = RupaClient(replace(rupa, page_size=1), retry, StaticToken(rupa.api_token), http)
             try:
