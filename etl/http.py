@@ -379,6 +379,41 @@ def read_capped(response: httpx.Response, request: httpx.Request, limit: int) ->
         response.close()
 
 
+class _CappedStream(httpx.AsyncByteStream, httpx.SyncByteStream):
+    """A response body stream that ends after `limit` bytes (the rest is never read)."""
+
+    def __init__(self, stream: Any, limit: int) -> None:
+        self._stream, self._limit = stream, limit
+
+    def __iter__(self):
+        size = 0
+        for chunk in self._stream:
+            size += len(chunk)
+            yield chunk
+            if size > self._limit:
+                break
+
+    async def __aiter__(self):
+        size = 0
+        async for chunk in self._stream:
+            size += len(chunk)
+            yield chunk
+            if size > self._limit:
+                break
+
+    def close(self) -> None:
+        self._stream.close()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+def capped_stream(stream: Any, limit: int) -> Any:
+    """`stream` (a response's `.stream`) cut after `limit` bytes: for an answer httpx reads
+    itself, such as the 401 an auth flow retries after."""
+    return _CappedStream(stream, limit)
+
+
 def over_cap(response: httpx.Response) -> bool:
     return bool(response.extensions.get(OVER_CAP))
 

@@ -9,6 +9,11 @@ the same stale token trigger one refresh, not one each.
 
 With `LGC_API_TOKEN` (a ready token) there is nothing to refresh: a 401 is final.
 Tokens never appear in logs or exception messages.
+
+`TokenProvider` is an `httpx.Auth` (as httpx and dlt model auth): every LetsGetChecked request is
+sent with `auth=` it, and its flow is the only place the 401 rule lives: the bearer token goes on
+the request; a 401 gets one refresh (shared by every request that held the stale token) and one
+more try; what the second try answers is the caller's to classify.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncGenerator
 
 import httpx
 
@@ -27,6 +33,7 @@ from etl.http import (
     access_token_from,
     asend_capped,
     async_retrying,
+    capped_stream,
     describe_transport_error,
     raise_for_retryable,
     unreachable,
@@ -40,12 +47,17 @@ DEFAULT_EXPIRES_IN = 300.0  # if the server omits expires_in, assume a short lif
 MAX_EARLY_REFRESH = 60.0  # refresh this many seconds before expiry (at most 10% of the life)
 
 
-class TokenProvider:
-    """Hands out a bearer token; fetches/refreshes it under a lock so it happens once."""
+class TokenProvider(httpx.Auth):
+    """LetsGetChecked's auth: hands out a bearer token, fetches/refreshes it under a lock so it
+    happens once, and (as an httpx.Auth) puts it on each request and retries once after a 401.
+    `http`: the client that fetches tokens (given here, or bound by the first client that sends
+    with this auth)."""
 
-    def __init__(self, lgc: LgcSettings, retry: RetrySettings, *, clock=time.monotonic) -> None:
+    def __init__(self, lgc: LgcSettings, retry: RetrySettings, http: httpx.AsyncClient | None = None, *,
+                 clock=time.monotonic) -> None:
         self._lgc = lgc
         self._retry = retry
+        self.http = http
         self._clock = clock
         self._lock = asyncio.Lock()
         self._token: str | None = lgc.api_token
@@ -60,16 +72,43 @@ class TokenProvider:
     def _fresh(self) -> bool:
         return self._token is not None and self._clock() < self._expires_at
 
-    async def token(self, client: httpx.AsyncClient) -> str:
-        """A valid token, fetching one if there is none or it is about to expire."""
+    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        """The bearer token on the request; after a 401, one refresh and one more try. The 401's
+        body is read (httpx reads it before the next try) under the answer cap."""
+        used = await self.token()
+        request.headers["Authorization"] = f"Bearer {used}"
+        response = yield request
+        if response.status_code != 401:
+            return
+        fresh = await self.refresh(None, used)
+        if fresh is None:  # a ready LGC_API_TOKEN cannot be refreshed: the 401 is the answer
+            return
+        log.info("LetsGetChecked answered 401; retrying once with a fresh token")
+        response.stream = capped_stream(response.stream, self._lgc.max_response_bytes)
+        request.headers["Authorization"] = f"Bearer {fresh}"
+        yield request
+
+    def sync_auth_flow(self, request: httpx.Request):  # pragma: no cover - labsync's LGC calls are async
+        raise RuntimeError("LetsGetChecked requests are sent by an httpx.AsyncClient")
+
+    def _client(self, client: httpx.AsyncClient | None) -> httpx.AsyncClient:
+        client = client or self.http
+        if client is None:
+            raise RuntimeError("TokenProvider has no client to fetch tokens with")
+        self.http = self.http or client
+        return client
+
+    async def token(self, client: httpx.AsyncClient | None = None) -> str:
+        """A valid token, fetching one (through `client`, else the bound one) if there is none
+        or it is about to expire."""
         if self._fresh():
             return self._token  # type: ignore[return-value]
         async with self._lock:
             if not self._fresh():
-                await self._fetch(client)
+                await self._fetch(self._client(client))
             return self._token  # type: ignore[return-value]
 
-    async def refresh(self, client: httpx.AsyncClient, stale: str) -> str | None:
+    async def refresh(self, client: httpx.AsyncClient | None, stale: str) -> str | None:
         """After a 401 with `stale`: a new token (fetched once however many requests saw the
         401), or None when the token cannot be refreshed (a static LGC_API_TOKEN)."""
         if self.static:
@@ -77,7 +116,7 @@ class TokenProvider:
         async with self._lock:
             if self._token != stale and self._fresh():
                 return self._token  # someone else already refreshed
-            await self._fetch(client)
+            await self._fetch(self._client(client))
             return self._token
 
     async def _fetch(self, client: httpx.AsyncClient) -> None:

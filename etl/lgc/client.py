@@ -274,30 +274,18 @@ class LgcClient:
 
     def __post_init__(self) -> None:
         self._timeout = httpx.Timeout(self.lgc.network.timeout or self.retry.timeout).as_dict()
-        self._headers_token: str | None = None
-        self._headers_built = httpx.Headers()
+        # built once, not per PUT; the bearer token is the auth's to add (etl.lgc.auth)
+        self._headers = httpx.Headers({"User-Agent": USER_AGENT, **NO_COMPRESSION,
+                                       "Accept": "application/json", "Content-Type": "application/json"})
+        if self.tokens.http is None:
+            self.tokens.http = self.http
 
     def order_url(self, client_order_id: str) -> str:
         return order_url(self.lgc, client_order_id)
 
-    def _headers_for(self, token: str) -> httpx.Headers:
-        """The request headers, built once per token (a token lives for an hour), not per PUT."""
-        if token != self._headers_token:
-            self._headers_built = httpx.Headers({"User-Agent": USER_AGENT, **NO_COMPRESSION, **self.headers(token)})
-            self._headers_token = token
-        return self._headers_built
-
-    def _request(self, url: httpx.URL, content: bytes, token: str) -> httpx.Request:
-        return httpx.Request("PUT", url, content=content, headers=self._headers_for(token),
+    def _request(self, url: httpx.URL, content: bytes) -> httpx.Request:
+        return httpx.Request("PUT", url, content=content, headers=self._headers,
                              extensions={"timeout": self._timeout})
-
-    @staticmethod
-    def headers(token: str) -> dict[str, str]:
-        return {
-            "Authorization": f"Bearer {token}",
-            "Accept": "application/json",
-            "Content-Type": "application/json",
-        }
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
         """One attempt: wait for the budget, start only if the breaker allows, tell it how the
@@ -314,8 +302,8 @@ class LgcClient:
         try:
             breaker.check()
             try:
-                response = await aread_capped(await self.http.send(request, stream=True), request,
-                                              self.lgc.max_response_bytes)
+                response = await aread_capped(await self.http.send(request, auth=self.tokens, stream=True),
+                                              request, self.lgc.max_response_bytes)
             except httpx.TransportError as exc:
                 breaker.failure("timed out" if isinstance(exc, httpx.TimeoutException)
                                 else "connection failed")
@@ -347,17 +335,15 @@ class LgcClient:
         except UnsafeIdError as exc:  # validation refuses such ids; this is the last guard
             return Outcome(REJECTED, None, attempts=0, error=f"not sent: {exc}")
         attempts = 0
-        refreshed = False
         last: str | None = None  # what went wrong with the previous attempt (for the reason)
         status: int | None = None
-        built: dict[str, httpx.Request] = {}  # per token: built once, sent by every retry
+        request = self._request(url, content)  # built once, sent again as it is by each retry
 
-        async def send(token: str) -> httpx.Response:
+        async def once() -> httpx.Response:
+            """One attempt: the auth (etl.lgc.auth) adds the token and, after a 401, refreshes it
+            and tries once more: both PUTs count as attempts."""
             nonlocal attempts, last, status
             attempts += 1
-            request = built.get(token)
-            if request is None:
-                request = built[token] = self._request(url, content, token)
             try:
                 response = await self._send(request)
             except Tripped:
@@ -366,19 +352,8 @@ class LgcClient:
             except httpx.TransportError as exc:
                 last = describe_transport_error(exc)
                 raise
+            attempts += len(response.history)  # the 401 the auth retried after
             status, last = response.status_code, f"HTTP {response.status_code}"
-            return response
-
-        async def once() -> httpx.Response:
-            nonlocal refreshed
-            token = await self.tokens.token(self.http)
-            response = await send(token)
-            if response.status_code == 401 and not refreshed:
-                refreshed = True
-                new = await self.tokens.refresh(self.http, token)
-                if new is not None:
-                    log.info("order %s: HTTP 401, retrying once with a fresh token", client_order_id)
-                    response = await send(new)
             return raise_for_retryable(response, max_retry_after=self.lgc.max_retry_after)
 
         try:
@@ -471,13 +446,14 @@ async def check_credentials(lgc: LgcSettings, retry: RetrySettings) -> str:
     Returns one sentence without secrets; raises ConfigError, AuthError or ApiError."""
     lgc = lgc.validated()
     async with make_async_client(lgc.base_url, retry, lgc.network, concurrency=1) as client:
+        auth = TokenProvider(lgc, retry, client)
         if not lgc.api_token:
-            await TokenProvider(lgc, retry).token(client)
+            await auth.token()
             return f"LetsGetChecked issued a token for client {lgc.client_id} at {lgc.base_url}"
         request = client.build_request("GET", order_url(lgc, CHECK_ORDER_ID), headers={
-            "Authorization": f"Bearer {lgc.api_token}", "Accept": "application/json", **NO_COMPRESSION})
+            "Accept": "application/json", **NO_COMPRESSION})
         try:
-            response = await asend_capped(client, request, TOKEN_ANSWER_LIMIT)
+            response = await asend_capped(client, request, TOKEN_ANSWER_LIMIT, auth=auth)
         except httpx.TransportError as exc:
             raise ApiError(f"could not reach LetsGetChecked: {describe_transport_error(exc)}") from None
     if response.status_code in (401, 403):

@@ -190,11 +190,13 @@ class LgcApi:
 
     def __post_init__(self) -> None:
         self._timeout = httpx.Timeout(self.lgc.network.timeout or self.retry.timeout).as_dict()
+        if self.tokens.http is None:
+            self.tokens.http = self.http
 
     # -- plumbing --
-    async def _send_once(self, method: str, url: str, token: str, accept: str,
-                         content: bytes | None) -> httpx.Response:
-        headers = {"User-Agent": USER_AGENT, "Authorization": f"Bearer {token}", "Accept": accept}
+    async def _send_once(self, method: str, url: str, accept: str, content: bytes | None) -> httpx.Response:
+        """One attempt; the auth (etl.lgc.auth) adds the token and retries once after a 401."""
+        headers = {"User-Agent": USER_AGENT, "Accept": accept}
         if content is not None:
             headers["Content-Type"] = "application/json"
         request = httpx.Request(method, url, content=content, headers=headers,
@@ -203,7 +205,8 @@ class LgcApi:
             await self.budget.acquire()
         try:
             self.requests += 1
-            response = await self.http.send(request, stream=True)
+            response = await self.http.send(request, auth=self.tokens, stream=True)
+            self.requests += len(response.history)  # the 401 the auth retried after
             return await aread_capped(response, request, self.lgc.max_response_bytes)
         finally:
             if self.budget is not None:
@@ -214,17 +217,9 @@ class LgcApi:
         """Send with the shared token (one refresh after a 401) and the shared retry policy.
         Returns any non-retryable answer; raises ApiError when retries run out and AuthError
         when a fresh token is refused too. `what` names the call in messages (no PHI)."""
-        refreshed = False
 
         async def once() -> httpx.Response:
-            nonlocal refreshed
-            token = await self.tokens.token(self.http)
-            response = await self._send_once(method, url, token, accept, content)
-            if response.status_code == 401 and not refreshed:
-                refreshed = True
-                new = await self.tokens.refresh(self.http, token)
-                if new is not None:
-                    response = await self._send_once(method, url, new, accept, content)
+            response = await self._send_once(method, url, accept, content)
             return raise_for_retryable(response, max_retry_after=self.lgc.max_retry_after)
 
         try:
@@ -256,6 +251,17 @@ class LgcApi:
         return ApiError(f"LetsGetChecked {what}: unexpected HTTP {response.status_code}",
                         status=response.status_code)
 
+    async def get(self, url: str, *, accept: str = "application/json", what: str) -> httpx.Response | None:
+        """The one answer rule of the GETs: 200 is the answer, 404 is None (not known or not
+        released yet), anything else an ApiError (`request` already handled 401, 429/5xx and
+        the size cap)."""
+        response = await self.request("GET", url, accept=accept, what=what)
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise self._unexpected(response, what)
+        return response
+
     # -- URLs --
     def results_url(self, barcode: str, *, lab: bool = False) -> str:
         kind = "labresults" if lab else "results"
@@ -272,11 +278,9 @@ class LgcApi:
     # -- calls --
     async def get_order(self, client_order_id: str) -> LgcOrder | None:
         """The order as LetsGetChecked holds it now, or None if it does not know it (404)."""
-        response = await self.request("GET", order_url(self.lgc, client_order_id), what="GET order")
-        if response.status_code == 404:
+        response = await self.get(order_url(self.lgc, client_order_id), what="GET order")
+        if response is None:
             return None
-        if response.status_code != 200:
-            raise self._unexpected(response, "GET order")
         try:
             return parse_order(response.json(), client_order_id)
         except ValueError:
@@ -301,31 +305,21 @@ class LgcApi:
     async def get_results(self, barcode: str, alpha_code: str | None) -> bytes | None:
         """The results document (JSON bytes as sent), or None while they are not released."""
         url = self.results_url(barcode) + self._alpha(alpha_code)
-        response = await self.request("GET", url, what="GET results")
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise self._unexpected(response, "GET results")
-        return response.content
+        response = await self.get(url, what="GET results")
+        return None if response is None else response.content
 
     async def get_lab_results_hl7(self, barcode: str, alpha_code: str | None) -> bytes | None:
         """The HL7 2.3 ORU^R01 message (bytes as sent), or None while it is not released."""
         url = self.results_url(barcode, lab=True) + self._alpha(alpha_code)
-        response = await self.request("GET", url, accept=HL7, what="GET lab results")
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise self._unexpected(response, "GET lab results")
-        return response.content
+        response = await self.get(url, accept=HL7, what="GET lab results")
+        return None if response is None else response.content
 
     async def get_result_status(self, barcode: str, alpha_code: str | None) -> str | None:
         """`fields=status`: Activation completed, SampleCollected, …, ResultsAvailable; None on 404."""
         url = self.results_url(barcode) + self._alpha(alpha_code, "fields=status")
-        response = await self.request("GET", url, what="GET result status")
-        if response.status_code == 404:
+        response = await self.get(url, what="GET result status")
+        if response is None:
             return None
-        if response.status_code != 200:
-            raise self._unexpected(response, "GET result status")
         try:
             return text_of(get_field(response.json(), "status"), 40)
         except ValueError:

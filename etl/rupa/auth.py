@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -42,6 +42,7 @@ from etl.http import (
     TOKEN_ANSWER_LIMIT,
     RetryableStatus,
     access_token_from,
+    capped_stream,
     describe_transport_error,
     make_client,
     raise_for_retryable,
@@ -166,6 +167,35 @@ class StaticToken:
 
     def after_401(self, used: str) -> str:
         raise AuthError("Rupa refused RUPA_API_TOKEN (expired or revoked); set a new one", status=401)
+
+
+class RupaAuth(httpx.Auth):
+    """Rupa's httpx.Auth: the token source's bearer token on every request, and the only place
+    the 401 rule lives: a 401 refreshes the token once (`after_401`: a ready token raises
+    AuthError there) and tries once more; a second 401 is an AuthError. The 401's body, which
+    httpx reads before the next try, is read under `limit`."""
+
+    def __init__(self, source: TokenSource, limit: int) -> None:
+        self.source, self.limit = source, limit
+
+    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        used = self.source.token()
+        request.headers["Authorization"] = f"Bearer {used}"
+        response = yield request
+        if response.status_code != 401:
+            return
+        log.info("Rupa answered 401; refreshing the access token once")
+        fresh = self.source.after_401(used)
+        response.stream = capped_stream(response.stream, self.limit)
+        request.headers["Authorization"] = f"Bearer {fresh}"
+        response = yield request
+        if response.status_code == 401:
+            raise AuthError("Rupa refused the access token even after refreshing it; "
+                            "run `labsync rupa authorize` again", status=401)
+
+    async def async_auth_flow(self, request: httpx.Request):  # pragma: no cover - Rupa's calls are sync
+        raise RuntimeError("Rupa requests are sent by an httpx.Client")
+        yield request
 
 
 # ---- the token endpoint ------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from etl.http import (
     unreachable,
 )
 from etl.redact import escape_controls, field_names, fixed_text
-from etl.rupa.auth import StaticToken, TokenSource, token_endpoint, token_source
+from etl.rupa.auth import RupaAuth, StaticToken, TokenSource, token_endpoint, token_source
 from etl.settings import RetrySettings, RupaSettings, Settings
 from schemas.columns import path_id_problem
 
@@ -161,6 +161,7 @@ class RupaClient:
     def __init__(self, settings: RupaSettings, retry: RetrySettings, auth: TokenSource,
                  http: httpx.Client) -> None:
         self.settings, self.retry, self.auth, self.http = settings, retry, auth, http
+        self._auth = RupaAuth(auth, settings.max_response_bytes)
         base = urlsplit(settings.base_url)
         self._origin = (base.scheme, base.netloc)
         self.requests = 0
@@ -190,43 +191,36 @@ class RupaClient:
             raise UnsafeIdError(f"the Rupa id {shown!r} cannot be sent safely in the URL: it {problem}")
         return f"/{collection}/{quote(str(resource_id), safe='')}"
 
-    def _send_once(self, method: str, url: str, body: dict | None,
-                   retry_on=is_retryable) -> tuple[httpx.Response, str]:
-        """One logical request through the retry policy. Returns the response and the token used."""
-        used = ""
+    def _send(self, method: str, url: str, body: dict | None, retry_on=is_retryable) -> httpx.Response:
+        """One logical request through the retry policy; the auth (etl.rupa.auth.RupaAuth) adds
+        the token and handles a 401 (one refresh, one more try, then AuthError)."""
+        headers = {"Accept": JSONAPI, **NO_COMPRESSION}
+        content = None
+        if body is not None:
+            headers["Content-Type"] = JSONAPI
+            content = json.dumps(body)
         try:
             for attempt in retrying(self.retry, retry_on=retry_on):
                 with attempt:
-                    used = self.auth.token()
-                    headers = {"Authorization": f"Bearer {used}", "Accept": JSONAPI, **NO_COMPRESSION}
-                    content = None
-                    if body is not None:
-                        headers["Content-Type"] = JSONAPI
-                        content = json.dumps(body)
                     self.requests += 1
                     request = self.http.build_request(method, url, headers=headers, content=content)
-                    response = raise_for_retryable(
-                        send_capped(self.http, request, self.settings.max_response_bytes))
+                    response = send_capped(self.http, request, self.settings.max_response_bytes,
+                                           auth=self._auth)
+                    self.requests += len(response.history)  # the 401 the auth retried after
+                    raise_for_retryable(response)
         except (RetryableStatus, httpx.TransportError) as exc:
             raise unreachable("Rupa", self.settings.base_url, "RUPA_BASE_URL", exc) or ApiError(
                 f"Rupa {method} {urlsplit(url).path} failed: {describe_transport_error(exc)}") from None
-        return response, used
+        return response
 
     def request(self, method: str, path_or_url: str, body: dict | None = None, *,
                 idempotent: bool = True) -> dict:
         """Send a JSON:API request and return the response document. A 401 refreshes the token
-        once and tries again; a second 401 is an AuthError. `idempotent=False`: only failures
-        that surely left the request unprocessed are retried (see etl.http.is_retryable_unsent)."""
+        once and tries again; a second 401 is an AuthError (etl.rupa.auth.RupaAuth).
+        `idempotent=False`: only failures that surely left the request unprocessed are retried
+        (see etl.http.is_retryable_unsent)."""
         url = self._url(path_or_url)
-        retry_on = is_retryable if idempotent else is_retryable_unsent
-        response, used = self._send_once(method, url, body, retry_on)
-        if response.status_code == 401:
-            log.info("Rupa answered 401; refreshing the access token once")
-            self.auth.after_401(used)
-            response, used = self._send_once(method, url, body, retry_on)
-            if response.status_code == 401:
-                raise AuthError("Rupa refused the access token even after refreshing it; "
-                                "run `labsync rupa authorize` again", status=401)
+        response = self._send(method, url, body, is_retryable if idempotent else is_retryable_unsent)
         return self._document(response, body)
 
     def _document(self, response: httpx.Response, sent: dict | None = None) -> dict:
