@@ -9,8 +9,14 @@ Each figure is the median wall time of fresh processes (interpreter start, impor
                                             processor does, against a minimal TaskFlow DAG
 - `import alembic.command`                  what Alembic costs a command that does not migrate
 
-It also lists which heavy libraries `labsync --help` imports (goal: none of pandas, pandera,
-pyarrow, alembic, sqlalchemy) and whether the environment has compiled bytecode.
+It also prints `labsync --help` against `python -c pass` (goal: at most 5x, the two run in
+turn and compared pair by pair), lists which heavy libraries `labsync --help` imports (goal: none
+of them) and whether the environment has compiled bytecode.
+
+As a deployment runs (scripts/bootstrap-venv.sh): `labsync` is the console script beside the
+interpreter (`python -m etl.cli` where there is none), etl/ and schemas/ are byte-compiled first,
+and the processes run without PYTHONDONTWRITEBYTECODE, so what they import is read from, or
+written to, __pycache__ (one warm-up run each, not counted).
 
     .venv/bin/python bench/startup.py [--repeat 7]
 
@@ -32,7 +38,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-HEAVY = ("pandas", "pandera", "pyarrow", "numpy", "alembic", "sqlalchemy", "rich", "httpx")
+HEAVY = ("pandas", "pandera", "pyarrow", "numpy", "alembic", "sqlalchemy", "rich", "httpx", "pydantic",
+         "fsspec", "cryptography", "jinja2", "tenacity")
+HELP_GOAL = 5.0  # `labsync --help` at most this many times `python -c pass`
 
 MINIMAL_DAG = '''
 from datetime import datetime
@@ -69,15 +77,33 @@ print(json.dumps([m for m in sys.argv[1:] if m in sys.modules]))
 """
 
 
+def _once(cmd: list[str], env: dict, ok: tuple[int, ...] = (0,)) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seconds = time.perf_counter() - t0
+    if proc.returncode not in ok:
+        raise SystemExit(f"{' '.join(cmd[:4])} exited {proc.returncode}: {proc.stderr.decode()[-400:]}")
+    return seconds
+
+
 def wall(cmd: list[str], env: dict, repeat: int, ok: tuple[int, ...] = (0,)) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        times.append(time.perf_counter() - t0)
-        if proc.returncode not in ok:
-            raise SystemExit(f"{' '.join(cmd[:4])} exited {proc.returncode}: {proc.stderr.decode()[-400:]}")
-    return statistics.median(times)
+    _once(cmd, env, ok)  # warm-up: bytecode written, files in the page cache
+    return statistics.median(_once(cmd, env, ok) for _ in range(repeat))
+
+
+def paired(a: list[str], b: list[str], env: dict, repeat: int) -> tuple[float, float, float]:
+    """(median of a, median of b, median of the ratios a/b), a and b run in turn: a drift in the
+    machine's speed moves both sides of each ratio alike."""
+    _once(a, env), _once(b, env)
+    pairs = [(_once(a, env), _once(b, env)) for _ in range(repeat)]
+    return (statistics.median(x for x, _ in pairs), statistics.median(y for _, y in pairs),
+            statistics.median(x / y for x, y in pairs))
+
+
+def labsync_command(py: str) -> list[str]:
+    """The console script pip wrote beside the interpreter (what a user runs), else `-m etl.cli`."""
+    script = Path(py).parent / ("labsync.exe" if os.name == "nt" else "labsync")
+    return [str(script)] if script.is_file() else [py, "-m", "etl.cli"]
 
 
 def bytecode_share() -> str:
@@ -96,13 +122,18 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     args = ap.parse_args()
     py = sys.executable
-    labsync = [py, "-m", "etl.cli"]
+    labsync = labsync_command(py)
     prefix = os.environ.get("PYTHONPYCACHEPREFIX")
-    print(f"{bytecode_share()}; PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}"
+    subprocess.run([py, "-m", "compileall", "-q", "etl", "schemas"], cwd=REPO, check=True,
+                   env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"})
+    print(f"{bytecode_share()}; PYTHONDONTWRITEBYTECODE unset for the measured processes "
+          f"(here: {os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r})"
           + (f"; PYTHONPYCACHEPREFIX={prefix!r} (bytecode looked for there instead)" if prefix else ""))
+    print(f"labsync = {' '.join(labsync)}")
     with tempfile.TemporaryDirectory(prefix="labsync-bench-") as tmp:
         tmpdir = Path(tmp)
-        env = {**os.environ, "LABSYNC_WAREHOUSE_URL": f"sqlite:///{tmpdir / 'w.db'}",
+        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
+               "LABSYNC_WAREHOUSE_URL": f"sqlite:///{tmpdir / 'w.db'}",
                "AIRFLOW_HOME": str(tmpdir / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "PYTHONPATH": str(REPO)}
         batch = tmpdir / "ten.csv"
@@ -111,9 +142,9 @@ def main() -> None:
         minimal = tmpdir / "minimal_dag.py"
         minimal.write_text(MINIMAL_DAG)
 
-        floor = wall([py, "-c", "pass"], env, args.repeat)
+        help_wall, floor, help_ratio = paired([*labsync, "--help"], [py, "-c", "pass"], env, args.repeat)
         rows = [("python -c pass", floor)]
-        rows.append(("labsync --help", wall([*labsync, "--help"], env, args.repeat)))
+        rows.append(("labsync --help", help_wall))
         rows.append(("labsync validate (10 rows, --no-record)",
                      wall([*labsync, "validate", str(batch), "--no-record"], env, args.repeat)))
         rows.append(("labsync validate (10 rows, recorded)",
@@ -135,6 +166,8 @@ def main() -> None:
             print(f"  {name:<42} {seconds * 1000:7.0f} ms   {seconds / floor:5.1f}x python -c pass")
         for name, seconds in dags:
             print(f"  {name:<42} {seconds / base_dag:5.2f}x the minimal TaskFlow DAG")
+        print(f"  labsync --help / python -c pass: {help_ratio:.1f}x (median of {args.repeat} pairs run in "
+              f"turn; goal at most {HELP_GOAL:g}x: {'met' if help_ratio <= HELP_GOAL else 'NOT met'})")
         print(f"  Alembic costs a command that imports it ~{(alembic - sqla) * 1000:.0f} ms "
               "beyond SQLAlchemy")
         out = subprocess.run([py, "-c", HELP_IMPORTS, *HEAVY], cwd=REPO, env=env, check=True,

@@ -22,6 +22,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's own help layout: typer's rich one imports rich's markdown, syntax and traceback
+    # modules (~60 ms, most of `labsync --help`); `_tidy` keeps whole first sentences in the
+    # command lists. Rich stays for the commands' tables and progress bars.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 
@@ -107,6 +111,9 @@ def _tidy(command) -> None:
     """Readable help for every command: paragraphs joined, no `<bool>` after flags, metavars in
     capitals (the `metavar=` a parameter names itself wins)."""
     command.help = _paragraphs(command.help)
+    command.rich_markup_mode = None  # sub-apps (`db`, `rupa`, `webhooks`) too: see `app` above
+    if command.help and not command.short_help:  # a list shows the first paragraph whole, not cut at 45 chars
+        command.short_help = command.help.split("\n\n", 1)[0].removeprefix("\b\n")
     made = command.get_help_option  # -h/--help is made when a context asks for it: a flag too
 
     def get_help_option(ctx, made=made):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import typer
 
-from etl.settings import Settings
-
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -22,6 +20,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Show the LetsGetChecked rate and concurrency budget and who is using it."""
         from etl.lgc.budget import budget_status, pool_slots
+        from etl.settings import Settings
 
         settings = Settings.from_env()
         if pool_slots_only:  # needs LGC_CONCURRENCY only: works where no credentials are set

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from etl.errors import Interrupted
-from etl.settings import SANDBOX_PORT, Settings
+from etl.settings import SANDBOX_PORT  # the default of `sandbox --port`, shown in its help
 
 # `labsync batches`: rows per outcome, from the outbox (etl.states.OutboxState)
 BATCH_COLUMNS = ("accepted", "already_settled", "conflict", "rejected", "failed", "unconfirmed", "pending",
@@ -46,6 +46,7 @@ def register(app: typer.Typer) -> None:
         Takes a lock first (pg_advisory_xact_lock on PostgreSQL, the write lock on SQLite), so
         two upgrades at once never race: the second waits, then finds nothing to do."""
         from etl import warehouse
+        from etl.settings import Settings
 
         settings = Settings.from_env()
         engine = warehouse.upgrade_url(settings.warehouse_url)
@@ -66,6 +67,7 @@ def register(app: typer.Typer) -> None:
         Rows stored in plain text by an older labsync are encrypted too. Afterwards the old key
         can be dropped from LABSYNC_FERNET_KEY."""
         from etl import warehouse
+        from etl.settings import Settings
         from etl.vault import rotate_all, vault_for
 
         settings = Settings.from_env()
@@ -85,24 +87,29 @@ def register(app: typer.Typer) -> None:
             "warehouse (shown by `labsync batches`). Without it the check is dry: nothing is recorded."
         ),
     ) -> None:
-        """Check every row of an order batch; write FILE.rejects.csv beside it.
+        """Check every row of an order batch; write FILE.rejects.csv and FILE.fix.csv beside it.
 
         A dry check: nothing goes to the warehouse or to LetsGetChecked unless --record is
         given, so a file checked before it is dropped in the inbox is not a batch yet. Exit 0: every row is valid. 1: some rows were rejected. 2: the file cannot be used."""
+        from etl.intake.names import fix_path_for
         from etl.intake.validate import CsvValidation
 
+        # the same reports the inbox writes beside a batch, by the same code (CsvValidation)
+        fix = fix_path_for(file)
         if record:
             from etl import warehouse
             from etl.intake import records
+            from etl.settings import Settings
 
             engine = warehouse.connect(Settings.from_env().warehouse_url)
             from etl.orders.enrich import rupa_lookup_for
 
-            batch_id, validation = records.open_batch(engine, file, rupa_lookup=rupa_lookup_for(engine))
+            batch_id, validation = records.open_batch(engine, file, rupa_lookup=rupa_lookup_for(engine),
+                                                      fix_path=fix)
             validation.run()
             result = records.close_batch(engine, batch_id, validation)
         else:
-            result = CsvValidation(file).run()
+            result = CsvValidation(file, fix_path=fix).run()
         typer.echo(result.summary())
         raise typer.Exit(0 if result.rejected_rows == 0 else 1)
 
@@ -123,6 +130,7 @@ def register(app: typer.Typer) -> None:
         from etl.claims import cli_owner
         from etl.intake.storage import display
         from etl.orders import inbox as inbox_mod
+        from etl.settings import Settings
 
         settings = Settings.from_env().checked()
         if folder is not None:
@@ -169,6 +177,7 @@ def register(app: typer.Typer) -> None:
         from etl import warehouse
         from etl.orders import outbox
         from etl.redact import clean
+        from etl.settings import Settings
         from etl.warehouse import batch_files
 
         engine = warehouse.connect(Settings.from_env().warehouse_url)

@@ -16,10 +16,13 @@ import contextlib
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from etl.settings import Settings
+if TYPE_CHECKING:
+    from etl.settings import Settings
+
 
 STATE_ORDER = ("accepted", "already_settled", "conflict", "rejected", "failed", "unconfirmed", "pending",
                "queued", "given_up", "busy", "duplicate")
@@ -53,6 +56,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Validate FILE.csv and load its valid rows into LetsGetChecked, one order per row."""
         from etl import warehouse
+        from etl.settings import Settings
 
         settings = Settings.from_env().checked()
         lgc = settings.lgc.validated()  # ConfigError (exit 2) before the file is touched
@@ -89,6 +93,7 @@ def register(app: typer.Typer) -> None:
         from etl import warehouse
         from etl.commands import jsonout
         from etl.orders import ledger, lifecycle, outbox
+        from etl.settings import Settings
 
         settings = Settings.from_env()
         engine = warehouse.connect(settings.warehouse_url)
@@ -257,6 +262,7 @@ def _retry(include_given_up: bool) -> int:
     from etl.errors import Interrupted, LabsyncError
     from etl.orders import inbox, outbox
     from etl.orders.load import LoadSummary, load_chunk
+    from etl.settings import Settings
 
     settings = Settings.from_env().checked()
     settings.lgc.validated()

@@ -8,10 +8,14 @@ and etl.orders.results; these commands print and choose exit codes:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
 from etl.commands import jsonout
-from etl.settings import Settings
+
+if TYPE_CHECKING:
+    from etl.settings import Settings
 
 
 def _engine(settings: Settings):
@@ -47,6 +51,7 @@ def register(app: typer.Typer) -> None:
         (ResultsAvailable, Cancelled, ValidationFailed). Prints items per status."""
         from etl.commands import progress as bars
         from etl.orders import lifecycle
+        from etl.settings import Settings
 
         settings = Settings.from_env()
         settings.lgc.validated()
@@ -78,6 +83,7 @@ def register(app: typer.Typer) -> None:
 
         Idempotent: a result is stored once however often this runs. Values are never printed."""
         from etl.orders.results import fetch_results
+        from etl.settings import Settings
 
         settings = Settings.from_env()
         settings.lgc.validated()
@@ -101,6 +107,7 @@ def register(app: typer.Typer) -> None:
         is refused here and nothing is sent for it. Others are PATCHed and marked
         `cancel requested` until `labsync track` sees them Cancelled."""
         from etl.orders import lifecycle
+        from etl.settings import Settings
 
         settings = Settings.from_env()
         settings.lgc.validated()
@@ -120,6 +127,7 @@ def register(app: typer.Typer) -> None:
         with a GET), sweep open orders not checked recently, fetch new results."""
         from etl.orders import lifecycle
         from etl.orders.results import fetch_results
+        from etl.settings import Settings
 
         settings = Settings.from_env()
         settings.lgc.validated()
