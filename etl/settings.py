@@ -90,7 +90,7 @@ def check_number(name: str, value: float) -> float:
     if not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
     if kind is int and value != int(value):
-        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        raise ConfigError(f"{name} must be a number (a whole one), got {value!r}")
     if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
         raise ConfigError(f"{name} {rule}")
     return value
@@ -103,7 +103,7 @@ def parse_number(name: str, raw: str) -> float:
         value = kind(raw)
     except ValueError:
         if kind is int:
-            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+            raise ConfigError(f"{name} must be a number (a whole one), got {raw!r}") from None
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
     return check_number(name, value)
 

@@ -197,3 +197,30 @@ def test_reject_report_has_the_documented_columns(tmp_path):
     rows_of(validation)
     with open(validation.result.rejects_path, encoding="utf-8-sig", newline="") as f:
         assert next(csv.reader(f)) == ["line", "row", "client_order_id", "column", "value", "reason"]
+
+
+def test_validate_writes_the_same_reports_as_the_inbox(tmp_path, monkeypatch):
+    """`labsync validate` and the inbox write the same files beside a batch, by the same code:
+    the reject report and the fix-and-redrop file (the rejected rows, each with its problems)."""
+    from etl.orders import inbox
+
+    by_cli = tmp_path / "cli"
+    by_cli.mkdir()
+    shutil.copy(EXAMPLES / "orders_broken.csv", by_cli / "orders_broken.csv")
+    assert main(["validate", str(by_cli / "orders_broken.csv")]) == 1
+
+    box = tmp_path / "inbox"
+    box.mkdir()
+    shutil.copy(EXAMPLES / "orders_broken.csv", box / "orders_broken.csv")
+    monkeypatch.setenv("LABSYNC_INBOX", str(box))
+    monkeypatch.setenv("LABSYNC_WAREHOUSE_URL", migrated(f"sqlite:///{tmp_path / 'wh.db'}"))
+    monkeypatch.setenv("LABSYNC_INBOX_SETTLE_SECONDS", "0")
+    from etl import warehouse
+    from etl.settings import Settings
+
+    settings = Settings.from_env()
+    inbox.prepare(warehouse.connect(settings.warehouse_url), settings, owner="cli:test")
+    for report in ("orders_broken.rejects.csv", "orders_broken.fix.csv"):
+        assert (by_cli / report).read_bytes() == (box / report).read_bytes(), report
+    fixed = list(csv.DictReader((by_cli / "orders_broken.fix.csv").open(encoding="utf-8-sig")))
+    assert fixed and all(row["problems"] for row in fixed)

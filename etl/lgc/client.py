@@ -277,11 +277,18 @@ class LgcClient:
         # built once, not per PUT; the bearer token is the auth's to add (etl.lgc.auth)
         self._headers = httpx.Headers({"User-Agent": USER_AGENT, **NO_COMPRESSION,
                                        "Accept": "application/json", "Content-Type": "application/json"})
+        # the Authorization header is the auth's (etl.lgc.auth), put on at each send
         if self.tokens.http is None:
             self.tokens.http = self.http
 
     def order_url(self, client_order_id: str) -> str:
         return order_url(self.lgc, client_order_id)
+
+    @staticmethod
+    def headers(token: str) -> dict[str, str]:
+        """What a PUT carries (the dry run shows them with the token masked)."""
+        return {"Authorization": f"Bearer {token}", "Accept": "application/json",
+                "Content-Type": "application/json"}
 
     def _request(self, url: httpx.URL, content: bytes) -> httpx.Request:
         return httpx.Request("PUT", url, content=content, headers=self._headers,
