@@ -2,6 +2,7 @@
 #   make demo  - the main job on embedded defaults (local sandbox APIs + SQLite)
 #   make test  - the whole test suite (SQLite and a real PostgreSQL server)
 #   make e2e   - labsync on a real Airflow CeleryExecutor cluster (two workers, one killed mid-load)
+#   make lint  - ruff, then the mypy type check of etl, dags and schemas
 SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
@@ -29,6 +30,7 @@ e2e: $(STAMP)
 
 lint: $(STAMP)
 	@$(VENV)/bin/ruff check etl schemas dags tests bench
+	@$(VENV)/bin/mypy etl dags schemas
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -65,7 +65,9 @@ def order_batches():
 
         from etl.airflow.tasks import chunk_label, inbox_load_chunk
 
-        get_current_context()["chunk_label"] = chunk_label(chunk)  # the UI's name for this task
+        # the UI's name for this task; Airflow documents extra context keys for
+        # map_index_template, but its Context TypedDict does not declare them
+        get_current_context()["chunk_label"] = chunk_label(chunk)  # type: ignore[typeddict-unknown-key]
         return inbox_load_chunk(chunk)
 
     @task(trigger_rule="all_done")

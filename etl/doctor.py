@@ -52,13 +52,18 @@ class _Problem(Exception):
         self.detail, self.fix = detail, fix
 
 
+def _plain(text: str) -> str:
+    """A check's sentence through the redaction point (never a secret), whole."""
+    return clean(text, limit=None) or ""
+
+
 def _run(name: str, fn: Callable[[], str], fix: str = "") -> Check:
     try:
-        return Check(name, OK, clean(fn(), limit=None))
+        return Check(name, OK, _plain(fn()))
     except _Problem as p:
-        return Check(name, PROBLEM, clean(p.detail, limit=None), clean(p.fix, limit=None))
+        return Check(name, PROBLEM, _plain(p.detail), _plain(p.fix))
     except LabsyncError as exc:  # our own errors say what is wrong and, mostly, what to do
-        return Check(name, PROBLEM, clean(str(exc), limit=None), fix)
+        return Check(name, PROBLEM, _plain(str(exc)), fix)
     except Exception as exc:  # noqa: BLE001 - a doctor reports, it never crashes on what it checks
         return Check(name, PROBLEM, f"unexpected {type(exc).__name__}", fix or "rerun with LABSYNC_DEBUG=1")
 
@@ -77,7 +82,7 @@ def run(env=None, *, retry: RetrySettings = DOCTOR_RETRY) -> list[Check]:
         settings.rupa.network.validated("RUPA")
         DagSettings.from_env(env)  # what only the DAG files read is checked too
     except LabsyncError as exc:
-        checks = [Check("settings", PROBLEM, clean(str(exc), limit=None), "fix that variable, then run labsync doctor again")]
+        checks = [Check("settings", PROBLEM, _plain(str(exc)), "fix that variable, then run labsync doctor again")]
         return checks + [_skipped(n, "the settings must read first") for n in
                          ("warehouse", "encryption key", "inbox", "LetsGetChecked", "Rupa")]
     settings = replace(settings, retry=replace(retry, timeout=min(retry.timeout, settings.retry.timeout)))

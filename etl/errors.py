@@ -19,6 +19,7 @@ class UnusableInputError(LabsyncError):
     """An input file cannot be used at all: unreadable, not CSV, required columns missing (exit 2)."""
 
     exit_code = 2
+    sha256: str | None = None  # the file's content hash, once read (etl.intake.validate sets it)
 
 
 class ApiError(LabsyncError):

@@ -32,7 +32,7 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -229,7 +229,7 @@ def make_async_client(base_url: str, settings: RetrySettings, network: NetworkSe
     return httpx.AsyncClient(base_url=base_url, **client_options(settings, network, concurrency=concurrency, **kw))
 
 
-def _causes(exc: BaseException):
+def _causes(exc: BaseException | None) -> Iterator[BaseException]:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -338,7 +338,8 @@ class CappedBody:
     """Collects chunks until `limit`; `add` says False once the body is over it."""
 
     def __init__(self, limit: int) -> None:
-        self.limit, self.size, self.chunks = limit, 0, []
+        self.limit, self.size = limit, 0
+        self.chunks: list[bytes] = []
 
     def add(self, chunk: bytes) -> bool:
         self.size += len(chunk)

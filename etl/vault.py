@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import overload
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from sqlalchemy import Engine, select, update
@@ -48,10 +49,24 @@ class Vault:
     def is_sealed(stored: str | None) -> bool:
         return stored is not None and stored.startswith(PREFIX)
 
+    @overload
+    def seal(self, secret: str) -> str: ...
+    @overload
+    def seal(self, secret: None) -> None: ...
+    @overload
+    def seal(self, secret: str | None) -> str | None: ...
+
     def seal(self, secret: str | None) -> str | None:
         if secret is None:
             return None
         return PREFIX + self._fernet.encrypt(secret.encode()).decode()
+
+    @overload
+    def open(self, stored: str) -> str: ...
+    @overload
+    def open(self, stored: None) -> None: ...
+    @overload
+    def open(self, stored: str | None) -> str | None: ...
 
     def open(self, stored: str | None) -> str | None:
         """The secret; a plain (older) value as it is. ConfigError when no key fits."""

@@ -14,7 +14,7 @@ import re
 import weakref
 from collections.abc import Callable
 from datetime import date
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -169,8 +169,9 @@ def _block_requires(block: str, column: str) -> Callable[[pd.DataFrame], pd.Seri
     return check
 
 
-def _text(nullable: bool = True, *, column: str | None = None, **kw) -> pa.Field:
-    """A text column; with `column`, its length limit from MAX_LENGTH."""
+def _text(nullable: bool = True, *, column: str | None = None, **kw) -> Any:
+    """A text column; with `column`, its length limit from MAX_LENGTH. Typed `Any` as pa.Field
+    is: the field info is assigned to `Series[str]` class attributes."""
     if column is not None:
         kw["str_length"] = {"max_value": MAX_LENGTH[column]}
     return pa.Field(nullable=nullable, **kw)

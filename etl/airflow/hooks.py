@@ -30,10 +30,7 @@ import logging
 from dataclasses import replace
 from typing import Any, ClassVar
 
-try:  # Airflow >= 3.1
-    from airflow.sdk import BaseHook
-except ImportError:  # pragma: no cover - older layouts
-    from airflow.hooks.base import BaseHook
+from airflow.sdk import BaseHook  # Airflow >= 3.1, the lowest labsync supports
 
 from etl.airflow.provider import CONNECTION_FORMS, LGC_CONN_TYPE, RUPA_CONN_TYPE
 from etl.errors import LabsyncError

@@ -130,7 +130,7 @@ def _envelope(doc) -> tuple[datetime | None, dict, list]:
     data = doc.get("data")
     if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
         raise BadEvent("the event has no data.object")
-    included = data.get("included") if isinstance(data.get("included"), list) else []
+    included = _list(data.get("included"))
     return _timestamp(doc.get("created_at")), data["object"], [r for r in included if isinstance(r, dict)]
 
 
@@ -140,8 +140,8 @@ def _apply_order(conn: Connection, obj: dict, included: list, when: datetime, ou
         raise BadEvent("data.object is not an order")
     oid = str(oid)
     now = datetime.now(UTC)
-    attrs = obj.get("attributes") if isinstance(obj.get("attributes"), dict) else {}
-    rels = obj.get("relationships") if isinstance(obj.get("relationships"), dict) else {}
+    attrs = _dict(obj.get("attributes"))
+    rels = _dict(obj.get("relationships"))
     stored = conn.execute(sa.select(rupa_orders.c.event_created_at).where(rupa_orders.c.id == oid)).scalar()
     result = STALE
     intent_id = _rel_id(obj, "order_intent")
@@ -173,7 +173,7 @@ def _apply_order(conn: Connection, obj: dict, included: list, when: datetime, ou
 
 def _apply_ordered_test(conn: Connection, res: dict, order_id: str, when: datetime, now: datetime) -> bool:
     tid = str(res["id"])
-    attrs = res.get("attributes") if isinstance(res.get("attributes"), dict) else {}
+    attrs = _dict(res.get("attributes"))
     cur = conn.execute(sa.select(rupa_ordered_tests.c.event_created_at, rupa_ordered_tests.c.results_pdf_url,
                                  rupa_ordered_tests.c.results_hl7_url, rupa_ordered_tests.c.results_pending)
                        .where(rupa_ordered_tests.c.id == tid)).mappings().first()
@@ -212,7 +212,8 @@ def _apply_copy(conn: Connection, stream: str, res: dict, when: datetime | None,
     table = spec.table
     stored = conn.execute(sa.select(table.c.updated_at).where(table.c.id == row["id"])).first()
     incoming = row["updated_at"] or when
-    if stored is not None and stored[0] is not None and incoming is not None and _aware(stored[0]) > incoming:
+    stored_at = _aware(stored[0]) if stored is not None else None
+    if stored_at is not None and incoming is not None and stored_at > incoming:
         return STALE
     now = datetime.now(UTC)
     full = {**row, "first_seen_at": now, "last_seen_at": now, "deleted_at": None}
@@ -235,6 +236,15 @@ def _link_intent(conn: Connection, *, order_id: str, order_intent_id: str | None
                          .values(order_intent_id=intent))
 
 
+def _dict(value: object) -> dict:
+    """A JSON member that should be an object, else empty (the network decides nothing)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: object) -> list:
+    return value if isinstance(value, list) else []
+
+
 def _str(value, limit: int) -> str | None:
     return None if value is None else str(value)[:limit]
 
@@ -254,7 +264,7 @@ def apply_event(conn: Connection, event: store.Event, out: ApplySummary) -> str:
         return APPLIED
     if kind.startswith("order."):
         when, obj, included = _envelope(doc)
-        return _apply_order(conn, obj, included, when or _aware(event.received_at), out)
+        return _apply_order(conn, obj, included, when or _aware(event.received_at) or datetime.now(UTC), out)
     if kind in ("patient.created", "patient.updated"):
         when, obj, _ = _envelope(doc)
         return _apply_copy(conn, "patients", obj, when)
@@ -356,7 +366,7 @@ def apply_events(engine: Engine, settings: Settings, *, limit: int = 1000, downl
                   if e.id not in done]
         if not events:
             break
-        marks = []
+        marks: list[tuple[int, str, str | None]] = []
         for event in events:
             done.add(event.id)
             try:

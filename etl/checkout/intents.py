@@ -411,7 +411,7 @@ def process_intents_file(engine: Engine, settings: Settings, path: Path | str, *
     lease = timedelta(seconds=settings.lease_seconds)
     batch_id, validation = open_validation(engine, path)
     own = client is None
-    if own:
+    if client is None:
         client = open_client(settings, engine)
     sent = SendSummary()
     seen: list[tuple[int | None, str]] = []

@@ -45,7 +45,7 @@ def ledger_rows(engine: Engine, row_ids: Sequence[str]) -> dict[str, dict]:
     return out
 
 
-def _patient_names(engine: Engine, ids: Iterable[str]) -> dict[str, str]:
+def _patient_names(engine: Engine, ids: Iterable[str | None]) -> dict[str, str]:
     wanted = sorted({i for i in ids if i})
     out: dict[str, str] = {}
     with engine.connect() as conn:
@@ -70,7 +70,7 @@ def checkout_rows(engine: Engine, seen: Sequence[tuple[int | None, str]],
         if r.get("resends"):
             note = (note + "; " if note else "") + (
                 f"sent {r['resends'] + 1} times after unknown outcomes: Rupa may hold an extra, unused cart")
-        out.append({"line": line, "row_id": rid, "patient": (names or {}).get(rid) or known.get(pid, ""),
+        out.append({"line": line, "row_id": rid, "patient": (names or {}).get(rid) or (known.get(pid, "") if pid else ""),
                     "rupa_patient_id": pid or "", "state": r.get("state", ""),
                     "checkout_url": r.get("checkout_url") or "", "order_id": r.get("order_id") or "",
                     "note": note})

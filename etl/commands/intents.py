@@ -51,6 +51,7 @@ def register(app: typer.Typer) -> None:
                            + (f": {without_name(o['error'], o['name'])}" if o.get("error") else ""))
             bad = any(o["status"] != "loaded" or o.get("rejected_rows") for o in outcomes)
             raise typer.Exit(1 if bad else 0)
+        assert file is not None  # one of FILE and --inbox, checked above (narrows the type)
         if dry_run:
             target = requests_file or file.with_name(f"{file.stem}.requests.jsonl")
             to_stdout = str(target) == "-"

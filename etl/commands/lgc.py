@@ -139,23 +139,23 @@ def register(app: typer.Typer) -> None:
             out = rows[0] if client_order_id is not None else rows
             typer.echo(jsonout.dumps(out))
             raise typer.Exit(0)
-        counts: dict[str, int] = {}
+        by_state: dict[str, int] = {}
         for r in rows:
-            counts[r["state"]] = counts.get(r["state"], 0) + 1
+            by_state[r["state"]] = by_state.get(r["state"], 0) + 1
         shown = rows if not limit else rows[:limit]
         table = Table("clientOrderId", "batch", "line", "state", "HTTP", "attempts",
                       "order items", "item statuses", "last error", "updated")
         for r in shown:
-            items = ", ".join(f"{i.get('code')}={i.get('id')}" for i in (r["order_item_ids"] or []))
+            item_ids = ", ".join(f"{i.get('code')}={i.get('id')}" for i in (r["order_item_ids"] or []))
             table.add_row(r["client_order_id"], str(r["batch"] or ""), str(r["line"] or ""),
-                          r["state"], str(r["http_status"] or ""), str(r["attempts"]), items,
+                          r["state"], str(r["http_status"] or ""), str(r["attempts"]), item_ids,
                           lifecycle.describe_items(r["items"]), r["last_error"] or "",
                           jsonout.iso(r["updated_at"]))
         console = Console(width=max(Console().width, 160))
         console.print(table)
         if len(shown) < len(rows):
             console.print(f"... {len(rows) - len(shown)} more (use --limit 0 or --json)")
-        console.print(f"{len(rows)} orders: {_counts_text(counts)}")
+        console.print(f"{len(rows)} orders: {_counts_text(by_state)}")
         raise typer.Exit(0)
 
 

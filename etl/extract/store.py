@@ -152,7 +152,9 @@ class PageWriter:
         self.dialect = conn.dialect.name
         if self.dialect not in ("postgresql", "sqlite"):  # pragma: no cover - the two warehouses
             raise NotImplementedError(f"extraction does not support {self.dialect}")
-        self._dbapi = conn.connection.driver_connection
+        dbapi = conn.connection.driver_connection
+        assert dbapi is not None  # None only once the connection is closed or invalidated
+        self._dbapi = dbapi
         self._cursor = self._dbapi.cursor()
         prep = conn.dialect.identifier_preparer
         q = prep.quote

@@ -48,9 +48,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import chain
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Engine, Table, func, select, update
+from sqlalchemy import Connection, Engine, String, Table, func, select, update
 
 from etl.errors import ConfigError, LabsyncError
 from etl.extract.store import PageWriter, Record, record_for
@@ -94,6 +94,13 @@ class Stream:
     table: Table
     typed: tuple[str, ...]  # the table's typed columns ...
     columns: Callable[[dict], tuple]  # ... and their values from a resource's attributes
+
+    @property
+    def id_length(self) -> int:
+        """The size of the table's `id` column (a String(n): Rupa's ids are text)."""
+        kind = self.table.c.id.type
+        assert isinstance(kind, String) and kind.length is not None
+        return kind.length
 
 
 STREAMS: dict[str, Stream] = {
@@ -164,8 +171,8 @@ def row_dict(spec: Stream, resource: dict) -> dict:
             "content_sha256": rec.content_sha256, "updated_at": rec.updated_at}
 
 
-def _aware(ts: datetime | None) -> datetime | None:
-    return ts.replace(tzinfo=UTC) if ts is not None and ts.tzinfo is None else ts
+def _aware(ts: datetime) -> datetime:
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts
 
 
 # ---- sync_state --------------------------------------------------------------------------------
@@ -230,7 +237,7 @@ class _Fetched(NamedTuple):
 
 def _fetched(spec: Stream, page: Page) -> _Fetched:
     records: dict[str, Record] = {}
-    limit = spec.table.c.id.type.length
+    limit = spec.id_length
     skipped = nul = 0
     for res in page.data:
         if _usable_id(res, limit):
@@ -262,7 +269,7 @@ def _say_what_was_odd(spec: Stream, group: list[_Fetched], summary: SyncSummary)
         summary.skipped += skipped
         log.warning("%s: %d resource(s) on %d page(s) had no usable id (missing, empty, not a string "
                     "or integer, or over %d characters) and were skipped", spec.name, skipped, len(group),
-                    spec.table.c.id.type.length)
+                    spec.id_length)
     nul = sum(f.nul_replaced for f in group)
     if nul:
         summary.nul_replaced += nul
@@ -339,9 +346,9 @@ def extract_stream(engine: Engine, settings: Settings, stream: str, *,
                 summary.unchanged += same
                 if newest and (summary.watermark is None or newest > summary.watermark):
                     summary.watermark = newest
-                values = dict(inserted=summary.inserted, updated=summary.updated,
-                              unchanged=summary.unchanged, watermark=summary.watermark,
-                              resume_url=page.next_url)
+                values: dict[str, Any] = dict(
+                    inserted=summary.inserted, updated=summary.updated, unchanged=summary.unchanged,
+                    watermark=summary.watermark, resume_url=page.next_url)
                 if page.next_url is None:
                     summary.deleted = _mark_disappeared(conn, spec, run.started_at, seen_at)
                     done = datetime.now(UTC)

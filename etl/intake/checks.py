@@ -21,12 +21,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from functools import partial
+from typing import SupportsInt
 
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 
-Failure = tuple[object, "str | None", str]  # (index label or None, column or None, check name)
+# (index label: the chunk's line number, or None; column or None; check name)
+Failure = tuple["SupportsInt | None", "str | None", str]
 
 
 def failures(schema, frame: pd.DataFrame) -> Iterator[Failure]:

@@ -14,7 +14,6 @@ overwrite the work of the run that replaced it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -278,7 +277,7 @@ def rejected_first(engine: Engine, batch_id: int, rows: int) -> list[dict]:
         return [dict(x) for x in found]
 
 
-__all__: Iterable[str] = (
+__all__ = (
     "find_batch", "register_batch", "record_rejects", "finish_validation",
     "set_status", "record_unusable", "rejected", "rejected_first", "open_batch", "close_batch",
     "claim_batch", "fence", "release_batch", "begin_move", "move_target_taken", "interrupted_moves", "reopen", "get", "LostClaim",

@@ -25,10 +25,8 @@ cache, since other runs change the folder between two looks.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import posixpath
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -159,6 +157,8 @@ class Store:
 
     def sha256(self, relative: str) -> str:
         """sha256 of the file's bytes, streamed (FileNotFoundError if it is gone)."""
+        import hashlib
+
         digest = hashlib.sha256()
         with self.open(relative, "rb") as f:
             while block := f.read(1 << 20):
@@ -207,6 +207,8 @@ class Store:
         if self.is_local:
             yield Path(self.path(relative))
             return
+        import tempfile
+
         with tempfile.TemporaryDirectory(prefix="labsync-") as tmp:
             local = Path(tmp) / posixpath.basename(relative)
             with self._errors():

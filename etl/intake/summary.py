@@ -57,8 +57,9 @@ STATE_HELP = {
 REJECTED, ACCEPTED, CONFLICT, FAILED, PENDING, SETTLED = (
     "rejected", "accepted", "conflict", "failed", "pending", "already settled")
 PAGE_OUTCOMES = (REJECTED, ACCEPTED, CONFLICT, FAILED, PENDING, SETTLED)
-# every outbox state is counted under exactly one page outcome (rejected_rows -> rejected)
-PAGE_OUTCOME = {
+# every outbox state is counted under exactly one page outcome (rejected_rows -> rejected); keyed
+# by str: rows read back carry plain strings, which look up the StrEnum keys by equal value
+PAGE_OUTCOME: dict[str, str] = {
     OutboxState.REJECTED: REJECTED, OutboxState.ACCEPTED: ACCEPTED, OutboxState.CONFLICT: CONFLICT,
     OutboxState.FAILED: FAILED, OutboxState.UNCONFIRMED: FAILED, OutboxState.GIVEN_UP: FAILED,
     OutboxState.PENDING: PENDING, OutboxState.QUEUED: PENDING, OutboxState.ALREADY_SETTLED: SETTLED,
@@ -337,7 +338,7 @@ def _more(n: int, shown: int, where: str) -> str | None:
 
 def _problem(r: Mapping) -> dict:
     state = r.get("state")
-    page = PAGE_OUTCOME.get(state, state)
+    page = PAGE_OUTCOME.get(state, state) if state is not None else None
     return {"line": r.get("line"), "client_order_id": r.get("client_order_id"),
             "outcome": page if page == state else f"{page} ({str(state).replace('_', ' ')})",
             "http_status": r.get("http_status"), "reason": clean(r.get("last_error"))}
@@ -362,8 +363,13 @@ def _grouped(rejected: Sequence[Mapping]) -> list[dict]:
 
 def _accepted(rows: Sequence[Mapping], statuses: Mapping[str, Sequence[Mapping]]) -> list[dict]:
     return [{"line": r.get("line"), "client_order_id": r.get("client_order_id"),
-             "item_ids": _items(r.get("order_item_ids")), "statuses": _statuses(statuses.get(r.get("client_order_id")))}
+             "item_ids": _items(r.get("order_item_ids")), "statuses": _statuses(_statuses_of(r, statuses))}
             for r in rows]
+
+
+def _statuses_of(row: Mapping, statuses: Mapping[str, Sequence[Mapping]]) -> Sequence[Mapping] | None:
+    client_order_id = row.get("client_order_id")
+    return statuses.get(client_order_id) if client_order_id is not None else None
 
 
 def _items(items) -> str:

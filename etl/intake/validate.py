@@ -134,7 +134,8 @@ class ValidationResult:
     def summary(self) -> str:
         text = f"{self.file_name}: {self.total_rows} rows, {self.valid_rows} valid, {self.rejected_rows} rejected"
         if self.rejects_path:
-            text += f" ({self.problems} problems, see {self.rejects_path})"
+            text += f" ({self.problems} problems, see {self.rejects_path}"
+            text += f"; mend them in {self.fix_path} and drop it in the inbox)" if self.fix_path else ")"
         return text
 
 
@@ -164,8 +165,9 @@ ORDER_BATCH = Contract(
 SEPARATORS = {";": "';' (semicolons)", "\t": "tabs", "|": "'|'"}
 
 
-def _scan(path: Path) -> str:
-    """sha256 of the bytes, and the whole-file checks that must pass before any row goes on."""
+def _scan(path: Path, sha256: str | None = None) -> str:
+    """sha256 of the bytes (unless the caller already hashed them: the file is hashed once),
+    and the whole-file checks that must pass before any row goes on."""
     try:
         size = path.stat().st_size
         handle = path.open("rb")
@@ -177,12 +179,13 @@ def _scan(path: Path) -> str:
         raise UnusableInputError(f"{path.name}: cannot be read ({exc.strerror or type(exc).__name__})") from None
     if size == 0:
         raise UnusableInputError(f"{path.name}: the file is empty")
-    digest = hashlib.sha256()
+    digest = hashlib.sha256() if sha256 is None else None
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with handle:
         while block := handle.read(1 << 20):
-            digest.update(block)
+            if digest is not None:
+                digest.update(block)
             if b"\x00" in block:
                 raise UnusableInputError(f"{path.name}: contains binary data; save it as CSV (UTF-8) and try again")
             try:
@@ -200,7 +203,10 @@ def _scan(path: Path) -> str:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
             raise UnusableInputError(f"{path.name}: is not UTF-8 text (it ends mid-character)") from None
-    return digest.hexdigest()
+    if digest is not None:
+        return digest.hexdigest()
+    assert sha256 is not None  # digest is None only when the caller gave the hash
+    return sha256
 
 
 MAX_NAMED = 5  # unknown columns named in a reason; the rest are counted
@@ -305,13 +311,14 @@ class CsvValidation:
         rupa_lookup: RupaLookup | None = None,
         contract: Contract = ORDER_BATCH,
         cross_check: CrossCheck | None = None,
+        sha256: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.chunk_rows = chunk_rows
         self.rupa_lookup = rupa_lookup
         self.contract = contract
         self.cross_check = cross_check
-        sha = _scan(self.path)
+        sha = _scan(self.path, sha256)  # `sha256`: the caller hashed these very bytes already
         self.result = ValidationResult(path=self.path, sha256=sha)
         self._rejects_final = rejects_path or rejects_path_for(self.path)
         self._fix_final = fix_path  # None: no fix file (`labsync validate`, intents)
@@ -392,7 +399,7 @@ class CsvValidation:
                 self.result.rejects_path = self._rejects_final
             elif self._rejects_final.exists():
                 self._rejects_final.unlink()  # stale report from an earlier run of this file
-            if fix_file is not None and self._fix_final is not None:
+            if fix_file is not None and fix_tmp is not None and self._fix_final is not None:
                 fix_file.close()
                 fix_file = None
                 os.replace(fix_tmp, self._fix_final)
@@ -542,9 +549,14 @@ class CsvValidation:
                 column = check.split(":", 1)[1]
             elif check == "pcp_full_name":
                 column = "pcp_first_name"
+            if column is None:  # schemas/contract.py: a dataframe check is reported against a column
+                raise ValueError(f"check {check}: a dataframe check must be named requires:<column> "
+                                 "or pcp_full_name")
             key = (line, column, check)
             if key in problems:
                 continue
+            value: str | None  # the cell as the file has it, for the reason
+            shown: str | None  # the reject report's `value`
             if check == "pcp_full_name":
                 from schemas.order_batch import _pcp_full_name_length
 

@@ -309,8 +309,14 @@ class AsyncBudget:
             self._n, self._i = self.block, 0
 
     # ---- the warehouse ---------------------------------------------------------------------
+    def _engine(self) -> Engine:
+        """The warehouse of a shared budget (these methods run only when there is one)."""
+        if self.engine is None:
+            raise RuntimeError("a process-local budget has no warehouse rows")
+        return self.engine
+
     def _ensure_rows(self) -> None:
-        with self.engine.begin() as conn:
+        with self._engine().begin() as conn:
             conn.execute(
                 _insert(conn, vb).on_conflict_do_nothing(index_elements=["vendor"]),
                 {"vendor": self.key, "next_slot": 0.0},
@@ -318,7 +324,7 @@ class AsyncBudget:
 
     def _reserve_rows(self, span: float) -> tuple[float, float]:
         """Take the next `span` seconds of send slots: (start, now), both on the DB's clock."""
-        with self.engine.begin() as conn:
+        with self._engine().begin() as conn:
             dialect = conn.dialect.name
             now = _db_now(dialect)
             later = sa.func.greatest if dialect == "postgresql" else sa.func.max
@@ -334,7 +340,7 @@ class AsyncBudget:
     def _sync_rows(self, want: int, floor: int) -> int:
         """Renew this loader's lease and take its fair share. Records `held` no lower than
         `floor` (what this loader may still have in flight). Returns the share granted."""
-        with self.engine.begin() as conn:
+        with self._engine().begin() as conn:
             dialect = conn.dialect.name
             if dialect == "postgresql":  # one re-balance at a time per account
                 conn.execute(sa.select(vb.c.vendor).where(vb.c.vendor == self.key).with_for_update())
@@ -362,7 +368,7 @@ class AsyncBudget:
         return granted
 
     def _drop_lease(self) -> None:
-        with self.engine.begin() as conn:
+        with self._engine().begin() as conn:
             conn.execute(sa.delete(lease_t).where(lease_t.c.vendor == self.key,
                                                   lease_t.c.holder == self.holder))
 

@@ -157,7 +157,8 @@ def _blamed(errors: Any) -> Iterable[object]:
         out = []
         for e in errors:
             if isinstance(e, Mapping):
-                source = e.get("source") if isinstance(e.get("source"), Mapping) else {}
+                found = e.get("source")
+                source = found if isinstance(found, Mapping) else {}
                 out.append(e.get("field") or e.get("name") or e.get("propertyName")
                            or e.get("pointer") or source.get("pointer"))
         return out

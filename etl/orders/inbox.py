@@ -204,7 +204,10 @@ def _to_failed(engine: Engine, settings: Settings, store: Store, name: str, batc
     if target is not None:
         _failed_page(store, target, reason, name)
         log.warning("inbox: %s is unusable; moved to %s/", name, FAILED)
-    records.release_batch(engine, batch_id, owner=owner, **({"stored_as": target} if target is not None else {}))
+    if target is not None:
+        records.release_batch(engine, batch_id, owner=owner, stored_as=target)
+    else:
+        records.release_batch(engine, batch_id, owner=owner)
     return {"batch_id": batch_id, "file": target, "name": PurePosixPath(target or name).name,
             "status": BatchStatus.UNUSABLE, "error": reason}
 

@@ -269,7 +269,9 @@ def record(
     this owner's claims. A row whose claim was taken over meanwhile (our lease lapsed) is left
     to the new owner, in both tables. Returns the ledger rows written."""
     now = now or _now()
-    ledger_params, settled, open_ = [], [], []
+    ledger_params: list[dict[str, Any]] = []
+    settled: list[dict[str, Any]] = []
+    open_: list[dict[str, Any]] = []
     for r in results:
         out, item = r.outcome, r.item
         tries = item.attempts + (1 if r.sent else 0)

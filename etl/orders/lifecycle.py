@@ -173,7 +173,7 @@ def apply_observations(engine: Engine, observations: Sequence[Observation], *,
         return result
     now = now or datetime.now(UTC)
     ids = sorted({o.item_id for o in observations})
-    first_coid = {}
+    first_coid: dict[str, str] = {}
     for o in observations:
         first_coid.setdefault(o.item_id, o.client_order_id)
     with engine.begin() as conn:
@@ -464,16 +464,16 @@ class WebhookSummary:
     ignored: int = 0
     failed: int = 0
     observations: int = 0  # item statuses the events carried
-    track: TrackSummary | None = None  # the confirming GETs
+    track: TrackSummary = field(default_factory=TrackSummary)  # the confirming GETs
 
     def line(self) -> str:
         return (f"webhooks: {self.events} events, {self.applied} applied, {self.ignored} ignored, "
-                f"{self.failed} failed; {self.track.checked if self.track else 0} orders confirmed")
+                f"{self.failed} failed; {self.track.checked} orders confirmed")
 
     def as_dict(self) -> dict:
         return {"events": self.events, "applied": self.applied, "ignored": self.ignored,
                 "failed": self.failed, "observations": self.observations,
-                "confirmed": self.track.checked if self.track else 0}
+                "confirmed": self.track.checked}
 
 
 @dataclass(frozen=True)
@@ -566,7 +566,9 @@ def _apply_page(engine, settings, events, summary: WebhookSummary, *, transport)
     barcode first seen in those GET answers resolves in the same pass."""
     summary.events += len(events)
     parsed = {e.id: parse_event(e) for e in events}
-    known = _known_orders(engine, [p.client_order_id for p in parsed.values() if p.kind == "order"])
+    # an order or result event always names its order or barcode (parse_event)
+    known = _known_orders(engine, [p.client_order_id for p in parsed.values()
+                                   if p.kind == "order" and p.client_order_id is not None])
     outcomes: dict[int, tuple[str, str | None]] = {}
     confirm: dict[int, str] = {}  # event id -> clientOrderId to GET
     observations: list[Observation] = []
@@ -574,7 +576,7 @@ def _apply_page(engine, settings, events, summary: WebhookSummary, *, transport)
         if p.kind == "ignore":
             outcomes[event_id] = (WebhookEventState.IGNORED, p.reason)
         elif p.kind == "order":
-            if p.client_order_id not in known:
+            if p.client_order_id is None or p.client_order_id not in known:
                 outcomes[event_id] = (WebhookEventState.IGNORED,
                                       f"order {p.client_order_id} is not in the ledger")
                 continue
@@ -587,7 +589,8 @@ def _apply_page(engine, settings, events, summary: WebhookSummary, *, transport)
     summary.track.history += done.history
     answered = _confirm(engine, settings, confirm, outcomes, summary.track, transport=transport)
 
-    results = {i: p.client_order_id for i, p in parsed.items() if p.kind == "result"}
+    results = {i: p.client_order_id for i, p in parsed.items()
+               if p.kind == "result" and p.client_order_id is not None}
     by_barcode = _orders_by_barcode(engine, results.values())
     confirm = {}
     for event_id, barcode in results.items():

@@ -259,7 +259,7 @@ async def aload_chunk(
             budget = await stack.enter_async_context(AsyncBudget(lgc, engine, holder=owner))
 
             def on_trip(cause: str) -> None:
-                halt(breaker.reason, cause)
+                halt(breaker.reason or cause, cause)
                 log.error("batch %s stopped: %s", batch_id, cause)
 
             breaker = Breaker.for_load(lgc, on_trip=on_trip).start()
@@ -443,9 +443,10 @@ def load_rows(
         summary.counts[DUPLICATE] += written.duplicates
     if written.unmappable:
         summary.counts[OutboxState.REJECTED] += written.unmappable
-    (whole,) = outbox.chunks(engine, [batch_id], 1 << 62, max_attempts=settings.max_attempts) or [None]
-    if whole is None:
+    found = outbox.chunks(engine, [batch_id], 1 << 62, max_attempts=settings.max_attempts)
+    if not found:
         return summary
+    (whole,) = found
     return summary.merge(load_chunk(engine, settings, whole, owner=owner or cli_owner(),
                                     progress=progress, transport=transport))
 

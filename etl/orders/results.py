@@ -110,7 +110,7 @@ def parse_results(document: bytes) -> list[dict]:
     results = get_field(data, "testResults")
     if not isinstance(results, list):
         raise ValueError("no testResults list")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for position, r in enumerate(results):
         if not isinstance(r, Mapping):
             continue

@@ -128,7 +128,8 @@ def stage(
     fix = fix_path or fix_path_for(path)
     try:
         validation = CsvValidation(path, rupa_lookup=rupa_lookup_for(engine), rejects_path=rejects,
-                                   fix_path=fix, chunk_rows=VALIDATION_CHUNK_ROWS)
+                                   fix_path=fix, chunk_rows=VALIDATION_CHUNK_ROWS,
+                                   sha256=taken.row.get("sha256"))  # hashed once, when it was taken
         outbox.write(engine, batch_id, _rows(validation), fence=fence,
                      vault=vault_for(settings.fernet_key, engine))
     except UnusableInputError as exc:

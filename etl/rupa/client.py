@@ -129,7 +129,8 @@ def describe_errors(status: int, errors: Iterable[dict], sent: Iterable[str] = (
         text = title or code or "error"
         if code and title:
             text += f" [{code}]"
-        source = err.get("source") if isinstance(err.get("source"), dict) else {}
+        found = err.get("source")
+        source = found if isinstance(found, dict) else {}
         where, _ = field_names([source.get("pointer") or source.get("parameter")], sent, known=fields)
         if where:
             text += f" at {where[0]}"
@@ -284,7 +285,8 @@ class RupaClient:
             data = doc.get("data")
             if not isinstance(data, list):
                 raise RupaApiError(f"Rupa {urlsplit(url).path} did not return a list of resources")
-            meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
+            found = doc.get("meta")
+            meta = found if isinstance(found, dict) else {}
             total = meta.get("total") if isinstance(meta.get("total"), int) else None
             next_url = self._next_url(doc, url)
             if next_url is not None and page_key(next_url) in seen:

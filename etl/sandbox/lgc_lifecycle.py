@@ -424,6 +424,10 @@ class LgcLifecycle:
         with self._lock:
             url, key, retries, wait = (self.config.webhook_url, self.config.webhook_key,
                                        self.config.retries, self.config.retry_wait)
+        if url is None:  # webhooks switched off since this event was queued: it goes nowhere
+            with self._lock:
+                self.lost += 1
+            return
         headers = {"Content-Type": "application/json"}
         if key:
             headers["Authorization"] = self.sign(body)

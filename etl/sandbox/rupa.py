@@ -516,7 +516,7 @@ def _errors(status: int, code: str, title: str, detail: str | None = None, *,
             source: dict | None = None, many: list[dict] | None = None,
             headers: dict | None = None) -> Response:
     def one(src: dict | None) -> dict:
-        err = {"status": str(status), "code": code, "title": title}
+        err: dict[str, Any] = {"status": str(status), "code": code, "title": title}
         if detail:
             err["detail"] = detail
         if src:

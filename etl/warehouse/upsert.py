@@ -22,6 +22,7 @@ def upsert(
         return
     key = list(key)
     dialect = conn.dialect.name
+    stmt: postgresql.Insert | sqlite.Insert
     if dialect == "postgresql":
         stmt = postgresql.insert(table)
     elif dialect == "sqlite":
