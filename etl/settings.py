@@ -41,6 +41,7 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9]{25}$")
 BEARER_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
 _URL_PATH_RE = re.compile(r"^(?:/[A-Za-z0-9._~-]*)*$")
 MiB = 1 << 20
+DAY = 86_400.0  # seconds
 
 
 # ---- numbers: every numeric setting, declared once with its range ------------------------------
@@ -50,21 +51,21 @@ MiB = 1 << 20
 # ConfigError (exit 2) naming the setting.
 NUMBERS: dict[str, tuple[type, float | None, float | None, bool, str]] = {
     "LABSYNC_SANDBOX_PORT": (int, 1, 65535, False, "must be a port number (1-65535)"),
-    "LABSYNC_INBOX_SETTLE_SECONDS": (float, 0, None, False, "must be 0 or more seconds"),
-    "LABSYNC_CHUNK_ROWS": (int, 1, None, False, "must be at least 1"),
-    "LABSYNC_LEASE_SECONDS": (float, 0, None, True, "must be above 0 seconds"),
-    "LABSYNC_HEARTBEAT_SECONDS": (float, 0, None, True, "must be above 0 seconds"),
-    "LABSYNC_MAX_ATTEMPTS": (int, 1, None, False, "must be at least 1"),
+    "LABSYNC_INBOX_SETTLE_SECONDS": (float, 0, DAY, False, "must be between 0 and 86400 seconds"),
+    "LABSYNC_CHUNK_ROWS": (int, 1, 10_000_000, False, "must be between 1 and 10000000"),
+    "LABSYNC_LEASE_SECONDS": (float, 0, DAY, True, "must be above 0 and at most 86400 seconds"),
+    "LABSYNC_HEARTBEAT_SECONDS": (float, 0, DAY, True, "must be above 0 and at most 86400 seconds"),
+    "LABSYNC_MAX_ATTEMPTS": (int, 1, 1000, False, "must be between 1 and 1000"),
     "LGC_CONCURRENCY": (int, 1, 1000, False, "must be at least 1 (and at most 1000)"),
-    "LGC_RATE_LIMIT": (float, 0, None, False, "must be 0 (unlimited) or a positive number"),
-    "LGC_MAX_RETRY_AFTER": (float, 0, None, False, "must be 0 or a positive number of seconds"),
-    "LGC_BREAKER_FAILURES": (int, 0, None, False, "must be 0 (off) or a positive whole number"),
-    "LGC_LOAD_DEADLINE": (float, 0, None, False, "must be 0 (none) or a positive number of seconds"),
-    "LGC_MAX_RESPONSE_BYTES": (int, 1024, None, False, "must be at least 1024"),
+    "LGC_RATE_LIMIT": (float, 0, 100_000, False, "must be 0 (unlimited) or a positive number (at most 100000)"),
+    "LGC_MAX_RETRY_AFTER": (float, 0, DAY, False, "must be 0 or a positive number of seconds (at most 86400)"),
+    "LGC_BREAKER_FAILURES": (int, 0, 1_000_000, False, "must be 0 (off) or a positive whole number"),
+    "LGC_LOAD_DEADLINE": (float, 0, 7 * DAY, False, "must be 0 (none) or a positive number of seconds (at most a week)"),
+    "LGC_MAX_RESPONSE_BYTES": (int, 1024, 1 << 30, False, "must be between 1024 and 1 GiB"),
     "LGC_TIMEOUT": (float, 0, 3600, True, "must be above 0 and at most 3600 seconds"),
     "RUPA_PAGE_SIZE": (int, 1, 1000, False, "must be between 1 and 1000"),
-    "RUPA_MAX_PAGES": (int, 1, None, False, "must be at least 1"),
-    "RUPA_MAX_RESPONSE_BYTES": (int, 1024, None, False, "must be at least 1024"),
+    "RUPA_MAX_PAGES": (int, 1, 100_000_000, False, "must be at least 1"),
+    "RUPA_MAX_RESPONSE_BYTES": (int, 1024, 1 << 30, False, "must be between 1024 and 1 GiB"),
     "RUPA_CONCURRENCY": (int, 1, 64, False, "must be between 1 and 64"),
     "RUPA_TIMEOUT": (float, 0, 3600, True, "must be above 0 and at most 3600 seconds"),
     "LABSYNC_RETRY_ATTEMPTS": (int, 1, 100, False, "must be between 1 and 100"),
@@ -72,13 +73,13 @@ NUMBERS: dict[str, tuple[type, float | None, float | None, bool, str]] = {
     "LABSYNC_RETRY_MAX_WAIT": (float, 0, 3600, False, "must be between 0 and 3600 seconds"),
     "LABSYNC_HTTP_TIMEOUT": (float, 0, 3600, True, "must be above 0 and at most 3600 seconds"),
     "LABSYNC_WEBHOOK_PORT": (int, 1, 65535, False, "must be a port number (1-65535)"),
-    "LABSYNC_WEBHOOK_MAX_BYTES": (int, 1024, None, False, "must be at least 1024"),
-    "LABSYNC_TRACK_STALE_MINUTES": (float, 0, None, False, "must be 0 or more"),
-    "LABSYNC_WEBHOOK_MAX_ATTEMPTS": (int, 1, None, False, "must be at least 1"),
+    "LABSYNC_WEBHOOK_MAX_BYTES": (int, 1024, 1 << 30, False, "must be between 1024 and 1 GiB"),
+    "LABSYNC_TRACK_STALE_MINUTES": (float, 0, 525_600, False, "must be between 0 and 525600 minutes (a year)"),
+    "LABSYNC_WEBHOOK_MAX_ATTEMPTS": (int, 1, 1000, False, "must be between 1 and 1000"),
     # read by the DAG files only (etl.settings.DagSettings)
-    "LABSYNC_TASK_TIMEOUT_MINUTES": (float, 0, None, True, "must be above 0 minutes"),
-    "LABSYNC_LOAD_TIMEOUT_MINUTES": (float, 0, None, True, "must be above 0 minutes"),
-    "LABSYNC_LOAD_PARALLELISM": (int, 1, None, False, "must be at least 1"),
+    "LABSYNC_TASK_TIMEOUT_MINUTES": (float, 0, 10_080, True, "must be above 0 and at most 10080 minutes (a week)"),
+    "LABSYNC_LOAD_TIMEOUT_MINUTES": (float, 0, 10_080, True, "must be above 0 and at most 10080 minutes (a week)"),
+    "LABSYNC_LOAD_PARALLELISM": (int, 1, 1024, False, "must be between 1 and 1024"),
 }
 
 
@@ -230,12 +231,13 @@ class LgcSettings:
             for name, value in (("LGC_ACCESS_KEY", s.access_key), ("LGC_SECRET_KEY", s.secret_key)):
                 if not _KEY_RE.match(value):
                     raise ConfigError(f"{name} must be 25 letters or digits")
-        for name, value in (("LGC_CONCURRENCY", s.concurrency), ("LGC_RATE_LIMIT", s.rate_limit),
+        numbers: tuple[tuple[str, float], ...] = (("LGC_CONCURRENCY", s.concurrency), ("LGC_RATE_LIMIT", s.rate_limit),
                             ("LGC_MAX_RETRY_AFTER", s.max_retry_after),
                             ("LGC_BREAKER_FAILURES", s.breaker_failures),
                             ("LGC_LOAD_DEADLINE", s.load_deadline),
-                            ("LGC_MAX_RESPONSE_BYTES", s.max_response_bytes)):
-            check_number(name, value)
+                            ("LGC_MAX_RESPONSE_BYTES", s.max_response_bytes))
+        for number, amount in numbers:
+            check_number(number, amount)
         s.network.validated("LGC")
         return s
 

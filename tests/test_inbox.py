@@ -217,8 +217,8 @@ def test_a_file_still_being_written_waits_for_the_next_run(box, sandbox):
     drop(paths, "orders.csv")
     assert inbox.prepare(engine, replace(settings, inbox_settle_seconds=60), owner=OWNER)["batches"] == []
     (entry,) = paths.store.files()  # the store's own clock says when it was written
-    assert len(inbox.prepare(engine, replace(settings, inbox_settle_seconds=time.time() - entry.mtime - 1),
-                             owner=OWNER)["batches"]) == 1
+    settled = max(0.0, time.time() - entry.mtime - 1)  # younger than the file (a setting is never negative)
+    assert len(inbox.prepare(engine, replace(settings, inbox_settle_seconds=settled), owner=OWNER)["batches"]) == 1
 
 
 @pytest.fixture

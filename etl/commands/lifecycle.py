@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
             task = bar.add_task("tracking", total=None, note="")
             summary = lifecycle.track(
                 engine, settings, client_order_ids or None, batch_ids=ids,
-                stale_after=stale_minutes * 60 if stale_minutes is not None else None,
+                stale_after=_stale_seconds(stale_minutes),
                 progress=lambda coid, outcome: bar.update(task, advance=1))
         if as_json:
             typer.echo(jsonout.dumps({**summary.as_dict(), "not_found": summary.not_found,
@@ -134,10 +134,26 @@ def register(app: typer.Typer) -> None:
         engine = _engine(settings)
         hooks = lifecycle.apply_webhooks(engine, settings)
         typer.echo(hooks.line())
-        stale = stale_minutes * 60 if stale_minutes is not None else settings.lifecycle.stale_after
+        stale = _stale_seconds(stale_minutes)
+        stale = settings.lifecycle.stale_after if stale is None else stale
         sweep = lifecycle.track(engine, settings, stale_after=stale)
         typer.echo("sweep: " + (sweep.line() if sweep.orders else "no open order is due"))
         found = fetch_results(engine, settings)
         typer.echo(found.line() if found.candidates else "results: nothing due")
         bad = hooks.failed or sweep.exit_code or found.exit_code
         raise typer.Exit(1 if bad else 0)
+
+
+def _stale_seconds(minutes: float | None) -> float | None:
+    """--stale-minutes in seconds, checked like LABSYNC_TRACK_STALE_MINUTES (nan, inf, negative:
+    exit 2 naming it)."""
+    from etl.errors import ConfigError
+    from etl.settings import check_number
+
+    if minutes is None:
+        return None
+    try:
+        check_number("LABSYNC_TRACK_STALE_MINUTES", minutes)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("LABSYNC_TRACK_STALE_MINUTES", "--stale-minutes", 1)) from None
+    return minutes * 60
