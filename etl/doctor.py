@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from etl.errors import LabsyncError
+from etl.errors import CheckProblem, LabsyncError
 from etl.redact import clean
 from etl.settings import DagSettings, RetrySettings, Settings
 
@@ -44,14 +44,6 @@ class Check:
         return {"check": self.name, "status": self.status, "detail": self.detail, "fix": self.fix}
 
 
-class _Problem(Exception):
-    """A check's finding: what is wrong and what to do (raised inside a check)."""
-
-    def __init__(self, detail: str, fix: str = "") -> None:
-        super().__init__(detail)
-        self.detail, self.fix = detail, fix
-
-
 def _plain(text: str) -> str:
     """A check's sentence through the redaction point (never a secret), whole."""
     return clean(text, limit=None) or ""
@@ -60,7 +52,7 @@ def _plain(text: str) -> str:
 def _run(name: str, fn: Callable[[], str], fix: str = "") -> Check:
     try:
         return Check(name, OK, _plain(fn()))
-    except _Problem as p:
+    except CheckProblem as p:
         return Check(name, PROBLEM, _plain(p.detail), _plain(p.fix))
     except LabsyncError as exc:  # our own errors say what is wrong and, mostly, what to do
         return Check(name, PROBLEM, _plain(str(exc)), fix)
@@ -129,12 +121,12 @@ def _warehouse(url: str):
     try:
         parsed = make_url(url)
     except Exception:
-        raise _Problem("LABSYNC_WAREHOUSE_URL is not a SQLAlchemy URL",
+        raise CheckProblem("LABSYNC_WAREHOUSE_URL is not a SQLAlchemy URL",
                        "e.g. sqlite:///.labsync/labsync.db or postgresql+psycopg://user@host/db") from None
     shown = parsed.render_as_string(hide_password=True)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         if not Path(parsed.database).exists():  # connecting would create an empty file
-            raise _Problem(f"no warehouse at {shown} yet", "run `labsync db upgrade` (it creates it)")
+            raise CheckProblem(f"no warehouse at {shown} yet", "run `labsync db upgrade` (it creates it)")
     engine = warehouse.make_engine(url)
     try:
         with engine.connect() as conn:
@@ -142,7 +134,7 @@ def _warehouse(url: str):
     except Exception as exc:
         engine.dispose()
         reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc) else type(exc).__name__
-        raise _Problem(f"cannot connect to the warehouse at {shown}: {clean(reason, limit=200)}",
+        raise CheckProblem(f"cannot connect to the warehouse at {shown}: {clean(reason, limit=200)}",
                        "check LABSYNC_WAREHOUSE_URL and that the database server is up") from None
     return engine
 
@@ -155,7 +147,7 @@ def _schema(engine) -> str:
     need = ", ".join(sorted(warehouse.SCHEMA_HEADS))
     if heads != set(warehouse.SCHEMA_HEADS):
         have = ", ".join(sorted(heads)) if heads else "no labsync tables"
-        raise _Problem(f"{shown}: schema at {have}, this labsync needs {need}", "run `labsync db upgrade`")
+        raise CheckProblem(f"{shown}: schema at {have}, this labsync needs {need}", "run `labsync db upgrade`")
     return f"{shown}, schema at {need}"
 
 
@@ -166,11 +158,11 @@ def _fernet(settings: Settings, engine) -> str:
         keys = parse_keys(settings.fernet_key)
         return f"LABSYNC_FERNET_KEY holds {len(keys)} key{'s' if len(keys) > 1 else ''}"
     if engine is None:
-        raise _Problem("LABSYNC_FERNET_KEY is not set (and the warehouse could not be read to look "
+        raise CheckProblem("LABSYNC_FERNET_KEY is not set (and the warehouse could not be read to look "
                        "for an embedded key file)", "set LABSYNC_FERNET_KEY (`labsync db new-key` prints one)")
     path = key_file_for(engine)
     if path is None:
-        raise _Problem("LABSYNC_FERNET_KEY is not set; a server warehouse needs it for the stored "
+        raise CheckProblem("LABSYNC_FERNET_KEY is not set; a server warehouse needs it for the stored "
                        "tokens and the orders waiting to be sent",
                        "set LABSYNC_FERNET_KEY on the CLI and every worker (`labsync db new-key` prints one)")
     if path.exists():
@@ -187,17 +179,17 @@ def _inbox(location: str | Path, conn_id: str | None = None) -> str:
             store = storage.open_store(str(location), conn_id=conn_id)
             n = sum(1 for _ in store.files())
         except LabsyncError as exc:
-            raise _Problem(str(exc), "check LABSYNC_INBOX and the store's credentials "
+            raise CheckProblem(str(exc), "check LABSYNC_INBOX and the store's credentials "
                            "(AWS_* variables, or LABSYNC_INBOX_CONN_ID in Airflow)") from None
         return f"{storage.display(location)} is reachable ({n} files waiting)"
     path = Path(location).absolute()
     if not path.exists():
-        raise _Problem(f"the inbox {path} does not exist",
+        raise CheckProblem(f"the inbox {path} does not exist",
                        f"mkdir -p {path} (labsync inbox and the order_batches DAG also create it)")
     if not path.is_dir():
-        raise _Problem(f"the inbox {path} is not a folder", "point LABSYNC_INBOX at a folder")
+        raise CheckProblem(f"the inbox {path} is not a folder", "point LABSYNC_INBOX at a folder")
     if not os.access(path, os.W_OK | os.X_OK):
-        raise _Problem(f"labsync may not write to the inbox {path}",
+        raise CheckProblem(f"labsync may not write to the inbox {path}",
                        "give the user running labsync write access (files are moved to processed/ and failed/)")
     return f"{path} exists and is writable"
 
@@ -233,7 +225,7 @@ def _rupa(settings: Settings, engine) -> str:
             stored = conn.execute(sa.select(sa.func.count()).select_from(oauth_tokens)
                                   .where(oauth_tokens.c.provider == PROVIDER)).scalar_one()
         if not stored:
-            raise _Problem("no Rupa tokens in the warehouse", NOT_AUTHORIZED.split(": ", 1)[1])
+            raise CheckProblem("no Rupa tokens in the warehouse", NOT_AUTHORIZED.split(": ", 1)[1])
     with open_client(replace(settings, rupa=replace(rupa, page_size=1)), engine) as client:
         client.request("GET", client.first_page_url("/lab_tests"))
         refreshed = " (refreshed)" if getattr(client.auth, "refreshes", 0) else ""

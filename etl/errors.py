@@ -1,6 +1,14 @@
-"""The exceptions users see. Messages are plain sentences and never carry PHI or secrets."""
+"""Every exception labsync raises, in one tree: the ones users see (LabsyncError and its
+subclasses: plain sentences, an exit code each, never PHI or secrets), and the few signals that
+pass between the steps of one operation.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import httpx
 
 
 class LabsyncError(Exception):
@@ -63,6 +71,100 @@ class Interrupted(LabsyncError):
     """Ctrl-C (SIGINT) or SIGTERM stopped a command; claimed rows were released (exit 130)."""
 
     exit_code = 130
+
+
+# ---- what the vendor clients raise ---------------------------------------------------------------
+class RupaApiError(ApiError):
+    """Rupa answered with a JSON:API error document (or an unusable one). `errors` keeps the
+    documents' error objects; the message keeps only their structured parts (etl.redact)."""
+
+    def __init__(self, message: str, *, status: int | None = None, errors: list[dict] | None = None) -> None:
+        super().__init__(message, status=status)
+        self.errors = errors or []
+
+    @property
+    def codes(self) -> list[str]:
+        return [str(e.get("code")) for e in self.errors if isinstance(e, dict) and e.get("code")]
+
+
+class RupaPageLoop(RupaApiError):
+    """`links.next` led back to a page this run already read. The stored resume point is
+    dropped (links from a looping server are not trusted): the next run starts over."""
+
+
+class RupaPageBudget(RupaApiError):
+    """The run read RUPA_MAX_PAGES pages without reaching the end. The resume point is kept, so
+    a clinic that really is that big is finished by later runs."""
+
+
+# ---- what the flows raise ------------------------------------------------------------------------
+class LostClaim(LabsyncError):
+    """Another run took this batch over (our lease lapsed): stop working on it, touch nothing."""
+
+
+class StorageUnavailable(LabsyncError):
+    """The inbox's store cannot be reached or refused us (exit 2: fix the URL or credentials)."""
+
+    exit_code = 2
+
+
+class BatchesNeedAttention(LabsyncError):
+    """A run ended with incomplete batches or unusable files (exit 1; the DAG run fails)."""
+
+
+class PayloadError(ValueError):
+    """A row that passed validation but cannot be mapped (a bug upstream). PHI-free message."""
+
+
+class BadEvent(ValueError):
+    """A webhook event we cannot read; the message is PHI-free."""
+
+
+class DownloadFailed(Exception):
+    """A result document could not be downloaded (the message says why, without the link)."""
+
+
+# ---- signals inside one step (never reach a user as such) ----------------------------------------
+class RetryableStatus(Exception):
+    """A response whose status says 'try again later' (etl.http's retry policy retries it).
+    Carries the response for the caller."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(f"HTTP {response.status_code}")
+        self.response = response
+
+
+class RetryAfterTooLong(RetryableStatus):
+    """A 'try again later' whose Retry-After asks for more than the caller's cap: not retried."""
+
+    def __init__(self, response: httpx.Response, asked: float, cap: float) -> None:
+        super().__init__(response)
+        self.asked, self.cap = asked, cap
+
+
+class Aborted(Exception):
+    """The wait for the vendor budget was cut short by the caller's `abort` future."""
+
+
+class Tripped(Exception):
+    """Raised instead of starting a request once the load's breaker is open or its deadline
+    passed (etl.lgc.breaker)."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+class BodyTooLarge(Exception):
+    """A webhook delivery larger than LABSYNC_WEBHOOK_MAX_BYTES (answered 413)."""
+
+
+class CheckProblem(Exception):
+    """A `labsync doctor` check's finding: what is wrong and what to do."""
+
+    def __init__(self, detail: str, fix: str = "") -> None:
+        super().__init__(detail)
+        self.detail, self.fix = detail, fix
 
 
 def size_text(n: int) -> str:

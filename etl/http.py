@@ -40,6 +40,7 @@ import tenacity
 from tenacity import wait_random_exponential
 
 from etl import __version__
+from etl.errors import RetryableStatus, RetryAfterTooLong
 from etl.settings import BEARER_TOKEN_RE, NetworkSettings, RetrySettings
 
 log = logging.getLogger(__name__)
@@ -47,22 +48,6 @@ log = logging.getLogger(__name__)
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 300.0  # never sleep longer than this on a server's say-so
 USER_AGENT = f"labsync/{__version__}"
-
-
-class RetryableStatus(Exception):
-    """A response whose status says 'try again later'. Carries the response for the caller."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        super().__init__(f"HTTP {response.status_code}")
-        self.response = response
-
-
-class RetryAfterTooLong(RetryableStatus):
-    """A 'try again later' whose Retry-After asks for more than the caller's cap: not retried."""
-
-    def __init__(self, response: httpx.Response, asked: float, cap: float) -> None:
-        super().__init__(response)
-        self.asked, self.cap = asked, cap
 
 
 def raise_for_retryable(response: httpx.Response, *, max_retry_after: float | None = None) -> httpx.Response:

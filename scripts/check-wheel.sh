@@ -76,9 +76,10 @@ assert hooks == {"labsync-lgc": "etl.airflow.hooks.LgcHook", "labsync-rupa": "et
 forms = {m.connection_type: m.model_dump() for m in HookMetaService.hook_meta_data()}  # the UI's form
 lgc = forms["labsync-lgc"]
 assert lgc["standard_fields"]["login"]["title"] == "Access key" and lgc["standard_fields"]["port"]["hidden"], lgc
-assert sorted(lgc["extra_fields"]) == ["access_token", "client_id"], lgc
+network = ["ca_bundle", "client_cert", "client_key", "proxy", "timeout"]  # as Airflow's HTTP provider
+assert sorted(lgc["extra_fields"]) == sorted(["access_token", "client_id", *network]), lgc
 assert lgc["extra_fields"]["access_token"]["schema"]["format"] == "password", lgc
-assert sorted(forms["labsync-rupa"]["extra_fields"]) == ["access_token"], forms["labsync-rupa"]
+assert sorted(forms["labsync-rupa"]["extra_fields"]) == sorted(["access_token", *network]), forms["labsync-rupa"]
 print(f"check-wheel: airflow dags list: {', '.join(dags)}; import errors: none; "
       f"connection types: {', '.join(sorted(hooks))} (with their forms)")
 PY

@@ -36,11 +36,7 @@ def _imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(), str(path))
     mod = _module(path)
     out: set[str] = set()
-    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
-                   for n in ast.walk(node)}
-    for node in ast.walk(tree):
-        if id(node) in typing_only:  # `if TYPE_CHECKING:` imports are for the type checker only
-            continue
+    for node in ast.walk(tree):  # `if TYPE_CHECKING:` imports count too: a circle is a circle
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -53,11 +49,6 @@ def _imports(path: Path) -> set[str]:
                 full = f"{pkg}.{a.name}"
                 out.add(full if _ours(full) else pkg)
     return out
-
-
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def _ours(name: str) -> bool:

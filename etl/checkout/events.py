@@ -40,6 +40,7 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
+from etl.errors import BadEvent, DownloadFailed
 from etl.extract.store import timestamp as _timestamp
 from etl.extract.streams import STREAMS, row_dict
 from etl.http import (
@@ -69,10 +70,6 @@ RETURN_EVENT = store.RUPA_CHECKOUT_RETURNED  # written by the receiver's /webhoo
 RESULT_KINDS = {"pdf": "results_pdf", "hl7": "results_hl7"}
 
 APPLIED, STALE, IGNORED, FAILED = "applied", "stale", "ignored", "failed"
-
-
-class BadEvent(ValueError):
-    """An event we cannot read; the message is PHI-free."""
 
 
 @dataclass
@@ -275,10 +272,6 @@ def apply_event(conn: Connection, event: store.Event, out: ApplySummary) -> str:
 
 
 # ---- results --------------------------------------------------------------------------------------
-class _DownloadError(Exception):
-    pass
-
-
 def _download(http: httpx.Client, settings: Settings, url: str, what: str) -> tuple[bytes, str | None]:
     try:
         for attempt in retrying(settings.retry):
@@ -286,19 +279,19 @@ def _download(http: httpx.Client, settings: Settings, url: str, what: str) -> tu
                 with http.stream("GET", url, headers={"Accept": "*/*"}) as response:
                     raise_for_retryable(response)
                     if response.status_code in (401, 403, 404, 410):
-                        raise _DownloadError(f"the {what} link has expired or is gone (HTTP {response.status_code})")
+                        raise DownloadFailed(f"the {what} link has expired or is gone (HTTP {response.status_code})")
                     if response.status_code >= 400:
-                        raise _DownloadError(f"the {what} download answered HTTP {response.status_code}")
+                        raise DownloadFailed(f"the {what} download answered HTTP {response.status_code}")
                     chunks, size = [], 0
                     for chunk in response.iter_bytes():
                         size += len(chunk)
                         if size > MAX_RESULT_BYTES:
-                            raise _DownloadError(f"the {what} file is larger than {MAX_RESULT_BYTES} bytes")
+                            raise DownloadFailed(f"the {what} file is larger than {MAX_RESULT_BYTES} bytes")
                         chunks.append(chunk)
                     return b"".join(chunks), response.headers.get("content-type")
     except (RetryableStatus, httpx.TransportError) as exc:
-        raise _DownloadError(f"the {what} download failed: {describe_transport_error(exc)}") from None
-    raise _DownloadError(f"the {what} download failed")  # pragma: no cover - retrying re-raises
+        raise DownloadFailed(f"the {what} download failed: {describe_transport_error(exc)}") from None
+    raise DownloadFailed(f"the {what} download failed")  # pragma: no cover - retrying re-raises
 
 
 def download_results(engine: Engine, settings: Settings, out: ApplySummary, *,
@@ -321,7 +314,7 @@ def download_results(engine: Engine, settings: Settings, out: ApplySummary, *,
                     continue
                 try:
                     content, ctype = _download(http, settings, url, column)
-                except _DownloadError as exc:
+                except DownloadFailed as exc:
                     errors.append(str(exc))
                     continue
                 digest = hashlib.sha256(content).hexdigest()

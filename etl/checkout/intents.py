@@ -43,7 +43,14 @@ from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
 from etl.checkout.report import (
-    RESENT,
+    ALREADY,
+    BAD_OUTCOMES,
+    BUSY,
+    CREATED,
+    FAILED,
+    REJECTED,
+    UNKNOWN,
+    IntentsOutcome,
     ledger_rows,
     write_report,
 )
@@ -64,10 +71,6 @@ log = logging.getLogger(__name__)
 t = rupa_order_intents
 LOOKUP_CHUNK = 500
 
-# outcomes of one run, per row (the report's and the CLI's counts)
-CREATED, ALREADY, REJECTED, FAILED, UNKNOWN, BUSY = (
-    "created", "already created", "rejected by Rupa", "failed", "unknown outcome", "busy")
-BAD_OUTCOMES = (REJECTED, FAILED, UNKNOWN, BUSY)
 
 
 # ---- rows ---------------------------------------------------------------------------------------
@@ -365,42 +368,6 @@ def _send_one(engine: Engine, client: RupaClient, row: IntentRow, run: str, deci
 
 
 # ---- one file -----------------------------------------------------------------------------------
-@dataclass
-class IntentsOutcome:
-    """PHI-free: fit for XCom and the CLI."""
-
-    name: str
-    batch_id: int | None
-    status: str
-    total_rows: int = 0
-    valid_rows: int = 0
-    rejected_rows: int = 0
-    counts: dict = field(default_factory=dict)
-    resent: int = 0
-    summary_path: str | None = None
-    checkout_path: str | None = None
-    rejects_path: str | None = None
-    error: str | None = None
-
-    @property
-    def exit_code(self) -> int:
-        if self.status == BatchStatus.UNUSABLE:
-            return 2
-        bad = self.rejected_rows or any(self.counts.get(k) for k in BAD_OUTCOMES)
-        return 1 if bad else 0
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
-
-    def line(self) -> str:
-        parts = [f"{k} {v}" for k, v in self.counts.items() if v]
-        if self.rejected_rows:
-            parts.append(f"rejected before sending {self.rejected_rows}")
-        if self.resent:
-            parts.append(f"{RESENT} {self.resent} (may have left a second, unused cart at Rupa)")
-        return f"{self.name}: {self.status}" + (f" ({', '.join(parts)})" if parts else "")
-
-
 def process_intents_file(engine: Engine, settings: Settings, path: Path | str, *,
                          client: RupaClient | None = None, owner: str | None = None) -> IntentsOutcome:
     """Validate an intents file, send its valid rows, write its report beside it. An unusable

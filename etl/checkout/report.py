@@ -8,23 +8,62 @@ Both hold patient names, as the CSV itself does; nothing here logs.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
 from etl.intake import csvsafe, summary
 from etl.intake.validate import rejects_path_for
+from etl.states import BatchStatus
 from etl.warehouse import rupa_order_intents, rupa_patients
-
-if TYPE_CHECKING:  # pragma: no cover
-    from etl.checkout.intents import IntentsOutcome
 
 t = rupa_order_intents
 LOOKUP_CHUNK = 500
 CHECKOUT_COLUMNS = ("line", "row_id", "patient", "rupa_patient_id", "state", "checkout_url", "note")
 RESENT = "re-sent after an unknown outcome"
+
+# outcomes of one run, per row (the report's and the CLI's counts)
+CREATED, ALREADY, REJECTED, FAILED, UNKNOWN, BUSY = (
+    "created", "already created", "rejected by Rupa", "failed", "unknown outcome", "busy")
+BAD_OUTCOMES = (REJECTED, FAILED, UNKNOWN, BUSY)
+
+
+@dataclass
+class IntentsOutcome:
+    """PHI-free: fit for XCom and the CLI."""
+
+    name: str
+    batch_id: int | None
+    status: str
+    total_rows: int = 0
+    valid_rows: int = 0
+    rejected_rows: int = 0
+    counts: dict = field(default_factory=dict)
+    resent: int = 0
+    summary_path: str | None = None
+    checkout_path: str | None = None
+    rejects_path: str | None = None
+    error: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        if self.status == BatchStatus.UNUSABLE:
+            return 2
+        bad = self.rejected_rows or any(self.counts.get(k) for k in BAD_OUTCOMES)
+        return 1 if bad else 0
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+    def line(self) -> str:
+        parts = [f"{k} {v}" for k, v in self.counts.items() if v]
+        if self.rejected_rows:
+            parts.append(f"rejected before sending {self.rejected_rows}")
+        if self.resent:
+            parts.append(f"{RESENT} {self.resent} (may have left a second, unused cart at Rupa)")
+        return f"{self.name}: {self.status}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def summary_path_for(path: Path) -> Path:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from etl.errors import LabsyncError, UnusableInputError
+from etl.errors import LostClaim, UnusableInputError
 from etl.states import BatchStatus
 from etl.warehouse import batch_files, rejected_rows
 
@@ -33,10 +33,6 @@ INSERT_PAGE = 5_000
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-class LostClaim(LabsyncError):
-    """Another run took this batch over (our lease lapsed): stop working on it, touch nothing."""
 
 
 def find_batch(engine: Engine, sha256: str) -> dict | None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from etl.errors import ConfigError, LabsyncError
+from etl.errors import ConfigError, LabsyncError, StorageUnavailable
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -45,12 +45,6 @@ OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl
 # the exceptions' packages of the usual fsspec backends: their errors are the store's, not bugs
 _BACKEND_PACKAGES = frozenset({"botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure",
                                "paramiko", "sshfs", "asyncssh", "aiohttp"})
-
-
-class StorageUnavailable(LabsyncError):
-    """The inbox's store cannot be reached or refused us (exit 2: fix the URL or credentials)."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)

@@ -25,15 +25,9 @@ from __future__ import annotations
 
 import asyncio
 
+from etl.errors import Tripped
+
 AGAIN = "sent again on the next run"
-
-
-class Tripped(Exception):
-    """Raised instead of starting a request once the breaker is open or the deadline passed."""
-
-    def __init__(self, cause: str) -> None:
-        super().__init__(cause)
-        self.cause = cause
 
 
 class Breaker:

@@ -45,6 +45,7 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
+from etl.errors import Aborted
 from etl.settings import LgcSettings
 from etl.warehouse.tables import vendor_budget, vendor_budget_leases
 
@@ -59,10 +60,6 @@ MIN_SHARE = 2  # requests in flight a load task should get, for pool_slots
 MAX_AHEAD = 60.0
 
 vb, lease_t = vendor_budget, vendor_budget_leases
-
-
-class Aborted(Exception):
-    """The wait for the budget was cut short by the caller's `abort` future."""
 
 
 def budget_key(lgc: LgcSettings) -> str:

@@ -45,7 +45,7 @@ from sqlalchemy import Engine
 
 from etl.claims import Heartbeat, cli_owner
 from etl.claims import now as _now
-from etl.errors import LabsyncError
+from etl.errors import BatchesNeedAttention, LabsyncError
 from etl.intake import records, summary
 from etl.intake.inbox import (
     FAILED,
@@ -388,10 +388,6 @@ def check(outcomes: list[dict]) -> None:
             f"{len(bad)} batch(es) need attention: {'; '.join(parts)}. Unsettled rows go out again on the "
             "next runs; given-up rows and unusable files need a person (see their summaries)"
         )
-
-
-class BatchesNeedAttention(LabsyncError):
-    """A run ended with incomplete batches or unusable files (exit 1; the DAG run fails)."""
 
 
 @dataclass

@@ -17,11 +17,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from etl.errors import PayloadError
 from schemas.columns import CUSTOM_PREFIX, is_custom, parse_order_items, split_list
-
-
-class PayloadError(ValueError):
-    """A row that passed validation but cannot be mapped (a bug upstream). PHI-free message."""
 
 
 def _value(row: Mapping[str, Any], column: str) -> str | None:

@@ -34,7 +34,15 @@ from urllib.parse import parse_qsl, quote, unquote, urljoin, urlsplit
 import httpx
 from sqlalchemy import Engine
 
-from etl.errors import ApiError, AuthError, UnsafeIdError, size_text
+from etl.errors import (
+    ApiError,
+    AuthError,
+    RupaApiError,
+    RupaPageBudget,
+    RupaPageLoop,
+    UnsafeIdError,
+    size_text,
+)
 from etl.http import (
     NO_COMPRESSION,
     TOKEN_ANSWER_LIMIT,
@@ -58,28 +66,6 @@ from schemas.columns import path_id_problem
 log = logging.getLogger(__name__)
 
 JSONAPI = "application/vnd.api+json"
-
-
-class RupaApiError(ApiError):
-    """Rupa answered with a JSON:API error document (or an unusable one)."""
-
-    def __init__(self, message: str, *, status: int | None = None, errors: list[dict] | None = None) -> None:
-        super().__init__(message, status=status)
-        self.errors = errors or []
-
-    @property
-    def codes(self) -> list[str]:
-        return [str(e.get("code")) for e in self.errors if isinstance(e, dict) and e.get("code")]
-
-
-class RupaPageLoop(RupaApiError):
-    """`links.next` led back to a page this run already read. The stored resume point is
-    dropped (links from a looping server are not trusted): the next run starts over."""
-
-
-class RupaPageBudget(RupaApiError):
-    """The run read RUPA_MAX_PAGES pages without reaching the end. The resume point is kept, so
-    a clinic that really is that big is finished by later runs."""
 
 
 # JSON:API's own member names and paging parameters: field names Rupa may blame.

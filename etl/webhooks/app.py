@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
+from etl.errors import BodyTooLarge
+
 try:  # the labsync[server] extra: a worker without it never imports this module
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
@@ -60,19 +62,15 @@ def default_sources(settings: WebhookSettings) -> dict[str, Source]:
     }
 
 
-class _TooLarge(Exception):
-    pass
-
-
 async def _read_capped(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise _TooLarge
+        raise BodyTooLarge
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _TooLarge
+            raise BodyTooLarge
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -95,7 +93,7 @@ def build_app(engine: Engine, settings: WebhookSettings,
             return JSONResponse({"error": "unknown webhook source"}, status_code=404)
         try:
             body = await _read_capped(request, settings.max_body)
-        except _TooLarge:
+        except BodyTooLarge:
             log.warning("webhooks: a %s delivery over %d bytes was refused", source.name, settings.max_body)
             return JSONResponse({"error": "body too large"}, status_code=413)
         if source.verifier is not None and not source.verifier(body, request.headers):
