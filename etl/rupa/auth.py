@@ -203,9 +203,9 @@ def token_endpoint(settings: RupaSettings) -> str:
     return f"{settings.base_url.rstrip('/')}/oauth/token"
 
 
-def request_tokens(http: httpx.Client, settings: RupaSettings, retry: RetrySettings, grant: dict) -> Tokens:
+def post_grant(http: httpx.Client, settings: RupaSettings, retry: RetrySettings, grant: dict) -> httpx.Response:
     """POST a grant to `{base}/oauth/token` (client credentials in the form body, as Rupa's
-    OAuth guide shows) through the shared retry policy, and read the token response."""
+    OAuth guide shows) through the shared retry policy; the answer, read under a small cap."""
     form = {**grant, "client_id": settings.client_id or "", "client_secret": settings.client_secret or ""}
     try:
         for attempt in retrying(retry):
@@ -216,6 +216,12 @@ def request_tokens(http: httpx.Client, settings: RupaSettings, retry: RetrySetti
     except (RetryableStatus, httpx.TransportError) as exc:
         raise unreachable("Rupa", settings.base_url, "RUPA_BASE_URL", exc) or ApiError(
             f"Rupa token endpoint failed: {describe_transport_error(exc)}") from None
+    return response
+
+
+def request_tokens(http: httpx.Client, settings: RupaSettings, retry: RetrySettings, grant: dict) -> Tokens:
+    """Trade a grant for tokens at Rupa's token endpoint and read the token response."""
+    response = post_grant(http, settings, retry, grant)
     access, body = access_token_from(response)
     if response.status_code >= 400:
         error = body.get("error") if isinstance(body, dict) else None

@@ -45,7 +45,6 @@ from etl.errors import (
 )
 from etl.http import (
     NO_COMPRESSION,
-    TOKEN_ANSWER_LIMIT,
     RetryableStatus,
     access_token_from,
     describe_transport_error,
@@ -59,7 +58,7 @@ from etl.http import (
     unreachable,
 )
 from etl.redact import escape_controls, field_names, fixed_text
-from etl.rupa.auth import RupaAuth, StaticToken, TokenSource, token_endpoint, token_source
+from etl.rupa.auth import RupaAuth, StaticToken, TokenSource, post_grant, token_source
 from etl.settings import RetrySettings, RupaSettings, Settings
 from schemas.columns import path_id_problem
 
@@ -367,16 +366,8 @@ def check_credentials(rupa: RupaSettings, retry: RetrySettings) -> str:
             except AuthError as exc:
                 raise AuthError("Rupa refused the access token (HTTP 401)", status=exc.status) from None
             return f"Rupa accepted the access token at {rupa.base_url}"
-        form = {"grant_type": "refresh_token", "refresh_token": CHECK_REFRESH_TOKEN,
-                "client_id": rupa.client_id or "", "client_secret": rupa.client_secret or ""}
-        try:
-            for attempt in retrying(retry):
-                with attempt:
-                    request = http.build_request("POST", token_endpoint(rupa), data=form,
-                                                 headers={"Accept": "application/json", **NO_COMPRESSION})
-                    response = raise_for_retryable(send_capped(http, request, TOKEN_ANSWER_LIMIT))
-        except (RetryableStatus, httpx.TransportError) as exc:
-            raise ApiError(f"Rupa token endpoint failed: {describe_transport_error(exc)}") from None
+        response = post_grant(http, rupa, retry, {"grant_type": "refresh_token",
+                                                  "refresh_token": CHECK_REFRESH_TOKEN})
     _, body = access_token_from(response)
     error = body.get("error")
     if response.status_code == 401 or error == "invalid_client":
