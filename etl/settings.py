@@ -111,7 +111,9 @@ def parse_number(name: str, raw: str) -> float:
 
 def check_base_url(name: str, url: str) -> None:
     """A vendor base URL that every request path can be appended to and read back unchanged:
-    http(s), a host, a plain path without `.`/`..` segments, no query, fragment or user info."""
+    http(s), a host, a plain path without `.`/`..` segments, no query, fragment or user info.
+    Plain http only for a loopback address (the local sandbox): credentials, tokens and PHI never
+    travel in clear."""
     parts = urlsplit(url)
     segments = parts.path.split("/")[1:]
     if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment
@@ -119,6 +121,9 @@ def check_base_url(name: str, url: str) -> None:
             or any(seg in (".", "..") for seg in segments)):
         raise ConfigError(f"{name} must be an http(s) URL with a plain path and no query or "
                           "fragment, e.g. https://api.example.com/v1")
+    if parts.scheme == "http" and not _is_loopback(url):
+        raise ConfigError(f"{name} must be an https URL: plain http is allowed only for a loopback "
+                          "address (the local sandbox), so credentials, tokens and PHI never travel in clear")
 
 
 def check_api_token(name: str, token: str | None) -> None:

@@ -111,13 +111,13 @@ def test_a_wrong_url_exits_2_naming_the_url_and_the_setting(env, run, tmp_path, 
 
 
 def test_a_host_that_does_not_resolve_says_so(env, run, tmp_path, monkeypatch):
-    monkeypatch.setenv("LGC_BASE_URL", "http://no-such-host.invalid/lgc")
+    monkeypatch.setenv("LGC_BASE_URL", "https://no-such-host.invalid/lgc")
     monkeypatch.setenv("LGC_CLIENT_ID", "DEMO")
     monkeypatch.setenv("LGC_ACCESS_KEY", "a" * 25)
     monkeypatch.setenv("LGC_SECRET_KEY", "b" * 25)
     code, _, err = run("track", "1234567")
     assert code == 2
-    assert "could not reach LetsGetChecked at http://no-such-host.invalid/lgc: host not found (LGC_BASE_URL)" in err
+    assert "could not reach LetsGetChecked at https://no-such-host.invalid/lgc: host not found (LGC_BASE_URL)" in err
     assert "a" * 25 not in err and "b" * 25 not in err
 
 
