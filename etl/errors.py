@@ -142,6 +142,20 @@ class RetryAfterTooLong(RetryableStatus):
         self.asked, self.cap = asked, cap
 
 
+class Refused(Exception):
+    """A link from outside (a result file's URL) labsync will not fetch: its message says why,
+    naming at most the origin (etl.http.OriginPolicy)."""
+
+
+class AddressRefused(Refused):
+    """The host of a link resolves to an address labsync does not connect to (loopback, private,
+    link-local, metadata)."""
+
+
+class OverCap(Exception):
+    """An answer larger than the cap (on the wire or decoded): not kept."""
+
+
 class Aborted(Exception):
     """The wait for the vendor budget was cut short by the caller's `abort` future."""
 

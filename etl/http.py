@@ -29,18 +29,26 @@ from __future__ import annotations
 
 import email.utils
 import functools
+import hashlib
+import ipaddress
 import logging
+import socket
 import ssl
+import tempfile
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+import urllib.request
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
 
+import httpcore
 import httpx
 import tenacity
 from tenacity import wait_random_exponential
 
 from etl import __version__
-from etl.errors import RetryableStatus, RetryAfterTooLong
+from etl.errors import AddressRefused, OverCap, Refused, RetryableStatus, RetryAfterTooLong
 from etl.settings import BEARER_TOKEN_RE, NetworkSettings, RetrySettings
 
 log = logging.getLogger(__name__)
@@ -434,3 +442,281 @@ def access_token_from(response: httpx.Response) -> tuple[str | None, dict]:
 
 
 TOKEN_ANSWER_LIMIT = 64 << 10  # a token answer is a few hundred bytes
+
+
+# ---- links from outside: fetched only from the vendor's own origins ------------------------------
+# A link that arrives in a webhook (a Rupa result file) names a URL someone else wrote. Such a link
+# is fetched only
+# - from an origin on an allow-list (`OriginPolicy`: the configured API's own origin and the ones
+#   a setting adds), over https; plain http only to loopback while the configured API is itself on
+#   loopback (the local sandbox);
+# - one redirect at a time, each hop checked against the same list (the caller follows them);
+# - over a connection to an address checked when it is opened (`CheckedAddressBackend`): a name
+#   that resolves to a loopback, private, link-local (cloud metadata) or otherwise internal
+#   address is refused unless it is the configured API's own host. The name is resolved once and
+#   the connection made to the very address that was checked, so a name cannot resolve to a
+#   public address for the check and to an internal one for the connection (DNS rebinding);
+# - read into a temporary file, the bytes on the wire and the decoded bytes both under a cap
+#   (`download_to_file`; gzip/deflate decoded here, a piece at a time, so a compressed bomb stops
+#   at the cap without ever being inflated in memory).
+# Refusals (`Refused`) name at most the origin, never a path or query (signed, maybe PHI). Through
+# a proxy (the vendor's proxy setting, or HTTP(S)_PROXY/NO_PROXY as Python's urllib reads them)
+# the proxy resolves and connects: the address check is then the proxy's, the rest still holds.
+Origin = tuple[str, str, int]  # scheme, host (ASCII, lower case; IPv6 without brackets), port
+DEFAULT_PORTS = {"http": 80, "https": 443}
+MAX_REDIRECTS = 5
+_PIECE = 64 << 10
+_INTERNAL_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/3",
+    "::/128", "::1/128", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8"))
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def url_origin(url: str | httpx.URL) -> Origin | None:
+    """(scheme, host, port) of an http(s) URL, the port filled in; None for anything else."""
+    try:
+        parsed = url if isinstance(url, httpx.URL) else httpx.URL(url)
+        host = parsed.raw_host.decode("ascii").lower()
+    except (httpx.InvalidURL, TypeError, UnicodeError):
+        return None
+    if parsed.scheme not in DEFAULT_PORTS or not host:
+        return None
+    return parsed.scheme, host, parsed.port or DEFAULT_PORTS[parsed.scheme]
+
+
+def origin_text(origin: Origin) -> str:
+    """`https://files.example.com`, `http://127.0.0.1:8765`: an origin as people write it."""
+    scheme, host, port = origin
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" if port == DEFAULT_PORTS.get(scheme) else f"{scheme}://{host}:{port}"
+
+
+def is_loopback_host(host: str) -> bool:
+    """`localhost` or a loopback address literal (not a name that merely starts with 127.)."""
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_internal_address(address: str) -> bool:
+    """True for an address a link from outside must not reach: loopback, private (RFC 1918,
+    fc00::/7), link-local (169.254/16, fe80::/10: where cloud metadata services answer, e.g.
+    169.254.169.254, fd00:ec2::254), shared (100.64/10), multicast, unspecified, reserved, and an
+    IPv6 address carrying any of those IPv4 ones (mapped, NAT64, 6to4, Teredo). Anything that is
+    not an address at all counts as internal."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return True
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = [ip.ipv4_mapped, ip.sixtofour, ip.teredo[1] if ip.teredo else None,
+                    ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None]
+        if any(e is not None and is_internal_address(str(e)) for e in embedded):
+            return True
+    return (not ip.is_global or ip.is_multicast
+            or any(ip in net for net in _INTERNAL_NETWORKS if net.version == ip.version))
+
+
+def resolve(host: str, port: int) -> list[str]:
+    """Every address `host` resolves to, in the resolver's order (one look-up)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+class CheckedAddressBackend(httpcore.SyncBackend):
+    """httpcore's own network backend, with the address check: `connect_tcp` resolves the host
+    once (`resolve`), refuses it (`AddressRefused`) when any of its addresses is internal
+    (`is_internal_address`), and connects to those checked addresses, in order, itself. TLS still
+    names the host (SNI and the certificate check): httpcore starts it on this stream with the
+    request's host name. `trusted`: (host, port) pairs exempt from the check, the configured
+    API's own (the local sandbox is on loopback)."""
+
+    def __init__(self, trusted: Iterable[tuple[str, int]] = ()) -> None:
+        self.trusted = frozenset((host.lower(), port) for host, port in trusted)
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        if (host.lower(), port) in self.trusted:
+            return super().connect_tcp(host, port, timeout, local_address, socket_options)
+        try:
+            addresses = resolve(host, port)
+        except (OSError, UnicodeError) as exc:
+            raise httpcore.ConnectError(str(exc)) from exc
+        internal = [a for a in addresses if is_internal_address(a)]
+        if internal:
+            raise AddressRefused(f"{host} resolves to {internal[0]}, a loopback, private, link-local or "
+                                 "metadata address")
+        failure: Exception = httpcore.ConnectError(f"{host} has no address")
+        for address in addresses:
+            try:
+                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+        raise failure
+
+
+class _CheckedTransport(httpx.HTTPTransport):
+    """httpx's own transport (HTTP/1.1, keep-alive, TLS, its exceptions), its connections opened
+    by `backend`. httpx takes no network backend of its own, so the connection pool it builds is
+    replaced by httpcore's, given the backend (nothing else differs)."""
+
+    def __init__(self, backend: httpcore.NetworkBackend, *, verify: ssl.SSLContext, limits: httpx.Limits) -> None:
+        super().__init__(verify=verify, limits=limits, trust_env=False)
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=verify, max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry, network_backend=backend)
+
+
+@dataclass(frozen=True)
+class OriginPolicy:
+    """Where links from outside may be fetched from. `home`: the configured API's origin (always
+    allowed, exempt from the address check); `allowed`: it and the origins a setting adds;
+    `setting`: the setting named in refusals."""
+
+    allowed: frozenset[Origin]
+    home: Origin | None
+    setting: str
+
+    @classmethod
+    def of(cls, base_url: str, extra: Iterable[str] = (), *, setting: str) -> OriginPolicy:
+        home = url_origin(base_url)
+        origins = {o for o in (url_origin(u) for u in extra) if o is not None}
+        return cls(frozenset(origins | ({home} if home else set())), home, setting)
+
+    @property
+    def trusted(self) -> set[tuple[str, int]]:
+        return {(self.home[1], self.home[2])} if self.home else set()
+
+    def check(self, url: str | httpx.URL) -> httpx.URL:
+        """`url`, parsed, when it may be fetched; else `Refused` saying why (its origin at most)."""
+        origin = url_origin(url)
+        if origin is None:
+            raise Refused("not an http(s) URL")
+        parsed = url if isinstance(url, httpx.URL) else httpx.URL(url)
+        if parsed.userinfo:
+            raise Refused(f"a link to {origin_text(origin)} with user credentials in it")
+        if origin not in self.allowed:
+            raise Refused(f"{origin_text(origin)} is not an allowed origin (the API's own or {self.setting})")
+        if origin[0] != "https" and not (self.home and self.home[0] == "http" and is_loopback_host(self.home[1])
+                                         and is_loopback_host(origin[1])):
+            raise Refused(f"{origin_text(origin)} is plain http: only https (plain http only to the "
+                          "local sandbox on loopback)")
+        return parsed
+
+
+def _environment_proxy(origin: Origin) -> str | None:
+    """The HTTP(S)_PROXY / ALL_PROXY that applies to `origin` (NO_PROXY honoured), else None."""
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(origin[0]) or proxies.get("all")
+    if not proxy:
+        return None
+    host = f"[{origin[1]}]" if ":" in origin[1] else origin[1]
+    if urllib.request.proxy_bypass_environment(f"{host}:{origin[2]}", proxies):  # type: ignore[attr-defined]
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
+
+
+def make_checked_client(policy: OriginPolicy, retry: RetrySettings, network: NetworkSettings | None = None, *,
+                        concurrency: int = 1) -> httpx.Client:
+    """The sync client for links from outside (see above): redirects are not followed (the
+    caller checks each hop with `policy.check`), connections are opened by a
+    `CheckedAddressBackend` exempting `policy.home`; the vendor's proxy (or the environment's)
+    serves the allowed origins it applies to."""
+    options = client_options(retry, network, concurrency=concurrency, follow_redirects=False)
+    verify, proxy, limits = options.pop("verify"), options.pop("proxy", None), options["limits"]
+    options["trust_env"] = False  # the environment's proxies: below, per allowed origin
+    mounts: dict[str, httpx.BaseTransport] = {}
+    for origin in sorted(policy.allowed):
+        via = proxy or _environment_proxy(origin)
+        if via:
+            mounts[origin_text(origin)] = httpx.HTTPTransport(proxy=via, verify=verify, limits=limits, trust_env=False)
+    transport = _CheckedTransport(CheckedAddressBackend(policy.trusted), verify=verify, limits=limits)
+    return httpx.Client(transport=transport, mounts=mounts, **options)
+
+
+@dataclass
+class Download:
+    """An answer's body in an anonymous temporary file (gone once closed), decoded."""
+
+    file: IO[bytes]
+    size: int  # decoded bytes
+    wire_size: int  # bytes as they came (after chunked framing, before content decoding)
+    sha256: str
+    content_type: str | None
+
+    def read(self) -> bytes:
+        self.file.seek(0)
+        return self.file.read()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _inflater(encoding: str | None) -> Any:
+    """A zlib decompressor for the answer's Content-Encoding (gzip; deflate, zlib-wrapped as
+    RFC 9110 says), None for none; `Refused` for an encoding not decoded here."""
+    codings = [c.strip().lower() for c in (encoding or "").split(",") if c.strip()]
+    codings = [c for c in codings if c != "identity"]
+    if not codings:
+        return None
+    if codings in (["gzip"], ["x-gzip"]):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if codings == ["deflate"]:
+        return zlib.decompressobj(32 + zlib.MAX_WBITS)  # zlib-wrapped, or gzip under the wrong name
+    raise Refused(f"answered in a content encoding labsync does not decode ({', '.join(codings)[:40]})")
+
+
+def download_to_file(response: httpx.Response, limit: int) -> Download:
+    """Read a streamed answer (`client.stream(...)` or `send(stream=True)`, sent with
+    `Accept-Encoding: gzip, deflate` at most) into a temporary file. Both the bytes on the wire and
+    the decoded bytes count against `limit`: past it `OverCap` (nothing kept); a declared
+    Content-Length over it is refused before reading."""
+    declared = (response.headers.get("content-length") or "").strip()
+    if declared.isdigit() and int(declared) > limit:
+        raise OverCap("declared")
+    inflater = _inflater(response.headers.get("content-encoding"))
+    out = tempfile.TemporaryFile(prefix="labsync-")
+    digest = hashlib.sha256()
+    size = wire = 0
+
+    def keep(piece: bytes) -> None:
+        nonlocal size
+        size += len(piece)
+        if size > limit:
+            raise OverCap("decoded")
+        digest.update(piece)
+        out.write(piece)
+
+    try:
+        for chunk in response.iter_raw():
+            wire += len(chunk)
+            if wire > limit:
+                raise OverCap("on the wire")
+            if inflater is None:
+                keep(chunk)
+                continue
+            data = chunk
+            while True:
+                try:
+                    piece = inflater.decompress(data, _PIECE)
+                except zlib.error:
+                    raise httpx.DecodingError("the answer's compressed body is corrupt") from None
+                keep(piece)
+                data = inflater.unconsumed_tail
+                if not data and len(piece) < _PIECE:
+                    break
+        if inflater is not None:
+            keep(inflater.flush())
+            if not inflater.eof:
+                raise httpx.DecodingError("the answer's compressed body ends early")
+        out.seek(0)
+        return Download(out, size, wire, digest.hexdigest(), response.headers.get("content-type"))
+    except BaseException:
+        out.close()
+        raise

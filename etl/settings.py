@@ -74,6 +74,9 @@ NUMBERS: dict[str, tuple[type, float | None, float | None, bool, str]] = {
     "LABSYNC_HTTP_TIMEOUT": (float, 0, 3600, True, "must be above 0 and at most 3600 seconds"),
     "LABSYNC_WEBHOOK_PORT": (int, 1, 65535, False, "must be a port number (1-65535)"),
     "LABSYNC_WEBHOOK_MAX_BYTES": (int, 1024, 1 << 30, False, "must be between 1024 and 1 GiB"),
+    "LABSYNC_WEBHOOK_BODY_TIMEOUT": (float, 0, 3600, True, "must be above 0 and at most 3600 seconds"),
+    "LABSYNC_WEBHOOK_HEAD_TIMEOUT": (float, 0, 3600, True, "must be above 0 and at most 3600 seconds"),
+    "LABSYNC_WEBHOOK_MAX_CONNECTIONS": (int, 1, 100_000, False, "must be between 1 and 100000"),
     "LABSYNC_TRACK_STALE_MINUTES": (float, 0, 525_600, False, "must be between 0 and 525600 minutes (a year)"),
     "LABSYNC_WEBHOOK_MAX_ATTEMPTS": (int, 1, 1000, False, "must be between 1 and 1000"),
     # read by the DAG files only (etl.settings.DagSettings)
@@ -260,6 +263,28 @@ class RupaSettings:
     max_response_bytes: int = 8 * MiB  # one page (or any answer); more is not read
     concurrency: int = 4  # order-intent rows sent at once (etl.checkout.intents)
     network: NetworkSettings = field(default_factory=NetworkSettings)
+    # RUPA_RESULT_ORIGINS: where result files may be downloaded from besides RUPA_BASE_URL's own
+    # origin (etl.checkout.events), e.g. ("https://files.rupahealth.com",)
+    result_origins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """RUPA_RESULT_ORIGINS, checked as soon as it is read: each an https origin (scheme, host,
+        port; no path, query or user info), plain http only for a loopback address."""
+        origins = self.result_origins
+        if isinstance(origins, str) or not all(isinstance(o, str) for o in origins):
+            raise ConfigError("RUPA_RESULT_ORIGINS must be a list of origins such as https://files.rupahealth.com")
+        for origin in origins:
+            parts = urlsplit(origin)
+            try:
+                ok = parts.port != 0  # urlsplit raises ValueError on a port that is not one
+            except ValueError:
+                ok = False
+            if (not ok or not parts.hostname or parts.path not in ("", "/") or "?" in origin or "#" in origin
+                    or "@" in parts.netloc
+                    or not (parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(origin)))):
+                raise ConfigError(f"RUPA_RESULT_ORIGINS: {origin!r} is not an https origin such as "
+                                  "https://files.rupahealth.com (scheme and host, no path or query; plain "
+                                  "http only for a loopback address)")
 
     def validated(self) -> RupaSettings:
         check_base_url("RUPA_BASE_URL", self.base_url)
@@ -304,10 +329,19 @@ class WebhookSettings:
     rupa_algorithm: str = "sha256"
     rupa_encoding: str = "hex"  # hex | base64
     rupa_prefix: str = ""  # e.g. "sha256=" when the header carries one
+    # a receiver open to the network holds up (etl.webhooks.app, etl.asgi): a body that has not
+    # arrived in `body_timeout` gets 408, headers that have not in `head_timeout` are dropped,
+    # connections beyond `max_connections` get 503 (the vendors retry)
+    body_timeout: float = 10.0
+    head_timeout: float = 10.0
+    max_connections: int = 100
 
     def validated(self) -> WebhookSettings:
         check_number("LABSYNC_WEBHOOK_PORT", self.port)
         check_number("LABSYNC_WEBHOOK_MAX_BYTES", self.max_body)
+        check_number("LABSYNC_WEBHOOK_BODY_TIMEOUT", self.body_timeout)
+        check_number("LABSYNC_WEBHOOK_HEAD_TIMEOUT", self.head_timeout)
+        check_number("LABSYNC_WEBHOOK_MAX_CONNECTIONS", self.max_connections)
         if self.rupa_encoding not in ("hex", "base64"):
             raise ConfigError("RUPA_WEBHOOK_ENCODING must be hex or base64")
         import hashlib
@@ -451,6 +485,7 @@ class Settings:
                 max_response_bytes=num("RUPA_MAX_RESPONSE_BYTES", d.rupa.max_response_bytes, int),
                 concurrency=num("RUPA_CONCURRENCY", d.rupa.concurrency, int),
                 network=network("RUPA"),
+                result_origins=tuple(o.strip().rstrip("/") for o in get("RUPA_RESULT_ORIGINS", "").split(",") if o.strip()),
             ),
             retry=RetrySettings(
                 max_attempts=num("LABSYNC_RETRY_ATTEMPTS", d.retry.max_attempts, int),
@@ -462,6 +497,9 @@ class Settings:
                 host=get("LABSYNC_WEBHOOK_HOST", d.webhooks.host),
                 port=num("LABSYNC_WEBHOOK_PORT", d.webhooks.port, int),
                 max_body=num("LABSYNC_WEBHOOK_MAX_BYTES", d.webhooks.max_body, int),
+                body_timeout=num("LABSYNC_WEBHOOK_BODY_TIMEOUT", d.webhooks.body_timeout),
+                head_timeout=num("LABSYNC_WEBHOOK_HEAD_TIMEOUT", d.webhooks.head_timeout),
+                max_connections=num("LABSYNC_WEBHOOK_MAX_CONNECTIONS", d.webhooks.max_connections, int),
                 lgc_key=get("LGC_WEBHOOK_KEY"),
                 rupa_secret=get("RUPA_WEBHOOK_SECRET"),
                 rupa_header=get("RUPA_WEBHOOK_HEADER", d.webhooks.rupa_header),

@@ -128,3 +128,23 @@ def test_serve_on_loopback_needs_no_keys(tmp_path):
 def test_what_counts_as_loopback():
     assert all(is_loopback_host(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "[::1]", "localhost"))
     assert not any(is_loopback_host(h) for h in ("0.0.0.0", "::", "10.0.0.1", "receiver.example", "192.168.1.2"))
+
+
+def test_a_rupa_connection_carries_the_result_origins():
+    from types import SimpleNamespace
+
+    from etl.airflow.hooks import rupa_from_connection
+    from etl.errors import ConfigError
+    from etl.settings import RupaSettings
+
+    def conn(extra):
+        return SimpleNamespace(host="https://api.rupa.example", login=None, password=None, schema=None, port=None,
+                               extra=extra, extra_dejson=extra)
+
+    base = RupaSettings()
+    as_text = rupa_from_connection(conn({"result_origins": "https://files.rupa.example/, https://cdn.rupa.example"}), base)
+    assert as_text.result_origins == ("https://files.rupa.example", "https://cdn.rupa.example")
+    as_list = rupa_from_connection(conn({"result_origins": ["https://files.rupa.example"]}), base)
+    assert as_list.result_origins == ("https://files.rupa.example",)
+    with pytest.raises(ConfigError, match="RUPA_RESULT_ORIGINS"):
+        rupa_from_connection(conn({"result_origins": "http://files.rupa.example"}), base)

@@ -15,7 +15,8 @@ A Connection (any type: older `http` ones keep working) maps as
 and both carry the network settings in their extras, as Airflow's HTTP provider does
 (etl.settings.NetworkSettings): `proxy` (a URL; Airflow's `proxies` {"https": …} is read too),
 `ca_bundle` (or `verify` as a path), `client_cert` (or `cert`), `client_key` (or `key`),
-`timeout` (seconds). Unset extras leave the environment's <VENDOR>_PROXY, … in place.
+`timeout` (seconds). Unset extras leave the environment's <VENDOR>_PROXY, … in place. A Rupa
+Connection's extra `result_origins` (a list or a comma-separated string) is RUPA_RESULT_ORIGINS.
 The host may be a whole URL or a bare host name (then https, or the schema field if it says
 http). Extra keys may also carry Airflow's old `extra__<type>__` prefix.
 
@@ -153,7 +154,14 @@ def rupa_from_connection(conn: Any, base: RupaSettings) -> RupaSettings:
         client_secret=(conn.password or "").strip() or base.client_secret,
         api_token=extra_field(conn, RUPA_CONN_TYPE, "access_token") or base.api_token,
         network=network_from_connection(conn, RUPA_CONN_TYPE, "RUPA", base.network),
+        result_origins=_origins(extra_of(conn).get("result_origins")) or base.result_origins,
     )
+
+
+def _origins(value: Any) -> tuple[str, ...]:
+    """The extra `result_origins`: a list, or one comma-separated string (RUPA_RESULT_ORIGINS)."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else []
+    return tuple(str(o).strip().rstrip("/") for o in items if str(o).strip())
 
 
 def _is_not_found(exc: BaseException) -> bool:

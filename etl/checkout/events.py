@@ -30,7 +30,6 @@ those name event ids, order ids and ordered-test ids.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -44,9 +43,15 @@ from etl.errors import BadEvent, DownloadFailed
 from etl.extract.store import timestamp as _timestamp
 from etl.extract.streams import STREAMS, row_dict
 from etl.http import (
+    MAX_REDIRECTS,
+    Download,
+    OriginPolicy,
+    OverCap,
+    Refused,
     RetryableStatus,
     describe_transport_error,
-    make_client,
+    download_to_file,
+    make_checked_client,
     raise_for_retryable,
     retrying,
 )
@@ -65,7 +70,6 @@ log = logging.getLogger(__name__)
 
 SOURCE = "rupa"
 MAX_ATTEMPTS = 5
-MAX_RESULT_BYTES = 50 * 1024 * 1024
 RETURN_EVENT = store.RUPA_CHECKOUT_RETURNED  # written by the receiver's /webhooks/rupa/return
 RESULT_KINDS = {"pdf": "results_pdf", "hl7": "results_hl7"}
 
@@ -250,8 +254,9 @@ def apply_event(conn: Connection, event: store.Event, out: ApplySummary) -> str:
     """Apply one stored event inside `conn`'s transaction; returns applied / stale / ignored."""
     try:
         doc = event.json()
-    except ValueError:
-        raise BadEvent("the body is not JSON") from None
+    except (ValueError, RecursionError) as exc:  # the reason names no content (etl.webhooks.store.Event.json)
+        deep = isinstance(exc, RecursionError) or "too deeply" in str(exc)
+        raise BadEvent("the body is nested too deeply to read" if deep else "the body is not JSON") from None
     kind = (event.event_type or "").lower()
     if kind == RETURN_EVENT:
         order_id, row_id = str(doc.get("order") or ""), str(doc.get("row_id") or "")
@@ -272,39 +277,90 @@ def apply_event(conn: Connection, event: store.Event, out: ApplySummary) -> str:
 
 
 # ---- results --------------------------------------------------------------------------------------
-def _download(http: httpx.Client, settings: Settings, url: str, what: str) -> tuple[bytes, str | None]:
+# A result link comes from an event, that is from outside: it is fetched only from Rupa's own
+# origins (RUPA_BASE_URL's, and those RUPA_RESULT_ORIGINS adds), over https (plain http only to
+# the local sandbox on loopback), redirects followed one hop at a time (at most MAX_REDIRECTS),
+# each to an allowed origin, over a connection whose address is checked when it opens (no
+# loopback, private, link-local or metadata address but the configured API's own), into a
+# temporary file under RUPA_MAX_RESPONSE_BYTES on the wire and decoded (etl.http). A refused link
+# is never fetched: the download stays pending with the reason (the origin at most, never the
+# link's path or query).
+RESULT_ACCEPT = {"Accept": "*/*", "Accept-Encoding": "gzip"}
+
+
+def result_policy(settings: Settings) -> OriginPolicy:
+    """Where result files may come from: RUPA_BASE_URL's origin and RUPA_RESULT_ORIGINS."""
+    return OriginPolicy.of(settings.rupa.base_url, settings.rupa.result_origins, setting="RUPA_RESULT_ORIGINS")
+
+
+def _fetch(http: httpx.Client, policy: OriginPolicy, url: httpx.URL, what: str, limit: int) -> Download:
+    """One try: the link, then each redirect it answers with (checked before it is followed)."""
+    for _hop in range(MAX_REDIRECTS + 1):
+        with http.stream("GET", url, headers=RESULT_ACCEPT, follow_redirects=False) as response:
+            raise_for_retryable(response)
+            if response.status_code in (301, 302, 303, 307, 308):
+                location = response.headers.get("location")
+                if not location:
+                    raise DownloadFailed(f"the {what} download answered HTTP {response.status_code} without a Location")
+                try:
+                    target = url.join(location)
+                except httpx.InvalidURL:
+                    raise DownloadFailed(f"the {what} link redirects to something that is not a URL") from None
+                try:
+                    url = policy.check(target)
+                except Refused as exc:
+                    raise DownloadFailed(f"the {what} link redirects where labsync does not follow: {exc}") from None
+                continue
+            if response.status_code in (401, 403, 404, 410):
+                raise DownloadFailed(f"the {what} link has expired or is gone (HTTP {response.status_code})")
+            if response.status_code >= 300:
+                raise DownloadFailed(f"the {what} download answered HTTP {response.status_code}")
+            try:
+                return download_to_file(response, limit)
+            except Refused as exc:  # an encoding not decoded here
+                raise DownloadFailed(f"the {what} download {exc}") from None
+            except OverCap:
+                from etl.errors import size_text
+
+                raise DownloadFailed(f"the {what} file is larger than {size_text(limit)} "
+                                     "(RUPA_MAX_RESPONSE_BYTES); not stored") from None
+    raise DownloadFailed(f"the {what} link redirects more than {MAX_REDIRECTS} times")
+
+
+def _download(http: httpx.Client, settings: Settings, policy: OriginPolicy, url: str, what: str) -> Download:
+    """The file behind one result link, in a temporary file (the caller closes it), or
+    DownloadFailed saying why without the link."""
+    try:
+        checked = policy.check(url)
+    except Refused as exc:
+        raise DownloadFailed(f"the {what} link was refused: {exc}") from None
     try:
         for attempt in retrying(settings.retry):
             with attempt:
-                with http.stream("GET", url, headers={"Accept": "*/*"}) as response:
-                    raise_for_retryable(response)
-                    if response.status_code in (401, 403, 404, 410):
-                        raise DownloadFailed(f"the {what} link has expired or is gone (HTTP {response.status_code})")
-                    if response.status_code >= 400:
-                        raise DownloadFailed(f"the {what} download answered HTTP {response.status_code}")
-                    chunks, size = [], 0
-                    for chunk in response.iter_bytes():
-                        size += len(chunk)
-                        if size > MAX_RESULT_BYTES:
-                            raise DownloadFailed(f"the {what} file is larger than {MAX_RESULT_BYTES} bytes")
-                        chunks.append(chunk)
-                    return b"".join(chunks), response.headers.get("content-type")
+                return _fetch(http, policy, checked, what, settings.rupa.max_response_bytes)
+    except Refused as exc:  # the address check, when the connection opened
+        raise DownloadFailed(f"the {what} link was refused: {exc}") from None
     except (RetryableStatus, httpx.TransportError) as exc:
         raise DownloadFailed(f"the {what} download failed: {describe_transport_error(exc)}") from None
+    except httpx.HTTPError as exc:
+        raise DownloadFailed(f"the {what} download failed ({type(exc).__name__})") from None
     raise DownloadFailed(f"the {what} download failed")  # pragma: no cover - retrying re-raises
 
 
 def download_results(engine: Engine, settings: Settings, out: ApplySummary, *,
                      http: httpx.Client | None = None) -> None:
-    """Every ordered test with a result link still to download: fetch, store by sha256."""
+    """Every ordered test with a result link still to download: fetch (only from the allowed
+    origins, see above), store by sha256. `http`: a client to use instead of the checked one
+    labsync builds (its connections are then the caller's; the origin and redirect checks hold)."""
     t = rupa_ordered_tests
     with engine.connect() as conn:
         pending = conn.execute(sa.select(t.c.id, t.c.order_id, t.c.results_pdf_url, t.c.results_hl7_url)
                                .where(t.c.results_pending == 1).order_by(t.c.id)).mappings().all()
     if not pending:
         return
+    policy = result_policy(settings)
     own = http is None
-    http = http or make_client("", settings.retry, settings.rupa.network, follow_redirects=True)
+    http = http or make_checked_client(policy, settings.retry, settings.rupa.network)
     try:
         for test in pending:
             errors = []
@@ -313,16 +369,19 @@ def download_results(engine: Engine, settings: Settings, out: ApplySummary, *,
                 if not url:
                     continue
                 try:
-                    content, ctype = _download(http, settings, url, column)
+                    download = _download(http, settings, policy, url, column)
                 except DownloadFailed as exc:
                     errors.append(str(exc))
                     continue
-                digest = hashlib.sha256(content).hexdigest()
+                try:
+                    content = download.read()
+                finally:
+                    download.close()
                 with engine.begin() as conn:
                     new = conn.execute(_results_insert(conn).values(
-                        ordered_test_id=test["id"], order_id=test["order_id"], kind=kind, sha256=digest,
-                        size=len(content), content_type=(ctype or "")[:100] or None, content=content,
-                        stored_at=datetime.now(UTC)).returning(rupa_results.c.id)).scalar()
+                        ordered_test_id=test["id"], order_id=test["order_id"], kind=kind, sha256=download.sha256,
+                        size=download.size, content_type=(download.content_type or "")[:100] or None,
+                        content=content, stored_at=datetime.now(UTC)).returning(rupa_results.c.id)).scalar()
                 if new is not None:
                     out.results_stored += 1
                     log.debug("rupa results: stored the %s of ordered test %s (order %s)", kind, test["id"], test["order_id"])
@@ -375,6 +434,12 @@ def apply_events(engine: Engine, settings: Settings, *, limit: int = 1000, downl
                 out.events[FAILED] += 1
                 log.warning("rupa events: event %d (%s): warehouse error (%s); retried next run",
                             event.id, event.event_type, type(exc).__name__)
+                continue
+            except RecursionError:  # a document nested too deeply for a step that walks it (JSON columns)
+                marks.append((event.id, WebhookEventState.FAILED, "the event is nested too deeply to apply"))
+                out.events[FAILED] += 1
+                log.warning("rupa events: event %d (%s) cannot be applied: nested too deeply",
+                            event.id, event.event_type)
                 continue
             out.events[result] += 1
             state = WebhookEventState.IGNORED if result == IGNORED else WebhookEventState.APPLIED

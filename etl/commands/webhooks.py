@@ -55,7 +55,9 @@ def register(app: typer.Typer) -> None:
         signed = [name for name, on in (("lgc", hooks.lgc_key), ("rupa", hooks.rupa_secret)) if on]
         typer.echo(f"webhooks: listening on http://{hooks.host}:{hooks.port}/webhooks/{{lgc,rupa}} "
                    f"(signatures checked: {', '.join(signed) or 'none'})")
-        asgi.serve(build_app(engine, hooks), host=hooks.host, port=hooks.port)
+        limits = asgi.Limits(max_connections=hooks.max_connections, head_timeout=hooks.head_timeout)
+        asgi.serve(build_app(engine, hooks, body_timeout=hooks.body_timeout, limits=limits),
+                   host=hooks.host, port=hooks.port)
 
     app.add_typer(webhooks, name="webhooks")
 

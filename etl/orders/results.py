@@ -105,8 +105,13 @@ def _value_and_unit(result: Mapping) -> tuple[str | None, str | None]:
 
 def parse_results(document: bytes) -> list[dict]:
     """One dict per `testResults[]` entry (columns of `lgc_result_values`). ValueError if the
-    document is not JSON or has no testResults list."""
-    data = json.loads(document)
+    document is not JSON or has no testResults list (it is stored raw, unparsed). ApiError if
+    it is nested too deeply for Python's parser: nothing is stored, that item alone fails (its
+    reason names no content) and the next run asks again."""
+    try:
+        data = json.loads(document)
+    except RecursionError:
+        raise ApiError("the results document is nested too deeply to read; not stored") from None
     results = get_field(data, "testResults")
     if not isinstance(results, list):
         raise ValueError("no testResults list")

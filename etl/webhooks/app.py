@@ -6,19 +6,27 @@ Checkout when an intents row's return_url points here: it stores a small
 task links the order to its row.
 
 Every delivery ends in one of: 200 stored (or a repeat of a stored one), 401 bad or missing
-signature (nothing stored), 413 too large, 400 not a JSON document, 404 unknown source, 503 the
-warehouse could not store it (the vendor retries: LetsGetChecked retries 5xx/401/403 for about
-an hour, Rupa non-2xx for up to three days). Bodies are never logged: they carry PHI.
+signature (nothing stored), 413 too large, 400 not a JSON document (malformed, or nested deeper
+than MAX_JSON_DEPTH), 408 the body did not arrive within BODY_TIMEOUT seconds (the connection is
+closed), 404 unknown source, 503 the warehouse could not store it (the vendor retries:
+LetsGetChecked retries 5xx/401/403 for about an hour, Rupa non-2xx for up to three days). Bodies
+are never logged: they carry PHI.
+
+The connections themselves (how many at once, request heads' size and deadline, keep-alive) are
+bounded by the server: the app declares etl.asgi.Limits, which `etl.asgi.serve` applies.
 """
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import logging
 import re
+from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import accumulate
 
 import sqlalchemy as sa
 from sqlalchemy import Engine
@@ -28,7 +36,7 @@ from etl.errors import BodyTooLarge
 try:  # the labsync[server] extra: a worker without it never imports this module
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import HTMLResponse, JSONResponse
     from starlette.routing import Route
 except ImportError:  # pragma: no cover - tested in the wheel check (scripts/check-wheel.sh)
@@ -37,11 +45,20 @@ except ImportError:  # pragma: no cover - tested in the wheel check (scripts/che
     require("server", "the webhook receiver")
     raise
 
+from etl.asgi import Limits, declare_limits
 from etl.settings import WebhookSettings
 from etl.webhooks.store import RUPA_CHECKOUT_RETURNED, event_type_of, store_event
 from etl.webhooks.verify import HmacVerifier, lgc_verifier, rupa_verifier
 
 log = logging.getLogger(__name__)
+
+# Seconds a delivery's whole body has to arrive in, once its headers have (a slower one is
+# answered 408 and its connection closed): 1 MiB at 100 KiB/s. build_app(body_timeout=...).
+BODY_TIMEOUT = 10.0
+# Levels of arrays and objects a delivery may nest (the vendors' events use fewer than ten);
+# deeper is refused 400 before anything else reads it: Python's parser and every later step
+# recurse per level.
+MAX_JSON_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -62,17 +79,54 @@ def default_sources(settings: WebhookSettings) -> dict[str, Source]:
     }
 
 
-async def _read_capped(request: Request, limit: int) -> bytes:
+async def _read_capped(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, at most `limit` bytes (else BodyTooLarge), within `timeout` seconds (else
+    TimeoutError)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
+    async with asyncio.timeout(timeout):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _parse(body: bytes, max_depth: int) -> tuple[object, str | None]:
+    """(the document, None), or (None, why it is refused) for a body that is not JSON or is
+    nested deeper than `max_depth`. Never raises."""
+    if _deeper_than(body, max_depth):
+        return None, "the JSON document is nested too deeply"
+    try:
+        return json.loads(body), None
+    except (ValueError, RecursionError):  # not JSON (not UTF-8, a number too long); RecursionError: a guard
+        return None, "the body is not a JSON document"
+
+
+# A JSON string, escapes included, up to its closing quote or, unterminated, to the end of the
+# body (so that matching never fails from a quote: one linear pass, whatever the body).
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\(?:.|\Z))*+(?:"|\Z)', re.DOTALL)
+_NOT_A_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as signed bytes
+
+
+def _deeper_than(body: bytes, max_depth: int) -> bool:
+    """Whether the arrays and objects of `body` nest deeper than `max_depth`, told from the
+    bytes without parsing (strings dropped, then the running count of open brackets), in
+    linear time. A body whose brackets do not pair up is not JSON: the parser refuses it."""
+    steps = _JSON_STRING.sub(b"", body).translate(_STEPS, _NOT_A_BRACKET)
+    return max(accumulate(array("b", steps)), default=0) > max_depth
+
+
+def _storable(text: str | None) -> str | None:
+    """An event type the warehouse can store: no NUL (PostgreSQL text refuses it), no lone
+    surrogate (not UTF-8); the body itself is stored as received."""
+    if text is None:
+        return None
+    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8") or None
 
 
 _ORDER_ID = re.compile(r"^ord_[A-Za-z0-9_-]{1,100}$")
@@ -84,27 +138,39 @@ def _page(title: str, text: str) -> str:
 
 
 def build_app(engine: Engine, settings: WebhookSettings,
-              sources: Mapping[str, Source] | None = None) -> Starlette:
+              sources: Mapping[str, Source] | None = None, *, body_timeout: float | None = None,
+              max_json_depth: int | None = None, limits: Limits | None = None) -> Starlette:
+    """The receiver. `body_timeout` (default BODY_TIMEOUT), `max_json_depth` (default
+    MAX_JSON_DEPTH); `limits` (default etl.asgi's) are declared for `etl.asgi.serve`."""
     sources = dict(sources) if sources is not None else default_sources(settings)
+    body_timeout = BODY_TIMEOUT if body_timeout is None else body_timeout
+    max_json_depth = MAX_JSON_DEPTH if max_json_depth is None else max_json_depth
 
     async def receive(request: Request) -> JSONResponse:
         source = sources.get(request.path_params["source"])
         if source is None:
             return JSONResponse({"error": "unknown webhook source"}, status_code=404)
         try:
-            body = await _read_capped(request, settings.max_body)
+            body = await _read_capped(request, settings.max_body, body_timeout)
         except BodyTooLarge:
             log.warning("webhooks: a %s delivery over %d bytes was refused", source.name, settings.max_body)
             return JSONResponse({"error": "body too large"}, status_code=413)
+        except TimeoutError:
+            log.warning("webhooks: a %s delivery whose body did not arrive within %g s was dropped",
+                        source.name, body_timeout)
+            return JSONResponse({"error": "the body did not arrive in time"}, status_code=408,
+                                headers={"Connection": "close"})
+        except ClientDisconnect:  # the sender gave up: nobody reads an answer
+            log.info("webhooks: a %s delivery was abandoned by its sender before its body ended", source.name)
+            return JSONResponse({"error": "the body ended early"}, status_code=400)
         if source.verifier is not None and not source.verifier(body, request.headers):
             log.warning("webhooks: a %s delivery with a bad or missing signature was refused", source.name)
             return JSONResponse({"error": "bad or missing signature"}, status_code=401)
-        try:
-            document = json.loads(body)
-        except ValueError:
-            log.warning("webhooks: a %s delivery that is not JSON was refused", source.name)
-            return JSONResponse({"error": "the body is not a JSON document"}, status_code=400)
-        event_type = event_type_of(document, *source.type_fields)
+        document, refused = _parse(body, max_json_depth)
+        if refused is not None:
+            log.warning("webhooks: a %s delivery was refused: %s", source.name, refused)
+            return JSONResponse({"error": refused}, status_code=400)
+        event_type = _storable(event_type_of(document, *source.type_fields))
         try:
             event_id, new = await run_in_threadpool(
                 store_event, engine, source.name, body, event_type=event_type,
@@ -146,9 +212,11 @@ def build_app(engine: Engine, settings: WebhookSettings,
             return JSONResponse({"ok": False, "warehouse": type(exc).__name__}, status_code=503)
         return JSONResponse({"ok": True})
 
-    return Starlette(routes=[
+    app = Starlette(routes=[
         Route("/webhooks/rupa/return", rupa_return, methods=["GET"]),
         Route("/webhooks/{source}", receive, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ])
+    declare_limits(app, limits if limits is not None else Limits())
+    return app

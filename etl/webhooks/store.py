@@ -40,8 +40,13 @@ class Event:
     attempts: int
 
     def json(self):
-        """The body as JSON (the receiver only stores bodies that parse)."""
-        return json.loads(self.body)
+        """The body as JSON (the receiver only stores bodies that parse, nested at most
+        etl.webhooks.app.MAX_JSON_DEPTH deep). ValueError if it does not parse, a body nested too
+        deeply for Python's parser included (stored before that limit, or written otherwise)."""
+        try:
+            return json.loads(self.body)
+        except RecursionError:
+            raise ValueError("the body is nested too deeply to read") from None
 
 
 def event_type_of(document: object, *fields: str) -> str | None:
