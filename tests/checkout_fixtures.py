@@ -24,12 +24,14 @@ def rupa(engine, settings, sandbox):
 
 
 @pytest.fixture
-def receiver(engine, rupa):
-    """The webhook receiver (real HTTP), with the sandbox sending its events to it."""
+def receiver(engine, rupa, settings):
+    """The webhook receiver (real HTTP), with the sandbox sending its events to it; its return
+    links are signed with the tests' Fernet key (etl.returnlink)."""
     servers = []
 
     def start(**changes):
-        server = BackgroundServer(build_app(engine, replace(WebhookSettings(), **changes))).start()
+        server = BackgroundServer(build_app(engine, replace(WebhookSettings(), **changes),
+                                            fernet_key=settings.fernet_key)).start()
         servers.append(server)
         rupa.checkout.sender.configure(url=f"{server.url}/webhooks/rupa")
         return server

@@ -45,7 +45,8 @@ def test_a_practitioner_checks_out_from_the_summary_and_the_order_arrives(engine
         Select(browser.find_element("css selector", "#payer")).select_by_visible_text("Practitioner")
         browser.find_element("css selector", "#submit-order").click()
         order_id = wait_for_element(browser, "#order").text  # labsync's return page
-        assert browser.current_url.startswith(f"{server.url}/webhooks/rupa/return?row_id=B2&order=")
+        assert browser.current_url.startswith(f"{server.url}/webhooks/rupa/return?row_id=B2&sig=")
+        assert "&order=" in browser.current_url
         screenshot(browser, tmp_path / "returned.png")
     if os.environ.get("LABSYNC_SCREENSHOTS"):  # to look at them: LABSYNC_SCREENSHOTS=dir pytest ...
         for name in ("summary.png", "returned.png"):

@@ -200,7 +200,8 @@ def test_the_practitioners_return_links_the_order(engine, settings, rupa, receiv
     cart = ledger(engine)["R9"]
     page = httpx.post(cart["checkout_url"], data={"payer": "Practitioner"}, follow_redirects=True)
     assert page.status_code == 200 and "ord_000001" in page.text
-    assert str(page.url).endswith("/webhooks/rupa/return?row_id=R9&order=ord_000001")
+    assert str(page.url).startswith(f"{server.url}/webhooks/rupa/return?row_id=R9&sig=")  # signed by labsync
+    assert str(page.url).endswith("&order=ord_000001")  # and Rupa appended the order
     assert httpx.get(f"{server.url}/webhooks/rupa/return?row_id=R9&order=bad").status_code == 400
     events.apply_events(engine, settings)
     assert ledger(engine)["R9"]["order_id"] == "ord_000001"

@@ -224,17 +224,39 @@ def _apply_copy(conn: Connection, stream: str, res: dict, when: datetime | None,
 
 
 def _link_intent(conn: Connection, *, order_id: str, order_intent_id: str | None = None,
-                 row_id: str | None = None) -> None:
+                 row_id: str | None = None) -> bool:
+    """Record `order_id` on its intents row. By order intent (Rupa's order event, signed by Rupa):
+    the row's order is set. By row id (the practitioner's return, whose `order=` only Rupa's
+    redirect vouches for): only a row with no order yet gets it; a row already linked to another
+    order is left as it is (False: a conflict, logged)."""
     t = rupa_order_intents
-    cond = t.c.order_intent_id == order_intent_id if order_intent_id else t.c.row_id == row_id
-    conn.execute(sa.update(t).where(cond, sa.or_(t.c.order_id.is_(None), t.c.order_id != order_id))
-                 .values(order_id=order_id, updated_at=datetime.now(UTC)))
-    if row_id and not order_intent_id:
-        intent = conn.execute(sa.select(t.c.order_intent_id).where(t.c.row_id == row_id)).scalar()
-        if intent:
-            conn.execute(sa.update(rupa_orders).where(rupa_orders.c.id == order_id,
-                                                      rupa_orders.c.order_intent_id.is_(None))
-                         .values(order_intent_id=intent))
+    now = datetime.now(UTC)
+    if order_intent_id:
+        conn.execute(sa.update(t).where(t.c.order_intent_id == order_intent_id,
+                                        sa.or_(t.c.order_id.is_(None), t.c.order_id != order_id))
+                     .values(order_id=order_id, updated_at=now))
+        return True
+    cur = conn.execute(sa.select(t.c.order_id, t.c.order_intent_id).where(t.c.row_id == row_id)).first()
+    if cur is None:
+        return True  # no such row (yet): nothing to link
+    linked, intent = cur
+    if linked is not None and linked != order_id:
+        log.warning("rupa events: a checkout return for row %s names order %s, but the row is linked to "
+                    "order %s; left as it is", row_id, order_id, linked)
+        return False
+    known = conn.execute(sa.select(rupa_orders.c.order_intent_id).where(rupa_orders.c.id == order_id)).first()
+    if known is not None and known[0] and intent and known[0] != intent:
+        log.warning("rupa events: a checkout return for row %s names order %s, which Rupa made from "
+                    "another order intent; left as it is", row_id, order_id)
+        return False
+    if linked is None:
+        conn.execute(sa.update(t).where(t.c.row_id == row_id, t.c.order_id.is_(None))
+                     .values(order_id=order_id, updated_at=now))
+    if intent:
+        conn.execute(sa.update(rupa_orders).where(rupa_orders.c.id == order_id,
+                                                  rupa_orders.c.order_intent_id.is_(None))
+                     .values(order_intent_id=intent))
+    return True
 
 
 def _dict(value: object) -> dict:
@@ -262,7 +284,7 @@ def apply_event(conn: Connection, event: store.Event, out: ApplySummary) -> str:
         order_id, row_id = str(doc.get("order") or ""), str(doc.get("row_id") or "")
         if not order_id.startswith("ord_") or not row_id:
             raise BadEvent("a checkout return without an order id or row_id")
-        _link_intent(conn, order_id=order_id, row_id=row_id)
+        _link_intent(conn, order_id=order_id, row_id=row_id)  # never moves a row already linked
         return APPLIED
     if kind.startswith("order."):
         when, obj, included = _envelope(doc)

@@ -32,10 +32,11 @@ import json
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -59,6 +60,7 @@ from etl.errors import ApiError, AuthError
 from etl.intake import records
 from etl.intake.validate import CsvValidation
 from etl.logs import counts_text
+from etl.returnlink import is_return_link, link_keys, signed_return_url
 from etl.rupa.client import RupaApiError, RupaClient, open_client
 from etl.settings import Settings
 from etl.states import BatchStatus, IntentState
@@ -268,11 +270,12 @@ class SendSummary:
 
 def send_rows(engine: Engine, client: RupaClient, rows: Iterable[Mapping], *, batch_id: int | None,
               lease: timedelta, run: str | None = None, summary_: SendSummary | None = None,
-              concurrency: int = 1) -> SendSummary:
+              concurrency: int = 1, return_keys: Callable[[], list[bytes]] | None = None) -> SendSummary:
     """Get or create each row's patient and create its order intent; every step in the ledger.
     Up to `concurrency` rows are in flight at once (threads sharing the client). A refused token
     (AuthError) stops the run: rows in hand are marked `failed`, no further row is claimed, the
-    rest are left for the next run, and the error is re-raised."""
+    rest are left for the next run, and the error is re-raised. `return_keys`: the return-link
+    signing keys (etl.returnlink), asked for when a row's return_url is labsync's return page."""
     run = run or cli_owner()
     out = summary_ or SendSummary()
     start = client.requests
@@ -294,7 +297,7 @@ def send_rows(engine: Engine, client: RupaClient, rows: Iterable[Mapping], *, ba
             log.warning("intents: batch %s row %s (line %s) went out earlier with no answer recorded; "
                         "sending it again (Rupa may hold a second, unused cart)", batch_id, row.row_id, row.line)
         try:
-            result = _send_one(engine, client, row, run, decision, batch_id)
+            result = _send_one(engine, client, row, run, decision, batch_id, return_keys)
         except AuthError:
             stop.set()
             raise
@@ -322,9 +325,18 @@ def _refused(exc: ApiError) -> bool:
     return isinstance(exc, RupaApiError) and exc.status is not None and 400 <= exc.status < 500 and exc.status != 401
 
 
+def _return_url(row: IntentRow, return_keys: Callable[[], list[bytes]] | None) -> str:
+    """The return_url given to Rupa: a return link to labsync's return page (`?row_id=<this
+    row>`) signed (etl.returnlink: `&sig=`), any other as the file gives it."""
+    if return_keys is None or not is_return_link(row.return_url, row.row_id):
+        return row.return_url
+    return signed_return_url(row.return_url, row.row_id, return_keys())
+
+
 def _send_one(engine: Engine, client: RupaClient, row: IntentRow, run: str, decision: Claim,
-              batch_id: int | None) -> str:
+              batch_id: int | None, return_keys: Callable[[], list[bytes]] | None = None) -> str:
     patient_id = row.patient_id or decision.patient_id
+    return_url = _return_url(row, return_keys)  # a missing key (ConfigError) stops before anything is sent
     if not decision.resend:
         # the patient step: Rupa de-duplicates on name + email, so repeating it is safe
         if patient_id is None:
@@ -347,7 +359,8 @@ def _send_one(engine: Engine, client: RupaClient, row: IntentRow, run: str, deci
             _release(engine, row.row_id, run, IntentState.FAILED, "no patient recorded; sent again next run")
             return FAILED
     try:
-        intent = client.create_order_intent(patient_id, return_url=row.return_url, lab_test_ids=row.lab_test_ids)
+        intent = client.create_order_intent(patient_id, return_url=return_url,
+                                            lab_test_ids=row.lab_test_ids)
     except AuthError:  # a 401 is an answer: nothing was created
         _release(engine, row.row_id, run, IntentState.FAILED, "not sent: Rupa refused the credentials")
         raise
@@ -381,6 +394,7 @@ def process_intents_file(engine: Engine, settings: Settings, path: Path | str, *
     if client is None:
         client = open_client(settings, engine)
     sent = SendSummary()
+    return_keys = cache(lambda: link_keys(settings.fernet_key, engine))
     seen: list[tuple[int | None, str]] = []
     names: dict[str, str] = {}
     try:
@@ -390,7 +404,7 @@ def process_intents_file(engine: Engine, settings: Settings, path: Path | str, *
                     seen.append((r.get("line"), r["row_id"]))
                     names[r["row_id"]] = " ".join(p for p in (r.get("first_name"), r.get("last_name")) if p)
                 send_rows(engine, client, chunk, batch_id=batch_id, summary_=sent, run=owner, lease=lease,
-                          concurrency=settings.rupa.concurrency)
+                          concurrency=settings.rupa.concurrency, return_keys=return_keys)
     except AuthError:
         records.set_status(engine, batch_id, BatchStatus.INCOMPLETE, error="stopped: Rupa refused the credentials")
         raise

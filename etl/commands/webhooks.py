@@ -56,7 +56,8 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"webhooks: listening on http://{hooks.host}:{hooks.port}/webhooks/{{lgc,rupa}} "
                    f"(signatures checked: {', '.join(signed) or 'none'})")
         limits = asgi.Limits(max_connections=hooks.max_connections, head_timeout=hooks.head_timeout)
-        asgi.serve(build_app(engine, hooks, body_timeout=hooks.body_timeout, limits=limits),
+        asgi.serve(build_app(engine, hooks, body_timeout=hooks.body_timeout, limits=limits,
+                             fernet_key=settings.fernet_key),
                    host=hooks.host, port=hooks.port)
 
     app.add_typer(webhooks, name="webhooks")

@@ -1,9 +1,10 @@
 """The receiver's ASGI app (starlette, the stack the sandbox already uses).
 
-`GET /webhooks/rupa/return?row_id=…&order=ord_…` is where a practitioner lands after Rupa
-Checkout when an intents row's return_url points here: it stores a small
-`labsync.checkout_returned` event (the order id, the row id) and shows a plain page; the apply
-task links the order to its row.
+`GET /webhooks/rupa/return?row_id=…&sig=…&order=ord_…` is where a practitioner lands after Rupa
+Checkout when an intents row's return_url points here: labsync signed the link it gave Rupa
+(etl.returnlink: `sig` over the row id); an unsigned or altered link is answered 403 and nothing
+is stored. A genuine one stores a small `labsync.checkout_returned` event (the order id, the row
+id) and shows a plain page; the apply task links the order to its row if it has none yet.
 
 Every delivery ends in one of: 200 stored (or a repeat of a stored one), 401 bad or missing
 signature (nothing stored), 413 too large, 400 not a JSON document (malformed, or nested deeper
@@ -46,6 +47,8 @@ except ImportError:  # pragma: no cover - tested in the wheel check (scripts/che
     raise
 
 from etl.asgi import Limits, declare_limits
+from etl.errors import ConfigError
+from etl.returnlink import link_keys, verify
 from etl.settings import WebhookSettings
 from etl.webhooks.store import RUPA_CHECKOUT_RETURNED, event_type_of, store_event
 from etl.webhooks.verify import HmacVerifier, lgc_verifier, rupa_verifier
@@ -132,6 +135,13 @@ def _storable(text: str | None) -> str | None:
 _ORDER_ID = re.compile(r"^ord_[A-Za-z0-9_-]{1,100}$")
 
 
+def _return_link_keys(engine: Engine, fernet_key: str | None) -> list[bytes]:
+    """The keys a checkout return link is signed with (etl.returnlink), from the warehouse's
+    Fernet key (LABSYNC_FERNET_KEY as the command read it, else an embedded warehouse's key
+    file). ConfigError when there is none."""
+    return link_keys(fernet_key, engine)
+
+
 def _page(title: str, text: str) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
             f"<body><h1>{html.escape(title)}</h1><p>{text}</p></body></html>")
@@ -139,9 +149,11 @@ def _page(title: str, text: str) -> str:
 
 def build_app(engine: Engine, settings: WebhookSettings,
               sources: Mapping[str, Source] | None = None, *, body_timeout: float | None = None,
-              max_json_depth: int | None = None, limits: Limits | None = None) -> Starlette:
+              max_json_depth: int | None = None, limits: Limits | None = None,
+              fernet_key: str | None = None) -> Starlette:
     """The receiver. `body_timeout` (default BODY_TIMEOUT), `max_json_depth` (default
-    MAX_JSON_DEPTH); `limits` (default etl.asgi's) are declared for `etl.asgi.serve`."""
+    MAX_JSON_DEPTH); `limits` (default etl.asgi's) are declared for `etl.asgi.serve`;
+    `fernet_key` (LABSYNC_FERNET_KEY) keys the checkout return links' signatures."""
     sources = dict(sources) if sources is not None else default_sources(settings)
     body_timeout = BODY_TIMEOUT if body_timeout is None else body_timeout
     max_json_depth = MAX_JSON_DEPTH if max_json_depth is None else max_json_depth
@@ -171,6 +183,9 @@ def build_app(engine: Engine, settings: WebhookSettings,
             log.warning("webhooks: a %s delivery was refused: %s", source.name, refused)
             return JSONResponse({"error": refused}, status_code=400)
         event_type = _storable(event_type_of(document, *source.type_fields))
+        if (event_type or "").lower().startswith("labsync."):  # labsync's own (the return page's)
+            log.warning("webhooks: a %s delivery naming a labsync event type was refused", source.name)
+            return JSONResponse({"error": "labsync.* event types are labsync's own"}, status_code=400)
         try:
             event_id, new = await run_in_threadpool(
                 store_event, engine, source.name, body, event_type=event_type,
@@ -184,10 +199,21 @@ def build_app(engine: Engine, settings: WebhookSettings,
         return JSONResponse({"ok": True, "duplicate": not new})
 
     async def rupa_return(request: Request) -> HTMLResponse:
-        order, row_id = request.query_params.get("order", ""), request.query_params.get("row_id", "")
+        q = request.query_params
+        order, row_id, sig = q.get("order", ""), q.get("row_id", ""), q.get("sig", "")
         if not _ORDER_ID.match(order) or not 0 < len(row_id) <= 100:
             return HTMLResponse(_page("This link is incomplete", "It names no Rupa order or no row."), 400)
-        body = json.dumps({"type": RUPA_CHECKOUT_RETURNED, "order": order, "row_id": row_id}).encode()
+        try:  # the link must be one labsync made for this row (the order is Rupa's to add)
+            keys = await run_in_threadpool(_return_link_keys, engine, fernet_key)
+        except ConfigError:
+            log.error("webhooks: a checkout return cannot be checked: no Fernet key for this warehouse")
+            return HTMLResponse(_page("Not recorded yet", "Please reload this page in a minute."), 503)
+        if not verify(keys, row_id, sig):
+            log.warning("webhooks: a checkout return with a bad or missing signature was refused")
+            return HTMLResponse(_page("This link is not valid", "It was not made by labsync for this order; "
+                                      "nothing was recorded."), 403)
+        body = json.dumps({"type": RUPA_CHECKOUT_RETURNED, "order": order, "row_id": row_id,
+                           "signed": True}).encode()
         try:
             await run_in_threadpool(store_event, engine, "rupa", body, event_type=RUPA_CHECKOUT_RETURNED,
                                     content_type="application/json")
