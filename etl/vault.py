@@ -17,6 +17,10 @@ Where the key comes from, first match wins:
 Stored values are `fernet:<token>`. A value without the prefix is a plain token stored by an
 older labsync: it is read once and written back encrypted (etl.rupa.auth.TokenStore), and
 `labsync db rotate-key` encrypts such rows too.
+
+This module only seals and opens: it writes no table. Rotation is done by each table's one writer
+(etl.rupa.auth.reseal_tokens, etl.orders.outbox.reseal_bodies), in one transaction that
+`labsync db rotate-key` (etl.commands.core) holds.
 """
 
 from __future__ import annotations
@@ -27,10 +31,9 @@ from pathlib import Path
 from typing import overload
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine
 
 from etl.errors import ConfigError
-from etl.warehouse import oauth_tokens
 
 PREFIX = "fernet:"
 KEY_FILE_SUFFIX = ".key"
@@ -154,25 +157,3 @@ def vault_for(fernet_key: str | None, engine: Engine) -> Vault:
                           f"labsync_fernet_secret); {HOW_TO_GET_A_KEY}")
     return Vault(parse_keys(_read_or_create(path).decode(), f"the key file {path.name}"),
                  f"the key file {path} (LABSYNC_FERNET_KEY is not set)")
-
-
-def rotate_all(engine: Engine, vault: Vault) -> tuple[int, int]:
-    """Re-encrypt every stored token and every order body still waiting in the outbox with the
-    vault's first key (plain rows included); return (token rows, outbox bodies) written. One
-    transaction: all rows or none."""
-    from etl.warehouse import lgc_outbox
-
-    tokens = bodies = 0
-    with engine.begin() as conn:
-        rows = conn.execute(select(oauth_tokens.c.provider, oauth_tokens.c.access_token,
-                                   oauth_tokens.c.refresh_token)).all()
-        for provider, access, refresh in rows:
-            conn.execute(update(oauth_tokens).where(oauth_tokens.c.provider == provider)
-                         .values(access_token=vault.reseal(access), refresh_token=vault.reseal(refresh)))
-            tokens += 1
-        waiting = conn.execute(select(lgc_outbox.c.id, lgc_outbox.c.body)
-                               .where(lgc_outbox.c.body.is_not(None))).all()
-        for row_id, body in waiting:
-            conn.execute(update(lgc_outbox).where(lgc_outbox.c.id == row_id).values(body=vault.reseal(body)))
-            bodies += 1
-    return tokens, bodies

@@ -26,14 +26,10 @@ def _release_on_interrupt(engine, owner: str) -> None:
     the next run takes its files over without waiting for the lease."""
     import contextlib
 
-    import sqlalchemy as sa
-
-    from etl.warehouse import batch_files
+    from etl.intake import records
 
     with contextlib.suppress(Exception):
-        with engine.begin() as conn:
-            conn.execute(sa.update(batch_files).where(batch_files.c.claimed_by == owner)
-                         .values(claimed_by=None, claimed_until=None))
+        records.release_all(engine, owner=owner)
 
 
 def register(app: typer.Typer) -> None:
@@ -67,13 +63,17 @@ def register(app: typer.Typer) -> None:
         Rows stored in plain text by an older labsync are encrypted too. Afterwards the old key
         can be dropped from LABSYNC_FERNET_KEY."""
         from etl import warehouse
+        from etl.orders import outbox
+        from etl.rupa import auth
         from etl.settings import Settings
-        from etl.vault import rotate_all, vault_for
+        from etl.vault import vault_for
 
         settings = Settings.from_env()
         engine = warehouse.connect(settings.warehouse_url)
         vault = vault_for(settings.fernet_key, engine)
-        tokens, bodies = rotate_all(engine, vault)
+        with engine.begin() as conn:  # one transaction: every row re-encrypted, or none
+            tokens = auth.reseal_tokens(conn, vault)
+            bodies = outbox.reseal_bodies(conn, vault)
         typer.echo(f"re-encrypted {tokens} token row{'s' if tokens != 1 else ''} and {bodies} waiting "
                    f"order bod{'ies' if bodies != 1 else 'y'} with the first key of {vault.source}")
 

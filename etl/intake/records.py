@@ -10,6 +10,9 @@ that found the same file exactly one goes on; a claim whose lease lapsed is take
 made on behalf of a claim go through `fence(...)`, which renews the lease and raises `LostClaim`
 when another run has taken the batch over meanwhile, so a run that hung past its lease can never
 overwrite the work of the run that replaced it.
+
+This module is the one writer of `batch_files` and `rejected_rows`: the flows call its functions
+(some run in the caller's transaction, `conn`) instead of writing those tables themselves.
 """
 
 from __future__ import annotations
@@ -57,6 +60,16 @@ def register_batch(engine: Engine, path: Path | str, sha256: str) -> int:
         existing = find_batch(engine, sha256)
         assert existing is not None
         return existing["id"]
+
+
+def add_batch(engine: Engine, name: str, sha256: str, *, status: str) -> int:
+    """A batch row for rows that come from no file (etl.orders.outbox.adhoc_batch); its id."""
+    with engine.begin() as conn:
+        return conn.execute(
+            sa.insert(batch_files)
+            .values(file_name=name, sha256=sha256, status=status, received_at=_now())
+            .returning(batch_files.c.id)
+        ).scalar_one()
 
 
 def record_rejects(engine: Engine, batch_id: int, rejects_csv: Path | None) -> int:
@@ -131,6 +144,43 @@ def set_status(engine: Engine, batch_id: int, status: str, *, error: str | None 
         conn.execute(sa.update(batch_files).where(batch_files.c.id == batch_id).values(**values))
 
 
+def restart(conn: sa.Connection, batch_id: int) -> None:
+    """In the caller's transaction: the batch is staged again from the start (`received`, no
+    error, its file not stored yet)."""
+    conn.execute(sa.update(batch_files).where(batch_files.c.id == batch_id)
+                 .values(status=BatchStatus.RECEIVED, error=None, stored_as=None))
+
+
+def mark_unusable(conn: sa.Connection, batch_id: int, error: str) -> None:
+    """In the caller's transaction: the batch is `unusable`, for `error` (already one line)."""
+    conn.execute(sa.update(batch_files).where(batch_files.c.id == batch_id)
+                 .values(status=BatchStatus.UNUSABLE, error=error, processed_at=_now()))
+
+
+def finish_if_ours(engine: Engine, batch_id: int, *, owner: str, status: str, among: list[str],
+                   lease: timedelta) -> int:
+    """Record the batch `status` (and renew the claim for `lease`) if `owner` still holds it and
+    its status is one of `among`; how many rows changed (0 or 1)."""
+    b = batch_files
+    with engine.begin() as conn:
+        return conn.execute(
+            sa.update(b)
+            .where(b.c.id == batch_id, b.c.claimed_by == owner, b.c.status.in_(among))
+            .values(status=status, processed_at=_now(), claimed_until=_now() + lease)
+        ).rowcount
+
+
+def settle(engine: Engine, batch_id: int) -> bool:
+    """An `incomplete` batch becomes `loaded` (one conditional UPDATE: of several runs noticing
+    it, one flips it). True if this call did."""
+    with engine.begin() as conn:
+        return bool(conn.execute(
+            sa.update(batch_files)
+            .where(batch_files.c.id == batch_id, batch_files.c.status == BatchStatus.INCOMPLETE)
+            .values(status=BatchStatus.LOADED, processed_at=_now())
+        ).rowcount)
+
+
 # ---- claims ------------------------------------------------------------------------------
 
 def claim_batch(engine: Engine, batch_id: int, *, owner: str, lease: timedelta) -> dict | None:
@@ -148,6 +198,18 @@ def claim_batch(engine: Engine, batch_id: int, *, owner: str, lease: timedelta) 
         if not won:
             return None
         return dict(conn.execute(sa.select(b).where(b.c.id == batch_id)).mappings().one())
+
+
+def take_lapsed(conn: sa.Connection, batch_id: int, *, status: str, owner: str, until: datetime,
+                now: datetime) -> bool:
+    """In the caller's transaction: claim a batch in `status` whose claim is free or lapsed at
+    `now` (a run that died before finishing it) for `owner` until `until`. True if taken."""
+    b = batch_files
+    return bool(conn.execute(
+        sa.update(b).where(b.c.id == batch_id, b.c.status == status,
+                           sa.or_(b.c.claimed_by.is_(None), b.c.claimed_until < now))
+        .values(claimed_by=owner, claimed_until=until)
+    ).rowcount)
 
 
 def fence(batch_id: int, *, owner: str, lease: timedelta):
@@ -177,6 +239,14 @@ def release_batch(engine: Engine, batch_id: int, *, owner: str, keep_move: bool 
             .where(batch_files.c.id == batch_id, batch_files.c.claimed_by == owner)
             .values(claimed_by=None, claimed_until=None, **values)
         ).rowcount)
+
+
+def release_all(engine: Engine, *, owner: str) -> int:
+    """Give up every batch claim `owner` holds (an interrupted run: the next run takes its files
+    over without waiting for the lease); how many."""
+    with engine.begin() as conn:
+        return conn.execute(sa.update(batch_files).where(batch_files.c.claimed_by == owner)
+                            .values(claimed_by=None, claimed_until=None)).rowcount
 
 
 def begin_move(engine: Engine, batch_id: int, source: str, target: str, *, fence) -> None:
@@ -274,7 +344,9 @@ def rejected_first(engine: Engine, batch_id: int, rows: int) -> list[dict]:
 
 
 __all__ = (
-    "find_batch", "register_batch", "record_rejects", "finish_validation",
+    "find_batch", "register_batch", "add_batch", "record_rejects", "finish_validation",
     "set_status", "record_unusable", "rejected", "rejected_first", "open_batch", "close_batch",
-    "claim_batch", "fence", "release_batch", "begin_move", "move_target_taken", "interrupted_moves", "reopen", "get", "LostClaim",
+    "restart", "mark_unusable", "finish_if_ours", "settle",
+    "claim_batch", "take_lapsed", "fence", "release_batch", "release_all", "begin_move", "move_target_taken",
+    "interrupted_moves", "reopen", "get", "LostClaim",
 )

@@ -2,7 +2,9 @@
 
 The ledger is the authority that keeps an order from being sent twice, across batches, runs,
 workers and retries. Rows to send come from the outbox (etl.orders.outbox); each outbox row's own
-result is written back there in the same transaction as the ledger's.
+result is written back there in the same transaction as the ledger's, through the outbox's
+functions that take this module's `conn` (the outbox module is the one writer of `lgc_outbox`,
+this one of `lgc_orders`).
 
 Life of a ledger row:
 
@@ -47,28 +49,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from etl.claims import aware
 from etl.claims import now as _now
 from etl.lgc.client import ACCEPTED, CONFLICT, FAILED, PENDING, REJECTED, UNCONFIRMED, Outcome
+from etl.orders import outbox
+from etl.orders.outbox import Prepared
 from etl.states import SETTLED_OUTBOX_STATES, OrderState, OutboxState
-from etl.warehouse.tables import JSONType, batch_files, lgc_orders, lgc_outbox
+from etl.warehouse.tables import JSONType, batch_files, lgc_orders
 
 t = lgc_orders
-o = lgc_outbox
 
 SEND, SKIP, BUSY = "send", "skip", "busy"
 DEFAULT_LEASE = timedelta(seconds=60)
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """One outbox row ready to go: where it came from, its body and the body's hash."""
-
-    outbox_id: int
-    batch_id: int
-    client_order_id: str
-    line: int | None
-    body: dict | None  # None: parsed from `content` only when needed (the loader's reads)
-    content: bytes
-    sha256: str
-    attempts: int = 0  # loads that sent this outbox row before
 
 
 @dataclass(frozen=True)
@@ -193,18 +182,13 @@ def _mark_outbox(conn: sa.Connection, decisions: Iterable[Decision], now: dateti
     decisions = sorted(decisions, key=lambda d: d.item.outbox_id)
     sending = [d.item.outbox_id for d in decisions if d.action == SEND]
     if sending:
-        conn.execute(sa.update(o).where(o.c.id.in_(sending)).values(outcome=OutboxState.PENDING, updated_at=now))
+        outbox.mark_pending(conn, sending, now)
     settled = [
         dict(k_id=d.item.outbox_id, v_outcome=d.state, v_error=d.note, v_status=d.http_status)
         for d in decisions if d.action == SKIP
     ]
     if settled:
-        conn.execute(
-            sa.update(o).where(o.c.id == bindparam("k_id"))
-            .values(outcome=bindparam("v_outcome"), last_error=bindparam("v_error"),
-                    http_status=bindparam("v_status"), body=None, updated_at=now),
-            settled,
-        )
+        outbox.mark_settled(conn, settled, now)
 
 
 @dataclass(frozen=True)
@@ -230,20 +214,6 @@ _record_ledger = (
         claimed_until=None,
     )
 )
-
-
-def _outbox_update(*, drop_body: bool):
-    still_ours = sa.exists().where(t.c.client_order_id == bindparam("k_coid"), t.c.claimed_by == bindparam("k_owner"))
-    values: dict[str, Any] = dict(
-        outcome=bindparam("v_outcome"), http_status=bindparam("v_status"),
-        attempts=bindparam("v_tries"), last_error=bindparam("v_error"), updated_at=bindparam("v_now"),
-    )
-    if drop_body:
-        values["body"] = None  # settled: the PHI goes
-    return sa.update(o).where(o.c.id == bindparam("k_id"), still_ours).values(**values)
-
-
-_record_settled, _record_open = _outbox_update(drop_body=True), _outbox_update(drop_body=False)
 
 
 def outbox_outcome(state: str, tries: int, max_attempts: int) -> str:
@@ -292,10 +262,7 @@ def record(
                          .where(t.c.client_order_id.in_(sorted(p["k_coid"] for p in ledger_params)),
                                 t.c.claimed_by == owner)
                          .order_by(t.c.client_order_id).with_for_update())
-        if settled:
-            conn.execute(_record_settled, settled)
-        if open_:
-            conn.execute(_record_open, open_)
+        outbox.record_results(conn, settled, open_)  # the outbox's prebuilt statements, executemany
         return conn.execute(_record_ledger, ledger_params).rowcount
 
 
@@ -321,13 +288,7 @@ def confirm(engine: Engine, client_order_id: str, order_item_ids: Sequence[Mappi
         ).scalar_one_or_none()
         if sha is None:
             return False
-        conn.execute(
-            sa.update(o)
-            .where(o.c.client_order_id == client_order_id, o.c.body_sha256 == sha,
-                   o.c.outcome.in_([OutboxState.UNCONFIRMED, OutboxState.GIVEN_UP]),
-                   o.c.http_status.between(200, 299))
-            .values(outcome=OutboxState.ACCEPTED, last_error=CONFIRMED_BY_GET, body=None, updated_at=now)
-        )
+        outbox.confirm_accepted(conn, client_order_id, sha, note=CONFIRMED_BY_GET, now=now)
         return True
 
 
@@ -342,11 +303,8 @@ def unclaim_all(engine: Engine, *, owner: str, error: str) -> int:
     """Drop every claim `owner` still holds: rows whose outcome is unknown (cancelled mid-request,
     or claimed by a statement that finished after an interruption). They stay `pending` with a
     true reason in the outbox and go out again on the next run without waiting for the lease."""
-    held_here = sa.exists().where(t.c.client_order_id == o.c.client_order_id, t.c.batch_id == o.c.batch_id,
-                                  t.c.claimed_by == owner)
     with engine.begin() as conn:
-        conn.execute(sa.update(o).where(o.c.outcome == OutboxState.PENDING, held_here)
-                     .values(last_error=error, updated_at=_now()))
+        outbox.note_unclaimed(conn, owner=owner, error=error, now=_now())
         return conn.execute(sa.update(t).where(t.c.claimed_by == owner)
                             .values(claimed_by=None, claimed_until=None)).rowcount
 

@@ -11,6 +11,11 @@ PHI: `body` holds the patient's data, so it is stored encrypted (etl.vault: Fern
 LABSYNC_FERNET_KEY, as for the stored tokens) and set to NULL in the same statement that records
 a row as settled (accepted, rejected, conflict, already_settled). It is kept while the row may
 still have to go out (queued, pending, failed, unconfirmed) or waits for a person (given_up).
+
+This module is the one writer of `lgc_outbox`. The ledger (etl.orders.ledger) writes a row's
+outcome in the same transaction as its own: it calls the functions here that take its `conn`
+(`mark_pending`, `mark_settled`, `record_results`, `confirm_accepted`, `note_unclaimed`), and the
+statements stay as they were, prebuilt where they are on the load's hot path.
 """
 
 from __future__ import annotations
@@ -21,18 +26,20 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, bindparam
 from sqlalchemy.dialects import postgresql, sqlite
 
 from etl.claims import now as _now
-from etl.orders.ledger import Prepared
+from etl.intake import records
 from etl.orders.payload import PayloadError, build_payload, client_order_id, payload_sha256
 from etl.states import RETRYABLE_OUTBOX_STATES, BatchStatus, OutboxState
-from etl.vault import Vault
 from etl.warehouse.tables import batch_files, lgc_orders, lgc_outbox
+
+if TYPE_CHECKING:  # the callers hand a vault in; the ledger, which imports this module, needs none
+    from etl.vault import Vault
 
 o = lgc_outbox
 INSERT_PAGE = 2_000
@@ -42,6 +49,20 @@ RETRYABLE = sorted(RETRYABLE_OUTBOX_STATES)
 def body_bytes(body: Mapping[str, Any]) -> bytes:
     """The exact bytes sent (document key order, compact, UTF-8)."""
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One outbox row ready to go: where it came from, its body and the body's hash."""
+
+    outbox_id: int
+    batch_id: int
+    client_order_id: str
+    line: int | None
+    body: dict | None  # None: parsed from `content` only when needed (the loader's reads)
+    content: bytes
+    sha256: str
+    attempts: int = 0  # loads that sent this outbox row before
 
 
 @dataclass(frozen=True)
@@ -338,11 +359,8 @@ def retry_batches(engine: Engine, *, owner: str, lease_until: datetime, now: dat
         ).scalars())
         taken = []
         for batch_id in orphans:
-            if conn.execute(
-                sa.update(b).where(b.c.id == batch_id, b.c.status == BatchStatus.VALIDATED,
-                                   sa.or_(b.c.claimed_by.is_(None), b.c.claimed_until < now))
-                .values(claimed_by=owner, claimed_until=lease_until)
-            ).rowcount:
+            if records.take_lapsed(conn, batch_id, status=BatchStatus.VALIDATED, owner=owner,
+                                   until=lease_until, now=now):
                 taken.append(batch_id)
     give_up_exhausted(engine, taken, max_attempts=max_attempts, now=now)
     return sorted(resumable + taken)
@@ -350,10 +368,84 @@ def retry_batches(engine: Engine, *, owner: str, lease_until: datetime, now: dat
 
 def adhoc_batch(engine: Engine, name: str = "(rows)") -> int:
     """A batch for rows that come from no file (`load_rows`: tests and benches)."""
-    with engine.begin() as conn:
-        return conn.execute(
-            sa.insert(batch_files)
-            .values(file_name=name, sha256=uuid.uuid4().hex.ljust(64, "0"), status=BatchStatus.VALIDATED,
-                    received_at=_now())
-            .returning(batch_files.c.id)
-        ).scalar_one()
+    return records.add_batch(engine, name, uuid.uuid4().hex.ljust(64, "0"), status=BatchStatus.VALIDATED)
+
+
+# ---- the ledger's writes: in the ledger's transaction (`conn`), with its ledger rows ----------------
+
+def mark_pending(conn: Connection, ids: Sequence[int], now: datetime) -> None:
+    """The rows `ids` are claimed to be sent: `pending` (ids in order: concurrent transactions lock
+    them in the same order)."""
+    conn.execute(sa.update(o).where(o.c.id.in_(ids)).values(outcome=OutboxState.PENDING, updated_at=now))
+
+
+def mark_settled(conn: Connection, rows: Sequence[Mapping[str, Any]], now: datetime) -> None:
+    """Rows that need no sending get their outcome, and their body goes (executemany). Each row:
+    k_id (the outbox id), v_outcome, v_error, v_status (the HTTP status, or None)."""
+    conn.execute(
+        sa.update(o).where(o.c.id == bindparam("k_id"))
+        .values(outcome=bindparam("v_outcome"), last_error=bindparam("v_error"),
+                http_status=bindparam("v_status"), body=None, updated_at=now),
+        rows,
+    )
+
+
+def _outbox_update(*, drop_body: bool):
+    still_ours = sa.exists().where(lgc_orders.c.client_order_id == bindparam("k_coid"),
+                                   lgc_orders.c.claimed_by == bindparam("k_owner"))
+    values: dict[str, Any] = dict(
+        outcome=bindparam("v_outcome"), http_status=bindparam("v_status"),
+        attempts=bindparam("v_tries"), last_error=bindparam("v_error"), updated_at=bindparam("v_now"),
+    )
+    if drop_body:
+        values["body"] = None  # settled: the PHI goes
+    return sa.update(o).where(o.c.id == bindparam("k_id"), still_ours).values(**values)
+
+
+# prebuilt: the load's hot path (etl.orders.ledger.record, once per window of rows)
+_record_settled, _record_open = _outbox_update(drop_body=True), _outbox_update(drop_body=False)
+
+
+def record_results(conn: Connection, settled: Sequence[Mapping[str, Any]],
+                   open_: Sequence[Mapping[str, Any]]) -> None:
+    """The outcomes of sent (or released) rows, executemany: `settled` rows lose their body,
+    `open_` rows keep it. A row is written only while its ledger row is still claimed by k_owner
+    (a claim taken over meanwhile is left to the new owner). Each row: k_id, k_coid, k_owner,
+    v_outcome, v_status, v_tries, v_error, v_now."""
+    if settled:
+        conn.execute(_record_settled, settled)
+    if open_:
+        conn.execute(_record_open, open_)
+
+
+def confirm_accepted(conn: Connection, client_order_id: str, body_sha256: str, *, note: str,
+                     now: datetime) -> None:
+    """The rows that sent this body and were left `unconfirmed` (or given up) after a 2xx become
+    `accepted` with `note` (their PHI body goes: settled)."""
+    conn.execute(
+        sa.update(o)
+        .where(o.c.client_order_id == client_order_id, o.c.body_sha256 == body_sha256,
+               o.c.outcome.in_([OutboxState.UNCONFIRMED, OutboxState.GIVEN_UP]),
+               o.c.http_status.between(200, 299))
+        .values(outcome=OutboxState.ACCEPTED, last_error=note, body=None, updated_at=now)
+    )
+
+
+def note_unclaimed(conn: Connection, *, owner: str, error: str, now: datetime) -> None:
+    """`pending` rows whose ledger row `owner` holds (about to be unclaimed) keep `error` as the
+    true reason they were not settled."""
+    held_here = sa.exists().where(lgc_orders.c.client_order_id == o.c.client_order_id,
+                                  lgc_orders.c.batch_id == o.c.batch_id, lgc_orders.c.claimed_by == owner)
+    conn.execute(sa.update(o).where(o.c.outcome == OutboxState.PENDING, held_here)
+                 .values(last_error=error, updated_at=now))
+
+
+# ---- key rotation -----------------------------------------------------------------------------------
+
+def reseal_bodies(conn: Connection, vault: Vault) -> int:
+    """Every body still waiting encrypted again with the vault's first key (plain ones too), in
+    the caller's transaction (`labsync db rotate-key`); how many."""
+    waiting = conn.execute(sa.select(o.c.id, o.c.body).where(o.c.body.is_not(None))).all()
+    for row_id, body in waiting:
+        conn.execute(sa.update(o).where(o.c.id == row_id).values(body=vault.reseal(body)))
+    return len(waiting)

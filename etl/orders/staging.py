@@ -23,7 +23,6 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from etl.claims import now as _now
 from etl.errors import UnusableInputError
 from etl.intake import records
 from etl.intake.names import fix_path_for, rejects_path_for
@@ -32,7 +31,7 @@ from etl.orders.enrich import rupa_lookup_for
 from etl.settings import Settings
 from etl.states import BatchStatus, OutboxState
 from etl.vault import vault_for
-from etl.warehouse import batch_files, lgc_outbox
+from etl.warehouse import lgc_outbox
 
 VALIDATION_CHUNK_ROWS = 20_000  # rows validated (and staged) per step: bounds memory
 
@@ -122,8 +121,7 @@ def stage(
     with engine.begin() as conn:  # a half-written outbox of a run that died is ours to redo
         fence(conn)
         outbox.delete_batch(conn, batch_id)
-        conn.execute(sa.update(batch_files).where(batch_files.c.id == batch_id)
-                     .values(status=BatchStatus.RECEIVED, error=None, stored_as=None))
+        records.restart(conn, batch_id)
     rejects = rejects_path or rejects_path_for(path)
     fix = fix_path or fix_path_for(path)
     try:
@@ -137,8 +135,7 @@ def stage(
         with engine.begin() as conn:
             fence(conn)
             outbox.delete_batch(conn, batch_id)
-            conn.execute(sa.update(batch_files).where(batch_files.c.id == batch_id)
-                         .values(status=BatchStatus.UNUSABLE, error=reason, processed_at=_now()))
+            records.mark_unusable(conn, batch_id, reason)
         for leftover in (rejects.with_name(rejects.name + ".tmp"), rejects, fix.with_name(fix.name + ".tmp"), fix):
             leftover.unlink(missing_ok=True)  # a report of a file that was never usable misleads
         return Staged(batch_id, BatchStatus.UNUSABLE, error=reason)
@@ -162,14 +159,9 @@ def finish(engine: Engine, settings: Settings, batch_id: int, *, owner: str) -> 
     Returns the status, or None when the batch is not ours any more. The claim is kept: the
     caller releases it once the file is where it belongs."""
     status = final_status(outbox.counts(engine, [batch_id])[batch_id])
-    b = batch_files
-    with engine.begin() as conn:
-        done = conn.execute(
-            sa.update(b)
-            .where(b.c.id == batch_id, b.c.claimed_by == owner,
-                   b.c.status.in_([BatchStatus.VALIDATED, BatchStatus.LOADED, BatchStatus.INCOMPLETE]))
-            .values(status=status, processed_at=_now(), claimed_until=_now() + lease(settings))
-        ).rowcount
+    done = records.finish_if_ours(
+        engine, batch_id, owner=owner, status=status,
+        among=[BatchStatus.VALIDATED, BatchStatus.LOADED, BatchStatus.INCOMPLETE], lease=lease(settings))
     return status if done else None
 
 
@@ -178,9 +170,4 @@ def settle(engine: Engine, batch_id: int) -> bool:
     conditional UPDATE: of several runs noticing it, one flips it). True if this call did."""
     if final_status(outbox.counts(engine, [batch_id])[batch_id]) != BatchStatus.LOADED:
         return False
-    with engine.begin() as conn:
-        return bool(conn.execute(
-            sa.update(batch_files)
-            .where(batch_files.c.id == batch_id, batch_files.c.status == BatchStatus.INCOMPLETE)
-            .values(status=BatchStatus.LOADED, processed_at=_now())
-        ).rowcount)
+    return records.settle(engine, batch_id)

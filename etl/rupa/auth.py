@@ -13,7 +13,8 @@ Two token sources share one tiny interface (`token()`, `after_401(used)`):
 
 Tokens are encrypted at rest (etl.vault: Fernet, the key from LABSYNC_FERNET_KEY, the Airflow
 Variable labsync_fernet_secret, or an embedded SQLite warehouse's key file). A row stored in
-plain text by an older labsync is encrypted the first time it is read.
+plain text by an older labsync is encrypted the first time it is read. This module is the one
+writer of `oauth_tokens`: `labsync db rotate-key` re-encrypts the rows through `reseal_tokens`.
 
 A token answer is used only when its access_token is a string that can follow `Bearer ` as it
 is (etl.http.access_token_from): never `Bearer None`, never a token that breaks the header.
@@ -148,6 +149,17 @@ class TokenStore:
             conn.execute(update(oauth_tokens).where(oauth_tokens.c.provider == self.provider)
                          .values(updated_at=oauth_tokens.c.updated_at))
             yield conn, self._read(conn)
+
+
+def reseal_tokens(conn: Connection, vault: Vault) -> int:
+    """Every provider's stored tokens encrypted again with the vault's first key (plain rows
+    too), in the caller's transaction (`labsync db rotate-key`); how many rows."""
+    rows = conn.execute(select(oauth_tokens.c.provider, oauth_tokens.c.access_token,
+                               oauth_tokens.c.refresh_token)).all()
+    for provider, access, refresh in rows:
+        conn.execute(update(oauth_tokens).where(oauth_tokens.c.provider == provider)
+                     .values(access_token=vault.reseal(access), refresh_token=vault.reseal(refresh)))
+    return len(rows)
 
 
 class TokenSource(Protocol):
