@@ -49,7 +49,7 @@ from tenacity import wait_random_exponential
 
 from etl import __version__
 from etl.errors import AddressRefused, OverCap, Refused, RetryableStatus, RetryAfterTooLong
-from etl.settings import BEARER_TOKEN_RE, NetworkSettings, RetrySettings
+from etl.settings import BEARER_TOKEN_RE, NetworkSettings, RetrySettings, is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -491,16 +491,6 @@ def origin_text(origin: Origin) -> str:
     host = f"[{host}]" if ":" in host else host
     return f"{scheme}://{host}" if port == DEFAULT_PORTS.get(scheme) else f"{scheme}://{host}:{port}"
 
-
-def is_loopback_host(host: str) -> bool:
-    """`localhost` or a loopback address literal (not a name that merely starts with 127.)."""
-    host = host.strip("[]").lower().rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def is_internal_address(address: str) -> bool:

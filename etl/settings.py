@@ -134,9 +134,22 @@ def check_api_token(name: str, token: str | None) -> None:
         raise ConfigError(f"{name} is not a bearer token (letters, digits and - . _ ~ + / only)")
 
 
+def is_loopback_host(host: str) -> bool:
+    """`localhost` or a loopback address (127.0.0.0/8, ::1): only this machine. A name that merely
+    starts with `127.` (127.example.com) is not."""
+    import ipaddress
+
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    return host in {"localhost", "::1"} or host.startswith("127.")
+    return is_loopback_host(urlsplit(url).hostname or "")
 
 
 @dataclass(frozen=True)

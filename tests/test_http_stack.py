@@ -71,11 +71,8 @@ def _set_proxy_env(monkeypatch, name: str, value: str) -> None:
     monkeypatch.setenv(name.lower(), value)
 
 
-@pytest.fixture
-def run(lite_settings, monkeypatch, capsys):
-    """`labsync ARGS` in this process, the environment pointing at the sandbox and the SQLite
-    warehouse, no proxy variables unless a test sets them."""
-    _base_environment(monkeypatch, lite_settings)
+def _runner(capsys):
+    """`labsync ARGS` in this process: (exit code, stdout, stderr)."""
 
     def _run(*args: str) -> tuple[int, str, str]:
         capsys.readouterr()
@@ -84,6 +81,14 @@ def run(lite_settings, monkeypatch, capsys):
         return code, out, err
 
     return _run
+
+
+@pytest.fixture
+def run(lite_settings, monkeypatch, capsys):
+    """`labsync ARGS` in this process, the environment pointing at the sandbox and the SQLite
+    warehouse, no proxy variables unless a test sets them."""
+    _base_environment(monkeypatch, lite_settings)
+    return _runner(capsys)
 
 
 @pytest.fixture(scope="module")
@@ -409,14 +414,7 @@ def staged(stage, monkeypatch, capsys):
         lgc=SimpleNamespace(base_url=stage.server.lgc_url), rupa=SimpleNamespace(base_url=stage.server.rupa_url),
         warehouse_url=stage.warehouse_url, inbox=stage.inbox)
     _base_environment(monkeypatch, settings)
-
-    def _run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = cli.main(list(args))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return _run
+    return _runner(capsys)
 
 
 def _doctor_names(run, name: str) -> None:

@@ -385,3 +385,25 @@ def test_a_load_task_in_another_working_directory_and_temp_dir_loads_its_chunk(b
     assert not (elsewhere / "no-inbox-here").exists()
     (outcome,) = inbox.finish(engine, settings, prepared, owner=OWNER)
     assert outcome["status"] == "loaded" and len(sandbox.sandbox.lgc.orders) == 10
+
+
+def test_a_batch_file_is_hashed_once(box, monkeypatch):
+    """The inbox hashes the file to know the batch (etl.intake.inbox.fingerprint); validation
+    scans the local copy with that sha256 given, so it does not hash the bytes again."""
+    import etl.intake.validate as validate
+
+    settings, paths, engine = box
+    drop(paths, "orders.csv")
+    scans: list[str | None] = []
+    scan = validate._scan
+
+    def recording(path, sha256=None):
+        scans.append(sha256)
+        return scan(path, sha256)
+
+    monkeypatch.setattr(validate, "_scan", recording)
+    prepared = inbox.prepare(engine, settings, owner=OWNER)
+    assert len(prepared["batches"]) == 1 and prepared["batches"][0]["valid_rows"] > 0
+    with engine.connect() as conn:
+        stored = conn.execute(sa.select(batch_files.c.sha256)).scalar_one()
+    assert scans == [stored]  # one scan, given the claim's hash: no second hashing

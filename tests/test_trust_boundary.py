@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from etl.commands.webhooks import is_loopback_host
+from etl.settings import is_loopback_host
 from tests.conftest import migrated
 from tests.netpeers import ForwardProxy
 from tests.test_http_stack import _orders_csv
@@ -127,7 +127,17 @@ def test_serve_on_loopback_needs_no_keys(tmp_path):
 
 def test_what_counts_as_loopback():
     assert all(is_loopback_host(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "[::1]", "localhost"))
-    assert not any(is_loopback_host(h) for h in ("0.0.0.0", "::", "10.0.0.1", "receiver.example", "192.168.1.2"))
+    assert not any(is_loopback_host(h) for h in ("0.0.0.0", "::", "10.0.0.1", "receiver.example", "192.168.1.2",
+                                                 "127.example.com", "127.0.0.1.nip.io"))
+
+
+def test_a_name_that_starts_with_127_is_not_loopback_and_needs_https():
+    """`http://127.example.com` once passed as the sandbox (a prefix check): it is a name like any."""
+    from etl.errors import ConfigError
+    from etl.settings import check_base_url
+
+    with pytest.raises(ConfigError, match="LGC_BASE_URL must be an https URL"):
+        check_base_url("LGC_BASE_URL", "http://127.example.com/lgc")
 
 
 def test_a_rupa_connection_carries_the_result_origins():

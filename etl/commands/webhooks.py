@@ -33,6 +33,8 @@ def register(app: typer.Typer) -> None:
         settings = Settings.from_env()
         hooks = replace(settings.webhooks, host=host or settings.webhooks.host,
                         port=port or settings.webhooks.port).validated()
+        from etl.settings import is_loopback_host
+
         unauthenticated = unauthenticated_sources(hooks)
         if unauthenticated and not is_loopback_host(hooks.host):
             if not allow_unauthenticated:
@@ -69,15 +71,3 @@ def unauthenticated_sources(hooks) -> list[tuple[str, str]]:
     return [(vendor, setting) for vendor, setting, key in (
         ("LetsGetChecked", "LGC_WEBHOOK_KEY", hooks.lgc_key), ("Rupa", "RUPA_WEBHOOK_SECRET", hooks.rupa_secret))
         if not key]
-
-
-def is_loopback_host(host: str) -> bool:
-    """127.0.0.0/8, ::1 or localhost: only this machine can connect."""
-    import ipaddress
-
-    if host.strip("[]").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve to anything
