@@ -36,7 +36,7 @@ metadata = MetaData(
 # `alembic_version` with this set instead of importing Alembic (commands that do not migrate start
 # fast); tests/test_warehouse.py asserts it equals the migration scripts' heads, so a new
 # migration without a matching change here fails the suite.
-SCHEMA_HEADS = frozenset({"0010_excel_rows"})
+SCHEMA_HEADS = frozenset({"0011_event_auth"})
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 TS = DateTime(timezone=True)
@@ -227,6 +227,9 @@ webhook_events = Table(
     Column("attempts", Integer, nullable=False, default=0),  # apply attempts
     Column("applied_at", TS),
     Column("error", Text),  # why applying failed (no PHI)
+    # the delivery proved its sender (signature or capability path; migration 0011_event_auth):
+    # only then may a body's contents be written; NULL (older rows) counts as not
+    Column("authenticated", Boolean),
     UniqueConstraint("source", "sha256"),
     Index("ix_webhook_events_source_state_id", "source", "state", "id"),
 )
