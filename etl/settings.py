@@ -323,6 +323,9 @@ class RupaSettings:
         return s
 
 
+MIN_PATH_SECRET = 32  # characters of a capability path (token_urlsafe(32) gives 43)
+
+
 @dataclass(frozen=True)
 class WebhookSettings:
     """The webhook receiver (`labsync webhooks serve`, etl.webhooks).
@@ -342,6 +345,9 @@ class WebhookSettings:
     rupa_algorithm: str = "sha256"
     rupa_encoding: str = "hex"  # hex | base64
     rupa_prefix: str = ""  # e.g. "sha256=" when the header carries one
+    # a capability URL: Rupa's deliveries come to POST /webhooks/rupa/<this secret> (at least
+    # MIN_PATH_SECRET characters of URL-safe random text); the bare /webhooks/rupa then answers 404
+    rupa_path_secret: str | None = field(default=None, repr=False)
     # a receiver open to the network holds up (etl.webhooks.app, etl.asgi): a body that has not
     # arrived in `body_timeout` gets 408, headers that have not in `head_timeout` are dropped,
     # connections beyond `max_connections` get 503 (the vendors retry)
@@ -357,6 +363,12 @@ class WebhookSettings:
         check_number("LABSYNC_WEBHOOK_MAX_CONNECTIONS", self.max_connections)
         if self.rupa_encoding not in ("hex", "base64"):
             raise ConfigError("RUPA_WEBHOOK_ENCODING must be hex or base64")
+        if self.rupa_path_secret is not None:
+            secret = self.rupa_path_secret
+            if len(secret) < MIN_PATH_SECRET or not all(c.isascii() and (c.isalnum() or c in "-_") for c in secret):
+                raise ConfigError(f"RUPA_WEBHOOK_PATH must be at least {MIN_PATH_SECRET} characters of "
+                                  "letters, digits, - and _ (make one with: python -c \"import secrets; "
+                                  "print(secrets.token_urlsafe(32))\")")
         import hashlib
 
         if self.rupa_algorithm not in hashlib.algorithms_guaranteed:
@@ -519,6 +531,7 @@ class Settings:
                 rupa_algorithm=get("RUPA_WEBHOOK_ALGORITHM", d.webhooks.rupa_algorithm).lower(),
                 rupa_encoding=get("RUPA_WEBHOOK_ENCODING", d.webhooks.rupa_encoding).lower(),
                 rupa_prefix=get("RUPA_WEBHOOK_PREFIX", d.webhooks.rupa_prefix),
+                rupa_path_secret=get("RUPA_WEBHOOK_PATH"),
             ),
             fernet_key=get("LABSYNC_FERNET_KEY"),
             lifecycle=LifecycleSettings(

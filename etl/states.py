@@ -109,11 +109,14 @@ class ItemStatus(StrEnum):
     RESULTS_AVAILABLE = "ResultsAvailable"  # results released (JSON and HL7 by barcode)
     VALIDATION_FAILED = "ValidationFailed"  # from Submitted: LetsGetChecked cannot process it
     CANCELLED = "Cancelled"  # only by a PATCH, only up to KitArrivedAtLab
+    # labsync's own, not LetsGetChecked's: the order's GET no longer lists this item (an item
+    # known only from an older answer, or from an event before events became hints)
+    NOT_LISTED = "NotListed"
 
 
 # An item in one of these never changes again: `labsync track` stops asking about it.
 FINAL_ITEM_STATUSES = frozenset(
-    {ItemStatus.RESULTS_AVAILABLE, ItemStatus.CANCELLED, ItemStatus.VALIDATION_FAILED}
+    {ItemStatus.RESULTS_AVAILABLE, ItemStatus.CANCELLED, ItemStatus.VALIDATION_FAILED, ItemStatus.NOT_LISTED}
 )
 # The happy path in order: position = how far an item got (for display and the sandbox).
 ITEM_LIFECYCLE = (

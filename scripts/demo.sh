@@ -112,6 +112,9 @@ step "after the PUT: one order from accepted to ResultsAvailable (signed webhook
 hooks_port=$("$bin/python" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 LGC_WEBHOOK_KEY=$("$bin/python" -c "import base64, secrets; print(base64.b64encode(secrets.token_bytes(32)).decode())")
 export LGC_WEBHOOK_KEY
+# Rupa publishes no signature scheme: its deliveries are authenticated by a capability URL
+RUPA_WEBHOOK_PATH=$("$bin/python" -c "import secrets; print(secrets.token_urlsafe(32))")
+export RUPA_WEBHOOK_PATH
 "$bin/labsync" webhooks serve --port "$hooks_port" > "$demo/logs/webhooks.log" 2>&1 &
 hooks_pid=$!
 trap 'kill $sandbox_pid $hooks_pid 2>/dev/null || true' EXIT
@@ -155,8 +158,8 @@ echo "  (result values are PHI: they stay in the warehouse and are never printed
 
 step "Rupa Checkout: an order-intents batch, one cart checked out, its order and results in the warehouse"
 curl -fs -X POST "http://127.0.0.1:$port/_sandbox/rupa/events" \
-  -d "{\"url\": \"http://127.0.0.1:$hooks_port/webhooks/rupa\"}" >/dev/null
-echo "  the Rupa sandbox sends its events to the same receiver (127.0.0.1:$hooks_port)"
+  -d "{\"url\": \"http://127.0.0.1:$hooks_port/webhooks/rupa/$RUPA_WEBHOOK_PATH\"}" >/dev/null
+echo "  the Rupa sandbox sends its events to the same receiver (127.0.0.1:$hooks_port/webhooks/rupa/<RUPA_WEBHOOK_PATH>, a capability URL)"
 mkdir -p "$LABSYNC_INBOX/intents"
 sed "s#https://practice.example/rupa/return#http://127.0.0.1:$hooks_port/webhooks/rupa/return#" \
   examples/intents.csv > "$LABSYNC_INBOX/intents/intents.csv"

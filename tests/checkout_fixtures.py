@@ -4,6 +4,7 @@ events to. Imported by the test modules that use them (pytest fixtures by name).
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import replace
 
 import pytest
@@ -26,14 +27,20 @@ def rupa(engine, settings, sandbox):
 @pytest.fixture
 def receiver(engine, rupa, settings):
     """The webhook receiver (real HTTP), with the sandbox sending its events to it; its return
-    links are signed with the tests' Fernet key (etl.returnlink)."""
+    links are signed with the tests' Fernet key (etl.returnlink). Rupa's deliveries are
+    authenticated by a capability path (RUPA_WEBHOOK_PATH; `server.rupa_url` is the URL to post
+    to) unless the test sets `rupa_secret` (signatures) or passes `authenticated=False` (the
+    bare /webhooks/rupa, deliveries stored as hints only)."""
     servers = []
 
-    def start(**changes):
-        server = BackgroundServer(build_app(engine, replace(WebhookSettings(), **changes),
-                                            fernet_key=settings.fernet_key)).start()
+    def start(*, authenticated: bool = True, **changes):
+        if authenticated and "rupa_secret" not in changes:
+            changes.setdefault("rupa_path_secret", secrets.token_urlsafe(32))
+        hooks = replace(WebhookSettings(), **changes)
+        server = BackgroundServer(build_app(engine, hooks, fernet_key=settings.fernet_key)).start()
         servers.append(server)
-        rupa.checkout.sender.configure(url=f"{server.url}/webhooks/rupa")
+        server.rupa_url = f"{server.url}/webhooks/rupa" + (f"/{hooks.rupa_path_secret}" if hooks.rupa_path_secret else "")
+        rupa.checkout.sender.configure(url=server.rupa_url)
         return server
 
     yield start

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -269,8 +270,9 @@ def test_rupa_checkout_end_to_end(airflow_env, sandboxes, tmp_path):
     write_intents(inbox / "intents" / "carts.csv", [
         {"row_id": "D1", "rupa_patient_id": "pat_0000001", "lab_test_ids": "labts_0000001", "return_url": "https://a.example/r"},
         {"row_id": "D2", "rupa_patient_id": "pat_0000404", "return_url": "https://a.example/r"}])
-    with BackgroundServer(build_app(engine, WebhookSettings())) as receiver:
-        rupa.checkout.sender.configure(url=f"{receiver.url}/webhooks/rupa")
+    path_secret = secrets.token_urlsafe(32)  # Rupa's deliveries authenticated by a capability path
+    with BackgroundServer(build_app(engine, WebhookSettings(rupa_path_secret=path_secret))) as receiver:
+        rupa.checkout.sender.configure(url=f"{receiver.url}/webhooks/rupa/{path_secret}")
         first = probe(airflow_env, "test", "rupa_checkout", extra=extra)
         assert first["state"] == "success", first
         assert first["tasks"] == {"intents": "success", "rupa_events": "success"}

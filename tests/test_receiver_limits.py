@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import selectors
 import socket
 import subprocess
@@ -77,10 +78,10 @@ def _free_port() -> int:
 
 
 @contextmanager
-def serving(warehouse_url: str, logs_dir):
+def serving(warehouse_url: str, logs_dir, **settings: str):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LABSYNC_", "LGC_", "RUPA_"))}
-    env.update(LABSYNC_WAREHOUSE_URL=warehouse_url, PYTHONPATH=str(REPO))
+    env.update(LABSYNC_WAREHOUSE_URL=warehouse_url, PYTHONPATH=str(REPO), **settings)
     with open(logs_dir / "receiver.out", "w") as out, open(logs_dir / "receiver.err", "w") as err:
         proc = subprocess.Popen([sys.executable, "-c", LAUNCH, str(port), str(BODY_TIMEOUT), str(HEAD_TIMEOUT)],
                                 env=env, cwd=REPO, stdout=out, stderr=err)
@@ -258,12 +259,13 @@ def test_a_results_document_nested_too_deeply_fails_that_order_alone(engine, set
 
 @pytest.mark.parametrize("warehouse_url", ["sqlite"], indirect=True)
 def test_a_rupa_event_nested_too_deeply_fails_alone_and_the_others_apply(engine, settings, rupa, tmp_path):
-    with serving(settings.warehouse_url, tmp_path) as rx:
-        rupa.checkout.sender.configure(url=f"{rx.url}/webhooks/rupa")
+    path_secret = secrets.token_urlsafe(32)  # Rupa's deliveries authenticated by a capability path
+    with serving(settings.warehouse_url, tmp_path, RUPA_WEBHOOK_PATH=path_secret) as rx:
+        rupa.checkout.sender.configure(url=f"{rx.url}/webhooks/rupa/{path_secret}")
         deep = b'{"type": "order.updated", "data": ' + DEEP_ARRAYS + b"}"
-        assert httpx.post(f"{rx.url}/webhooks/rupa", content=deep).status_code == 400  # refused today
+        assert httpx.post(f"{rx.url}/webhooks/rupa/{path_secret}", content=deep).status_code == 400  # refused today
         # one stored before the receiver had a depth limit (or written by something else)
-        deep_id, _ = store.store_event(engine, "rupa", deep, event_type="order.updated")
+        deep_id, _ = store.store_event(engine, "rupa", deep, event_type="order.updated", authenticated=True)
         path = write_intents(tmp_path / "intents.csv", [{
             "row_id": "R1", "rupa_patient_id": "pat_0000004", "lab_test_ids": "labts_0000001",
             "return_url": "https://app.example/back"}])

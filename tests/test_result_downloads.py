@@ -186,7 +186,7 @@ def post_results(server, order_id: str, links: dict[str, tuple[str | None, str |
     body = {"type": "order.new_result", "created_at": created,
             "data": {"object": {"type": "order", "id": order_id, "attributes": {"status": "Results Received"}},
                      "included": included}}
-    assert httpx.post(f"{server.url}/webhooks/rupa", json=body).status_code == 200
+    assert httpx.post(server.rupa_url, json=body).status_code == 200
 
 
 def ordered_test(engine, test_id: str) -> dict:

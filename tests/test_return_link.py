@@ -29,7 +29,7 @@ def returns(engine, settings, rupa, receiver, tmp_path, monkeypatch):
         {"row_id": r, "rupa_patient_id": "pat_0000004", "lab_test_ids": "", "return_url": f"{back}?row_id={r}"}
         for r in ("R1", "R2")])
     assert intents.process_intents_file(engine, settings, path).counts == {intents.CREATED: 2}
-    return back
+    return server  # .url; .rupa_url: where Rupa's (authenticated) deliveries go
 
 
 def given_to_rupa(rupa, engine, row_id: str) -> str:
@@ -78,7 +78,7 @@ def test_forged_return_links_are_refused_and_change_nothing(engine, settings, ru
         {"row_id": "R2", "sig": "not base64 at all!", "order": "ord_ATTACKER"},
     ]
     for params in forged:
-        answer = httpx.get(f"{returns}?{urlencode(params)}")
+        answer = httpx.get(f"{returns.url}/webhooks/rupa/return?{urlencode(params)}")
         assert answer.status_code == 403, params
         assert "nothing was recorded" in answer.text and "ord_ATTACKER" not in answer.text
     assert stored(engine) == 0
@@ -107,7 +107,7 @@ def test_a_second_return_does_not_relink_a_linked_row(engine, settings, rupa, re
 def test_a_return_naming_another_intents_order_does_not_link(engine, settings, rupa, returns):
     """R2's genuine link, with `order=` swapped for the order Rupa made from R1's cart (known
     from Rupa's own order event): R2 is left without an order."""
-    rupa.checkout.sender.configure(url=f"{returns.rsplit('/return', 1)[0]}")  # order events on
+    rupa.checkout.sender.configure(url=returns.rupa_url)  # order events on
     order_r1 = rupa.checkout.submit(ledger(engine)["R1"]["order_intent_id"])
     assert rupa.checkout.sender.flush()
     events.apply_events(engine, settings)
@@ -119,11 +119,11 @@ def test_a_return_naming_another_intents_order_does_not_link(engine, settings, r
 
 
 def test_a_delivery_posing_as_a_return_is_refused(engine, settings, rupa, returns):
-    """`labsync.*` event types are the receiver's own: posted to /webhooks/rupa (unsigned, as
-    Rupa's deliveries are while RUPA_WEBHOOK_SECRET is unset) one is refused and stored nowhere."""
-    base = returns.rsplit("/return", 1)[0]
+    """`labsync.*` event types are the receiver's own: posted where Rupa's deliveries go (even
+    authenticated, by the capability path) one is refused and stored nowhere."""
     before = stored(engine)
-    forged = httpx.post(base, json={"type": "labsync.checkout_returned", "order": "ord_ATTACKER", "row_id": "R1"})
+    forged = httpx.post(returns.rupa_url, json={"type": "labsync.checkout_returned", "order": "ord_ATTACKER",
+                                                "row_id": "R1"})
     assert forged.status_code == 400 and stored(engine) == before
     events.apply_events(engine, settings)
     assert linked(engine) == {"R1": None, "R2": None}

@@ -86,7 +86,7 @@ def test_events_applied_in_any_order_give_the_final_state(engine, settings, rupa
         bodies = [json.dumps(e).encode() for e in ck.events]
         random.Random(7).shuffle(bodies)
         for i, body in enumerate(bodies):
-            assert httpx.post(f"{server.url}/webhooks/rupa", content=body).status_code == 200
+            assert httpx.post(server.rupa_url, content=body).status_code == 200
             if i % 2:
                 events.apply_events(engine, settings)  # apply between deliveries too
     else:
@@ -207,29 +207,37 @@ def test_the_practitioners_return_links_the_order(engine, settings, rupa, receiv
     assert ledger(engine)["R9"]["order_id"] == "ord_000001"
 
 
-def test_patient_and_lab_test_events_update_the_copies_newest_wins(engine, settings, rupa, receiver):
+def test_patient_and_lab_test_events_write_what_rupas_api_answers(engine, settings, rupa, receiver):
+    """Even authenticated, a patient.* / labtest.* event only names what to GET from Rupa: the
+    copy written is Rupa's answer, never the event's body; a resource Rupa does not know is not
+    written."""
     server = receiver()
-    patient = rupa.patient("pat_0000007")
+    truth = rupa.update_patient("pat_0000007", last_name="Newer")  # Rupa's own record changed
+    lab_truth = rupa.update_lab_test("labts_0000003", name="Renamed Panel")
 
-    def post(kind: str, resource: dict, created: str) -> None:
+    def post(kind: str, resource: dict, created: str = "2026-03-02T00:00:00Z") -> None:
         body = {"event_type": kind, "created_at": created, "data": {"object": resource}}
-        assert httpx.post(f"{server.url}/webhooks/rupa", json=body).status_code == 200
+        assert httpx.post(server.rupa_url, json=body).status_code == 200
 
-    newer = {**patient, "attributes": {**patient["attributes"], "last_name": "Newer", "updated_at": "2026-03-02T00:00:00Z"}}
-    older = {**patient, "attributes": {**patient["attributes"], "last_name": "Older", "updated_at": "2026-03-01T00:00:00Z"}}
-    post("patient.updated", newer, "2026-03-02T00:00:00Z")
-    post("patient.updated", older, "2026-03-01T00:00:00Z")  # arrives late
-    post("labtest.created", {"type": "lab_test", "id": "labts_new1", "attributes": {"name": "New Panel",
-         "lab_name": "Sandbox Labs", "updated_at": "2026-03-01T00:00:00Z"}}, "2026-03-01T00:00:00Z")
-    post("practitioner.updated", {"type": "practitioner", "id": "prac_1"}, "2026-03-01T00:00:00Z")
-    post("order.updated", {"nothing": "here"}, "2026-03-01T00:00:00Z")
+    said = {**truth, "attributes": {**truth["attributes"], "last_name": "Forged", "email": "forger@evil.example",
+                                    "updated_at": "2099-01-01T00:00:00Z"}}
+    post("patient.updated", said)
+    post("labtest.updated", {"type": "lab_test", "id": "labts_0000003",
+                             "attributes": {"name": "Forged Panel", "updated_at": "2099-01-01T00:00:00Z"}})
+    post("labtest.created", {"type": "lab_test", "id": "labts_new1", "attributes": {"name": "New Panel"}})
+    post("practitioner.updated", {"type": "practitioner", "id": "prac_1"})
+    post("order.updated", {"nothing": "here"})
     summary = events.apply_events(engine, settings)
-    assert summary.events == {"applied": 2, "stale": 1, "ignored": 1, "failed": 1}
+    assert summary.events == {"applied": 2, "not known to Rupa": 1, "ignored": 1, "failed": 1}
     with engine.connect() as conn:
-        last = conn.execute(sa.select(rupa_patients.c.last_name).where(rupa_patients.c.id == "pat_0000007")).scalar_one()
-        lab = conn.execute(sa.text("select name from rupa_lab_tests where id = 'labts_new1'")).scalar_one()
+        patient = conn.execute(sa.select(rupa_patients).where(rupa_patients.c.id == "pat_0000007")).mappings().one()
+        lab = conn.execute(sa.text("select name from rupa_lab_tests where id = 'labts_0000003'")).scalar_one()
+        new = conn.execute(sa.text("select count(*) from rupa_lab_tests where id = 'labts_new1'")).scalar_one()
         failed = conn.execute(sa.text("select error, attempts from webhook_events where state = 'failed'")).one()
-    assert last == "Newer" and lab == "New Panel"
+        unknown = conn.execute(sa.text("select state, error from webhook_events where event_type = 'labtest.created'")).one()
+    assert (patient["last_name"], patient["email"]) == ("Newer", truth["attributes"]["email"])
+    assert lab == lab_truth["attributes"]["name"] == "Renamed Panel" and new == 0
+    assert unknown.state == "ignored" and "does not know" in unknown.error
     assert failed.error == "data.object is not an order" and failed.attempts == 1
     for _ in range(events.MAX_ATTEMPTS):
         events.apply_events(engine, settings)  # retried up to MAX_ATTEMPTS, then left alone
@@ -270,6 +278,6 @@ def test_a_patient_riding_along_in_an_order_event_does_not_undelete_it(engine, s
     assert deleted()
     body = {"type": "patient.updated", "created_at": "2026-03-02T00:00:00Z",
             "data": {"object": rupa.patient("pat_0000004")}}
-    assert httpx.post(f"{server.url}/webhooks/rupa", json=body).status_code == 200
+    assert httpx.post(server.rupa_url, json=body).status_code == 200
     events.apply_events(engine, settings)
     assert not deleted()  # Rupa said it exists

@@ -89,7 +89,7 @@ def _healthy(port: int, proc: subprocess.Popen, seconds: float = 30) -> bool:
 
 
 @pytest.mark.parametrize(("keys", "missing"), [
-    ({}, ("LGC_WEBHOOK_KEY", "RUPA_WEBHOOK_SECRET")),
+    ({}, ("LGC_WEBHOOK_KEY", "RUPA_WEBHOOK_SECRET or RUPA_WEBHOOK_PATH")),
     ({"LGC_WEBHOOK_KEY": "c2VjcmV0LWtleS1mb3ItbGdj"}, ("RUPA_WEBHOOK_SECRET",)),
     ({"RUPA_WEBHOOK_SECRET": "rupa-secret"}, ("LGC_WEBHOOK_KEY",)),
 ], ids=["no-keys", "no-rupa-secret", "no-lgc-key"])
@@ -104,15 +104,22 @@ def test_serve_beyond_loopback_without_keys_exits_2_naming_them(tmp_path, keys, 
 
 def test_serve_beyond_loopback_starts_with_every_key_or_when_told_and_warns(tmp_path):
     keyed = _env(tmp_path, LGC_WEBHOOK_KEY="c2VjcmV0LWtleS1mb3ItbGdj", RUPA_WEBHOOK_SECRET="rupa-secret")
-    for env, args, warned in ((keyed, (), False), (_env(tmp_path), ("--allow-unauthenticated",), True)):
+    path = "Jx3-" + "k" * 40  # Rupa authenticated by a capability path instead of a signature
+    by_path = _env(tmp_path, LGC_WEBHOOK_KEY="c2VjcmV0LWtleS1mb3ItbGdj", RUPA_WEBHOOK_PATH=path)
+    for env, args, warned in ((keyed, (), False), (by_path, (), False),
+                              (_env(tmp_path), ("--allow-unauthenticated",), True)):
         port = _free_port()
         proc = _serve(env, "--host", "0.0.0.0", "--port", str(port), *args)
         try:
             assert _healthy(port, proc), proc.stderr.read() if proc.poll() is not None else "no answer"
+            if env is by_path:  # only the capability URL takes Rupa's deliveries
+                assert httpx.post(f"http://127.0.0.1:{port}/webhooks/rupa", json={"type": "x"}).status_code == 404
+                assert httpx.post(f"http://127.0.0.1:{port}/webhooks/rupa/{path}", json={"type": "x"}).status_code == 200
         finally:
             proc.terminate()
-            _, err = proc.communicate(timeout=30)
+            out, err = proc.communicate(timeout=30)
         assert ("unauthenticated deliveries accepted" in err) is warned, err
+        assert path not in out + err  # the secret is never printed
 
 
 def test_serve_on_loopback_needs_no_keys(tmp_path):

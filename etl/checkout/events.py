@@ -20,7 +20,14 @@ Rules:
   Rupa repeating `order.new_result` stores nothing twice, while a correction (new content) adds
   a row. A download that fails (an expired link, an outage) stays pending, is retried by the next
   run, and a newer event's fresh link replaces the stale one.
-- `patient.*` and `labtest.*` events upsert the extraction's tables (same columns and hash).
+- **Events are hints unless authenticated** (the receiver records whether a delivery proved its
+  sender: RUPA_WEBHOOK_SECRET's signature or RUPA_WEBHOOK_PATH's capability URL). A `patient.*` /
+  `labtest.*` event only names a resource: labsync GETs it from Rupa's API and writes what Rupa
+  answered (a resource Rupa does not know is not written); the event's own body is never written.
+  Rupa's API has no order to GET, so an `order.*` event, and the practitioner's return, are
+  applied only when authenticated; an unauthenticated one is set aside (`ignored`, counted
+  `unauthenticated`) and applied if the same event is later delivered authenticated.
+- `patient.*` and `labtest.*` upsert the extraction's tables (same columns and hash).
 - An event that cannot be applied is marked `failed` with a PHI-free reason and retried by the
   next run, up to MAX_ATTEMPTS; unknown types are `ignored`.
 
@@ -39,7 +46,7 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
-from etl.errors import BadEvent, DownloadFailed
+from etl.errors import ApiError, BadEvent, DownloadFailed
 from etl.extract.store import timestamp as _timestamp
 from etl.extract.streams import STREAMS, row_dict
 from etl.http import (
@@ -74,6 +81,17 @@ RETURN_EVENT = store.RUPA_CHECKOUT_RETURNED  # written by the receiver's /webhoo
 RESULT_KINDS = {"pdf": "results_pdf", "hl7": "results_hl7"}
 
 APPLIED, STALE, IGNORED, FAILED = "applied", "stale", "ignored", "failed"
+UNAUTHENTICATED, UNKNOWN = "unauthenticated", "not known to Rupa"  # both marked ignored
+# the events that name a resource Rupa's API can confirm: event type -> extraction stream
+CONFIRMED_BY_GET = {"patient.created": "patients", "patient.updated": "patients",
+                    "labtest.created": "lab_tests", "labtest.updated": "lab_tests",
+                    "lab_test.created": "lab_tests", "lab_test.updated": "lab_tests"}
+_REASONS = {
+    STALE: "older than the stored state; skipped",
+    UNAUTHENTICATED: "not applied: the delivery was not authenticated and Rupa's API cannot confirm it "
+                     "(set RUPA_WEBHOOK_SECRET or RUPA_WEBHOOK_PATH)",
+    UNKNOWN: "Rupa's API does not know the resource the event names; nothing written",
+}
 
 
 @dataclass
@@ -272,14 +290,62 @@ def _str(value, limit: int) -> str | None:
     return None if value is None else str(value)[:limit]
 
 
-def apply_event(conn: Connection, event: store.Event, out: ApplySummary) -> str:
-    """Apply one stored event inside `conn`'s transaction; returns applied / stale / ignored."""
+def _document(event: store.Event):
     try:
-        doc = event.json()
+        return event.json()
     except (ValueError, RecursionError) as exc:  # the reason names no content (etl.webhooks.store.Event.json)
         deep = isinstance(exc, RecursionError) or "too deeply" in str(exc)
         raise BadEvent("the body is nested too deeply to read" if deep else "the body is not JSON") from None
+
+
+def named_resource(event: store.Event) -> tuple[str, str] | None:
+    """(stream, id) for an event Rupa's API can confirm (CONFIRMED_BY_GET), else None; BadEvent
+    when such an event names no id."""
+    stream = CONFIRMED_BY_GET.get((event.event_type or "").lower())
+    if stream is None:
+        return None
+    _, obj, _ = _envelope(_document(event))
+    rid = obj.get("id")
+    if not isinstance(rid, str | int) or not str(rid).strip():
+        raise BadEvent("the event names no resource id")
+    return stream, str(rid).strip()
+
+
+def confirm_resource(client, stream: str, resource_id: str) -> dict | None:
+    """Rupa's own copy of what an event names (GET /patients/{id}, /lab_tests/{id}); None if Rupa
+    does not know it (404/410). ApiError when Rupa cannot be asked now (the event is retried);
+    BadEvent for an id that cannot travel in a URL."""
+    from etl.errors import RupaApiError, UnsafeIdError
+
+    try:
+        path = client.path(STREAMS[stream].path.strip("/"), resource_id)
+    except UnsafeIdError:
+        raise BadEvent("the event names a resource id that cannot be sent in a URL") from None
+    try:
+        doc = client.request("GET", path)
+    except RupaApiError as exc:
+        if exc.status in (404, 410):
+            return None
+        raise
+    data = doc.get("data")
+    if not isinstance(data, dict) or str(data.get("id")) != resource_id:
+        raise BadEvent(f"Rupa's answer for the {stream} resource the event names is not that resource")
+    return data
+
+
+def apply_event(conn: Connection, event: store.Event, out: ApplySummary, *,
+                confirmed: dict | None = None) -> str:
+    """Apply one stored event inside `conn`'s transaction; returns applied / stale / ignored /
+    unauthenticated / not known to Rupa. `confirmed`: Rupa's answer for the resource a
+    CONFIRMED_BY_GET event names (what is written; the event's body never is)."""
+    doc = _document(event)
     kind = (event.event_type or "").lower()
+    if kind in CONFIRMED_BY_GET:
+        if confirmed is None:
+            return UNKNOWN
+        return _apply_copy(conn, CONFIRMED_BY_GET[kind], confirmed, None)
+    if not event.authenticated and (kind == RETURN_EVENT or kind.startswith("order.")):
+        return UNAUTHENTICATED
     if kind == RETURN_EVENT:
         order_id, row_id = str(doc.get("order") or ""), str(doc.get("row_id") or "")
         if not order_id.startswith("ord_") or not row_id:
@@ -289,12 +355,6 @@ def apply_event(conn: Connection, event: store.Event, out: ApplySummary) -> str:
     if kind.startswith("order."):
         when, obj, included = _envelope(doc)
         return _apply_order(conn, obj, included, when or _aware(event.received_at) or datetime.now(UTC), out)
-    if kind in ("patient.created", "patient.updated"):
-        when, obj, _ = _envelope(doc)
-        return _apply_copy(conn, "patients", obj, when)
-    if kind in ("labtest.created", "labtest.updated", "lab_test.created", "lab_test.updated"):
-        when, obj, _ = _envelope(doc)
-        return _apply_copy(conn, "lab_tests", obj, when)
     return IGNORED
 
 
@@ -435,6 +495,27 @@ def apply_events(engine: Engine, settings: Settings, *, limit: int = 1000, downl
     """Apply every pending Rupa event (oldest first, in pages of `limit`), then download results."""
     out = ApplySummary()
     done: set[int] = set()
+    clients: list = []  # the Rupa client, opened for the first event that names a resource
+
+    def rupa():
+        if not clients:
+            from etl.rupa.client import open_client
+
+            clients.append(open_client(settings, engine))
+        return clients[0]
+
+    try:
+        _apply_pages(engine, out, done, limit, rupa)
+    finally:
+        for c in clients:
+            c.close()
+    if download:
+        download_results(engine, settings, out, http=http)
+    log.info("%s", out.line())
+    return out
+
+
+def _apply_pages(engine: Engine, out: ApplySummary, done: set[int], limit: int, rupa) -> None:
     while True:
         events = [e for e in store.pending_events(engine, SOURCE, limit=limit, max_attempts=MAX_ATTEMPTS)
                   if e.id not in done]
@@ -444,8 +525,16 @@ def apply_events(engine: Engine, settings: Settings, *, limit: int = 1000, downl
         for event in events:
             done.add(event.id)
             try:
+                named = named_resource(event)
+                confirmed = confirm_resource(rupa(), *named) if named else None
                 with engine.begin() as conn:
-                    result = apply_event(conn, event, out)
+                    result = apply_event(conn, event, out, confirmed=confirmed)
+            except ApiError as exc:  # Rupa could not be asked now (PHI-free: etl.rupa.client)
+                marks.append((event.id, WebhookEventState.FAILED, f"not confirmed with Rupa: {exc}"))
+                out.events[FAILED] += 1
+                log.warning("rupa events: event %d (%s) not confirmed with Rupa: %s; retried next run",
+                            event.id, event.event_type, exc)
+                continue
             except BadEvent as exc:
                 marks.append((event.id, WebhookEventState.FAILED, str(exc)))
                 out.events[FAILED] += 1
@@ -464,12 +553,9 @@ def apply_events(engine: Engine, settings: Settings, *, limit: int = 1000, downl
                             event.id, event.event_type)
                 continue
             out.events[result] += 1
-            state = WebhookEventState.IGNORED if result == IGNORED else WebhookEventState.APPLIED
-            marks.append((event.id, state, "older than the stored state; skipped" if result == STALE else None))
+            state = (WebhookEventState.IGNORED if result in (IGNORED, UNAUTHENTICATED, UNKNOWN)
+                     else WebhookEventState.APPLIED)
+            marks.append((event.id, state, _REASONS.get(result)))
         store.mark_events(engine, marks)
         if len(events) < limit:
             break
-    if download:
-        download_results(engine, settings, out, http=http)
-    log.info("%s", out.line())
-    return out

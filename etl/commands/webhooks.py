@@ -16,13 +16,13 @@ def register(app: typer.Typer) -> None:
         allow_unauthenticated: bool = typer.Option(
             False, "--allow-unauthenticated",
             help="Listen on a non-loopback address even though a vendor's deliveries are not "
-                 "authenticated (no LGC_WEBHOOK_KEY / RUPA_WEBHOOK_SECRET). A warning is logged at every start."),
+                 "authenticated (no LGC_WEBHOOK_KEY; no RUPA_WEBHOOK_SECRET or RUPA_WEBHOOK_PATH). A warning is logged at every start."),
     ) -> None:
         """Serve POST /webhooks/lgc and /webhooks/rupa, /healthz and /readyz until interrupted.
         Events are stored raw in webhook_events; the lgc_lifecycle and rupa_events tasks apply them.
 
         Fails closed: on an address other than loopback it starts only when every vendor's
-        deliveries are authenticated (LGC_WEBHOOK_KEY, RUPA_WEBHOOK_SECRET), else exit 2 naming
+        deliveries are authenticated (LGC_WEBHOOK_KEY; RUPA_WEBHOOK_SECRET or RUPA_WEBHOOK_PATH), else exit 2 naming
         what is missing, unless --allow-unauthenticated says it is deliberate."""
         from dataclasses import replace
 
@@ -55,8 +55,10 @@ def register(app: typer.Typer) -> None:
 
         logs.serving()
         signed = [name for name, on in (("lgc", hooks.lgc_key), ("rupa", hooks.rupa_secret)) if on]
-        typer.echo(f"webhooks: listening on http://{hooks.host}:{hooks.port}/webhooks/{{lgc,rupa}} "
-                   f"(signatures checked: {', '.join(signed) or 'none'})")
+        rupa_path = "/webhooks/rupa/<RUPA_WEBHOOK_PATH>" if hooks.rupa_path_secret else "/webhooks/rupa"
+        typer.echo(f"webhooks: listening on http://{hooks.host}:{hooks.port}: /webhooks/lgc, {rupa_path} "
+                   f"(signatures checked: {', '.join(signed) or 'none'}"
+                   f"{'; Rupa by capability path' if hooks.rupa_path_secret else ''})")
         limits = asgi.Limits(max_connections=hooks.max_connections, head_timeout=hooks.head_timeout)
         asgi.serve(build_app(engine, hooks, body_timeout=hooks.body_timeout, limits=limits,
                              fernet_key=settings.fernet_key),
@@ -69,5 +71,6 @@ def unauthenticated_sources(hooks) -> list[tuple[str, str]]:
     """(vendor, the setting that would authenticate it) for each source whose deliveries are
     accepted without a signature."""
     return [(vendor, setting) for vendor, setting, key in (
-        ("LetsGetChecked", "LGC_WEBHOOK_KEY", hooks.lgc_key), ("Rupa", "RUPA_WEBHOOK_SECRET", hooks.rupa_secret))
+        ("LetsGetChecked", "LGC_WEBHOOK_KEY", hooks.lgc_key),
+        ("Rupa", "RUPA_WEBHOOK_SECRET or RUPA_WEBHOOK_PATH", hooks.rupa_secret or hooks.rupa_path_secret))
         if not key]

@@ -6,8 +6,10 @@
         `lgc_item_status_history`. With `stale_after` (seconds) only orders not checked for that
         long: the sweep that catches webhooks LetsGetChecked gave up on.
     apply_webhooks(engine, settings) -> WebhookSummary
-        apply the `lgc` events the receiver stored (etl.webhooks), then confirm every order they
-        name with a GET.
+        the `lgc` events the receiver stored (etl.webhooks) are hints: each names an order (or a
+        barcode) to GET, and what is stored is what that GET returned. An authenticated event's
+        item status is then recorded in the history (source `webhook`, never the current status),
+        and only for an item the GET listed.
     cancel(engine, settings, client_order_id, item=None) -> CancelReport
         refresh the order, refuse locally from KitArrivedAtLab on, PATCH the rest and mark them
         `cancel requested` until a status confirms (or overtakes) it.
@@ -25,9 +27,12 @@ and a CLI run never overwrite a newer status with an older one.
 The history has one row per status change (and one per out-of-order status the item never held),
 with its source (`poll` or `webhook`), the vendor's timestamp and the item's previous status.
 
-Webhook `callbackURL`s are never fetched: the order is confirmed with our own GET, built from the
-clientOrderId against the configured LGC_BASE_URL, so a forged event can cost one GET and nothing
-else. Logs name clientOrderIds and item ids only.
+**Events are hints.** An event's status is never written before, or instead of, the confirming
+GET: a forged event cannot create an item (the GET does not list it), nor set a status (the GET's
+answer is the status); an item held here that the order's GET no longer lists becomes `NotListed`
+(labsync's own marker, final). Webhook `callbackURL`s are never fetched: the order is confirmed
+with our own GET, built from the clientOrderId against the configured LGC_BASE_URL, so a forged
+event can cost one GET and nothing else. Logs name clientOrderIds and item ids only.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -96,6 +101,7 @@ class Observation:
     details: Mapping[str, Any] | None = None  # poll: code, barcode, tracking, ... (column names)
     checked_at: datetime | None = None  # poll: when the answer arrived
     webhook_event_id: int | None = None
+    record_only: bool = False  # history only, never the current status (a webhook's, after its GET)
 
 
 def poll_observations(order: LgcOrder) -> list[Observation]:
@@ -115,7 +121,7 @@ def poll_observations(order: LgcOrder) -> list[Observation]:
 
 def _wins(current: Mapping[str, Any], obs: Observation) -> bool:
     """The ordering rule: does `obs` replace the item's current status?"""
-    if obs.status is None:
+    if obs.status is None or obs.record_only:
         return False
     if current["status"] is None:
         return True
@@ -165,23 +171,34 @@ def _insert(conn: sa.Connection, table: sa.Table):
 
 
 def apply_observations(engine: Engine, observations: Sequence[Observation], *,
-                       now: datetime | None = None) -> Applied:
+                       now: datetime | None = None,
+                       listed: Mapping[str, tuple[datetime, frozenset[str]]] | None = None) -> Applied:
     """Merge observations into `lgc_order_items` and the history, in one transaction, by the
-    ordering rule. Observations of one item are taken in the order given."""
+    ordering rule. Observations of one item are taken in the order given. `listed`: for orders a
+    GET just answered, (when, the item ids it listed): an item of those orders held here that the
+    answer did not list becomes `NotListed` (an answer listing no item at all marks nothing)."""
     result = Applied()
-    if not observations:
+    if not observations and not listed:
         return result
     now = now or datetime.now(UTC)
+    observations = list(observations)
     ids = sorted({o.item_id for o in observations})
     first_coid: dict[str, str] = {}
     for o in observations:
         first_coid.setdefault(o.item_id, o.client_order_id)
     with engine.begin() as conn:
         # the INSERT first: on SQLite it takes the write lock before anything is read
-        conn.execute(
-            _insert(conn, items_t).on_conflict_do_nothing(index_elements=["item_id"]),
-            [dict(item_id=i, client_order_id=first_coid[i], first_seen_at=now, updated_at=now) for i in ids],
-        )
+        if ids:
+            conn.execute(
+                _insert(conn, items_t).on_conflict_do_nothing(index_elements=["item_id"]),
+                [dict(item_id=i, client_order_id=first_coid[i], first_seen_at=now, updated_at=now) for i in ids],
+            )
+        gone = _not_listed(conn, listed) if listed else []
+        if gone:
+            observations.extend(gone)
+            ids = sorted(set(ids) | {o.item_id for o in gone})
+        if not ids:
+            return result
         rows = {
             r.item_id: dict(r._mapping)
             for r in conn.execute(
@@ -195,6 +212,7 @@ def apply_observations(engine: Engine, observations: Sequence[Observation], *,
                                   .where(history_t.c.item_id.in_(ids)))
         }
         history: list[dict] = []
+        hinted: dict[tuple[str, str], int] = {}  # (item, status) -> its record-only row in `history`
         touched: set[str] = set()
         for obs in observations:
             row = rows[obs.item_id]
@@ -216,8 +234,14 @@ def apply_observations(engine: Engine, observations: Sequence[Observation], *,
                     result.changed += 1
             elif obs.status is not None:
                 result.ignored += 1
+            if wins and obs.status is not None and obs.status != previous and (obs.item_id, obs.status) in hinted:
+                # an event told it just before this answer confirmed it: one row, now applied
+                history[hinted.pop((obs.item_id, obs.status))]["applied"] = True
+                continue
             if obs.status is not None and ((wins and obs.status != previous) or (obs.item_id, obs.status) not in seen):
                 seen.add((obs.item_id, obs.status))
+                if obs.record_only:
+                    hinted[(obs.item_id, obs.status)] = len(history)
                 history.append(dict(item_id=obs.item_id, client_order_id=obs.client_order_id,
                                     status=obs.status, previous_status=previous, source=str(obs.source),
                                     vendor_timestamp=obs.at, applied=wins,
@@ -231,6 +255,25 @@ def apply_observations(engine: Engine, observations: Sequence[Observation], *,
             conn.execute(sa.insert(history_t), history)
             result.history = len(history)
     return result
+
+
+def _not_listed(conn: sa.Connection, listed: Mapping[str, tuple[datetime, frozenset[str]]]) -> list[Observation]:
+    """Items held for orders a GET just answered that the answer did not list (and that are not
+    marked so yet): a `NotListed` observation each, which settles any status held (a poll's)."""
+    coids = [c for c, (_, ids) in listed.items() if ids]
+    out: list[Observation] = []
+    for i in range(0, len(coids), 500):
+        chunk = coids[i:i + 500]
+        for item_id, coid in conn.execute(
+                sa.select(items_t.c.item_id, items_t.c.client_order_id)
+                .where(items_t.c.client_order_id.in_(chunk),
+                       sa.or_(items_t.c.status.is_(None), items_t.c.status != ItemStatus.NOT_LISTED))
+                .order_by(items_t.c.item_id)):
+            when, ids = listed[coid]
+            if item_id not in ids:
+                out.append(Observation(item_id, coid, ItemStatus.NOT_LISTED, None, StatusSource.POLL,
+                                       checked_at=when))
+    return out
 
 
 # ---- which orders to ask about -----------------------------------------------------------------
@@ -328,6 +371,7 @@ class TrackSummary:
     changed: int = 0  # items whose status changed
     history: int = 0
     requests: int = 0
+    hints: int = 0  # event statuses recorded in the history for items the answers listed
     statuses: dict[str, int] = field(default_factory=dict)
     elapsed: float = 0.0
 
@@ -374,18 +418,22 @@ def run_async(coro):
 def track(engine: Engine, settings: Settings, client_order_ids: Sequence[str] | None = None, *,
           batch_ids: Sequence[int] | None = None, stale_after: float | None = None,
           transport: httpx.AsyncBaseTransport | None = None,
-          progress: Callable[[str, str], None] | None = None) -> TrackSummary:
+          progress: Callable[[str, str], None] | None = None,
+          hints: Mapping[str, Sequence[Observation]] | None = None) -> TrackSummary:
     """GET the named orders, or every open one (see `open_orders`), and merge the answers.
-    `progress(client_order_id, outcome)` is called once per order. Raises ConfigError/AuthError
+    `progress(client_order_id, outcome)` is called once per order. `hints`: per order, what
+    authenticated events said of its items; recorded in the history (never as the current
+    status) just before the answer, for the items the answer lists. Raises ConfigError/AuthError
     for settings or credentials; a vendor failure on one order is counted, not raised."""
     return run_async(atrack(engine, settings, client_order_ids, batch_ids=batch_ids, stale_after=stale_after,
-                       transport=transport, progress=progress))
+                       transport=transport, progress=progress, hints=hints))
 
 
 async def atrack(engine: Engine, settings: Settings, client_order_ids: Sequence[str] | None = None, *,
                  batch_ids: Sequence[int] | None = None, stale_after: float | None = None,
                  transport: httpx.AsyncBaseTransport | None = None,
-                 progress: Callable[[str, str], None] | None = None) -> TrackSummary:
+                 progress: Callable[[str, str], None] | None = None,
+                 hints: Mapping[str, Sequence[Observation]] | None = None) -> TrackSummary:
     started = asyncio.get_running_loop().time()
     summary = TrackSummary()
     if client_order_ids is not None:
@@ -400,15 +448,17 @@ async def atrack(engine: Engine, settings: Settings, client_order_ids: Sequence[
     settings.lgc.validated()
     async with open_session(settings, engine=engine, transport=transport) as session:
         pending: list[Observation] = []
+        answered: dict[str, tuple[datetime, frozenset[str]]] = {}  # what each answer listed
         flushing = asyncio.Lock()
 
         async def flush(force: bool = False) -> None:
-            nonlocal pending
+            nonlocal pending, answered
             async with flushing:
-                if not pending or (not force and len(pending) < WRITE_EVERY):
+                if not (pending or answered) or (not force and len(pending) < WRITE_EVERY):
                     return
                 batch, pending = pending, []
-                done = await asyncio.to_thread(apply_observations, engine, batch)
+                orders, answered = answered, {}
+                done = await asyncio.to_thread(apply_observations, engine, batch, listed=orders)
                 summary.changed += done.changed
                 summary.history += done.history
 
@@ -429,7 +479,13 @@ async def atrack(engine: Engine, settings: Settings, client_order_ids: Sequence[
                 if await asyncio.to_thread(ledger.confirm, engine, coid, ids):
                     summary.confirmed += 1
                     log.info("order %s: confirmed by GET order (was unconfirmed): accepted", coid)
+            listed = frozenset(i.item_id for i in order.items)
+            told = sorted((replace(o, record_only=True) for o in (hints or {}).get(coid, ()) if o.item_id in listed),
+                          key=lambda o: (o.at is None, o.at or order.fetched_at))  # as they happened
+            summary.hints += len(told)
+            pending.extend(told)
             pending.extend(poll_observations(order))
+            answered[coid] = (order.fetched_at, listed)
             _tell(progress, coid, "checked")
             if len(pending) >= WRITE_EVERY:
                 await flush()
@@ -543,7 +599,8 @@ def apply_webhooks(engine: Engine, settings: Settings, *, page: int = 500,
                    transport: httpx.AsyncBaseTransport | None = None) -> WebhookSummary:
     """Apply every stored `lgc` event (received, or failed fewer than
     `lifecycle.max_event_attempts` times), page by page, oldest first:
-    order events -> their item status by the ordering rule, then a GET of the order;
+    order events -> a GET of the order (its answer is stored), then, for an authenticated event
+    whose item that answer listed, the event's status in the history;
     result events -> a GET of the order holding that barcode (its results are fetched by
     `etl.orders.results`); other types are marked `ignored`. An event is `applied` once its order
     answered the GET; `failed` (retried next run) when the GET failed or the barcode is not
@@ -569,6 +626,7 @@ def _apply_page(engine, settings, events, summary: WebhookSummary, *, transport)
     # an order or result event always names its order or barcode (parse_event)
     known = _known_orders(engine, [p.client_order_id for p in parsed.values()
                                    if p.kind == "order" and p.client_order_id is not None])
+    authenticated = {e.id for e in events if e.authenticated}
     outcomes: dict[int, tuple[str, str | None]] = {}
     confirm: dict[int, str] = {}  # event id -> clientOrderId to GET
     observations: list[Observation] = []
@@ -580,14 +638,17 @@ def _apply_page(engine, settings, events, summary: WebhookSummary, *, transport)
                 outcomes[event_id] = (WebhookEventState.IGNORED,
                                       f"order {p.client_order_id} is not in the ledger")
                 continue
-            if p.observation is not None:
+            if p.observation is not None and event_id in authenticated:
                 observations.append(p.observation)
             confirm[event_id] = p.client_order_id
-    done = apply_observations(engine, observations)
-    summary.observations += len(observations)
-    summary.track.changed += done.changed
-    summary.track.history += done.history
-    answered = _confirm(engine, settings, confirm, outcomes, summary.track, transport=transport)
+    # the GET writes what the items are now (and marks those it no longer lists); what
+    # authenticated events said goes into the history just before it, for the items it listed
+    hints: dict[str, list[Observation]] = {}
+    for o in observations:
+        hints.setdefault(o.client_order_id, []).append(o)
+    before = summary.track.hints
+    answered = _confirm(engine, settings, confirm, outcomes, summary.track, transport=transport, hints=hints)
+    summary.observations += summary.track.hints - before
 
     results = {i: p.client_order_id for i, p in parsed.items()
                if p.kind == "result" and p.client_order_id is not None}
@@ -612,11 +673,11 @@ def _apply_page(engine, settings, events, summary: WebhookSummary, *, transport)
 
 
 def _confirm(engine, settings, confirm: Mapping[int, str], outcomes: dict, total: TrackSummary, *,
-             transport) -> dict[str, tuple[str, str | None]]:
+             transport, hints: Mapping[str, Sequence[Observation]] | None = None) -> dict[str, tuple[str, str | None]]:
     """GET each order once; the outcome of every event that named it. Returns the outcome per order."""
     if not confirm:
         return {}
-    result = track(engine, settings, sorted(set(confirm.values())), transport=transport)
+    result = track(engine, settings, sorted(set(confirm.values())), transport=transport, hints=hints)
     total.orders += result.orders
     total.checked += result.checked
     total.not_found += result.not_found
@@ -624,6 +685,7 @@ def _confirm(engine, settings, confirm: Mapping[int, str], outcomes: dict, total
     total.changed += result.changed
     total.history += result.history
     total.requests += result.requests
+    total.hints += result.hints
     per_order: dict[str, tuple[str, str | None]] = {}
     for coid in set(confirm.values()):
         if coid in result.failed:

@@ -6,6 +6,12 @@ Checkout when an intents row's return_url points here: labsync signed the link i
 is stored. A genuine one stores a small `labsync.checkout_returned` event (the order id, the row
 id) and shows a plain page; the apply task links the order to its row if it has none yet.
 
+Each delivery is stored with whether it proved its sender (`authenticated`): a valid signature
+(LGC_WEBHOOK_KEY; RUPA_WEBHOOK_SECRET) or Rupa's capability URL (RUPA_WEBHOOK_PATH: Rupa posts to
+`/webhooks/rupa/<that secret>`, and the bare `/webhooks/rupa` then answers 404). What an
+unauthenticated delivery says is only a hint: the apply tasks may ask the vendor's own API about
+what it names, never write what it says.
+
 Every delivery ends in one of: 200 stored (or a repeat of a stored one), 401 bad or missing
 signature (nothing stored), 413 too large, 400 not a JSON document (malformed, or nested deeper
 than MAX_JSON_DEPTH), 408 the body did not arrive within BODY_TIMEOUT seconds (the connection is
@@ -20,13 +26,14 @@ bounded by the server: the app declares etl.asgi.Limits, which `etl.asgi.serve` 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import html
 import json
 import logging
 import re
 from array import array
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 import sqlalchemy as sa
@@ -71,6 +78,16 @@ class Source:
     name: str
     verifier: HmacVerifier | None  # None: deliveries are not signed (or checking is off)
     type_fields: tuple[str, ...]  # top-level fields naming the event's type, first found wins
+    path_secret: str | None = field(default=None, repr=False)  # deliveries come to /webhooks/{name}/{secret}
+
+    def path_ok(self, token: str | None) -> bool | None:
+        """None: no capability path for this source (and none given); True: the right one;
+        False: a wrong one, or one missing or unexpected."""
+        if self.path_secret is None:
+            return None if token is None else False
+        if token is None:
+            return False
+        return hmac.compare_digest(token.encode(), self.path_secret.encode())
 
 
 def default_sources(settings: WebhookSettings) -> dict[str, Source]:
@@ -78,7 +95,8 @@ def default_sources(settings: WebhookSettings) -> dict[str, Source]:
     unpublished: `type`, else `event`, else `event_type`."""
     return {
         "lgc": Source("lgc", lgc_verifier(settings), ("type",)),
-        "rupa": Source("rupa", rupa_verifier(settings), ("type", "event", "event_type")),
+        "rupa": Source("rupa", rupa_verifier(settings), ("type", "event", "event_type"),
+                       path_secret=settings.rupa_path_secret),
     }
 
 
@@ -160,7 +178,8 @@ def build_app(engine: Engine, settings: WebhookSettings,
 
     async def receive(request: Request) -> JSONResponse:
         source = sources.get(request.path_params["source"])
-        if source is None:
+        by_path = None if source is None else source.path_ok(request.path_params.get("token"))
+        if source is None or by_path is False:  # a wrong capability path looks like no endpoint at all
             return JSONResponse({"error": "unknown webhook source"}, status_code=404)
         try:
             body = await _read_capped(request, settings.max_body, body_timeout)
@@ -175,9 +194,11 @@ def build_app(engine: Engine, settings: WebhookSettings,
         except ClientDisconnect:  # the sender gave up: nobody reads an answer
             log.info("webhooks: a %s delivery was abandoned by its sender before its body ended", source.name)
             return JSONResponse({"error": "the body ended early"}, status_code=400)
-        if source.verifier is not None and not source.verifier(body, request.headers):
+        signed = source.verifier is not None and source.verifier(body, request.headers)
+        if source.verifier is not None and not signed:
             log.warning("webhooks: a %s delivery with a bad or missing signature was refused", source.name)
             return JSONResponse({"error": "bad or missing signature"}, status_code=401)
+        authenticated = bool(signed or by_path)
         document, refused = _parse(body, max_json_depth)
         if refused is not None:
             log.warning("webhooks: a %s delivery was refused: %s", source.name, refused)
@@ -189,12 +210,13 @@ def build_app(engine: Engine, settings: WebhookSettings,
         try:
             event_id, new = await run_in_threadpool(
                 store_event, engine, source.name, body, event_type=event_type,
-                content_type=request.headers.get("content-type"))
+                content_type=request.headers.get("content-type"), authenticated=authenticated)
         except Exception as exc:  # the warehouse is down or full: make the vendor retry
             log.error("webhooks: could not store a %s event (%s); answered 503", source.name,
                       type(exc).__name__)
             return JSONResponse({"error": "could not store the event; retry later"}, status_code=503)
-        log.info("webhooks: %s event %d (%s)%s", source.name, event_id, event_type or "no type",
+        log.info("webhooks: %s event %d (%s)%s%s", source.name, event_id, event_type or "no type",
+                 "" if authenticated else ", unauthenticated (a hint only)",
                  "" if new else ", a repeated delivery")
         return JSONResponse({"ok": True, "duplicate": not new})
 
@@ -216,7 +238,7 @@ def build_app(engine: Engine, settings: WebhookSettings,
                            "signed": True}).encode()
         try:
             await run_in_threadpool(store_event, engine, "rupa", body, event_type=RUPA_CHECKOUT_RETURNED,
-                                    content_type="application/json")
+                                    content_type="application/json", authenticated=True)
         except Exception as exc:
             log.error("webhooks: could not store a checkout return (%s)", type(exc).__name__)
             return HTMLResponse(_page("Not recorded yet", "Please reload this page in a minute."), 503)
@@ -241,6 +263,7 @@ def build_app(engine: Engine, settings: WebhookSettings,
     app = Starlette(routes=[
         Route("/webhooks/rupa/return", rupa_return, methods=["GET"]),
         Route("/webhooks/{source}", receive, methods=["POST"]),
+        Route("/webhooks/{source}/{token}", receive, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ])

@@ -38,6 +38,7 @@ class Event:
     body: bytes
     received_at: datetime
     attempts: int
+    authenticated: bool = False  # the delivery proved its sender: only then may its body be written
 
     def json(self):
         """The body as JSON (the receiver only stores bodies that parse, nested at most
@@ -60,13 +61,17 @@ def event_type_of(document: object, *fields: str) -> str | None:
 
 
 def store_event(engine: Engine, source: str, body: bytes, *, event_type: str | None,
-                content_type: str | None = None, now: datetime | None = None) -> tuple[int, bool]:
-    """Store one delivery; returns (event id, True if it was new)."""
+                content_type: str | None = None, now: datetime | None = None,
+                authenticated: bool = False) -> tuple[int, bool]:
+    """Store one delivery; returns (event id, True if it was new). `authenticated`: the delivery
+    proved its sender. A repeated delivery never lowers that; an authenticated repeat of an
+    unauthenticated event raises it, and the event is applied again if it had been set aside
+    (`ignored`) for want of it."""
     now = now or datetime.now(UTC)
     digest = hashlib.sha256(body).hexdigest()
     row = dict(source=source, sha256=digest, event_type=event_type,
                content_type=(content_type or "")[:100] or None, body=body, received_at=now,
-               deliveries=1, state=WebhookEventState.RECEIVED, attempts=0)
+               deliveries=1, state=WebhookEventState.RECEIVED, attempts=0, authenticated=authenticated)
     with engine.begin() as conn:
         insert = postgresql.insert(t) if conn.dialect.name == "postgresql" else sqlite.insert(t)
         new_id = conn.execute(
@@ -75,9 +80,16 @@ def store_event(engine: Engine, source: str, body: bytes, *, event_type: str | N
         ).scalar()
         if new_id is not None:
             return int(new_id), True
+        values: dict = {"deliveries": t.c.deliveries + 1}
+        if authenticated:
+            was = sa.func.coalesce(t.c.authenticated, sa.false())
+            values["state"] = sa.case((sa.and_(sa.not_(was), t.c.state == WebhookEventState.IGNORED),
+                                       WebhookEventState.RECEIVED), else_=t.c.state)
+            values["attempts"] = sa.case((sa.not_(was), 0), else_=t.c.attempts)
+            values["authenticated"] = True
         old_id = conn.execute(
             sa.update(t).where(t.c.source == source, t.c.sha256 == digest)
-            .values(deliveries=t.c.deliveries + 1).returning(t.c.id)
+            .values(**values).returning(t.c.id)
         ).scalar_one()
         return int(old_id), False
 
@@ -87,7 +99,8 @@ def pending_events(engine: Engine, source: str, *, limit: int = 500,
                    max_attempts: int | None = None, after_id: int | None = None) -> list[Event]:
     """Events of `source` still to apply (received, or failed before), oldest first.
     `after_id` pages through them (a pass that leaves some `failed` must not see them again)."""
-    q = (sa.select(t.c.id, t.c.source, t.c.event_type, t.c.body, t.c.received_at, t.c.attempts)
+    q = (sa.select(t.c.id, t.c.source, t.c.event_type, t.c.body, t.c.received_at, t.c.attempts,
+                   t.c.authenticated)
          .where(t.c.source == source, t.c.state.in_(list(states)))
          .order_by(t.c.id).limit(limit))
     if max_attempts is not None:
@@ -95,7 +108,7 @@ def pending_events(engine: Engine, source: str, *, limit: int = 500,
     if after_id is not None:
         q = q.where(t.c.id > after_id)
     with engine.connect() as conn:
-        return [Event(r.id, r.source, r.event_type, bytes(r.body), r.received_at, r.attempts)
+        return [Event(r.id, r.source, r.event_type, bytes(r.body), r.received_at, r.attempts, bool(r.authenticated))
                 for r in conn.execute(q)]
 
 
