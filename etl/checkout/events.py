@@ -37,6 +37,7 @@ those name event ids, order ids and ordered-test ids.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -200,7 +201,8 @@ def _apply_ordered_test(conn: Connection, res: dict, order_id: str, when: dateti
         return False
     pdf, hl7 = _link(attrs.get("results_pdf")), _link(attrs.get("results_hl7"))
     pending = int(bool(cur and cur["results_pending"]))
-    if (pdf and (cur is None or pdf != cur["results_pdf_url"])) or (hl7 and (cur is None or hl7 != cur["results_hl7_url"])):
+    if (pdf and (cur is None or not _same_link(pdf, cur["results_pdf_url"]))) or \
+            (hl7 and (cur is None or not _same_link(hl7, cur["results_hl7_url"]))):
         pending = 1  # a link we have not downloaded from yet
     row = dict(id=tid, order_id=_rel_id(res, "order") or order_id, lab_test_id=_rel_id(res, "lab_test"),
                date_results_received_from_lab=_timestamp(attrs.get("date_results_received_from_lab")),
@@ -212,6 +214,19 @@ def _apply_ordered_test(conn: Connection, res: dict, order_id: str, when: dateti
     update = [c for c in row if c not in ("id", "first_seen_at", "results_attempts")]
     upsert(conn, rupa_ordered_tests, [row], key=["id"], update=update)
     return True
+
+
+# A result link is a bearer credential to a patient's results: once its file is stored, only its
+# digest is kept (enough to know a repeated event brings nothing new).
+USED_LINK = "sha256:"
+
+
+def _spent(url: str) -> str:
+    return USED_LINK + hashlib.sha256(url.encode()).hexdigest()
+
+
+def _same_link(url: str, stored: str | None) -> bool:
+    return stored is not None and (stored == url or stored == _spent(url))
 
 
 def _without_links(attrs: dict) -> dict:
@@ -438,6 +453,8 @@ def download_results(engine: Engine, settings: Settings, out: ApplySummary, *,
     with engine.connect() as conn:
         pending = conn.execute(sa.select(t.c.id, t.c.order_id, t.c.results_pdf_url, t.c.results_hl7_url)
                                .where(t.c.results_pending == 1).order_by(t.c.id)).mappings().all()
+    pending = [{**p, **{c: None for c in ("results_pdf_url", "results_hl7_url")
+                        if (p[c] or "").startswith(USED_LINK)}} for p in pending]  # already stored
     if not pending:
         return
     policy = result_policy(settings)
@@ -446,6 +463,7 @@ def download_results(engine: Engine, settings: Settings, out: ApplySummary, *,
     try:
         for test in pending:
             errors = []
+            done: dict[str, str] = {}  # url column -> the link whose file is now stored
             for kind, column in RESULT_KINDS.items():
                 url = test[f"{column}_url"]
                 if not url:
@@ -464,6 +482,7 @@ def download_results(engine: Engine, settings: Settings, out: ApplySummary, *,
                         ordered_test_id=test["id"], order_id=test["order_id"], kind=kind, sha256=download.sha256,
                         size=download.size, content_type=(download.content_type or "")[:100] or None,
                         content=content, stored_at=datetime.now(UTC)).returning(rupa_results.c.id)).scalar()
+                done[f"{column}_url"] = url
                 if new is not None:
                     out.results_stored += 1
                     log.debug("rupa results: stored the %s of ordered test %s (order %s)", kind, test["id"], test["order_id"])
@@ -473,6 +492,9 @@ def download_results(engine: Engine, settings: Settings, out: ApplySummary, *,
                 conn.execute(sa.update(t).where(t.c.id == test["id"]).values(
                     results_pending=1 if errors else 0, results_error="; ".join(errors)[:500] or None,
                     results_attempts=t.c.results_attempts + 1))
+                for column, url in done.items():  # a stored file's link is kept only as its digest
+                    conn.execute(sa.update(t).where(t.c.id == test["id"], t.c[column] == url)
+                                 .values({column: _spent(url)}))
             if errors:
                 out.downloads_failed += 1
                 log.warning("rupa results: ordered test %s (order %s): %s; tried again next run",
