@@ -57,9 +57,9 @@ def _global(
 
 
 def _register() -> None:
-    from etl.commands import budget, core, intents, lgc, lifecycle, rupa, webhooks
+    from etl.commands import audit, budget, core, intents, lgc, lifecycle, rupa, webhooks
 
-    for module in (core, lgc, lifecycle, rupa, webhooks, budget, intents):
+    for module in (core, lgc, lifecycle, rupa, webhooks, budget, intents, audit):
         module.register(app)
 
 

@@ -60,6 +60,15 @@ class WarehouseUnavailable(LabsyncError):
     exit_code = 2
 
 
+class WarehouseRefused(LabsyncError):
+    """The warehouse refused one item's write (a constraint, a trigger, a value it cannot hold):
+    that item failed, the run goes on (exit 2 where it ends a command). The message names the
+    table and the driver's error class only: the driver's text can quote the row, which holds
+    PHI."""
+
+    exit_code = 2
+
+
 class UnsafeIdError(LabsyncError):
     """An id that cannot travel in a URL path exactly as written (exit code 2). The message
     names the id (ids are not PHI) with control characters escaped."""

@@ -83,6 +83,10 @@ NUMBERS: dict[str, tuple[type, float | None, float | None, bool, str]] = {
     "LABSYNC_TASK_TIMEOUT_MINUTES": (float, 0, 10_080, True, "must be above 0 and at most 10080 minutes (a week)"),
     "LABSYNC_LOAD_TIMEOUT_MINUTES": (float, 0, 10_080, True, "must be above 0 and at most 10080 minutes (a week)"),
     "LABSYNC_LOAD_PARALLELISM": (int, 1, 1024, False, "must be between 1 and 1024"),
+    # retention (etl.retention): days each data class is kept once nothing needs it any more
+    **{f"LABSYNC_RETENTION_{c.upper()}_DAYS": (int, 0, 36_500, False, "must be between 0 and 36500 days")
+       for c in ("webhook_bodies", "result_documents", "rejected_values", "outbox_bodies", "batch_files",
+                 "audit")},
 }
 
 
@@ -411,6 +415,30 @@ def _json_object(name: str, raw: str | None, default: Mapping) -> Mapping:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """Days each class of PHI is kept once nothing needs it any more (etl.retention; `labsync
+    purge` and the labsync_retention DAG apply it). LABSYNC_RETENTION_<CLASS>_DAYS, e.g.
+    LABSYNC_RETENTION_WEBHOOK_BODIES_DAYS; 0 = purge as soon as it is no longer needed."""
+
+    webhook_bodies: int = 30  # raw webhook bodies of applied (or, authenticated, ignored) events
+    result_documents: int = 365  # result JSON / HL7 / PDF bytes and the values read from them
+    rejected_values: int = 90  # rejected cells kept in the warehouse (the fix file has them)
+    outbox_bodies: int = 30  # order bodies of settled outbox rows (normally dropped at once)
+    batch_files: int = 90  # batch files and their reports in the inbox's processed/ and failed/
+    audit: int = 2192  # the audit trail itself (6 years)
+
+    CLASSES = ("webhook_bodies", "result_documents", "rejected_values", "outbox_bodies", "batch_files", "audit")
+
+    def days(self, data_class: str) -> int:
+        return int(getattr(self, data_class))
+
+    def validated(self) -> RetentionSettings:
+        for c in self.CLASSES:
+            check_number(f"LABSYNC_RETENTION_{c.upper()}_DAYS", self.days(c))
+        return self
+
+
+@dataclass(frozen=True)
 class Settings:
     warehouse_url: str = "sqlite:///.labsync/labsync.db"
     # a local folder or an fsspec URL (s3://bucket/prefix, gs://…, sftp://…: etl.intake.storage), and the
@@ -429,6 +457,7 @@ class Settings:
     retry: RetrySettings = field(default_factory=RetrySettings)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
 
     def checked(self) -> Settings:
         """Check the settings every command and task needs (the vendors' are checked by
@@ -540,6 +569,9 @@ class Settings:
                 cancel_patch=_json_object("LGC_CANCEL_PATCH", get("LGC_CANCEL_PATCH"),
                                           d.lifecycle.cancel_patch),
             ),
+            retention=RetentionSettings(**{
+                c: num(f"LABSYNC_RETENTION_{c.upper()}_DAYS", d.retention.days(c), int)
+                for c in RetentionSettings.CLASSES}),
         )
 
 
@@ -557,6 +589,7 @@ class DagSettings:
     lifecycle_schedule: str = "*/15 * * * *"
     rupa_schedule: str = "@hourly"
     rupa_checkout_schedule: str = "*/5 * * * *"
+    retention_schedule: str = "@daily"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DagSettings:
@@ -580,4 +613,5 @@ class DagSettings:
             lifecycle_schedule=get("LABSYNC_LIFECYCLE_SCHEDULE", d.lifecycle_schedule),
             rupa_schedule=get("LABSYNC_RUPA_SCHEDULE", d.rupa_schedule),
             rupa_checkout_schedule=get("LABSYNC_RUPA_CHECKOUT_SCHEDULE", d.rupa_checkout_schedule),
+            retention_schedule=get("LABSYNC_RETENTION_SCHEDULE", d.retention_schedule),
         )

@@ -143,3 +143,15 @@ class CancelState(StrEnum):
     REQUESTED = "cancel requested"  # PATCH answered 202; waiting for status Cancelled
     CONFIRMED = "cancelled"  # LetsGetChecked reports the item Cancelled
     TOO_LATE = "cancel too late"  # the item moved on to the lab (or finished) instead
+
+
+class AuditAction(StrEnum):
+    """`phi_access.action`: what a person or a task did with PHI (etl.audit records it)."""
+
+    ORDER_STATUS_SHOWN = "order status shown"  # `labsync status CLIENT_ORDER_ID`
+    BATCH_STATUS_SHOWN = "batch status shown"  # `labsync status --batch NAME`: its orders' rows
+    RESULTS_STORED = "results stored"  # result documents fetched into the warehouse
+    REPORT_WRITTEN = "report written"  # a rejects / fix / summary / checkout file beside a batch
+    DRY_RUN_WRITTEN = "dry-run file written"  # the request bodies a run would send (--dry-run)
+    WEBHOOK_RECEIVED = "webhook received"  # a delivery stored by the receiver (may hold PHI)
+    PURGE = "purge"  # a retention class purged (etl.retention): one row per class, with its count

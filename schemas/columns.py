@@ -26,6 +26,19 @@ REQUIRED: tuple[str, ...] = (
     "address_line1", "city", "postal_code", "order_items",
 )
 
+# The columns that hold PHI: the patient's HIPAA identifiers (names, email, phone, date of birth,
+# address below the state, participant and insurance numbers) and health or free text (diagnosis
+# codes, the note; every custom.<key> column counts too: schemas.contract.Contract.is_phi). The one
+# declaration: a rejected cell of these columns is never stored in the warehouse (its value stays
+# in the rejects report and the fix file beside the batch) and no reason quotes it (reasons name the
+# column and the rule). Ids (client_order_id, rupa_patient_id), vocabulary columns (gender, state,
+# ...), kit codes and the provider's own details are not PHI here: their rejected values are shown.
+PHI: frozenset[str] = frozenset({
+    "participant_id", "first_name", "middle_name", "last_name", "email", "phone_number", "dob",
+    "address_line1", "address_line2", "city", "postal_code", "diagnosis_codes", "note",
+    "insurance_policy_number", "insurance_group_number",
+})
+
 # Columns that may be filled from the warehouse's Rupa copy when `rupa_patient_id` is given.
 RUPA_FILLABLE: tuple[str, ...] = ("first_name", "last_name", "email", "dob")
 RUPA_PATIENT_ID = "rupa_patient_id"
@@ -74,6 +87,11 @@ def path_id_problem(value: str) -> str | None:
 
 def is_custom(column: str) -> bool:
     return column.startswith(CUSTOM_PREFIX) and len(column) > len(CUSTOM_PREFIX)
+
+
+def is_phi(column: str) -> bool:
+    """Whether a column of an order batch holds PHI (PHI, and every custom.<key> column)."""
+    return column in PHI or is_custom(column)
 
 
 def split_list(cell: str | None) -> list[str]:

@@ -40,6 +40,10 @@ class Contract:
     # columns read and then ignored: `problems`, the first column of the fix file labsync writes
     # (FILE.fix.csv), so a fixed copy dropped back is an ordinary batch
     ignored_columns: tuple[str, ...] = ()
+    # the columns that hold PHI (declared beside each contract's columns: schemas.columns.PHI,
+    # schemas.order_intents.PHI); every `<prefix><key>` column counts too. Their rejected cells are
+    # kept only in the reports beside the file, never in the warehouse, and no reason quotes them.
+    phi: frozenset[str] = frozenset()
 
     @property
     def reject_columns(self) -> tuple[str, ...]:
@@ -48,3 +52,6 @@ class Contract:
 
     def is_extra(self, column: str) -> bool:
         return column.startswith(self.extra_prefix) and len(column) > len(self.extra_prefix)
+
+    def is_phi(self, column: str) -> bool:
+        return column in self.phi or self.is_extra(column)

@@ -27,6 +27,7 @@ from schemas.columns import (
     PATH_ID_PATTERN,
     OrderItemError,
     is_custom,
+    is_phi,
     parse_order_items,
     path_id_problem,
 )
@@ -334,101 +335,110 @@ def _pcp_full_name_length(df: pd.DataFrame) -> pd.Series:
 
 
 # ---- plain-English reasons --------------------------------------------------------------------
+# Each reason function takes (column, value, q): `value` is the cell as the file has it (what the
+# sentence is chosen by), `q` how the sentence quotes it: " 'value'", or "" for a PHI column
+# (schemas.columns.is_phi), whose value a reason never repeats, nor anything made from it. The
+# reject report's `value` column and the fix file beside the batch show the cell to a person.
 
-def _one_of(column: str, value: str, allowed) -> str:
+def _one_of(column: str, value: str, q: str, allowed) -> str:
     allowed = list(allowed)
-    guess = difflib.get_close_matches(value, allowed, n=1, cutoff=0.6)
+    guess = difflib.get_close_matches(value, allowed, n=1, cutoff=0.6) if q else []
     hint = f"; did you mean {guess[0]!r}?" if guess else ""
     if allowed == list(vocab.STATES):
-        return (f"{column} {value!r} is not a US state code LetsGetChecked accepts: use the two-letter "
+        return (f"{column}{q} is not a US state code LetsGetChecked accepts: use the two-letter "
                 f"postal code, e.g. MA (DC and PR are allowed){hint}")
-    return f"{column} {value!r} is not an allowed value (allowed: {', '.join(allowed)}){hint}"
+    return f"{column}{q} is not an allowed value (allowed: {', '.join(allowed)}){hint}"
 
 
-def _length(column: str, value: str) -> str:
+def _length(column: str, value: str, _q: str = "") -> str:
     key = "custom.*" if is_custom(column) else column
     who = "LetsGetChecked" if key in DOCUMENTED_LENGTHS else "labsync"
     return f"{column} is {len(value)} characters; {who} allows at most {MAX_LENGTH[key]}"
 
 
-def _path_id_reason(column: str, value: str) -> str:
-    return (f"{column} {path_id_problem(value)}: LetsGetChecked receives this id in the URL, "
+def _path_id_reason(column: str, value: str, q: str) -> str:
+    problem = path_id_problem(value) if q else "has a character that cannot travel in a URL"
+    return (f"{column} {problem}: LetsGetChecked receives this id in the URL, "
             f"so use only {PATH_ID_CHARACTERS}")
 
 
-def _zip_reason(column: str, value: str) -> str:
+def _zip_reason(column: str, value: str, q: str) -> str:
     lost = _ZIP_LOST_ZERO.fullmatch(value)
     if lost:
         fixed = lost.group("head").zfill(5) + (lost.group("tail") or "")
-        return (f"{column} {value!r} looks like a ZIP code that lost its leading zero (e.g. {fixed}): "
+        example = f" (e.g. {fixed})" if q else " (put the zeros back in front: 5 digits)"
+        return (f"{column}{q} looks like a ZIP code that lost its leading zero{example}: "
                 f"Excel drops it when it reads the cell as a number; {TEXT_TIP}")
-    return (f"{column} {value!r} is not a US ZIP code: use 5 digits or ZIP+4 with a dash "
+    return (f"{column}{q} is not a US ZIP code: use 5 digits or ZIP+4 with a dash "
             "(12345 or 12345-6789)")
 
 
-def _dob_reason(column: str, value: str) -> str:
+def _dob_reason(column: str, value: str, q: str) -> str:
     if _EXCEL_DATE.fullmatch(value):
-        return (f"{column} {value!r} is a date as Excel shows it (M/D/YYYY or D/M/YYYY: labsync does "
+        return (f"{column}{q} is a date as Excel shows it (M/D/YYYY or D/M/YYYY: labsync does "
                 f"not guess which); write it as YYYY-MM-DD, e.g. 1980-04-23, and {TEXT_TIP}")
     if not _DATE.match(value):
-        return f"{column} {value!r} is not a date in the form YYYY-MM-DD (e.g. 1980-04-23)"
+        return f"{column}{q} is not a date in the form YYYY-MM-DD (e.g. 1980-04-23)"
     try:
         when = date.fromisoformat(value)
     except ValueError:
-        return f"{column} {value!r} is not a real calendar date"
+        return f"{column}{q} is not a real calendar date"
     if when >= date.today():
-        return f"{column} {value!r} is not in the past; a date of birth must be before today"
+        return f"{column}{q} is not in the past; a date of birth must be before today"
     if when < MIN_DOB:
-        return f"{column} {value!r} is before {MIN_DOB.isoformat()}; check the year"
-    return f"{column} {value!r} is not a valid date of birth"
+        return f"{column}{q} is before {MIN_DOB.isoformat()}; check the year"
+    return f"{column}{q} is not a valid date of birth"
 
 
-def _order_items_reason(column: str, value: str) -> str:
+def _order_items_reason(column: str, value: str, q: str) -> str:
     try:
         parse_order_items(value)
     except OrderItemError as exc:
-        return str(exc)
+        return str(exc) if q else f"{column} is not a list of CODE or CODE:QUANTITY (e.g. GLCS;FCIT:2)"
     return f"{column} cannot be read"
 
 
-def _npi_reason(column: str, value: str) -> str:
+def _npi_reason(column: str, value: str, q: str) -> str:
     if not value.isdigit():
-        return f"{column} {value!r} is not a whole number; an NPI is 10 digits"
+        return f"{column}{q} is not a whole number; an NPI is 10 digits"
     if len(value) != 10:
         return f"{column} has {len(value)} digits; an NPI has exactly 10"
-    return f"{column} {value!r} fails the NPI check digit; check it for a typo"
+    return f"{column}{q} fails the NPI check digit; check it for a typo"
 
 
-def _requires_reason(check_name: str) -> Callable[[str, str], str]:
+def _requires_reason(check_name: str) -> Callable[[str, str, str], str]:
     column = check_name.split(":", 1)[1]
     block = next(b for b, (_, req, _) in BLOCKS.items() if column in req)
     what = BLOCKS[block][2]
     required = ", ".join(BLOCKS[block][1])
-    return lambda _c, _v: (
+    return lambda _c, _v, _q: (
         f"{column} is required when {what} is given (fill {required}, or leave all of its columns empty)"
     )
 
 
-REASONS: dict[str, Callable[[str, str], str]] = {
-    "not_nullable": lambda column, _v: f"{column} is required but empty",
+def _phone_cc_reason(column: str, value: str, q: str) -> str:
+    if _CC_WITHOUT_PLUS.fullmatch(value):
+        example = f"+{value}" if q else "+1"
+        return (f"{column}{q} has lost its '+' (it must be '+' followed by 1 to 4 digits): Excel drops "
+                f"the + when it reads the cell as a number; write it with the + (e.g. {example}) and {TEXT_TIP}")
+    return f"{column}{q} must be '+' followed by 1 to 4 digits, e.g. +1"
+
+
+REASONS: dict[str, Callable[[str, str, str], str]] = {
+    "not_nullable": lambda column, _v, _q: f"{column} is required but empty",
     "path_safe_id": _path_id_reason,
     "us_zip": _zip_reason,
     "str_length": _length,
-    "phone_country_code_format": lambda column, value: (
-        f"{column} {value!r} has lost its '+' (it must be '+' followed by 1 to 4 digits): Excel drops "
-        f"the + when it reads the cell as a number; write it with the + (e.g. +{value}) and {TEXT_TIP}"
-        if _CC_WITHOUT_PLUS.fullmatch(value) else
-        f"{column} {value!r} must be '+' followed by 1 to 4 digits, e.g. +1"
-    ),
-    "phone_number_format": lambda column, value: (
+    "phone_country_code_format": _phone_cc_reason,
+    "phone_number_format": lambda column, _v, _q: (
         f"{column} must be 4 to 15 digits, without the country code, spaces or dashes"
     ),
-    "email_format": lambda column, value: f"{column} {value!r} is not an email address",
-    "not_scientific": lambda column, value: _scientific_reason(column, value),
+    "email_format": lambda column, _v, q: f"{column}{q} is not an email address",
+    "not_scientific": lambda column, value, q: _scientific_reason(column, value, q),
     "past_date": _dob_reason,
     "order_items_format": _order_items_reason,
     "npi": _npi_reason,
-    "pcp_full_name": lambda column, value: (
+    "pcp_full_name": lambda column, value, _q: (  # `value`: the names' length, not a cell
         f"the primary care provider's first, middle and last names together are {value} "
         f"characters; LetsGetChecked requires fewer than 100"
     ),
@@ -451,30 +461,36 @@ _STATS = _statistics()
 MAX_QUOTED = 80  # a reason quotes at most this much of a value (the report's value column has it)
 
 
-def _scientific_reason(column: str, value: str) -> str:
-    return (f"{column} {value!r} is a long number in scientific notation: Excel shows long numbers "
+def _scientific_reason(column: str, value: str, q: str) -> str:
+    return (f"{column}{q} is a long number in scientific notation: Excel shows long numbers "
             f"that way and saves only the first digits; type the full value again and {TEXT_TIP}")
+
+
+def _quote(column: str, value: str) -> str:
+    """How a reason quotes the cell: ` 'value'`, or nothing at all for a PHI column."""
+    return "" if is_phi(column) else f" {value!r}"
 
 
 def reason_for(check: str, column: str, value: str | None) -> str:
     """The sentence for one failed check on one cell. `value`: the cell as the file has it (the
-    Excel hints recognise what Excel did to that text)."""
+    Excel hints recognise what Excel did to that text). A PHI column's value is never quoted."""
     value = "" if value is None else value
     check = check.split("(", 1)[0]  # pandera reports built-ins as e.g. "str_length(None, 35)"
     if check != "not_nullable" and _SCIENTIFIC.fullmatch(value):
-        return _scientific_reason(column, value)  # whatever rule it broke, this is why
+        return _scientific_reason(column, value, _quote(column, value))  # whatever rule it broke, this is why
     if check == "str_length":
         return _length(column, value)  # counts the whole value
     if len(value) > MAX_QUOTED:
         value = value[: MAX_QUOTED - 1] + "…"
+    q = _quote(column, value)
     if check in REASONS:
-        return REASONS[check](column, value)
+        return REASONS[check](column, value, q)
     if check.startswith("requires:"):
-        return _requires_reason(check)(column, value)
+        return _requires_reason(check)(column, value, q)
     stats = _STATS.get((column, check), {})
     if "allowed_values" in stats:
-        return _one_of(column, value, stats["allowed_values"])
-    return f"{column} {value!r} breaks the rule {check}"
+        return _one_of(column, value, q, stats["allowed_values"])
+    return f"{column}{q} breaks the rule {check}"
 
 
 SCHEMA = OrderBatch.to_schema()

@@ -35,6 +35,11 @@ MAX_ROW_ID = 100
 
 COLUMNS: tuple[str, ...] = (ROW_ID, PATIENT_ID, *PATIENT_FIELDS, "birthday", "lab_test_ids", "return_url")
 REQUIRED: tuple[str, ...] = (ROW_ID, "return_url")
+# The columns that hold PHI (the patient's name, email and birthday; every metadata.<key> column
+# counts too: Contract.is_phi): their rejected cells stay in the reports beside the file, never in
+# the warehouse, and no reason quotes them. Ids (row_id, rupa_patient_id, lab test ids) and the
+# return URL are not PHI.
+PHI: frozenset[str] = frozenset({*PATIENT_FIELDS, "birthday"})
 
 _PATIENT_ID = re.compile(r"^pat_[A-Za-z0-9_-]+$")
 _LAB_TEST_ID = re.compile(r"^labts_[A-Za-z0-9_-]+$")
@@ -112,27 +117,28 @@ def _lab_tests_reason(column: str, value: str) -> str:
             "(labts_…); separate several ids with ';'")
 
 
-REASONS: dict[str, Callable[[str, str], str]] = {
-    "not_nullable": lambda column, _v: f"{column} is required but empty",
-    "patient_id_format": lambda column, value: f"{column} {value!r} is not a Rupa patient id (pat_…)",
-    "email_format": lambda column, value: f"{column} {value!r} is not an email address",
+REASONS: dict[str, Callable[[str, str, str], str]] = {  # (column, value, q): see schemas.order_batch
+    "not_nullable": lambda column, _v, _q: f"{column} is required but empty",
+    "patient_id_format": lambda column, _v, q: f"{column}{q} is not a Rupa patient id (pat_…)",
+    "email_format": lambda column, _v, q: f"{column}{q} is not an email address",
     "past_date": _dob_reason,
-    "lab_test_ids_format": _lab_tests_reason,
-    "url": lambda column, value: (
-        f"{column} {value!r} is not a web address; give a full http:// or https:// URL"),
-    "str_length": lambda column, value: f"{column} is {len(value)} characters; at most {MAX_ROW_ID} are allowed",
+    "lab_test_ids_format": lambda column, value, _q: _lab_tests_reason(column, value),
+    "url": lambda column, _v, q: (
+        f"{column}{q} is not a web address; give a full http:// or https:// URL"),
+    "str_length": lambda column, value, _q: f"{column} is {len(value)} characters; at most {MAX_ROW_ID} are allowed",
 }
 
 
 def reason_for(check: str, column: str, value: str | None) -> str:
     value = "" if value is None else value
     check = check.split("(", 1)[0]
+    q = "" if CONTRACT.is_phi(column) else f" {value!r}"  # a PHI column's value is never quoted
     if check.startswith("requires:"):
         return (f"{column} is required when rupa_patient_id is empty (give rupa_patient_id, or "
                 "first_name, last_name and email)")
     if check in REASONS:
-        return REASONS[check](column, value)
-    return f"{column} {value!r} breaks the rule {check}"
+        return REASONS[check](column, value, q)
+    return f"{column}{q} breaks the rule {check}"
 
 
 def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
@@ -145,5 +151,5 @@ CONTRACT = Contract(
     name="order-intents file", columns=COLUMNS, required=REQUIRED, schema=OrderIntents.to_schema(),
     reason_for=reason_for, id_column=ROW_ID, extra_prefix=METADATA_PREFIX,
     template="examples/intents_template.csv", row_noun="row", normalise=_normalise,
-    example="examples/intents.csv",
+    example="examples/intents.csv", phi=PHI,
 )

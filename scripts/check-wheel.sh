@@ -68,7 +68,7 @@ from airflow.providers_manager import ProvidersManager
 
 text = open(sys.argv[1]).read()
 dags = sorted(d["dag_id"] for d in json.loads(text[text.index("["):]))
-assert dags == ["lgc_lifecycle", "order_batches", "rupa_checkout", "rupa_extract"], dags
+assert dags == ["labsync_retention", "lgc_lifecycle", "order_batches", "rupa_checkout", "rupa_extract"], dags
 errors = DagBag(dag_folder=sys.argv[2], include_examples=False).import_errors
 assert not errors, errors
 hooks = {t: h.hook_class_name for t, h in ProvidersManager().hooks.items() if h and t.startswith("labsync")}

@@ -64,7 +64,7 @@ def test_dagbag_loads_both_dags_with_the_expected_shape(airflow_env):
     facts = probe(airflow_env, "integrity")
     assert facts["import_errors"] == {}
     dags = facts["dags"]
-    assert set(dags) == {"rupa_extract", "order_batches", "rupa_checkout", "lgc_lifecycle"}
+    assert set(dags) == {"rupa_extract", "order_batches", "rupa_checkout", "lgc_lifecycle", "labsync_retention"}
 
     rupa = dags["rupa_extract"]
     assert rupa["tasks"] == ["extract_lab_tests", "extract_patients"]
@@ -93,6 +93,10 @@ def test_dagbag_loads_both_dags_with_the_expected_shape(airflow_env):
                                "fetch_results": ["lgc_results"]}
     assert life["trigger_rules"]["sweep"] == life["trigger_rules"]["fetch_results"] == "all_done"
 
+    retention = dags["labsync_retention"]  # issue 23: the daily purge (etl.retention)
+    assert retention["tasks"] == ["purge"]
+    assert retention["schedule"] == "@daily" and retention["catchup"] is False and retention["max_active_runs"] == 1
+
     # every task of every DAG has a timeout (a hung vendor call must not hold a worker slot forever)
     for dag_id, facts_of in dags.items():
         for task_id, timeout in facts_of["timeouts"].items():
@@ -117,7 +121,8 @@ def test_schedules_are_configurable(airflow_env):
     assert facts["dags"]["lgc_lifecycle"]["schedule"] == "@hourly"
 
 
-@pytest.mark.parametrize("dag_file", ["rupa_extract.py", "order_batches.py", "rupa_checkout.py", "lgc_lifecycle.py"])
+@pytest.mark.parametrize("dag_file", ["rupa_extract.py", "order_batches.py", "rupa_checkout.py", "lgc_lifecycle.py",
+                                      "labsync_retention.py"])
 def test_dag_files_do_no_work_at_import(airflow_env, dag_file):
     facts = probe(airflow_env, "imports", str(DAGS / dag_file))
     assert facts["heavy_imports"] == []
@@ -165,6 +170,12 @@ def test_order_batches_end_to_end(airflow_env, sandboxes, tmp_path, inbox_locati
         n_rejects = conn.execute(sa.select(sa.func.count()).select_from(rejected_rows)).scalar_one()
     assert len(states) == 12 and set(states.values()) == {"accepted"}
     assert n_rejects == 13
+    # issue 23: the reports and summaries written are audited as the task instances that wrote them
+    from etl import audit
+
+    written = audit.query(engine, action="report written")
+    assert {r["actor"].split(".")[0] for r in written} == {"airflow:order_batches"}
+    assert {r["actor"].split(".")[1] for r in written} == {"prepare", "finish"}
     assert inbox.names("processed") == [
         "orders.csv", "orders.summary.html", "orders_broken.csv", "orders_broken.fix.csv",
         "orders_broken.rejects.csv", "orders_broken.summary.html"]

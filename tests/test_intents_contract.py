@@ -49,8 +49,12 @@ def test_every_problem_gets_a_line_and_a_plain_reason(tmp_path):
         f"{'x' * 101},pat_1,,,,,,https://a.example\n"))
     got = {(int(r["line"]), r["column"]): r["reason"] for r in rejects}
     assert got[(2, "rupa_patient_id")] == "rupa_patient_id 'patient-7' is not a Rupa patient id (pat_…)"
-    assert got[(3, "email")] == "email 'not-an-email' is not an email address"
-    assert got[(3, "birthday")] == "birthday '1815-13-10' is not a real calendar date"
+    # PHI columns (schemas.order_intents.PHI): the reason names the column and the rule, never the
+    # cell (issue 23); the report's value column has it
+    assert got[(3, "email")] == "email is not an email address"
+    assert got[(3, "birthday")] == "birthday is not a real calendar date"
+    assert {(r["column"], r["value"]) for r in rejects if r["line"] == "3"} >= {
+        ("email", "not-an-email"), ("birthday", "1815-13-10")}
     assert "'lab_1': not a Rupa lab test id" in got[(3, "lab_test_ids")]
     assert got[(3, "return_url")].startswith("return_url 'www.example.com' is not a web address")
     assert got[(4, "last_name")].startswith("last_name is required when rupa_patient_id is empty")

@@ -137,6 +137,12 @@ SHARED_WRITES = {
     # the events task links an intent to its Rupa order (order_id); the owner, etl.checkout.intents,
     # imports the intents contract (pandas, pandera), which the events task does not load
     ("etl.checkout.events", "rupa_order_intents"): "events link an intent to its order",
+    # retention (issue 23): the result owners (etl.orders.results, etl.checkout.events) import the
+    # vendors' HTTP clients, which a purge must not load; a stored result is never rewritten by
+    # them, and the purge only blanks the bytes of documents older than their retention
+    ("etl.retention", "lgc_results"): "the retention purge blanks expired result documents",
+    ("etl.retention", "lgc_result_values"): "the retention purge drops values read from them",
+    ("etl.retention", "rupa_results"): "the retention purge blanks expired result files",
 }
 
 

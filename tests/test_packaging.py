@@ -20,7 +20,7 @@ def test_the_wheel_installs_beside_the_lowest_supported_airflow_with_pip_check_c
     assert "apache-airflow==3.1.0 sqlalchemy==2." in said  # the lowest Airflow, on SQLAlchemy 2
     assert "pip check: All installed packages are compatible" in said
     assert "beside apache-airflow==3.0.6: refused up front" in said
-    assert ("airflow dags list: lgc_lifecycle, order_batches, rupa_checkout, rupa_extract; import errors: "
+    assert ("airflow dags list: labsync_retention, lgc_lifecycle, order_batches, rupa_checkout, rupa_extract; import errors: "
             "none; connection types: labsync-lgc, labsync-rupa (with their forms)") in said
     assert "airflow dags test order_batches: 12 orders accepted" in said
     assert "install the labsync[sandbox] extra" in said

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import asdict
+from datetime import UTC, datetime
 
 import etl.airflow.storage  # noqa: F401  (an inbox connection id goes through Airflow)
 from etl.errors import ConfigError
@@ -37,13 +38,29 @@ def airflow_settings(*, require: tuple[str, ...] = ()) -> Settings:
 
 
 def _engine(settings: Settings):
-    from etl import logs, warehouse
+    from etl import audit, logs, warehouse
 
     # Airflow configures the handlers; labsync's records still pass the redaction point, and
     # httpx's request lines (full URLs: ids, signed result links) stay out of the task logs
     logs.install()
+    # the audit trail names this task instance as who acted (etl.audit), not the worker's OS user
+    audit.set_process_actor(task_actor())
 
     return warehouse.connect(settings.warehouse_url)
+
+
+def task_actor() -> str | None:
+    """`airflow:<dag_id>.<task_id>.<run_id>.<try>` of the running task (None outside a task)."""
+    try:
+        from airflow.sdk import get_current_context
+
+        ti = get_current_context()["ti"]
+    except Exception:  # not inside a task (a test calling the function, a shell)
+        return None
+    from etl import audit
+
+    return audit.airflow_actor(ti.dag_id, ti.task_id, ti.run_id, getattr(ti, "try_number", None),
+                               getattr(ti, "map_index", -1))
 
 
 def _plain_errors(fn):
@@ -90,16 +107,25 @@ def rupa_intents(settings: Settings | None = None) -> list[dict]:
     from etl.checkout.inbox import process_intents_inbox
 
     settings = settings or airflow_settings(require=("rupa",))
+    from etl import audit
+
     ti, _ = _owners()  # a retry of this task instance takes its rows over at once
-    return process_intents_inbox(_engine(settings), settings, owner=ti)
+    engine = _engine(settings)
+    outcomes = process_intents_inbox(engine, settings, owner=ti)
+    for o in outcomes:
+        audit.record_outcome_reports(engine, o)
+    return outcomes
 
 
 def rupa_events(settings: Settings | None = None) -> dict:
     """Apply stored Rupa events to the warehouse and download new results."""
+    from etl import audit
     from etl.checkout.events import apply_events
 
     settings = settings or airflow_settings()
-    summary = apply_events(_engine(settings), settings)
+    engine, since = _engine(settings), datetime.now(UTC)
+    summary = apply_events(engine, settings)
+    audit.record_results(engine, since)
     return {**summary.as_dict(), "summary": summary.line()}
 
 
@@ -212,11 +238,27 @@ def lgc_sweep(settings: Settings | None = None) -> dict:
 @_plain_errors
 def lgc_fetch_results(settings: Settings | None = None) -> dict:
     """Fetch and store the results of items at ResultsAvailable (JSON + HL7), once each."""
+    from etl import audit
     from etl.errors import ApiError
     from etl.orders.results import fetch_results
 
     settings = settings or airflow_settings(require=("lgc",))
-    summary = fetch_results(_engine(settings), settings)
+    engine, since = _engine(settings), datetime.now(UTC)
+    summary = fetch_results(engine, settings)
+    audit.record_results(engine, since)
     if _all_failed(len(summary.failed), summary.stored + summary.hl7_added + summary.not_released):
         raise ApiError(f"no result could be fetched ({len(summary.failed)} failed)")
     return {**summary.as_dict(), "summary": summary.line()}
+
+
+# ---- labsync_retention: the retention of each class of PHI (etl.retention) -----------------------
+
+@_plain_errors
+def retention_purge(settings: Settings | None = None) -> dict:
+    """Purge what is older than its retention and no longer needed (one audit row per class
+    purged); returns counts per class (no PHI)."""
+    from etl.retention import purge
+
+    settings = settings or airflow_settings()
+    report = purge(_engine(settings), settings)
+    return {**report.as_dict(), "summary": report.line()}

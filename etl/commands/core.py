@@ -108,6 +108,9 @@ def register(app: typer.Typer) -> None:
                                                       fix_path=fix)
             validation.run()
             result = records.close_batch(engine, batch_id, validation)
+            from etl import audit
+
+            audit.record_reports(engine, file, batch_id=batch_id, count=result.rejected_rows)
         else:
             result = CsvValidation(file, fix_path=fix).run()
         typer.echo(result.summary())

@@ -41,8 +41,13 @@ def register(app: typer.Typer) -> None:
             typer.echo("labsync: give one FILE.csv, or --inbox", err=True)
             raise typer.Exit(2)
         engine = warehouse.connect(settings.warehouse_url)
+        from etl import audit
+        from etl.states import AuditAction
+
         if inbox:
             outcomes = process_intents_inbox(engine, settings)
+            for o in outcomes:
+                audit.record_outcome_reports(engine, o)
             if not outcomes:
                 typer.echo(f"inbox {IntentsInbox.of(settings).root}: nothing to do")
             for o in outcomes:
@@ -61,12 +66,15 @@ def register(app: typer.Typer) -> None:
             finally:
                 if not to_stdout:
                     handle.close()
+            audit.record(engine, AuditAction.DRY_RUN_WRITTEN, "intent", [], would,
+                         detail="standard output" if to_stdout else target.name)
             typer.echo(validation.result.summary(), err=to_stdout)
             typer.echo(f"dry run: {would} rows would be sent ({settled} already settled in the ledger); "
                        f"{'written above' if to_stdout else f'requests written to {target}'}. Nothing was sent.",
                        err=to_stdout)
             raise typer.Exit(1 if validation.result.rejected_rows else 0)
         outcome = mod.process_intents_file(engine, settings, file)
+        audit.record_outcome_reports(engine, outcome.as_dict())
         typer.echo(outcome.line())
         if outcome.rejects_path:
             typer.echo(f"rejected rows: {outcome.rejects_path}")

@@ -135,6 +135,14 @@ def register(app: typer.Typer) -> None:
         statuses = lifecycle.item_statuses(engine, [r["client_order_id"] for r in rows])
         for r in rows:  # each order's items at LetsGetChecked (from `labsync track`)
             r["items"] = statuses.get(r["client_order_id"], [])
+        from etl import audit
+        from etl.states import AuditAction
+
+        if client_order_id is not None:  # recorded before anything is shown (etl.audit)
+            audit.record(engine, AuditAction.ORDER_STATUS_SHOWN, "order", [client_order_id], 1)
+        else:
+            audit.record(engine, AuditAction.BATCH_STATUS_SHOWN, "order", [r["client_order_id"] for r in rows],
+                         len(rows), detail="batch " + ", ".join(str(b) for b in batch_ids or []))
         if as_json:
             out = rows[0] if client_order_id is not None else rows
             typer.echo(jsonout.dumps(out))
@@ -195,6 +203,9 @@ def _load(engine, settings: Settings, file: Path) -> int:
             staged = staging.stage(engine, settings, taken, file, owner=owner)
             if staged.status == BatchStatus.UNUSABLE:
                 raise UnusableInputError(staged.error or f"{file.name}: the file cannot be used")
+            from etl import audit
+
+            audit.record_reports(engine, file, batch_id=batch_id, count=staged.rejected_rows)
             typer.echo(staged.summary)
         else:
             if outbox.reset_given_up(engine, [batch_id]) or taken.status != BatchStatus.VALIDATED:
@@ -313,6 +324,7 @@ def _dry_run(engine, settings: Settings, lgc, file: Path, out: Path | None) -> i
     target = out or file.with_name(f"{file.stem}.requests.jsonl")
     handle = sys.stdout if str(target) == "-" else open(target, "w", encoding="utf-8")  # noqa: SIM115
     would, settled = 0, 0
+    written: list[str] = []  # the clientOrderIds whose bodies were written (the audit's subjects)
     try:
         if not lgc.api_token:
             handle.write(json.dumps({
@@ -333,6 +345,7 @@ def _dry_run(engine, settings: Settings, lgc, file: Path, out: Path | None) -> i
                     settled += 1
                     continue
                 would += 1
+                written.append(item["client_order_id"])
                 handle.write(json.dumps({
                     "line": item["line"], "method": "PUT", "url": order_url(lgc, item["client_order_id"]),
                     "headers": LgcClient.headers("***"), "body": json.loads(item["body"]),
@@ -340,6 +353,11 @@ def _dry_run(engine, settings: Settings, lgc, file: Path, out: Path | None) -> i
     finally:
         if handle is not sys.stdout:
             handle.close()
+    from etl import audit
+    from etl.states import AuditAction
+
+    audit.record(engine, AuditAction.DRY_RUN_WRITTEN, "order", written, would,
+                 detail="standard output" if str(target) == "-" else Path(target).name)
     result = validation.result
     typer.echo(result.summary(), err=str(target) == "-")
     typer.echo(

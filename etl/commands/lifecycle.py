@@ -82,12 +82,17 @@ def register(app: typer.Typer) -> None:
         """Fetch the results (JSON and HL7) of every item at ResultsAvailable that has none stored.
 
         Idempotent: a result is stored once however often this runs. Values are never printed."""
+        from datetime import UTC, datetime
+
+        from etl import audit
         from etl.orders.results import fetch_results
         from etl.settings import Settings
 
         settings = Settings.from_env()
         settings.lgc.validated()
-        summary = fetch_results(_engine(settings), settings)
+        engine, since = _engine(settings), datetime.now(UTC)
+        summary = fetch_results(engine, settings)
+        audit.record_results(engine, since)  # the orders whose results were stored (ids only)
         if as_json:
             typer.echo(jsonout.dumps({**summary.as_dict(), "failed": summary.failed}))
         else:
@@ -138,7 +143,13 @@ def register(app: typer.Typer) -> None:
         stale = settings.lifecycle.stale_after if stale is None else stale
         sweep = lifecycle.track(engine, settings, stale_after=stale)
         typer.echo("sweep: " + (sweep.line() if sweep.orders else "no open order is due"))
+        from datetime import UTC, datetime
+
+        from etl import audit
+
+        since = datetime.now(UTC)
         found = fetch_results(engine, settings)
+        audit.record_results(engine, since)
         typer.echo(found.line() if found.candidates else "results: nothing due")
         bad = hooks.failed or sweep.exit_code or found.exit_code
         raise typer.Exit(1 if bad else 0)

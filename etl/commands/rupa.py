@@ -98,12 +98,16 @@ def register(app: typer.Typer) -> None:
 
         Exit 0: all applied. 1: some events could not be applied or a result download is still
         pending (both are retried by the next run)."""
-        from etl import warehouse
+        from datetime import UTC, datetime
+
+        from etl import audit, warehouse
         from etl.checkout.events import apply_events as run
         from etl.settings import Settings
 
         settings = Settings.from_env()
-        summary = run(warehouse.connect(settings.warehouse_url), settings, download=download)
+        engine, since = warehouse.connect(settings.warehouse_url), datetime.now(UTC)
+        summary = run(engine, settings, download=download)
+        audit.record_results(engine, since)  # the result files downloaded (order ids only)
         typer.echo(summary.line())
         raise typer.Exit(summary.exit_code)
 

@@ -13,10 +13,17 @@ overwrite the work of the run that replaced it.
 
 This module is the one writer of `batch_files` and `rejected_rows`: the flows call its functions
 (some run in the caller's transaction, `conn`) instead of writing those tables themselves.
+
+PHI (issue 23): a rejected cell of a column the contract declares PHI (schemas.columns.PHI,
+schemas.order_intents.PHI) is stored as NULL, and its reason names the column and the rule only;
+the rejects report and the fix file beside the batch keep the cell for the person who mends the
+row. A rejected-row write the database refuses is WarehouseRefused, naming the table and the
+error's class, never the row (etl.orders.staging fails that file with it; the run goes on).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +33,7 @@ from sqlalchemy import Engine
 
 from etl.errors import LostClaim, UnusableInputError
 from etl.states import BatchStatus
-from etl.warehouse import batch_files, rejected_rows
+from etl.warehouse import as_refused, batch_files, rejected_rows
 
 if TYPE_CHECKING:  # validation needs pandas; commands that only load a staged batch skip it
     from etl.intake.validate import CsvValidation, ValidationResult
@@ -72,14 +79,34 @@ def add_batch(engine: Engine, name: str, sha256: str, *, status: str) -> int:
         ).scalar_one()
 
 
-def record_rejects(engine: Engine, batch_id: int, rejects_csv: Path | None) -> int:
-    """Replace the batch's rejected rows with those of a rejects report; return how many."""
+def _every_column(_column: str) -> bool:
+    return True
+
+
+def record_rejects(engine: Engine, batch_id: int, rejects_csv: Path | None, *,
+                   is_phi: Callable[[str], bool] = _every_column) -> int:
+    """Replace the batch's rejected rows with those of a rejects report; return how many.
+    `is_phi`: the contract's Contract.is_phi (by default every column is taken for PHI)."""
     with engine.begin() as conn:
-        return _record_rejects(conn, batch_id, rejects_csv)
+        return _record_rejects(conn, batch_id, rejects_csv, is_phi)
 
 
-def _record_rejects(conn: sa.Connection, batch_id: int, rejects_csv: Path | None) -> int:
+def _record_rejects(conn: sa.Connection, batch_id: int, rejects_csv: Path | None,
+                    is_phi: Callable[[str], bool]) -> int:
+    """Minimum necessary: a PHI column's rejected cell is not stored (NULL); the rejects report
+    and the fix file beside the batch keep it for the person who mends the row, and the reason
+    names the column and the rule without it (schemas/). A write the database refuses is
+    WarehouseRefused (or WarehouseUnavailable), naming the table, never the row."""
     from etl.intake.csvsafe import read_rows
+
+    def insert(rows: list[dict]) -> None:
+        try:
+            conn.execute(sa.insert(rejected_rows), rows)
+        except sa.exc.StatementError as exc:
+            plain = as_refused(exc, "to store the batch's rejected rows (table rejected_rows)")
+            if plain is None:
+                raise
+            raise plain from None
 
     conn.execute(sa.delete(rejected_rows).where(rejected_rows.c.batch_id == batch_id))
     if rejects_csv is None or not Path(rejects_csv).exists():
@@ -91,17 +118,18 @@ def _record_rejects(conn: sa.Connection, batch_id: int, rejects_csv: Path | None
     for rec in read_rows(Path(rejects_csv)):
         # the contract's row id (client_order_id, or row_id for intents) is the other column
         id_column = next(k for k in rec if k not in fixed)
+        column = rec["column"]
         page.append(
             dict(batch_id=batch_id, line=int(rec["line"]), excel_row=int(rec["row"]) if rec.get("row") else None,
-                 client_order_id=rec[id_column] or None,
-                 column_name=rec["column"], value=rec["value"] or None, reason=rec["reason"])
+                 client_order_id=rec[id_column] or None, column_name=column,
+                 value=None if is_phi(column) else rec["value"] or None, reason=rec["reason"])
         )
         if len(page) >= INSERT_PAGE:
-            conn.execute(sa.insert(rejected_rows), page)
+            insert(page)
             count += len(page)
             page = []
     if page:
-        conn.execute(sa.insert(rejected_rows), page)
+        insert(page)
         count += len(page)
     return count
 
@@ -121,7 +149,7 @@ def finish_validation(
     with engine.begin() as conn:
         if fence is not None:
             fence(conn)
-        _record_rejects(conn, batch_id, result.rejects_path)
+        _record_rejects(conn, batch_id, result.rejects_path, result.is_phi)
         if status is not None:
             conn.execute(sa.update(b).where(b.c.id == batch_id).values(status=status, error=None, **values))
         else:
@@ -144,11 +172,11 @@ def set_status(engine: Engine, batch_id: int, status: str, *, error: str | None 
         conn.execute(sa.update(batch_files).where(batch_files.c.id == batch_id).values(**values))
 
 
-def restart(conn: sa.Connection, batch_id: int) -> None:
-    """In the caller's transaction: the batch is staged again from the start (`received`, no
-    error, its file not stored yet)."""
+def restart(conn: sa.Connection, batch_id: int, *, error: str | None = None) -> None:
+    """In the caller's transaction: the batch is staged again from the start (`received`, its
+    file not stored yet); `error`: why its last staging could not be recorded (no PHI)."""
     conn.execute(sa.update(batch_files).where(batch_files.c.id == batch_id)
-                 .values(status=BatchStatus.RECEIVED, error=None, stored_as=None))
+                 .values(status=BatchStatus.RECEIVED, error=error, stored_as=None))
 
 
 def mark_unusable(conn: sa.Connection, batch_id: int, error: str) -> None:
@@ -350,3 +378,18 @@ __all__ = (
     "claim_batch", "take_lapsed", "fence", "release_batch", "release_all", "begin_move", "move_target_taken",
     "interrupted_moves", "reopen", "get", "LostClaim",
 )
+
+
+def purge_rejected_values(conn: sa.Connection, cutoff: datetime, *, dry_run: bool = False) -> list[int]:
+    """Retention (etl.retention): drop the rejected cells kept for batches finished (`loaded` or
+    `unusable`) before `cutoff`; the fix file beside the batch had them for a person. A batch
+    still in progress or `incomplete` (its summary is written again) keeps them. Returns the
+    rejected rows' ids (emptied unless `dry_run`)."""
+    b, r = batch_files, rejected_rows
+    finished = sa.select(b.c.id).where(b.c.status.in_([BatchStatus.LOADED.value, BatchStatus.UNUSABLE.value]),
+                                       sa.func.coalesce(b.c.processed_at, b.c.received_at) < cutoff)
+    where = sa.and_(r.c.batch_id.in_(finished), r.c.value.is_not(None))
+    ids = [int(i) for i in conn.execute(sa.select(r.c.id).where(where).order_by(r.c.id)).scalars()]
+    if ids and not dry_run:
+        conn.execute(sa.update(r).where(r.c.id.in_(ids), where).values(value=None))
+    return ids

@@ -35,7 +35,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ from etl.readahead import ReadAhead
 from schemas.columns import (
     COLUMNS,
     CUSTOM_PREFIX,
+    PHI,
     REQUIRED,
     RUPA_FILLABLE,
     RUPA_PATIENT_ID,
@@ -126,6 +127,9 @@ class ValidationResult:
     problems: int = 0
     rejects_path: Path | None = None
     fix_path: Path | None = None
+    # which columns hold PHI (the contract's Contract.is_phi): their rejected cells are not stored
+    # in the warehouse (etl.intake.records). Unknown: every column is taken for PHI.
+    is_phi: Callable[[str], bool] = field(default=lambda _column: True, repr=False, compare=False)
 
     @property
     def file_name(self) -> str:
@@ -161,6 +165,7 @@ ORDER_BATCH = Contract(
     id_column="client_order_id", extra_prefix=CUSTOM_PREFIX, template="examples/template.csv",
     row_noun="order", extra_columns=(RUPA_PATIENT_ID,), relaxed_by=(RUPA_PATIENT_ID, RUPA_FILLABLE),
     normalise_arrays=_normalise_order_batch, example="examples/orders.csv", ignored_columns=(PROBLEMS,),
+    phi=PHI,
 )
 SEPARATORS = {";": "';' (semicolons)", "\t": "tabs", "|": "'|'"}
 
@@ -319,7 +324,7 @@ class CsvValidation:
         self.contract = contract
         self.cross_check = cross_check
         sha = _scan(self.path, sha256)  # `sha256`: the caller hashed these very bytes already
-        self.result = ValidationResult(path=self.path, sha256=sha)
+        self.result = ValidationResult(path=self.path, sha256=sha, is_phi=contract.is_phi)
         self._rejects_final = rejects_path or rejects_path_for(self.path)
         self._fix_final = fix_path  # None: no fix file (`labsync validate`, intents)
         try:

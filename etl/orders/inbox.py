@@ -43,6 +43,7 @@ from pathlib import Path, PurePosixPath
 
 from sqlalchemy import Engine
 
+from etl import audit
 from etl.claims import Heartbeat, cli_owner
 from etl.claims import now as _now
 from etl.errors import BatchesNeedAttention, LabsyncError
@@ -85,7 +86,8 @@ def finish_interrupted_moves(engine: Engine, settings: Settings, store: Store, *
             continue
         target = row["moving_to"]
         if not row["stored_as"] and not target.startswith("intents/"):  # an order batch's file
-            if row["status"] == BatchStatus.UNUSABLE:
+            # unusable, or its staging could not be recorded (`received` with an error: staging.stage)
+            if row["status"] == BatchStatus.UNUSABLE or (row["status"] == BatchStatus.RECEIVED and row["error"]):
                 _failed_page(store, target, row["error"] or "the file cannot be used", row["file_name"])
             else:
                 render(engine, row["id"], target, store=store)  # the run died before writing it
@@ -192,6 +194,7 @@ def _stage(engine: Engine, settings: Settings, store: Store, taken: staging.Take
             written = {}  # a report of a file that was never usable misleads
         for report, path in sorted(written.items()):
             store.put(path, report)
+        audit.record_files(engine, sorted(written), subject_ids=[taken.batch_id], count=staged.rejected_rows)
         for companion in companions(name):  # a report of an earlier validation of this file
             if PurePosixPath(companion).name not in written and not companion.endswith(".summary.html"):
                 store.delete(companion)
@@ -360,11 +363,13 @@ def render(engine: Engine, batch_id: int, batch_file: str, *, store: Store, wher
     path = PurePosixPath(batch_file)
     reports = ({"rejects": rejects_path_for(path).name, "fix": fix_path_for(path).name}
                if rejected_rows else {})
-    return write_summary(store, batch_file, summary.batch_page(
+    written = write_summary(store, batch_file, summary.batch_page(
         file_name=path.name, total_rows=row["total_rows"] or 0, rejected_rows=rejected_rows,
         counts=counts, rejected=records.rejected_first(engine, batch_id, summary.MAX_SHOWN_ROWS),
         outbox_rows=rows, item_statuses=item_statuses(engine, shown),
         where=where or batch_file, reports=reports, batch_id=batch_id))
+    audit.record_files(engine, [summary_path(path).as_posix()], subject_ids=[batch_id], count=row["total_rows"] or 0)
+    return written
 
 
 # ---- the whole run -----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from etl.claims import now as _now
 from etl.intake import records
 from etl.orders.payload import PayloadError, build_payload, client_order_id, payload_sha256
-from etl.states import RETRYABLE_OUTBOX_STATES, BatchStatus, OutboxState
+from etl.states import RETRYABLE_OUTBOX_STATES, SETTLED_OUTBOX_STATES, BatchStatus, OutboxState
 from etl.warehouse.tables import batch_files, lgc_orders, lgc_outbox
 
 if TYPE_CHECKING:  # the callers hand a vault in; the ledger, which imports this module, needs none
@@ -449,3 +449,16 @@ def reseal_bodies(conn: Connection, vault: Vault) -> int:
     for row_id, body in waiting:
         conn.execute(sa.update(o).where(o.c.id == row_id).values(body=vault.reseal(body)))
     return len(waiting)
+
+
+def purge_settled_bodies(conn: Connection, cutoff: datetime, *, dry_run: bool = False) -> list[int]:
+    """Retention (etl.retention): drop the bodies of settled rows last written before `cutoff`
+    (normally dropped at once when they settle; this catches rows an older labsync kept). Rows
+    that may still go out (queued, pending, failed, unconfirmed, given up) keep theirs. Returns
+    the rows' ids (emptied unless `dry_run`)."""
+    where = sa.and_(o.c.outcome.in_([str(s) for s in SETTLED_OUTBOX_STATES]), o.c.updated_at < cutoff,
+                    o.c.body.is_not(None))
+    ids = [int(i) for i in conn.execute(sa.select(o.c.id).where(where).order_by(o.c.id)).scalars()]
+    if ids and not dry_run:
+        conn.execute(sa.update(o).where(o.c.id.in_(ids), where).values(body=None))
+    return ids

@@ -12,7 +12,9 @@ NOTHING on the barcode) and its values only by the run that inserted it, so howe
 runs, concurrently or not, each result is stored once.
 
 Results are PHI. Nothing here logs or raises with a biomarker, a value or a document; log lines
-name the clientOrderId and the item id.
+name the clientOrderId and the item id. A result the database refuses to store (a constraint, a
+value it cannot hold), or a document the parser trips on, fails that item alone, with the error's
+class and a plain reason; the run goes on and the next run asks again.
 
 Parsing is tolerant because LetsGetChecked publishes the field names but not every shape:
 the value comes from `quantitativeValue`, `qualitativeValue`, `value` or `values[]`; the unit
@@ -23,10 +25,11 @@ LOINC from a `coding[]` entry whose system names LOINC (or `loinc`/`loincCode`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -36,11 +39,12 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
-from etl.errors import ApiError
+from etl.errors import ApiError, LabsyncError, WarehouseRefused
 from etl.lgc.orders_api import get_field, open_session, text_of
 from etl.orders.lifecycle import run_async
 from etl.settings import Settings
 from etl.states import ItemStatus
+from etl.warehouse import as_refused
 from etl.warehouse.tables import lgc_order_items, lgc_result_values, lgc_results
 
 log = logging.getLogger(__name__)
@@ -207,7 +211,11 @@ def store_result(engine: Engine, c: _Candidate, document: bytes, hl7: bytes | No
         rows, parsed = parse_results(document), True
     except ValueError:
         rows, parsed = [], False
-    with engine.begin() as conn:
+    except ApiError:
+        raise
+    except Exception as exc:  # a parser bug on this document: this item fails, nothing of it shown
+        raise ApiError(f"the results document could not be read ({type(exc).__name__}); not stored") from None
+    with _plain_refusal(c.item_id), engine.begin() as conn:
         insert = postgresql.insert(results_t) if conn.dialect.name == "postgresql" else sqlite.insert(results_t)
         inserted = conn.execute(
             insert.values(barcode=c.barcode, item_id=c.item_id, client_order_id=c.client_order_id,
@@ -224,10 +232,25 @@ def store_result(engine: Engine, c: _Candidate, document: bytes, hl7: bytes | No
     return True, len(rows), parsed
 
 
+@contextlib.contextmanager
+def _plain_refusal(item_id: str) -> Iterator[None]:
+    """A write the database refuses becomes WarehouseRefused naming the item and the error's
+    class (WarehouseUnavailable when the warehouse is down): the driver's text, which can quote
+    a biomarker and its value, is dropped. The transaction inside is rolled back: nothing of the
+    result is stored and the next run asks again."""
+    try:
+        yield
+    except sa.exc.StatementError as exc:
+        plain = as_refused(exc, f"the results of item {item_id} (tables lgc_results, lgc_result_values)")
+        if plain is None:
+            raise
+        raise plain from None
+
+
 def add_hl7(engine: Engine, barcode: str, hl7: bytes, *, now: datetime | None = None) -> bool:
     """Fill in the HL7 of a result stored without one (once)."""
     now = now or datetime.now(UTC)
-    with engine.begin() as conn:
+    with _plain_refusal(f"with barcode {barcode}"), engine.begin() as conn:
         return bool(conn.execute(
             sa.update(results_t).where(results_t.c.barcode == barcode, results_t.c.hl7_body.is_(None))
             .values(hl7_body=hl7, hl7_sha256=_sha(hl7), hl7_fetched_at=now)).rowcount)
@@ -249,6 +272,12 @@ async def afetch_results(engine: Engine, settings: Settings, *,
         return summary
     async with open_session(settings, engine=engine, transport=transport) as session:
         async def one(api, c: _Candidate) -> None:
+            try:
+                await fetch_one(api, c)
+            except WarehouseRefused as exc:  # this item failed; the others go on
+                failed(c, exc)
+
+        async def fetch_one(api, c: _Candidate) -> None:
             if c.has_json:
                 hl7 = await api.get_lab_results_hl7(c.barcode, c.alpha_code)
                 if hl7 is not None and await asyncio.to_thread(add_hl7, engine, c.barcode, hl7):
@@ -273,7 +302,7 @@ async def afetch_results(engine: Engine, settings: Settings, *,
             log.info("order %s item %s: results stored (%d values%s)", c.client_order_id, c.item_id,
                      values, "" if hl7 is not None else ", HL7 not released yet")
 
-        def failed(c: _Candidate, exc: ApiError) -> None:
+        def failed(c: _Candidate, exc: LabsyncError) -> None:
             summary.failed[c.item_id] = str(exc)
             log.warning("order %s item %s: results not fetched: %s", c.client_order_id, c.item_id, exc)
 

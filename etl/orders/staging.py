@@ -23,7 +23,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from etl.errors import UnusableInputError
+from etl.errors import UnusableInputError, WarehouseRefused
 from etl.intake import records
 from etl.intake.names import fix_path_for, rejects_path_for
 from etl.orders import outbox
@@ -140,7 +140,18 @@ def stage(
             leftover.unlink(missing_ok=True)  # a report of a file that was never usable misleads
         return Staged(batch_id, BatchStatus.UNUSABLE, error=reason)
     result = validation.result
-    records.finish_validation(engine, batch_id, result, status=BatchStatus.VALIDATED, fence=fence)
+    try:
+        records.finish_validation(engine, batch_id, result, status=BatchStatus.VALIDATED, fence=fence)
+    except WarehouseRefused as exc:  # this file fails, with a plain reason; the run goes on
+        reason = (f"{path.name}: {exc}; nothing was sent. The warehouse's log names the rule that "
+                  "refused them; once it accepts them, the file is checked again when it is dropped again")
+        with engine.begin() as conn:  # nothing of it is loadable; `received`: a new drop stages it again
+            fence(conn)
+            outbox.delete_batch(conn, batch_id)
+            records.restart(conn, batch_id, error=reason)
+        for leftover in (rejects, fix):
+            leftover.unlink(missing_ok=True)
+        return Staged(batch_id, BatchStatus.UNUSABLE, error=reason)
     return Staged(batch_id, BatchStatus.VALIDATED, result.total_rows, result.valid_rows,
                   result.rejected_rows, result.problems, None, result.rejects_path, result.summary())
 

@@ -12,13 +12,15 @@ first and then finds nothing to do.
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
-from etl.errors import ConfigError, WarehouseUnavailable
+from etl.errors import ConfigError, LabsyncError, WarehouseRefused, WarehouseUnavailable
 
 from .tables import (  # noqa: F401  (re-exported)
     SCHEMA_HEADS,
@@ -57,7 +59,9 @@ def make_engine(url: str) -> Engine:
         db = parsed.database
         if db and db != ":memory:" and not db.startswith("file:"):
             Path(db).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed, connect_args={"timeout": 60})
+            private_files(Path(db))
+        # hide_parameters: a database error's message never carries the bound values (PHI)
+        engine = create_engine(parsed, connect_args={"timeout": 60}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):
@@ -69,7 +73,33 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(parsed, pool_pre_ping=True)
+    return create_engine(parsed, pool_pre_ping=True, hide_parameters=True)
+
+
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def private_files(db: Path) -> None:
+    """An embedded SQLite warehouse holds PHI: its file is created 0600 (owner only), before
+    SQLite opens it; SQLite gives the -wal, -shm and -journal files it makes later the database
+    file's own mode. Files an older labsync made readable by everyone lose that (their group
+    bits are left alone: a deployment may share the file with a group on purpose)."""
+    # Never open an existing file here: closing any descriptor of a database file drops the POSIX
+    # locks SQLite holds on it in this process (another engine's), which corrupts it under load.
+    if not db.exists():
+        try:
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass  # another process made it meanwhile (SQLite creates it 0644: fixed below)
+        except OSError:
+            return  # not ours to create (read-only, a directory): SQLite says so in its own words
+    for path in (db, *(db.with_name(db.name + suffix) for suffix in SQLITE_COMPANIONS)):
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if mode & 0o007:
+                path.chmod(mode & ~0o007)
+        except OSError:
+            continue  # gone meanwhile, or another user's file
 
 
 def alembic_config():
@@ -198,3 +228,23 @@ def as_unavailable(exc: BaseException) -> WarehouseUnavailable | None:
         f"the warehouse is unavailable or refused a write ({kind}); nothing is lost: rows whose "
         "outcome was not recorded stay in the outbox and go out on a later run"
     )
+
+
+def as_refused(exc: BaseException, what: str) -> LabsyncError | None:
+    """A database error on one item's write, as a plain error: WarehouseUnavailable when the
+    warehouse is down, full or read-only (as_unavailable), else WarehouseRefused "the warehouse
+    refused <what> (<driver's error class>)". None for anything that is not a database error. The
+    driver's own text is never kept: PostgreSQL's names the failing row's values."""
+    unavailable = as_unavailable(exc)
+    if unavailable is not None:
+        return unavailable
+    import sys
+
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is None or not isinstance(exc, sa_exc.StatementError):
+        return None
+    kind = type(exc).__name__
+    orig = getattr(exc, "orig", None)
+    if orig is not None and type(orig).__name__ != kind:  # the driver's class: CheckViolation, ...
+        kind = f"{kind}: {type(orig).__name__}"
+    return WarehouseRefused(f"the warehouse refused {what} ({kind})")

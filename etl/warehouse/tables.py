@@ -36,7 +36,7 @@ metadata = MetaData(
 # `alembic_version` with this set instead of importing Alembic (commands that do not migrate start
 # fast); tests/test_warehouse.py asserts it equals the migration scripts' heads, so a new
 # migration without a matching change here fails the suite.
-SCHEMA_HEADS = frozenset({"0011_event_auth"})
+SCHEMA_HEADS = frozenset({"0012_phi_access"})
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 TS = DateTime(timezone=True)
@@ -78,7 +78,7 @@ rejected_rows = Table(
     Column("excel_row", Integer),  # the row a spreadsheet shows (header = 1); NULL before 0010
     Column("client_order_id", String(200)),
     Column("column_name", String(200), nullable=False),
-    Column("value", Text),
+    Column("value", Text),  # NULL for a PHI column (schemas: the contract declares them); the fix file has it
     Column("reason", Text, nullable=False),
     Index("ix_rejected_rows_batch_id_line", "batch_id", "line"),
 )
@@ -403,4 +403,22 @@ lgc_result_values = Table(
     Column("headline", Text),
     Column("description", Text),
     UniqueConstraint("barcode", "position"),
+)
+
+# ---- the audit trail (migration 0012_phi_access): who saw or wrote PHI, when ----------------
+# Append-only: etl.audit is its only writer; nothing updates a row, and rows are deleted only by
+# the trail's own retention (LABSYNC_RETENTION_AUDIT_DAYS). Subjects are ids only, never names.
+phi_access = Table(
+    "phi_access",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("at", TS, nullable=False),
+    Column("actor", String(300), nullable=False),  # cli:<OS user>, airflow:<task instance>, receiver:<address>
+    Column("action", String(40), nullable=False),  # etl.states.AuditAction
+    Column("subject_kind", String(40), nullable=False),  # order, batch, file, results, webhook_event, class
+    Column("subject_ids", JSONType, nullable=False),  # ["ORD-1", …]: ids only (at most audit.MAX_IDS)
+    Column("record_count", Integer, nullable=False),  # how many records were shown, written or purged
+    Column("detail", String(500)),  # a PHI-free note: a file's name in the inbox, a retention class
+    Index("ix_phi_access_at", "at"),
+    Index("ix_phi_access_actor", "actor"),
 )

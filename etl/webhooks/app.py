@@ -53,6 +53,7 @@ except ImportError:  # pragma: no cover - tested in the wheel check (scripts/che
     require("server", "the webhook receiver")
     raise
 
+from etl import audit
 from etl.asgi import Limits, declare_limits
 from etl.errors import ConfigError
 from etl.returnlink import link_keys, verify
@@ -211,6 +212,9 @@ def build_app(engine: Engine, settings: WebhookSettings,
             event_id, new = await run_in_threadpool(
                 store_event, engine, source.name, body, event_type=event_type,
                 content_type=request.headers.get("content-type"), authenticated=authenticated)
+            # the body may hold PHI: who sent it is recorded (issue 23); no trail, no 200
+            await run_in_threadpool(audit.record_receipt, engine,
+                                    request.client.host if request.client else None, source.name, event_id)
         except Exception as exc:  # the warehouse is down or full: make the vendor retry
             log.error("webhooks: could not store a %s event (%s); answered 503", source.name,
                       type(exc).__name__)

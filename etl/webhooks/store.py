@@ -135,3 +135,21 @@ def counts(engine: Engine, source: str | None = None) -> dict[str, int]:
         q = q.where(t.c.source == source)
     with engine.connect() as conn:
         return {state: n for state, n in conn.execute(q)}
+
+
+PURGED_BODY = b""  # a purged event's body (the column is NOT NULL); its row and sha256 stay
+
+
+def purge_bodies(conn: sa.Connection, cutoff: datetime, *, dry_run: bool = False) -> list[int]:
+    """Retention (etl.retention): empty the raw bodies of events done with before `cutoff`:
+    `applied`, or `ignored` after an authenticated delivery (an unauthenticated ignored event may
+    still be revived by an authenticated repeat, so its body stays). The row and its sha256 stay:
+    a repeated delivery is still known as one. Events still to apply (received, failed) are never
+    touched. Returns the events' ids (emptied unless `dry_run`)."""
+    done = sa.or_(t.c.state == WebhookEventState.APPLIED,
+                  sa.and_(t.c.state == WebhookEventState.IGNORED, t.c.authenticated.is_(True)))
+    where = sa.and_(done, sa.func.coalesce(t.c.applied_at, t.c.received_at) < cutoff, sa.func.length(t.c.body) > 0)
+    ids = [int(i) for i in conn.execute(sa.select(t.c.id).where(where).order_by(t.c.id)).scalars()]
+    if ids and not dry_run:
+        conn.execute(sa.update(t).where(t.c.id.in_(ids), where).values(body=PURGED_BODY))
+    return ids
