@@ -12,8 +12,9 @@ Purging twice is harmless, so a retried task is safe.
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import dag, task
+from airflow.sdk import dag
 
+from etl.airflow.dagkit import labsync_dag, task  # alerts, asset extras, metrics, lineage
 from etl.settings import DagSettings
 
 DAG_SETTINGS = DagSettings.from_env()  # checked: a bad value names its setting
@@ -40,4 +41,4 @@ def labsync_retention():
     purge()
 
 
-labsync_retention()
+labsync_dag(labsync_retention())

@@ -4,21 +4,26 @@ apply_webhooks: apply the events `labsync webhooks serve` stored (each order con
 sweep:          GET open orders not checked for LABSYNC_TRACK_STALE_MINUTES (default 60): catches
                 webhooks LetsGetChecked gave up on (it retries for about an hour) or never sent
 fetch_results:  results JSON + HL7 of items at ResultsAvailable, stored once
+poll_letters:   the results-letters feed (Outreach API): letters recorded, their PDFs stored once
+program_pages:  every program's page and CSVs regenerated in the inbox (programs/<program>/)
 
 Schedule: LABSYNC_LIFECYCLE_SCHEDULE (default every 15 minutes). Connection: lgc_default.
 Timeout: LABSYNC_TASK_TIMEOUT_MINUTES per task (default 60).
-Assets: lgc_order_items (apply_webhooks, sweep) and lgc_results (fetch_results). Every step is
+Assets: lgc_order_items (apply_webhooks, sweep), lgc_results (fetch_results) and
+lgc_outreach_letters (poll_letters). Every step is
 idempotent, so a retried task is safe; sweep and fetch_results run even if an earlier step failed.
 """
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import Asset, dag, task
+from airflow.sdk import Asset, dag
 
+from etl.airflow.dagkit import labsync_dag, task  # alerts, asset extras, metrics, lineage
 from etl.settings import DagSettings
 
 LGC_ORDER_ITEMS = Asset(name="lgc_order_items", uri="labsync://warehouse/lgc_order_items")
 LGC_RESULTS = Asset(name="lgc_results", uri="labsync://warehouse/lgc_results")
+LGC_OUTREACH_LETTERS = Asset(name="lgc_outreach_letters", uri="labsync://warehouse/lgc_outreach_letters")
 
 DAG_SETTINGS = DagSettings.from_env()  # checked: a bad value names its setting
 TASK_TIMEOUT = timedelta(minutes=DAG_SETTINGS.task_timeout_minutes)
@@ -53,7 +58,19 @@ def lgc_lifecycle():
 
         return lgc_fetch_results()
 
-    apply_webhooks() >> sweep() >> fetch_results()
+    @task(outlets=[LGC_OUTREACH_LETTERS], trigger_rule="all_done")
+    def poll_letters() -> dict:
+        from etl.airflow.tasks import lgc_poll_letters
+
+        return lgc_poll_letters()
+
+    @task(trigger_rule="all_done")
+    def program_pages() -> dict:
+        from etl.airflow.tasks import program_pages as write_pages
+
+        return write_pages()
+
+    apply_webhooks() >> sweep() >> fetch_results() >> poll_letters() >> program_pages()
 
 
-lgc_lifecycle()
+labsync_dag(lgc_lifecycle())

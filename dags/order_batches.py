@@ -20,13 +20,14 @@ others (default 60).
 LABSYNC_INBOX: a folder or an fsspec URL (s3://bucket/prefix, ...), with credentials from the
 environment or an Airflow Connection (`s3://conn_id@bucket/prefix`, or LABSYNC_INBOX_CONN_ID).
 A load task that fails half-way is retried by Airflow; the ledger makes the re-send safe.
-Alerting: set `on_failure_callback` in default_args (see the README).
+Alerts: a failed run, and whatever needs a person, go to LABSYNC_ALERTS (etl.alerts; see the README).
 """
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import Asset, dag, task
+from airflow.sdk import Asset, dag
 
+from etl.airflow.dagkit import labsync_dag, task  # alerts, asset extras, metrics, lineage
 from etl.settings import DagSettings
 
 LGC_ORDERS = Asset(name="lgc_orders", uri="labsync://warehouse/lgc_orders")
@@ -89,4 +90,4 @@ def order_batches():
     loaded >> check(finished)
 
 
-order_batches()
+labsync_dag(order_batches())

@@ -14,8 +14,9 @@ apply idempotently in any order.
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import dag, task
+from airflow.sdk import dag
 
+from etl.airflow.dagkit import labsync_dag, task  # alerts, asset extras, metrics, lineage
 from etl.settings import DagSettings
 
 DAG_SETTINGS = DagSettings.from_env()  # checked: a bad value names its setting
@@ -49,4 +50,4 @@ def rupa_checkout():
     rupa_events()
 
 
-rupa_checkout()
+labsync_dag(rupa_checkout())

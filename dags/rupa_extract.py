@@ -7,8 +7,9 @@ Each task marks the Asset of the table it refreshed, so downstream DAGs can be a
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import Asset, dag, task
+from airflow.sdk import Asset, dag
 
+from etl.airflow.dagkit import labsync_dag, task  # alerts, asset extras, metrics, lineage
 from etl.settings import DagSettings
 
 RUPA_PATIENTS = Asset(name="rupa_patients", uri="labsync://warehouse/rupa_patients")
@@ -45,4 +46,4 @@ def rupa_extract():
     extract_lab_tests()
 
 
-rupa_extract()
+labsync_dag(rupa_extract())

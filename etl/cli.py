@@ -57,9 +57,12 @@ def _global(
 
 
 def _register() -> None:
-    from etl.commands import audit, budget, core, intents, lgc, lifecycle, rupa, webhooks
+    from etl.commands import alerts as alert_commands
+    from etl.commands import audit, budget, core, intents, lgc, lifecycle, program, rupa, webhooks
+    from etl.commands import observations as observation_commands
 
-    for module in (core, lgc, lifecycle, rupa, webhooks, budget, intents, audit):
+    for module in (core, lgc, lifecycle, rupa, webhooks, budget, intents, audit, program, alert_commands,
+                   observation_commands):
         module.register(app)
 
 

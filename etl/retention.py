@@ -8,8 +8,9 @@ any more. `labsync purge` and the labsync_retention DAG call `purge`.
                       the row and its sha256 kept (a repeat delivery    row itself
                       is still a duplicate)
     result_documents  result JSON / HL7 bytes (LetsGetChecked) and      a result whose HL7 is not
-                      the values read from them; Rupa result files'     downloaded yet; a Rupa test
-                      bytes. Rows, sizes and sha256 stay                with a download pending
+                      the values read from them (lgc_result_values,     downloaded yet; a Rupa test
+                      lab_observations); Rupa result files' bytes.      with a download pending
+                      Rows, sizes and sha256 stay
     rejected_values   rejected cells kept in the warehouse              batches not finished
                                                                         (received, validated,
                                                                         incomplete)
@@ -95,6 +96,9 @@ def purge_result_documents(conn: Connection, cutoff: datetime, *, dry_run: bool 
     rupa_where = sa.and_(x.c.stored_at < cutoff, sa.func.length(x.c.content) > 0, x.c.ordered_test_id.not_in(pending))
     rupa_ids = [int(i) for i in conn.execute(sa.select(x.c.id).where(rupa_where).order_by(x.c.id)).scalars()]
     if not dry_run:
+        from etl.results.observations import purge_documents
+
+        purge_documents(conn, barcodes, rupa_ids)  # lab_observations read from them (issue 26)
         if barcodes:
             conn.execute(sa.delete(lgc_result_values).where(lgc_result_values.c.barcode.in_(barcodes)))
             conn.execute(sa.update(r).where(r.c.barcode.in_(barcodes)).values(json_body=PURGED, hl7_body=PURGED))

@@ -87,6 +87,12 @@ NUMBERS: dict[str, tuple[type, float | None, float | None, bool, str]] = {
     **{f"LABSYNC_RETENTION_{c.upper()}_DAYS": (int, 0, 36_500, False, "must be between 0 and 36500 days")
        for c in ("webhook_bodies", "result_documents", "rejected_values", "outbox_bodies", "batch_files",
                  "audit")},
+    # alerts (etl.alerts): the quiet period repeats fold into, and when waiting becomes a condition
+    "LABSYNC_ALERT_QUIET_MINUTES": (float, 0, 525_600, False, "must be between 0 and 525600 minutes (a year)"),
+    "LABSYNC_ALERT_WEBHOOK_MINUTES": (float, 0, 525_600, True, "must be above 0 and at most 525600 minutes (a year)"),
+    "LABSYNC_ALERT_UNCHECKED_MINUTES": (float, 0, 525_600, True, "must be above 0 and at most 525600 minutes (a year)"),
+    # read by the DAG files: a run still going this long after it was queued fires an alert (0 = none)
+    "LABSYNC_RUN_DEADLINE_MINUTES": (float, 0, 10_080, False, "must be 0 (none) or at most 10080 minutes (a week)"),
 }
 
 
@@ -439,6 +445,36 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True)
+class AlertSettings:
+    """Where alerts go and when a condition is one (etl.alerts). LABSYNC_ALERTS (or the Airflow
+    Variable `labsync_alerts`): comma-separated Airflow connection ids, each an SMTP (`smtp`),
+    Slack incoming-webhook (`slackwebhook`) or HTTP (`http`/`https`: a generic JSON webhook)
+    connection, read as Airflow does (AIRFLOW_CONN_<ID> outside Airflow too)."""
+
+    destinations: tuple[str, ...] = ()
+    quiet_minutes: float = 240.0  # repeats of an open condition within this are folded into one
+    webhook_minutes: float = 120.0  # webhook events unapplied this long are a condition
+    unchecked_minutes: float = 360.0  # open orders not checked this long are a condition
+    email_to: tuple[str, ...] = ()  # LABSYNC_ALERT_EMAIL_TO; else the SMTP connection's extra `to`
+    airflow_url: str | None = None  # LABSYNC_AIRFLOW_URL: links to runs (else Airflow's api.base_url)
+
+    def validated(self) -> AlertSettings:
+        check_number("LABSYNC_ALERT_QUIET_MINUTES", self.quiet_minutes)
+        check_number("LABSYNC_ALERT_WEBHOOK_MINUTES", self.webhook_minutes)
+        check_number("LABSYNC_ALERT_UNCHECKED_MINUTES", self.unchecked_minutes)
+        for conn_id in self.destinations:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,250}", conn_id):
+                raise ConfigError("LABSYNC_ALERTS must be comma-separated Airflow connection ids "
+                                  "(letters, digits, _ . -), e.g. smtp_alerts,slack_alerts")
+        return self
+
+
+def split_list(raw: str | None) -> tuple[str, ...]:
+    """`a, b,,c` -> ("a", "b", "c")."""
+    return tuple(p.strip() for p in (raw or "").split(",") if p.strip())
+
+
+@dataclass(frozen=True)
 class Settings:
     warehouse_url: str = "sqlite:///.labsync/labsync.db"
     # a local folder or an fsspec URL (s3://bucket/prefix, gs://…, sftp://…: etl.intake.storage), and the
@@ -458,6 +494,7 @@ class Settings:
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
 
     def checked(self) -> Settings:
         """Check the settings every command and task needs (the vendors' are checked by
@@ -572,6 +609,14 @@ class Settings:
             retention=RetentionSettings(**{
                 c: num(f"LABSYNC_RETENTION_{c.upper()}_DAYS", d.retention.days(c), int)
                 for c in RetentionSettings.CLASSES}),
+            alerts=AlertSettings(
+                destinations=split_list(get("LABSYNC_ALERTS")),
+                quiet_minutes=num("LABSYNC_ALERT_QUIET_MINUTES", d.alerts.quiet_minutes),
+                webhook_minutes=num("LABSYNC_ALERT_WEBHOOK_MINUTES", d.alerts.webhook_minutes),
+                unchecked_minutes=num("LABSYNC_ALERT_UNCHECKED_MINUTES", d.alerts.unchecked_minutes),
+                email_to=split_list(get("LABSYNC_ALERT_EMAIL_TO")),
+                airflow_url=get("LABSYNC_AIRFLOW_URL"),
+            ),
         )
 
 
@@ -590,6 +635,7 @@ class DagSettings:
     rupa_schedule: str = "@hourly"
     rupa_checkout_schedule: str = "*/5 * * * *"
     retention_schedule: str = "@daily"
+    run_deadline_minutes: float = 0.0  # a run not finished this long after it was queued alerts (0 = none)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DagSettings:
@@ -614,4 +660,5 @@ class DagSettings:
             rupa_schedule=get("LABSYNC_RUPA_SCHEDULE", d.rupa_schedule),
             rupa_checkout_schedule=get("LABSYNC_RUPA_CHECKOUT_SCHEDULE", d.rupa_checkout_schedule),
             retention_schedule=get("LABSYNC_RETENTION_SCHEDULE", d.retention_schedule),
+            run_deadline_minutes=num("LABSYNC_RUN_DEADLINE_MINUTES", d.run_deadline_minutes),
         )

@@ -155,3 +155,5 @@ class AuditAction(StrEnum):
     DRY_RUN_WRITTEN = "dry-run file written"  # the request bodies a run would send (--dry-run)
     WEBHOOK_RECEIVED = "webhook received"  # a delivery stored by the receiver (may hold PHI)
     PURGE = "purge"  # a retention class purged (etl.retention): one row per class, with its count
+    RESULTS_SHOWN = "results shown"  # `labsync results --flagged`: flagged observations listed (no values)
+    EXPORT_WRITTEN = "export written"  # `labsync export fhir`: results written to files or a FHIR server

@@ -195,3 +195,24 @@ with engine.connect() as c:
         print(f"  result {r.ordered_test_id} {r.kind}: {r.size} bytes, sha256 {r.sha256[:16]}…")
 PY
 echo "  summary with clickable checkout links: $LABSYNC_INBOX/intents/processed/intents.summary.html"
+
+step "one table of lab observations for both vendors (lab_observations), checked against the documents"
+"$bin/python" - <<'PY'
+import sqlalchemy as sa
+from etl import warehouse
+from etl.results import observations
+from etl.settings import Settings
+from etl.warehouse.tables import lab_observations as t
+engine = warehouse.connect(Settings.from_env().warehouse_url)
+with engine.connect() as c:
+    for r in c.execute(sa.select(t.c.vendor, t.c.interpretation, sa.func.count()).where(t.c.current.is_(True))
+                       .group_by(t.c.vendor, t.c.interpretation).order_by(t.c.vendor, t.c.interpretation)):
+        print(f"  {r[0]:<5} {r[1]:<9} {r[2]} observations")
+for vendor, n in observations.verify(engine).items():
+    print(f"  {vendor}: {n['matched']} of {n['observations']} observations match their {n['documents']} source documents")
+    assert n["observations"] > 0 and n["matched"] == n["observations"], vendor
+PY
+echo "  (values stay in the warehouse: only counts, codes and flags are printed)"
+"$bin/labsync" results --flagged --level abnormal | sed 's/^/  /'
+"$bin/labsync" export fhir --out "$demo/fhir" | sed 's/^/  /'
+ls "$demo/fhir" | sed 's/^/  fhir: /'

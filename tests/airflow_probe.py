@@ -18,7 +18,9 @@ import time
 HEAVY = ("pandas", "pandera", "pyarrow", "sqlalchemy", "httpx", "etl")
 # what a DAG file may read when Airflow parses it: its own settings, declared and checked with every
 # other setting (etl.settings.DagSettings; the standard library only), and nothing else of labsync
-PARSE_TIME = {"etl", "etl.settings", "etl.errors"}
+PARSE_TIME = {"etl", "etl.settings", "etl.errors",
+              # what every labsync DAG gets (issue 24): Airflow's decorator machinery, the work lazily
+              "etl.airflow", "etl.airflow.dagkit"}
 
 
 def integrity() -> dict:
@@ -73,7 +75,14 @@ def run(dag_id: str) -> dict:
         xcoms = session.query(XComModel).filter(XComModel.dag_id == dag_id, XComModel.run_id == dr.run_id,
                                                 XComModel.key == "return_value").all()
         returned = {x.task_id: x.value for x in xcoms if x.map_index < 0}
-    return {"state": str(dr.state), "tasks": states, "labels": labels, "returned": returned}
+        from airflow.models.asset import AssetEvent, AssetModel
+
+        events = [{"asset": name, "task": e.source_task_id, "extra": e.extra}
+                  for e, name in session.query(AssetEvent, AssetModel.name)
+                  .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                  .filter(AssetEvent.source_dag_id == dag_id, AssetEvent.source_run_id == dr.run_id)]
+    return {"state": str(dr.state), "tasks": states, "labels": labels, "returned": returned,
+            "asset_events": events}
 
 
 def providers() -> dict:

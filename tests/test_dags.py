@@ -87,11 +87,13 @@ def test_dagbag_loads_both_dags_with_the_expected_shape(airflow_env):
     assert checkout["schedule"] == "*/5 * * * *" and checkout["catchup"] is False and checkout["max_active_runs"] == 1
 
     life = dags["lgc_lifecycle"]
-    assert life["tasks"] == ["apply_webhooks", "fetch_results", "sweep"]
+    assert life["tasks"] == ["apply_webhooks", "fetch_results", "poll_letters", "program_pages", "sweep"]
     assert life["schedule"] == "*/15 * * * *" and life["catchup"] is False and life["max_active_runs"] == 1
     assert life["outlets"] == {"apply_webhooks": ["lgc_order_items"], "sweep": ["lgc_order_items"],
-                               "fetch_results": ["lgc_results"]}
+                               "fetch_results": ["lgc_results"], "poll_letters": ["lgc_outreach_letters"],
+                               "program_pages": []}
     assert life["trigger_rules"]["sweep"] == life["trigger_rules"]["fetch_results"] == "all_done"
+    assert life["trigger_rules"]["poll_letters"] == life["trigger_rules"]["program_pages"] == "all_done"
 
     retention = dags["labsync_retention"]  # issue 23: the daily purge (etl.retention)
     assert retention["tasks"] == ["purge"]
@@ -321,10 +323,13 @@ def test_lgc_lifecycle_end_to_end(airflow_env, sandboxes, tmp_path):
     sb.configure(webhook_url=None)  # ...order B's notifications never arrive: the sweep finds it
     sb.advance("ORD-00001", steps=2)
 
-    extra = dict(LABSYNC_WAREHOUSE_URL=url, LGC_BASE_URL=sandboxes.lgc_url, LABSYNC_RETRY_INITIAL_WAIT="0.01")
+    extra = dict(LABSYNC_WAREHOUSE_URL=url, LGC_BASE_URL=sandboxes.lgc_url, LABSYNC_RETRY_INITIAL_WAIT="0.01",
+                 LABSYNC_INBOX=str(tmp_path / "inbox"))
     result = probe(airflow_env, "test", "lgc_lifecycle", extra=extra)
     assert result["state"] == "success", result
-    assert result["tasks"] == {"apply_webhooks": "success", "sweep": "success", "fetch_results": "success"}
+    assert result["tasks"] == {"apply_webhooks": "success", "sweep": "success", "fetch_results": "success",
+                               "poll_letters": "success", "program_pages": "success"}
+    assert (tmp_path / "inbox" / "programs" / "Health4All" / "index.html").is_file()  # issue 25
     with engine.connect() as conn:
         statuses = conn.execute(sa.select(lgc_order_items.c.client_order_id, lgc_order_items.c.status)).all()
         results = conn.execute(sa.select(sa.func.count()).select_from(lgc_results)).scalar_one()

@@ -61,6 +61,11 @@ def _fresh_clone(dest: Path) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     (dest / ".venv").symlink_to(REPO / ".venv")
+    # The venv is this checkout's, already built: the recipe's `make` must not rebuild it from the
+    # clone (an editable install pointing into a temporary folder, every script's shebang too)
+    # when this checkout's pyproject.toml is newer than the venv's stamp.
+    for name in ("pyproject.toml", "scripts/bootstrap-venv.sh"):
+        os.utime(dest / name, (0, 0))
     return dest
 
 

@@ -7,6 +7,7 @@ and the Fernet Variable. The DAG tasks call `task_settings()` (through etl.airfl
     labsync_warehouse (optional): its URI (or extra `sqlalchemy_url`) is the SQLAlchemy URL
     Variable labsync_fernet_secret: the key for stored tokens when LABSYNC_FERNET_KEY is not set
         (Airflow masks it in logs: its name contains "secret")
+    Variable labsync_alerts: where alerts go when LABSYNC_ALERTS is not set (etl.alerts)
 
 A Connection that does not exist leaves the environment's values in place, except for the
 vendors named in `require` ("lgc", "rupa"): a task that talks to a vendor with neither its
@@ -23,11 +24,12 @@ from dataclasses import replace
 
 from etl.airflow.hooks import LgcHook, RupaHook, _is_not_found, extra_of
 from etl.errors import ConfigError
-from etl.settings import Settings
+from etl.settings import Settings, split_list
 
 log = logging.getLogger(__name__)
 
 FERNET_VARIABLE = "labsync_fernet_secret"
+ALERTS_VARIABLE = "labsync_alerts"  # where alerts go when LABSYNC_ALERTS is not set (etl.alerts)
 
 
 def task_settings(
@@ -51,8 +53,11 @@ def task_settings(
             )
     wh = _connection(warehouse_conn_id)
     warehouse_url = (_sqlalchemy_url(wh) if wh is not None else None) or base.warehouse_url
+    alerts = base.alerts
+    if not alerts.destinations:  # LABSYNC_ALERTS unset: the Airflow Variable labsync_alerts
+        alerts = replace(alerts, destinations=split_list(_variable(ALERTS_VARIABLE)))
     return replace(base, lgc=lgc or base.lgc, rupa=rupa or base.rupa, warehouse_url=warehouse_url,
-                   fernet_key=base.fernet_key or _variable(FERNET_VARIABLE))
+                   fernet_key=base.fernet_key or _variable(FERNET_VARIABLE), alerts=alerts)
 
 
 def _connection(conn_id: str):

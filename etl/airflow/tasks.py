@@ -248,7 +248,61 @@ def lgc_fetch_results(settings: Settings | None = None) -> dict:
     audit.record_results(engine, since)
     if _all_failed(len(summary.failed), summary.stored + summary.hl7_added + summary.not_released):
         raise ApiError(f"no result could be fetched ({len(summary.failed)} failed)")
+    return {**summary.as_dict(), "summary": summary.line(), "flagged": report_flagged(engine)}
+
+
+@_plain_errors
+def lgc_poll_letters(settings: Settings | None = None) -> dict:
+    """Walk LetsGetChecked's results-letters feed and store each letter's PDF once (issue 25)."""
+    from etl.orders.outreach import poll_feed
+
+    settings = settings or airflow_settings(require=("lgc",))
+    summary = poll_feed(_engine(settings), settings)
     return {**summary.as_dict(), "summary": summary.line()}
+
+
+@_plain_errors
+def program_pages(settings: Settings | None = None) -> dict:
+    """Regenerate every program's page and CSVs in the inbox (etl.program.page)."""
+    from etl.program import page
+
+    settings = settings or airflow_settings()
+    written = page.write(_engine(settings), settings)
+    return {"programs": [w.as_dict() for w in written]}
+
+
+LGC_RESULTS_ASSET = ("lgc_results", "labsync://warehouse/lgc_results")  # dags/lgc_lifecycle.py's LGC_RESULTS
+
+
+def report_flagged(engine, outlet_events=None) -> int:
+    """Lab observations (both vendors) flagged critical, or abnormal as LABSYNC_RESULTS_FLAG_LEVEL
+    says, not reported yet: an event for whoever acts on them (the alerting work, a DAG scheduled
+    on the asset), as the `flagged_observations` extra of this task's lgc_results asset event:
+    ids, code and interpretation only, never a value or a patient. Each is reported once (marked
+    in lab_observations.notified_at); outside a task (no outlet events) nothing is reported."""
+    from etl.results import observations
+
+    pending = observations.pending_events(engine, observations.levels_for())
+    if not pending:
+        return 0
+    try:
+        if outlet_events is None:
+            from airflow.sdk import get_current_context
+
+            outlet_events = get_current_context()["outlet_events"]
+        from airflow.sdk import Asset
+
+        name, uri = LGC_RESULTS_ASSET
+        outlet_events[Asset(name=name, uri=uri)].extra["flagged_observations"] = [
+            {"observation_id": p["id"], "vendor": p["vendor"], "order_id": p["order_id"], "item_id": p["item_id"],
+             "code": p["code"], "code_system": p["code_system"], "interpretation": p["interpretation"],
+             "status": p["status"]} for p in pending]
+    except Exception as exc:  # not inside a task: left for the next task run
+        log.info("lab observations: %d flagged not reported (%s)", len(pending), type(exc).__name__)
+        return 0
+    observations.mark_notified(engine, [p["id"] for p in pending])
+    log.info("lab observations: %d flagged observations reported as an event", len(pending))
+    return len(pending)
 
 
 # ---- labsync_retention: the retention of each class of PHI (etl.retention) -----------------------

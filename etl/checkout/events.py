@@ -63,6 +63,7 @@ from etl.http import (
     raise_for_retryable,
     retrying,
 )
+from etl.results import observations
 from etl.settings import Settings
 from etl.states import WebhookEventState
 from etl.warehouse import (
@@ -451,10 +452,10 @@ def download_results(engine: Engine, settings: Settings, out: ApplySummary, *,
     labsync builds (its connections are then the caller's; the origin and redirect checks hold)."""
     t = rupa_ordered_tests
     with engine.connect() as conn:
-        pending = conn.execute(sa.select(t.c.id, t.c.order_id, t.c.results_pdf_url, t.c.results_hl7_url)
-                               .where(t.c.results_pending == 1).order_by(t.c.id)).mappings().all()
-    pending = [{**p, **{c: None for c in ("results_pdf_url", "results_hl7_url")
-                        if (p[c] or "").startswith(USED_LINK)}} for p in pending]  # already stored
+        rows = conn.execute(sa.select(t.c.id, t.c.order_id, t.c.results_pdf_url, t.c.results_hl7_url)
+                            .where(t.c.results_pending == 1).order_by(t.c.id)).mappings().all()
+    pending = [{**r, **{c: None for c in ("results_pdf_url", "results_hl7_url")
+                        if (r[c] or "").startswith(USED_LINK)}} for r in rows]  # already stored
     if not pending:
         return
     policy = result_policy(settings)
@@ -485,6 +486,8 @@ def download_results(engine: Engine, settings: Settings, out: ApplySummary, *,
                 done[f"{column}_url"] = url
                 if new is not None:
                     out.results_stored += 1
+                    if kind == "hl7":  # its observations into lab_observations (issue 26)
+                        observations.record_rupa(engine, new)
                     log.debug("rupa results: stored the %s of ordered test %s (order %s)", kind, test["id"], test["order_id"])
                 else:
                     out.results_repeated += 1

@@ -145,6 +145,9 @@ def register(app: typer.Typer) -> None:
         except KeyboardInterrupt:
             _release_on_interrupt(engine, owner)
             raise Interrupted("interrupted; rows not sent stay in the outbox and go out on the next run") from None
+        from etl.commands.alerts import send_after_run
+
+        send_after_run(engine, settings)  # LABSYNC_ALERTS: what needs a person, as the DAG sends it
         outcomes = run.outcomes
         if not outcomes and run.error is None:
             typer.echo(f"inbox {display(settings.inbox)}: nothing to do")
@@ -169,23 +172,28 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def batches(
-        limit: int = typer.Option(20, help="The most recent N batches."),
+        limit: int = typer.Option(20, help="The most recent N batches (0 = no limit)."),
+        since: str | None = typer.Option(None, "--since", metavar="WHEN", help="Only batches received at or "
+                                         "after this: a date or time (UTC unless it says) or days back (7d)."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
-        """The outcome table: one line per batch file, with its rows by outcome."""
-        import sqlalchemy as sa
+        """The outcome table: one line per batch file, with its rows by outcome (the newest
+        --limit batches, oldest of them first)."""
         from rich.console import Console
         from rich.table import Table
 
         from etl import warehouse
+        from etl.commands.audit import _since
+        from etl.intake import records
         from etl.orders import outbox
         from etl.redact import clean
         from etl.settings import Settings
-        from etl.warehouse import batch_files
 
+        if limit < 0:
+            raise typer.BadParameter("give 0 (no limit) or more", param_hint="--limit")
+        when = _since(since)
         engine = warehouse.connect(Settings.from_env().warehouse_url)
-        with engine.connect() as conn:
-            rows = conn.execute(sa.select(batch_files).order_by(batch_files.c.id.desc()).limit(limit)).mappings().all()
+        rows = records.recent(engine, limit=limit or None, since=when)
         per_batch = outbox.counts(engine, [b["id"] for b in rows])
         out = []
         for b in reversed(rows):

@@ -135,6 +135,11 @@ def register(app: typer.Typer) -> None:
         statuses = lifecycle.item_statuses(engine, [r["client_order_id"] for r in rows])
         for r in rows:  # each order's items at LetsGetChecked (from `labsync track`)
             r["items"] = statuses.get(r["client_order_id"], [])
+        from etl.orders import outreach
+
+        letters = outreach.letters_of(engine, [r["client_order_id"] for r in rows])
+        for r in rows:  # when the patient's and the PCP's results letters went out (issue 25)
+            r["letters"] = letters.get(r["client_order_id"], {"patient": None, "pcp": None})
         from etl import audit
         from etl.states import AuditAction
 
@@ -152,12 +157,12 @@ def register(app: typer.Typer) -> None:
             by_state[r["state"]] = by_state.get(r["state"], 0) + 1
         shown = rows if not limit else rows[:limit]
         table = Table("clientOrderId", "batch", "line", "state", "HTTP", "attempts",
-                      "order items", "item statuses", "last error", "updated")
+                      "order items", "item statuses", "results letters", "last error", "updated")
         for r in shown:
             item_ids = ", ".join(f"{i.get('code')}={i.get('id')}" for i in (r["order_item_ids"] or []))
             table.add_row(r["client_order_id"], str(r["batch"] or ""), str(r["line"] or ""),
                           r["state"], str(r["http_status"] or ""), str(r["attempts"]), item_ids,
-                          lifecycle.describe_items(r["items"]), r["last_error"] or "",
+                          lifecycle.describe_items(r["items"]), outreach.describe(r["letters"]), r["last_error"] or "",
                           jsonout.iso(r["updated_at"]))
         console = Console(width=max(Console().width, 160))
         console.print(table)

@@ -78,10 +78,26 @@ def register(app: typer.Typer) -> None:
         raise typer.Exit(summary.exit_code)
 
     @app.command()
-    def results(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text.")) -> None:
+    def results(
+        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+        flagged: bool = typer.Option(False, "--flagged", help="Fetch nothing: list the observations (both "
+                                     "vendors) flagged critical, or abnormal with --level abnormal."),
+        level: str = typer.Option("", "--level", help="With --flagged: critical (the default, or "
+                                  "LABSYNC_RESULTS_FLAG_LEVEL) or abnormal (abnormal and critical)."),
+        reread: bool = typer.Option(False, "--reread", help="Fetch nothing: read every stored result document "
+                                    "(both vendors) into lab_observations again: documents stored before "
+                                    "that table existed. Idempotent."),
+    ) -> None:
         """Fetch the results (JSON and HL7) of every item at ResultsAvailable that has none stored.
 
-        Idempotent: a result is stored once however often this runs. Values are never printed."""
+        Idempotent: a result is stored once however often this runs. Values are never printed.
+        With --flagged: list the current lab observations that need a person (ids, test, code,
+        interpretation, flags; never a value)."""
+        if flagged or reread:
+            from etl.commands.observations import list_flagged, reread_documents
+
+            reread_documents(as_json) if reread else list_flagged(level, as_json)
+            return
         from datetime import UTC, datetime
 
         from etl import audit
@@ -129,7 +145,8 @@ def register(app: typer.Typer) -> None:
             None, "--stale-minutes", help="Sweep orders not checked for this long (default LABSYNC_TRACK_STALE_MINUTES)."),
     ) -> None:
         """What the lgc_lifecycle DAG does, once: apply stored webhook events (each order confirmed
-        with a GET), sweep open orders not checked recently, fetch new results."""
+        with a GET), sweep open orders not checked recently, fetch new results, read the
+        results-letters feed (labsync program writes the program pages)."""
         from etl.orders import lifecycle
         from etl.orders.results import fetch_results
         from etl.settings import Settings
@@ -151,7 +168,11 @@ def register(app: typer.Typer) -> None:
         found = fetch_results(engine, settings)
         audit.record_results(engine, since)
         typer.echo(found.line() if found.candidates else "results: nothing due")
-        bad = hooks.failed or sweep.exit_code or found.exit_code
+        from etl.orders.outreach import poll_feed
+
+        letters = poll_feed(engine, settings)  # results letters (issue 25)
+        typer.echo(letters.line())
+        bad = hooks.failed or sweep.exit_code or found.exit_code or "feed" in letters.failed
         raise typer.Exit(1 if bad else 0)
 
 

@@ -317,6 +317,23 @@ def get(engine: Engine, batch_id: int) -> dict:
         return dict(conn.execute(sa.select(batch_files).where(batch_files.c.id == batch_id)).mappings().one())
 
 
+def recent_query(*, limit: int | None = 20, since: datetime | None = None) -> sa.Select:
+    """Batches newest first (by id, the primary key: a listing reads its page, not the
+    history), at most `limit` (None: no limit); with `since`, those received at or after it,
+    newest first (a range of the index on received_at)."""
+    q = sa.select(batch_files).order_by(batch_files.c.id.desc())
+    if since is not None:  # a range of ix_batch_files_received_at, newest first
+        q = (sa.select(batch_files).where(batch_files.c.received_at >= since)
+             .order_by(batch_files.c.received_at.desc(), batch_files.c.id.desc()))
+    return q.limit(limit) if limit else q
+
+
+def recent(engine: Engine, *, limit: int | None = 20, since: datetime | None = None) -> list[dict]:
+    """`labsync batches`: the newest batches first (see `recent_query`)."""
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(recent_query(limit=limit, since=since)).mappings()]
+
+
 def record_unusable(engine: Engine, path: Path | str, sha256: str | None, reason: str) -> int | None:
     """Remember an unusable file (when its bytes could be hashed) with the one-line reason."""
     if sha256 is None:

@@ -194,9 +194,10 @@ class LgcApi:
             self.tokens.http = self.http
 
     # -- plumbing --
-    async def _send_once(self, method: str, url: str, accept: str, content: bytes | None) -> httpx.Response:
+    async def _send_once(self, method: str, url: str, accept: str, content: bytes | None,
+                         extra: Mapping[str, str] | None = None) -> httpx.Response:
         """One attempt; the auth (etl.lgc.auth) adds the token and retries once after a 401."""
-        headers = {"User-Agent": USER_AGENT, "Accept": accept}
+        headers = {"User-Agent": USER_AGENT, "Accept": accept, **(extra or {})}
         if content is not None:
             headers["Content-Type"] = "application/json"
         request = httpx.Request(method, url, content=content, headers=headers,
@@ -213,13 +214,14 @@ class LgcApi:
                 self.budget.release()
 
     async def request(self, method: str, url: str, *, accept: str = "application/json",
-                      content: bytes | None = None, what: str = "request") -> httpx.Response:
+                      content: bytes | None = None, what: str = "request",
+                      headers: Mapping[str, str] | None = None) -> httpx.Response:
         """Send with the shared token (one refresh after a 401) and the shared retry policy.
         Returns any non-retryable answer; raises ApiError when retries run out and AuthError
         when a fresh token is refused too. `what` names the call in messages (no PHI)."""
 
         async def once() -> httpx.Response:
-            response = await self._send_once(method, url, accept, content)
+            response = await self._send_once(method, url, accept, content, headers)
             return raise_for_retryable(response, max_retry_after=self.lgc.max_retry_after)
 
         try:
@@ -251,11 +253,12 @@ class LgcApi:
         return ApiError(f"LetsGetChecked {what}: unexpected HTTP {response.status_code}",
                         status=response.status_code)
 
-    async def get(self, url: str, *, accept: str = "application/json", what: str) -> httpx.Response | None:
+    async def get(self, url: str, *, accept: str = "application/json", what: str,
+                  headers: Mapping[str, str] | None = None) -> httpx.Response | None:
         """The one answer rule of the GETs: 200 is the answer, 404 is None (not known or not
         released yet), anything else an ApiError (`request` already handled 401, 429/5xx and
         the size cap)."""
-        response = await self.request("GET", url, accept=accept, what=what)
+        response = await self.request("GET", url, accept=accept, what=what, headers=headers)
         if response.status_code == 404:
             return None
         if response.status_code != 200:

@@ -292,6 +292,23 @@ def confirm(engine: Engine, client_order_id: str, order_item_ids: Sequence[Mappi
         return True
 
 
+def mark_tracked(engine: Engine, client_order_ids: Sequence[str], *, now: datetime | None = None) -> int:
+    """Orders a GET answered listing their items: `tracked_at` is set (once), so the sweep stops
+    asking about them as never described (etl.orders.lifecycle.open_orders); from then on their
+    open items say when they are due. Returns how many rows were marked."""
+    ids = sorted(set(client_order_ids))
+    if not ids:
+        return 0
+    now = now or _now()
+    marked = 0
+    with engine.begin() as conn:
+        for i in range(0, len(ids), 500):
+            marked += conn.execute(
+                sa.update(t).where(t.c.client_order_id.in_(ids[i:i + 500]), t.c.tracked_at.is_(None))
+                .values(tracked_at=now)).rowcount
+    return marked
+
+
 def release(engine: Engine, items: Iterable[Prepared], *, owner: str, error: str, max_attempts: int) -> int:
     """Claimed but never sent (the batch stopped, the run was interrupted): `failed` with the
     true reason, claim released, no attempt counted; a later run sends them."""
@@ -340,13 +357,26 @@ STATUS_COLUMNS = (
 
 
 def find_batch_ids(engine: Engine, name: str) -> list[int]:
-    """Batch ids whose file name (or base name, or id) is `name`."""
+    """Batch ids whose file name (or base name, or id) is `name`. Read through the indexes on
+    `batch_files.file_name` and the id (`find_batch_ids_query`), never every batch; only a name
+    that matches neither is looked for as the base name of a stored path (a file name with a
+    folder: batches of rows from no file), which reads the batches' names."""
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(batch_files.c.id, batch_files.c.file_name)).all()
-    return [
-        r.id for r in rows
-        if name in (r.file_name, os.path.basename(r.file_name or ""), str(r.id))
-    ]
+        ids = [int(i) for i in conn.execute(find_batch_ids_query(name)).scalars()]
+        if ids or "/" in name:
+            return ids
+        rows = conn.execute(sa.select(batch_files.c.id, batch_files.c.file_name)
+                            .where(batch_files.c.file_name.like(f"%/{name}"))).all()
+    return [r.id for r in rows if os.path.basename(r.file_name or "") == name]
+
+
+def find_batch_ids_query(name: str) -> sa.Select:
+    """The indexed lookup of `find_batch_ids`: the file name as stored, or the batch's id."""
+    b = batch_files
+    named = b.c.file_name == name
+    if name.isdigit() and len(name) < 19:
+        named = sa.or_(named, b.c.id == int(name))
+    return sa.select(b.c.id).where(named).order_by(b.c.id)
 
 
 def status_rows(

@@ -71,14 +71,16 @@ from etl.states import (
     StatusSource,
     WebhookEventState,
 )
-from etl.warehouse.tables import lgc_item_status_history, lgc_order_items, lgc_orders
+from etl.warehouse.tables import OPEN_ITEM_SQL, lgc_item_status_history, lgc_order_items, lgc_orders
 from etl.webhooks import store
 
 log = logging.getLogger(__name__)
 
 items_t, history_t = lgc_order_items, lgc_item_status_history
 WRITE_EVERY = 200  # orders per warehouse transaction while tracking
-_OPEN = sa.or_(items_t.c.status.is_(None), items_t.c.status.notin_([str(s) for s in FINAL_ITEM_STATUSES]))
+# an open item, as literal SQL: the predicate of the partial index the sweep reads
+# (tables.OPEN_ITEM_SQL; a bound parameter in its place would not match it)
+_OPEN_SQL = sa.text(f"({OPEN_ITEM_SQL})")
 
 
 def _aware(ts: datetime | None) -> datetime | None:
@@ -281,28 +283,94 @@ def _not_listed(conn: sa.Connection, listed: Mapping[str, tuple[datetime, frozen
 def open_orders(engine: Engine, *, batch_ids: Sequence[int] | None = None,
                 stale_before: datetime | None = None, limit: int | None = None) -> list[str]:
     """clientOrderIds LetsGetChecked holds (ledger `accepted`/`conflict`) that have an item not
-    in a final state, or no item known yet; with `stale_before`, only those whose open items
-    were last checked before then (or never). Orders left `unconfirmed` (a 2xx to the PUT that
-    was not the documented order) are asked about too: the GET settles whether LetsGetChecked
-    holds them."""
-    o = lgc_orders
-    open_item = sa.exists().where(items_t.c.client_order_id == o.c.client_order_id, _OPEN)
-    if stale_before is not None:
-        open_item = sa.exists().where(
-            items_t.c.client_order_id == o.c.client_order_id, _OPEN,
-            sa.or_(items_t.c.last_checked_at.is_(None), items_t.c.last_checked_at < stale_before))
-    no_item = ~sa.exists().where(items_t.c.client_order_id == o.c.client_order_id)
-    q = (sa.select(o.c.client_order_id)
-         .where(sa.or_(sa.and_(o.c.state.in_([str(s) for s in TRACKED_ORDER_STATES]),
-                               sa.or_(no_item, open_item)),
-                       o.c.state == OrderState.UNCONFIRMED))
-         .order_by(o.c.client_order_id))
-    if batch_ids is not None:
-        q = q.where(o.c.batch_id.in_(list(batch_ids)))
-    if limit:
-        q = q.limit(limit)
+    in a final state, or whose items no GET has described yet (`tracked_at` NULL); with
+    `stale_before`, only those whose open items were last checked before then (or never).
+    Orders left `unconfirmed` (a 2xx to the PUT that was not the documented order) are asked
+    about too: the GET settles whether LetsGetChecked holds them.
+
+    It reads the due rows only, however long the history (issue 27), each through its index
+    (`open_orders_statements`); the ledger states of the orders the due items name are then
+    read by key. Joining the two in SQL would leave the plan to estimates that cannot know that
+    open items are the recently checked ones: PostgreSQL then hashes the whole ledger."""
+    tracked = [str(s) for s in TRACKED_ORDER_STATES]
+    found: set[str] = set()
     with engine.connect() as conn:
-        return list(conn.execute(q).scalars())
+        if conn.dialect.name == "postgresql":  # as in etl.orders.results.candidates: the due
+            # items are estimated as open x checked before the window, as if unrelated, so a
+            # long history would start parallel workers to read a handful of rows
+            conn.exec_driver_sql("SET LOCAL max_parallel_workers_per_gather = 0")
+        if batch_ids is not None:
+            found = _open_of_batches(conn, batch_ids, stale_before, tracked)
+        else:
+            due, *ledger_parts = open_orders_statements(stale_before=stale_before, dialect=engine.dialect.name)
+            for stmt in ledger_parts:
+                found.update(conn.execute(stmt).scalars())
+            named = sorted(set().union(*(conn.execute(stmt).scalars() for stmt in due)) - found)
+            for i in range(0, len(named), 500):
+                found.update(conn.execute(
+                    sa.select(lgc_orders.c.client_order_id)
+                    .where(lgc_orders.c.client_order_id.in_(named[i:i + 500]), lgc_orders.c.state.in_(tracked))
+                ).scalars())
+    out = sorted(found)
+    return out[:limit] if limit else out
+
+
+def _open_of_batches(conn: sa.Connection, batch_ids: Sequence[int], stale_before: datetime | None,
+                     tracked: list[str]) -> set[str]:
+    """`open_orders` of some batches: their ledger rows (ix_lgc_orders_batch_id), then their
+    items by clientOrderId, decided here."""
+    o = lgc_orders
+    rows = conn.execute(sa.select(o.c.client_order_id, o.c.state, o.c.tracked_at)
+                        .where(o.c.batch_id.in_(list(batch_ids)))).all()
+    found = {r.client_order_id for r in rows if r.state == OrderState.UNCONFIRMED}
+    held = {r.client_order_id: r.tracked_at for r in rows if r.state in tracked}
+    final = {str(s) for s in FINAL_ITEM_STATUSES}
+    coids = sorted(held)
+    with_items: set[str] = set()
+    for i in range(0, len(coids), 500):
+        for coid, status, checked in conn.execute(
+                sa.select(items_t.c.client_order_id, items_t.c.status, items_t.c.last_checked_at)
+                .where(items_t.c.client_order_id.in_(coids[i:i + 500]))):
+            with_items.add(coid)
+            when = _aware(checked)
+            if (status is None or status not in final) and (stale_before is None or when is None or when < stale_before):
+                found.add(coid)
+    found.update(c for c, tracked_at in held.items() if tracked_at is None or c not in with_items)
+    return found
+
+
+def open_orders_statements(*, stale_before: datetime | None = None, dialect: str | None = None) -> list:
+    """The statements `open_orders` runs on the whole warehouse (tests/test_scale_plans.py and
+    bench/scale.py EXPLAIN them): first a list of the due-item reads (clientOrderIds of open
+    items never checked or checked before `stale_before`: ranges of the partial index
+    `ix_lgc_order_items_open_checked`), then the ledger's orders no GET described yet
+    (`ix_lgc_orders_state_tracked_at`) and its unconfirmed ones (`ix_lgc_orders_state`)."""
+    o = lgc_orders
+    tracked = [str(s) for s in TRACKED_ORDER_STATES]
+    due = sa.select(items_t.c.client_order_id).where(_OPEN_SQL)
+    dues = ([due] if stale_before is None else
+            [due.where(items_t.c.last_checked_at < stale_before), due.where(items_t.c.last_checked_at.is_(None))])
+    return [
+        dues,
+        _orders_by(dialect, "ix_lgc_orders_state_tracked_at", sa.and_(o.c.state.in_(tracked), o.c.tracked_at.is_(None))),
+        _orders_by(dialect, "ix_lgc_orders_state", o.c.state == OrderState.UNCONFIRMED),
+    ]
+
+
+def _orders_by(dialect: str | None, index: str, where: sa.ColumnElement[bool]):
+    """clientOrderIds of the ledger rows matching `where`, read through `index`. On SQLite the
+    index is named (INDEXED BY): its ANALYZE keeps no histogram, so with nearly every order
+    `accepted` it takes an equality on `state` for most of the ledger and would scan it all
+    (PostgreSQL's statistics know the rare states are rare). `where` holds only labsync's own
+    constants, rendered in place."""
+    q = sa.select(lgc_orders.c.client_order_id).where(where)
+    if dialect != "sqlite":
+        return q
+    from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+    sql = str(q.compile(dialect=sqlite_dialect.dialect(), compile_kwargs={"literal_binds": True}))
+    sql = sql.replace("FROM lgc_orders", f"FROM lgc_orders INDEXED BY {index}", 1)
+    return sa.text(sql).columns(lgc_orders.c.client_order_id)
 
 
 def _unconfirmed(engine: Engine, coids: Sequence[str]) -> set[str]:
@@ -461,6 +529,10 @@ async def atrack(engine: Engine, settings: Settings, client_order_ids: Sequence[
                 done = await asyncio.to_thread(apply_observations, engine, batch, listed=orders)
                 summary.changed += done.changed
                 summary.history += done.history
+                # orders whose items an answer listed leave the sweep's never-described part
+                described = sorted(c for c, (_, ids) in orders.items() if ids)
+                if described:
+                    await asyncio.to_thread(ledger.mark_tracked, engine, described)
 
         async def one(api, coid: str) -> None:
             order = await api.get_order(coid)
@@ -536,7 +608,7 @@ class WebhookSummary:
 class _Parsed:
     """One stored event, understood: what to apply and which order to confirm."""
 
-    kind: str  # order | result | ignore | retry
+    kind: str  # order | result | outreach | ignore | retry
     client_order_id: str | None = None
     observation: Observation | None = None
     reason: str | None = None  # why ignored / failed (PHI-free)
@@ -572,6 +644,12 @@ def parse_event(event: store.Event) -> _Parsed:
         if barcode is None:
             return _Parsed("ignore", reason="result event without a barcode")
         return _Parsed("result", barcode, reason=barcode)
+    if kind == "outreach":  # a results letter (etl.orders.outreach confirms it with a GET)
+        barcode = text_of(get_field(body, "barcode"), 50)
+        letter = text_of(get_field(body, "type"), 40)
+        if barcode is None or letter is None:
+            return _Parsed("ignore", reason="outreach event without a barcode or a letter type")
+        return _Parsed("outreach", barcode, reason=letter)
     return _Parsed("ignore", reason=f"event type {kind or 'missing'} is not applied by labsync")
 
 
@@ -664,6 +742,12 @@ def _apply_page(engine, settings, events, summary: WebhookSummary, *, transport)
         else:
             confirm[event_id] = coid
     _confirm(engine, settings, confirm, outcomes, summary.track, transport=transport)
+    letters = {i: (p.client_order_id, p.reason) for i, p in parsed.items()
+               if p.kind == "outreach" and p.client_order_id is not None and p.reason is not None}
+    if letters:  # results letters: a GET of each notification, then its PDF (issue 25)
+        from etl.orders import outreach
+
+        outcomes.update(outreach.confirm_events(engine, settings, letters, transport=transport))
 
     store.mark_events(engine, [(i, state, err) for i, (state, err) in outcomes.items()])
     states = Counter(state for state, _ in outcomes.values())
@@ -782,6 +866,13 @@ async def _cancel_one(engine, api, coid: str, it: Mapping[str, Any], body) -> Ca
         return out("requested", f"cancel requested (HTTP {answer.http_status}); LetsGetChecked "
                                 "confirms it with status Cancelled (see labsync track)")
     return out("refused by LetsGetChecked", f"LetsGetChecked refused the cancel: {answer.reason}")
+
+
+def mark_results_stored(conn: sa.Connection, barcode: str, now: datetime) -> None:
+    """In the results' own transaction (etl.orders.results): the items with this barcode have
+    both result documents stored, so the results candidates never read them again."""
+    conn.execute(sa.update(items_t).where(items_t.c.barcode == barcode, items_t.c.results_stored_at.is_(None))
+                 .values(results_stored_at=now))
 
 
 def _set_item(engine: Engine, item_id: str, values: Mapping[str, Any]) -> None:

@@ -34,6 +34,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from etl.claims import now as _now
 from etl.intake import records
+from etl.orders import programs
 from etl.orders.payload import PayloadError, build_payload, client_order_id, payload_sha256
 from etl.states import RETRYABLE_OUTBOX_STATES, SETTLED_OUTBOX_STATES, BatchStatus, OutboxState
 from etl.warehouse.tables import batch_files, lgc_orders, lgc_outbox
@@ -151,13 +152,16 @@ def write(
                 fence(conn)
             stmt = _insert(conn).on_conflict_do_nothing(index_elements=["batch_id", "client_order_id"])
             inserted = len(conn.execute(stmt.returning(o.c.id), buf).all())
+            programs.record(conn, progs)  # the program of each order (issue 25), PHI-free
         done.rows += inserted
         done.existing += len(buf) - inserted
         if inserted == len(buf):
             done.unmappable += sum(1 for r in buf if r["outcome"] == OutboxState.REJECTED)
         buf.clear()
+        progs.clear()
 
     now = _now()
+    progs: list[dict] = []
     for row in rows:
         item = staged(row, batch_id, now, vault)
         if item["client_order_id"] in seen:
@@ -165,6 +169,8 @@ def write(
             continue
         seen.add(item["client_order_id"])
         buf.append(item)
+        if (prog := programs.row_of(row, item["client_order_id"], batch_id, now)) is not None:
+            progs.append(prog)
         if len(buf) >= page:
             flush()
     flush()

@@ -41,7 +41,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from etl.errors import ApiError, LabsyncError, WarehouseRefused
 from etl.lgc.orders_api import get_field, open_session, text_of
-from etl.orders.lifecycle import run_async
+from etl.orders.lifecycle import mark_results_stored, run_async
+from etl.results import observations
 from etl.settings import Settings
 from etl.states import ItemStatus
 from etl.warehouse import as_refused
@@ -184,18 +185,41 @@ class _Candidate:
     has_json: bool  # a result row exists (its HL7 is missing)
 
 
+def candidates_query() -> sa.Select:
+    """The items whose results may be due: at ResultsAvailable, with a barcode, and without
+    `results_stored_at` (set once both documents are stored), read through the index on
+    (status, results_stored_at): a run reads the results still due, not the history
+    (tests/test_scale_plans.py and bench/scale.py EXPLAIN it)."""
+    return (sa.select(items_t.c.item_id, items_t.c.client_order_id, items_t.c.barcode, items_t.c.alpha_code)
+            .where(items_t.c.status == ItemStatus.RESULTS_AVAILABLE.value, items_t.c.results_stored_at.is_(None),
+                   items_t.c.barcode.is_not(None))
+            .order_by(items_t.c.client_order_id, items_t.c.item_id))
+
+
 def candidates(engine: Engine) -> list[_Candidate]:
-    """Items at ResultsAvailable with a barcode whose result is not stored, or stored without HL7."""
+    """Items at ResultsAvailable with a barcode whose result is not stored, or stored without HL7:
+    the due items (`candidates_query`), then what is stored of them, read by barcode (a join
+    would leave PostgreSQL to estimate the due items, which it cannot, and hash every result)."""
     r = results_t
-    q = (sa.select(items_t.c.item_id, items_t.c.client_order_id, items_t.c.barcode,
-                   items_t.c.alpha_code, r.c.barcode.label("stored"))
-         .select_from(items_t.outerjoin(r, r.c.barcode == items_t.c.barcode))
-         .where(items_t.c.status == ItemStatus.RESULTS_AVAILABLE.value, items_t.c.barcode.is_not(None),
-                sa.or_(r.c.barcode.is_(None), r.c.hl7_body.is_(None)))
-         .order_by(items_t.c.client_order_id, items_t.c.item_id))
     with engine.connect() as conn:
-        return [_Candidate(x.item_id, x.client_order_id, x.barcode, x.alpha_code, x.stored is not None)
-                for x in conn.execute(q)]
+        if conn.dialect.name == "postgresql":
+            # PostgreSQL estimates the due items as ResultsAvailable x no results stored, as if
+            # unrelated: thousands of rows on a long history, so it would start parallel
+            # workers (milliseconds each) to read the handful that are due
+            conn.exec_driver_sql("SET LOCAL max_parallel_workers_per_gather = 0")
+        due = conn.execute(candidates_query()).all()
+        barcodes = sorted({x.barcode for x in due})
+        stored: dict[str, bool] = {}  # barcode -> its HL7 is stored
+        for i in range(0, len(barcodes), 500):
+            stored.update(conn.execute(sa.select(r.c.barcode, r.c.hl7_body.is_not(None))
+                                       .where(r.c.barcode.in_(barcodes[i:i + 500]))).tuples().all())
+    complete = sorted(b for b, hl7 in stored.items() if hl7)
+    if complete:  # stored whole by a run that raced this one's read: never read again
+        with engine.begin() as conn:
+            for barcode in complete:
+                mark_results_stored(conn, barcode, datetime.now(UTC))
+    return [_Candidate(x.item_id, x.client_order_id, x.barcode, x.alpha_code, x.barcode in stored)
+            for x in due if not stored.get(x.barcode, False)]
 
 
 def _sha(data: bytes) -> str:
@@ -229,6 +253,8 @@ def store_result(engine: Engine, c: _Candidate, document: bytes, hl7: bytes | No
             return False, 0, parsed
         if rows:
             conn.execute(sa.insert(values_t), [{"barcode": c.barcode, **row} for row in rows])
+        if hl7 is not None:  # both documents: no longer a candidate
+            mark_results_stored(conn, c.barcode, now)
     return True, len(rows), parsed
 
 
@@ -251,9 +277,12 @@ def add_hl7(engine: Engine, barcode: str, hl7: bytes, *, now: datetime | None = 
     """Fill in the HL7 of a result stored without one (once)."""
     now = now or datetime.now(UTC)
     with _plain_refusal(f"with barcode {barcode}"), engine.begin() as conn:
-        return bool(conn.execute(
+        added = bool(conn.execute(
             sa.update(results_t).where(results_t.c.barcode == barcode, results_t.c.hl7_body.is_(None))
             .values(hl7_body=hl7, hl7_sha256=_sha(hl7), hl7_fetched_at=now)).rowcount)
+        if added:  # both documents: no longer a candidate
+            mark_results_stored(conn, barcode, now)
+        return added
 
 
 def fetch_results(engine: Engine, settings: Settings, *,
@@ -282,6 +311,7 @@ async def afetch_results(engine: Engine, settings: Settings, *,
                 hl7 = await api.get_lab_results_hl7(c.barcode, c.alpha_code)
                 if hl7 is not None and await asyncio.to_thread(add_hl7, engine, c.barcode, hl7):
                     summary.hl7_added += 1
+                    await asyncio.to_thread(observations.record_lgc, engine, c.barcode)  # issue 26
                     log.info("order %s item %s: HL7 results added", c.client_order_id, c.item_id)
                 return
             document = await api.get_results(c.barcode, c.alpha_code)
@@ -293,6 +323,7 @@ async def afetch_results(engine: Engine, settings: Settings, *,
             inserted, values, parsed = await asyncio.to_thread(store_result, engine, c, document, hl7)
             if not inserted:
                 return  # another run stored it first
+            await asyncio.to_thread(observations.record_lgc, engine, c.barcode)  # lab_observations (issue 26)
             summary.stored += 1
             summary.values += values
             summary.unparsed += 0 if parsed else 1

@@ -578,6 +578,66 @@ class LgcSandbox:
             return problem(406, "Not Acceptable", "ask for application/json or application/hl7")
         return Response(self.lifecycle.results_json(item), media_type="application/json")
 
+    # ---- the Outreach API (results letters). LetsGetChecked publishes no paths for it; these
+    # are modelled on the Results API (v1, by barcode), like labsync's client (etl.lgc.outreach).
+    OUTREACH_PAGE = 50
+
+    async def get_notification(self, request: Request) -> Response:
+        """GET .../api/v1/outreach/notifications/{barcode}?type=PatientResultsLetter: one notification."""
+        refused = self._refuse(request, request.path_params["client_id"])
+        if refused is not None:
+            return refused
+        barcode = request.path_params["barcode"]
+        if not _BARCODE.match(barcode):
+            return problem(400, "Bad Request", "barcode must look like LGC-0000-0000-0000")
+        found = self.lifecycle.notification(barcode, request.query_params.get("type"))
+        if found is None:
+            return problem(404, "Not Found", "no notification for this barcode")
+        return JSONResponse(found)
+
+    async def list_notifications(self, request: Request) -> Response:
+        """GET .../api/v1/outreach/programs/{program}/notifications?from=&to=, paged: the answer's
+        `X-Continuation-Token` header, sent back as a request header, asks for the next page."""
+        refused = self._refuse(request, request.path_params["client_id"])
+        if refused is not None:
+            return refused
+        from etl.sandbox.lgc_lifecycle import parse_iso
+
+        try:
+            since = parse_iso(request.query_params.get("from"))
+            until = parse_iso(request.query_params.get("to"))
+            start = int(request.headers.get("x-continuation-token") or 0)
+        except ValueError:
+            return problem(400, "Bad Request", "from/to must be ISO 8601 times; a continuation token as given")
+        found = self.lifecycle.program_notifications(unquote(request.path_params["program"]), since, until)
+        page = found[start:start + self.OUTREACH_PAGE]
+        headers = {}
+        if start + self.OUTREACH_PAGE < len(found):
+            headers["X-Continuation-Token"] = str(start + self.OUTREACH_PAGE)
+        return JSONResponse({"notifications": page}, headers=headers)
+
+    async def letters_feed(self, request: Request) -> Response:
+        """GET .../api/v1/outreach/letters-feed?startEventId=N&limit=M: the feed from event N."""
+        refused = self._refuse(request, request.path_params["client_id"])
+        if refused is not None:
+            return refused
+        try:
+            start = int(request.query_params.get("startEventId") or 1)
+            limit = min(int(request.query_params.get("limit") or 100), 500)
+        except ValueError:
+            return problem(400, "Bad Request", "startEventId and limit are numbers")
+        return JSONResponse({"events": self.lifecycle.feed(start, limit)})
+
+    async def get_letter(self, request: Request) -> Response:
+        """GET .../api/v1/outreach/letters/{letterId}: the letter's PDF."""
+        refused = self._refuse(request, request.path_params["client_id"])
+        if refused is not None:
+            return refused
+        pdf = self.lifecycle.letter_pdf(request.path_params["letter_id"])
+        if pdf is None:
+            return problem(404, "Not Found", "no letter with this id")
+        return Response(pdf, media_type="application/pdf")
+
     def app(self) -> Starlette:
         return Starlette(
             routes=[
@@ -587,6 +647,11 @@ class LgcSandbox:
                 Route("/{client_id}/api/v2/orders/{rest:path}", self.patch_item, methods=["PATCH"]),
                 Route("/{client_id}/api/v1/results/{barcode}", self.get_results, methods=["GET"]),
                 Route("/{client_id}/api/v1/labresults/{barcode}", self.get_results, methods=["GET"]),
+                Route("/{client_id}/api/v1/outreach/notifications/{barcode}", self.get_notification, methods=["GET"]),
+                Route("/{client_id}/api/v1/outreach/programs/{program}/notifications", self.list_notifications,
+                      methods=["GET"]),
+                Route("/{client_id}/api/v1/outreach/letters-feed", self.letters_feed, methods=["GET"]),
+                Route("/{client_id}/api/v1/outreach/letters/{letter_id}", self.get_letter, methods=["GET"]),
             ]
         )
 

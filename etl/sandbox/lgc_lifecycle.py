@@ -64,7 +64,7 @@ DEFAULT_PANEL = [("Cholesterol, Total", "Quantitative", "mg/dL", 100.0, 199.0, "
                  ("Chlamydia trachomatis", "Qualitative", None, None, None, "43304-5", "183194")]
 
 SWITCHES = {"auto_step_seconds", "cancel_delay", "webhook_url", "webhook_key", "duplicates", "reorder",
-            "drop", "retries", "retry_wait", "order_type", "result_type", "status_shape", "seed"}
+            "drop", "retries", "retry_wait", "order_type", "result_type", "status_shape", "seed", "letters"}
 
 
 @dataclass
@@ -82,6 +82,7 @@ class LifecycleConfig:
     result_type: str = "Result"
     status_shape: str = "object"  # object | string
     seed: int = 0
+    letters: str = ""  # results letters sent by themselves at ResultsAvailable: "patient,pcp", "patient", ""
 
 
 @dataclass
@@ -108,6 +109,32 @@ class Order:
     participant_id: str
     patient: dict
     items: list[Item]
+    program: str = ""  # programCode of the PUT (the Outreach API lists notifications per program)
+
+
+@dataclass
+class Letter:
+    """A results letter of the Outreach API: `<audience>_<barcode>`, sent (DeliverySent)."""
+
+    letter_id: str
+    barcode: str
+    type: str  # PatientResultsLetter | PcpResultsLetter
+    status: str
+    timestamp: datetime
+    event_id: int  # its place in the letters feed
+    program: str
+    pdf: bytes
+
+
+LETTER_TYPES = {"patient": "PatientResultsLetter", "pcp": "PcpResultsLetter"}
+
+
+def parse_iso(text: str | None) -> datetime | None:
+    """An ISO 8601 time from a query string (None when absent); naive means UTC."""
+    if not text:
+        return None
+    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _iso(when: datetime) -> str:
@@ -129,6 +156,9 @@ class LgcLifecycle:
         self._rng = random.Random(0)
         self._lock = threading.RLock()
         self._last_ts = datetime.now(UTC)
+        self.clock: datetime | None = None  # set_clock: the vendor's time, pinned
+        self.letters: dict[str, Letter] = {}  # letter id -> letter (the Outreach API)
+        self.letter_feed: list[str] = []  # letter ids in feed order (event id = position + 1)
         self._thread: threading.Thread | None = None
         self._sending = False
         self._idle = threading.Condition(self._lock)
@@ -163,9 +193,20 @@ class LgcLifecycle:
             self.sent.clear()
             self._outbox.clear()
             self.delivered = self.lost = 0
+            self.clock = None
+            self.letters.clear()
+            self.letter_feed.clear()
 
     # ---- the clock: strictly increasing vendor timestamps -------------------------------
+    def set_clock(self, when: datetime | None) -> None:
+        """Pin the vendor's clock (tests choose when each transition happens; None: real time).
+        While pinned, every timestamp is exactly `when`."""
+        with self._lock:
+            self.clock = when
+
     def _now(self) -> datetime:
+        if self.clock is not None:
+            return self.clock
         now = datetime.now(UTC)
         self._last_ts = now if now > self._last_ts else self._last_ts + timedelta(microseconds=1)
         return self._last_ts
@@ -180,7 +221,8 @@ class LgcLifecycle:
                      for i in order_items]
             patient = body.get("patientInfo") or {}
             self.orders[client_order_id] = Order(client_order_id, client_id, base,
-                                                 str(patient.get("participantId") or ""), patient, items)
+                                                 str(patient.get("participantId") or ""), patient, items,
+                                                 str(body.get("programCode") or ""))
         self._kick()
 
     def item(self, client_order_id: str, item_id: str | None = None) -> Item:
@@ -229,6 +271,8 @@ class LgcLifecycle:
         events.append(self._order_event(order, item, now))
         if status == RESULTS:
             events.append(self._result_event(order, item, now))
+            for audience in filter(None, (a.strip() for a in self.config.letters.split(","))):
+                events.extend(self._letter(order, item, audience))
         return {"client_order_id": order.client_order_id, "item_id": item.id, "status": status}
 
     def _order_event(self, order: Order, item: Item, now: datetime) -> bytes:
@@ -400,6 +444,67 @@ class LgcLifecycle:
                                 f"{r['qualitativeValue']}||||||F")
         segments.append(f"OBX|{len(segments) - 4}|ST|CLIENTORDERID^Client Order ID||{order.client_order_id}||||||F")
         return ("\r".join(segments) + "\r").encode()
+
+    # ---- outreach: results letters -----------------------------------------------------------
+    def _letter(self, order: Order, item: Item, audience: str) -> list[bytes]:
+        """Send (once) the results letter to `audience` (patient | pcp) for an item with results:
+        a notification, an entry in the letters feed and an `outreach` webhook (no callbackURL)."""
+        letter_id = f"{audience}_{item.barcode}"
+        if letter_id in self.letters or item.barcode is None:
+            return []
+        now = self._now()
+        pdf = (b"%PDF-1.4\n% LetsGetChecked sandbox results letter\n1 0 obj <<>> endobj\n"
+               + f"% {LETTER_TYPES[audience]} {item.barcode}\n".encode() + b"%%EOF\n")
+        letter = Letter(letter_id, item.barcode, LETTER_TYPES[audience], "DeliverySent", now,
+                        len(self.letter_feed) + 1, order.program, pdf)
+        self.letters[letter_id] = letter
+        self.letter_feed.append(letter_id)
+        doc = {"type": "outreach", "body": self.notification_json(letter)}
+        return [json.dumps(doc, separators=(",", ":")).encode()]
+
+    def send_letter(self, client_order_id: str, audience: str, item_id: str | None = None) -> dict | None:
+        """Send the patient's or the PCP's results letter of an item at ResultsAvailable (on command)."""
+        if audience not in LETTER_TYPES:
+            raise ValueError("audience must be patient or pcp")
+        with self._lock:
+            order = self.orders[client_order_id]
+            item = next(i for i in order.items if item_id is None or i.id == item_id)
+            if item.status != RESULTS:
+                raise ValueError(f"item {item.id} is {item.status}: letters go out at ResultsAvailable")
+            events = self._letter(order, item, audience)
+            self._queue(events)
+            letter = self.letters[f"{audience}_{item.barcode}"]
+        self._kick()
+        return self.notification_json(letter)
+
+    @staticmethod
+    def notification_json(letter: Letter) -> dict:
+        return {"barcode": letter.barcode, "type": letter.type, "status": letter.status,
+                "failureReason": None, "timestamp": _iso(letter.timestamp)}
+
+    def notification(self, barcode: str, letter_type: str | None) -> dict | None:
+        with self._lock:
+            found = [self.letters[i] for i in self.letter_feed
+                     if self.letters[i].barcode == barcode and (letter_type is None or self.letters[i].type == letter_type)]
+            return self.notification_json(found[-1]) if found else None
+
+    def program_notifications(self, program: str, since: datetime | None, until: datetime | None) -> list[dict]:
+        with self._lock:
+            return [self.notification_json(x) for x in (self.letters[i] for i in self.letter_feed)
+                    if x.program == program and (since is None or x.timestamp >= since)
+                    and (until is None or x.timestamp < until)]
+
+    def feed(self, start: int, limit: int) -> list[dict]:
+        """The letters feed from event `start` (1 = the first), at most `limit` events."""
+        with self._lock:
+            ids = self.letter_feed[max(start, 1) - 1:max(start, 1) - 1 + limit]
+            return [{"eventId": self.letters[i].event_id, "letterId": i, **self.notification_json(self.letters[i])}
+                    for i in ids]
+
+    def letter_pdf(self, letter_id: str) -> bytes | None:
+        with self._lock:
+            letter = self.letters.get(letter_id)
+            return None if letter is None else letter.pdf
 
     # ---- webhooks ------------------------------------------------------------------------
     def _queue(self, events: list[bytes]) -> None:

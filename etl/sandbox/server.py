@@ -11,6 +11,7 @@
     GET/POST /_sandbox/lgc/lifecycle     LetsGetChecked after the PUT: automatic steps, webhook
                                          URL and key, duplicates/reorder/drop switches
     POST /_sandbox/lgc/advance           move items on: {"client_order_id", "item_id", "steps", "to"}
+    POST /_sandbox/lgc/letter            send a results letter: {"client_order_id", "audience": patient|pcp}
     GET  /_sandbox/health
 
 Every request that reaches the server is recorded as it arrived on the wire, before any routing
@@ -110,6 +111,17 @@ class Sandbox:
                 return JSONResponse({"error": str(exc)}, status_code=400)
             return JSONResponse({"moved": moved})
 
+        async def letter(request: Request):
+            try:
+                args = json.loads(await request.body() or b"{}")
+                sent = self.lgc.lifecycle.send_letter(args["client_order_id"], args.get("audience", "patient"),
+                                                      args.get("item_id"))
+            except KeyError:
+                return JSONResponse({"error": "unknown clientOrderId (or none given)"}, status_code=404)
+            except (ValueError, TypeError, AttributeError, StopIteration) as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+            return JSONResponse({"sent": sent})
+
         async def health(request: Request):
             return JSONResponse({"ok": True})
 
@@ -126,6 +138,7 @@ class Sandbox:
                 Route("/_sandbox/rupa/orders/{id}", self.rupa.checkout.control_order, methods=["POST"]),
                 Route("/_sandbox/lgc/lifecycle", lifecycle, methods=["GET", "POST"]),
                 Route("/_sandbox/lgc/advance", advance, methods=["POST"]),
+                Route("/_sandbox/lgc/letter", letter, methods=["POST"]),
                 Route("/_sandbox/{vendor}/faults", faults, methods=["GET", "POST"]),
                 Route("/_sandbox/{vendor}/reset", reset, methods=["POST"]),
                 Route("/_sandbox/lgc/traffic", traffic),

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -36,11 +37,17 @@ metadata = MetaData(
 # `alembic_version` with this set instead of importing Alembic (commands that do not migrate start
 # fast); tests/test_warehouse.py asserts it equals the migration scripts' heads, so a new
 # migration without a matching change here fails the suite.
-SCHEMA_HEADS = frozenset({"0012_phi_access"})
+SCHEMA_HEADS = frozenset({"0016_alerts"})
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 TS = DateTime(timezone=True)
 Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER PRIMARY KEY only
+
+# An item not in a final state (etl.states.FINAL_ITEM_STATUSES), as literal SQL: the predicate of
+# the partial index `ix_lgc_order_items_open_checked`, and the very text the sweep's query uses
+# (both planners use a partial index only for a query whose WHERE holds its predicate; a bound
+# parameter in its place would not match). tests/test_scale_plans.py checks it against states.
+OPEN_ITEM_SQL = "status IS NULL OR status NOT IN ('Cancelled', 'NotListed', 'ResultsAvailable', 'ValidationFailed')"
 
 # ---- order batches (CSV files dropped by program managers) ---------------------------------
 batch_files = Table(
@@ -67,6 +74,9 @@ batch_files = Table(
     # the same place instead of making a second copy. Relative to the inbox, like stored_as.
     Column("moving_from", String(1000)),
     Column("moving_to", String(1000)),
+    Index("ix_batch_files_file_name", "file_name"),  # --batch NAME (migration 0013_scale_indexes)
+    Index("ix_batch_files_status", "status"),  # incomplete / validated batches to resume
+    Index("ix_batch_files_received_at", "received_at"),  # labsync batches --since
 )
 
 rejected_rows = Table(
@@ -102,9 +112,13 @@ lgc_orders = Table(
     # and until when that claim holds; both NULL once the outcome is written.
     Column("claimed_by", String(100)),
     Column("claimed_until", TS),
+    # when a GET of the order first listed its items (migration 0013_scale_indexes): NULL for an
+    # order LetsGetChecked holds that no answer described yet, which the sweep asks about
+    Column("tracked_at", TS),
     Index("ix_lgc_orders_batch_id", "batch_id"),
     Index("ix_lgc_orders_state", "state"),
     Index("ix_lgc_orders_claimed_by", "claimed_by"),  # heartbeats renew an owner's claims
+    Index("ix_lgc_orders_state_tracked_at", "state", "tracked_at"),  # the sweep's never-answered orders
 )
 
 # ---- the order outbox: one row per valid CSV row of a batch (migration 0004_outbox) ---------
@@ -130,6 +144,7 @@ lgc_outbox = Table(
     UniqueConstraint("batch_id", "client_order_id"),
     Index("ix_lgc_outbox_batch_id_id", "batch_id", "id"),
     Index("ix_lgc_outbox_outcome", "outcome"),
+    Index("ix_lgc_outbox_client_order_id", "client_order_id"),  # an order's rows across batches
 )
 
 # ---- the vendor budget, shared by every loader of the deployment (etl.lgc.budget) ----------
@@ -321,6 +336,7 @@ rupa_results = Table(
     Column("stored_at", TS, nullable=False),
     UniqueConstraint("ordered_test_id", "kind", "sha256"),
     Index("ix_rupa_results_order_id", "order_id"),
+    Index("ix_rupa_results_stored_at", "stored_at"),  # what a run stored (etl.audit)
 )
 
 # ---- LetsGetChecked after the PUT: items, their status history, results (etl.orders.lifecycle) --
@@ -346,9 +362,16 @@ lgc_order_items = Table(
     Column("cancel_state", String(20)),  # etl.states.CancelState, NULL if never asked
     Column("cancel_requested_at", TS),
     Column("cancel_error", Text),  # why LetsGetChecked refused the PATCH (no PHI)
+    # when its results (JSON and HL7) were both stored (migration 0013_scale_indexes): items at
+    # ResultsAvailable with NULL here are the results still to fetch (etl.orders.results)
+    Column("results_stored_at", TS),
     Index("ix_lgc_order_items_client_order_id", "client_order_id"),
     Index("ix_lgc_order_items_status", "status"),
     Index("ix_lgc_order_items_barcode", "barcode"),
+    Index("ix_lgc_order_items_status_results_stored_at", "status", "results_stored_at"),
+    # open items only, by when they were last checked: the sweep reads the due ones alone
+    Index("ix_lgc_order_items_open_checked", "last_checked_at", "client_order_id",
+          sqlite_where=text(OPEN_ITEM_SQL), postgresql_where=text(OPEN_ITEM_SQL)),
 )
 
 lgc_item_status_history = Table(
@@ -382,6 +405,8 @@ lgc_results = Table(
     Column("hl7_fetched_at", TS),
     Column("value_count", Integer, nullable=False),
     Index("ix_lgc_results_item_id", "item_id"),
+    Index("ix_lgc_results_fetched_at", "fetched_at"),  # what a run stored (etl.audit)
+    Index("ix_lgc_results_hl7_fetched_at", "hl7_fetched_at"),
 )
 
 lgc_result_values = Table(
@@ -421,4 +446,123 @@ phi_access = Table(
     Column("detail", String(500)),  # a PHI-free note: a file's name in the inbox, a retention class
     Index("ix_phi_access_at", "at"),
     Index("ix_phi_access_actor", "actor"),
+)
+
+# ---- the program's view (migration 0015_program_view, issue 25) ------------------------------
+# Which program (programCode) each clientOrderId belongs to, and its participant id: written
+# by etl.orders.programs when the outbox row is staged (the PUT body, which holds both, is
+# dropped once the order settles). PHI-free: program code and the client's participant id.
+lgc_order_programs = Table(
+    "lgc_order_programs",
+    metadata,
+    Column("client_order_id", String(100), primary_key=True),
+    Column("program_code", String(200)),
+    Column("participant_id", String(200)),
+    Column("batch_id", Id),  # the batch that first named it
+    Column("recorded_at", TS, nullable=False),
+    Index("ix_lgc_order_programs_program_code", "program_code"),
+)
+
+# LetsGetChecked's Outreach API: one row per results letter (`<audience>_<barcode>`), from the
+# `outreach` webhooks (confirmed by a GET of the notification) and the letters feed; the PDF is
+# stored once (sha256). etl.orders.outreach is its only writer.
+lgc_outreach_letters = Table(
+    "lgc_outreach_letters",
+    metadata,
+    Column("letter_id", String(120), primary_key=True),  # patient_LGC-0000-0000-0000
+    Column("barcode", String(50), nullable=False),
+    Column("audience", String(20), nullable=False),  # patient | pcp
+    Column("letter_type", String(40), nullable=False),  # PatientResultsLetter | PcpResultsLetter
+    Column("status", String(40)),  # DeliverySent
+    Column("failure_reason", Text),  # as LetsGetChecked gives it (documented as always null)
+    Column("notified_at", TS),  # the notification's timestamp (the vendor's)
+    Column("item_id", String(100)),
+    Column("client_order_id", String(100)),
+    Column("pdf", LargeBinary),  # the letter document (PHI): never logged or shown
+    Column("pdf_sha256", String(64)),
+    Column("pdf_size", Integer),
+    Column("pdf_fetched_at", TS),
+    Column("feed_event_id", BigInteger),  # its event in the letters feed (the feed's cursor: the highest)
+    Column("first_seen_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    Index("ix_lgc_outreach_letters_barcode", "barcode"),
+    Index("ix_lgc_outreach_letters_client_order_id", "client_order_id"),
+)
+
+# ---- alerts (migration 0016_alerts, issue 24): what fired, where it went, when it cleared ----
+# One row per episode of a condition: opened when it first fires, folded while it persists or
+# repeats within the quiet period, closed (resolved_at) when it clears. etl.alerts is its only
+# writer. PHI-free: batch and file names, counts, links; never a clientOrderId or a patient.
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("condition_key", String(300), nullable=False),  # e.g. batch_unusable:12, dag_failed:order_batches
+    Column("kind", String(40), nullable=False),  # etl.alerts.KINDS
+    Column("message", Text, nullable=False),  # the one PHI-free sentence that was sent
+    Column("link", String(1000)),  # the summary page or the Airflow run
+    Column("first_seen", TS, nullable=False),
+    Column("last_seen", TS, nullable=False),
+    Column("repeats", Integer, nullable=False, server_default="0"),  # times seen again, folded
+    Column("sent_at", TS),  # when a destination took the alert (NULL: not yet)
+    Column("sent_to", String(1000)),  # the connection ids that took it
+    Column("send_error", String(1000)),  # why a destination did not (no secret: kind + status)
+    Column("resolved_at", TS),
+    Column("resolved_sent_at", TS),
+    Index("ix_alerts_condition_key_resolved_at", "condition_key", "resolved_at"),
+    # at most one open episode per condition: two processes that see it at once send it once
+    Index("uq_alerts_open_condition", "condition_key", unique=True,
+          sqlite_where=text("resolved_at IS NULL"), postgresql_where=text("resolved_at IS NULL")),
+)
+
+# ---- one observations table across both vendors (migration 0014_lab_observations, issue 26) ----
+# One row per version of an observation (etl.results.observations is its only writer): the
+# current one has `current` true; a correction (OBX-11 C, or new content for the same observation
+# of the same ordered item) inserts a new current row and marks the earlier one superseded (kept
+# as history). A document delivered again adds nothing; a second view of the same result (the
+# LetsGetChecked JSON and HL7 of one barcode) is merged into the same row and named in `sources`.
+lab_observations = Table(
+    "lab_observations",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("vendor", String(20), nullable=False),  # lgc, rupa
+    Column("order_id", String(100), nullable=False),  # LGC clientOrderId; Rupa ord_…
+    Column("item_id", String(100), nullable=False),  # LGC order-item id; Rupa ordered test ordts_…
+    Column("ordered_test", String(200)),  # the ordered test's code: LGC kit code, Rupa labts_…, else OBR-4
+    Column("patient_id", String(100)),  # the vendor's patient id (PID-3, Rupa pat_…): an id, never a name
+    Column("result_key", String(200), nullable=False),  # the result version: lgc:<barcode>, rupa_results:<id>
+    Column("obs_key", String(300), nullable=False),  # the observation within the item (code, sub-id)
+    Column("code", String(100)),
+    Column("code_system", String(200)),  # http://loinc.org when LOINC, else as the sender named it
+    Column("name", Text),
+    Column("value", Text),  # as given (PHI)
+    Column("value_type", String(10)),  # OBX-2 (NM, SN, ST, CWE, …); LGC JSON: NM or ST
+    Column("numeric_value", Float),
+    Column("unit", String(50)),
+    Column("reference_range", String(200)),
+    Column("abnormal_flags", String(100)),  # OBX-8 as sent (repeats joined by ~), or the JSON descriptor
+    Column("interpretation", String(10), nullable=False),  # normal, abnormal, critical, unknown
+    Column("status", String(5)),  # OBX-11: F, C, P, …
+    Column("observed_at", TS),  # OBX-14, else OBR-7, else MSH-7
+    Column("sources", JSONType, nullable=False),  # [{"table", "key", "view", "sha256"}]: documents carrying it
+    Column("content_sha256", String(64), nullable=False),  # of what it says: a repeat adds nothing
+    Column("current", Boolean, nullable=False),
+    Column("superseded_by", Id),  # lab_observations.id of the correction
+    Column("superseded_at", TS),
+    Column("recorded_at", TS, nullable=False),
+    Column("notified_at", TS),  # a flagged observation reported as an event (etl.airflow.tasks)
+    UniqueConstraint("vendor", "item_id", "obs_key", "result_key"),
+    Index("ix_lab_observations_vendor_item_id_current", "vendor", "item_id", "current"),
+    Index("ix_lab_observations_interpretation_current", "interpretation", "current"),
+    Index("ix_lab_observations_recorded_at", "recorded_at"),
+)
+
+# The FHIR export's watermark (etl.results.fhir is its only writer): one row per target.
+fhir_exports = Table(
+    "fhir_exports",
+    metadata,
+    Column("target", String(200), primary_key=True),  # "ndjson" or the FHIR base URL's origin+path
+    Column("last_observation_id", Id, nullable=False),  # lab_observations.id exported up to
+    Column("exported_at", TS, nullable=False),
+    Column("resources", Integer, nullable=False),  # how many the last export wrote
 )
