@@ -433,7 +433,7 @@ def test_the_stage_passes_every_check_with_good_settings(staged):
     checks = {c["check"]: c["status"] for c in json.loads(out)["checks"]}
     assert checks["settings"] == "ok" and checks["warehouse"] == "ok" and checks["LetsGetChecked"] == "ok", out
     code, out, err = staged("track")
-    assert code == 0 and "no open orders" in out, out + err
+    assert code == 0 and "no open order" in out, out + err
 
 
 @pytest.mark.parametrize(("name", "value"), BAD_NUMBERS, ids=[f"{n}={v}" for n, v in BAD_NUMBERS])

@@ -25,7 +25,9 @@ def test_track_results_and_status_from_the_command_line(run, engine, settings, s
     assert code == 0 and (data["checked"], data["statuses"]) == (1, {"ResultsAvailable": 2})
     code, out, _ = run("track", "--batch", "nope.csv")
     assert code == 1
-    code, out, _ = run("track")
+    code, out, _ = run("track")  # both were checked a moment ago: nothing is due
+    assert code == 0 and "no open order unchecked for 60 minutes" in out and "--all" in out
+    code, out, _ = run("track", "--all")  # a person's "refresh now"
     assert code == 0 and "tracked 1 of 1 orders" in out and "KitDispatched 2" in out
 
     code, out, _ = run("results")

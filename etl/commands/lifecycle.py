@@ -42,13 +42,20 @@ def register(app: typer.Typer) -> None:
         client_order_ids: list[str] = typer.Argument(None, help="Orders to ask about (default: every open one)."),
         batch: str | None = typer.Option(None, "--batch", help="Only the open orders of this batch (file name or id)."),
         stale_minutes: float | None = typer.Option(
-            None, "--stale-minutes", help="Only open orders not checked for this many minutes (the sweep)."),
+            None, "--stale-minutes",
+            help="Only open orders not checked for this many minutes (default without orders or --batch: "
+                 "LABSYNC_TRACK_STALE_MINUTES, as the sweep)."),
+        every_open: bool = typer.Option(
+            False, "--all", help="Every open order, however recently checked (one GET each)."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
     ) -> None:
         """GET orders from LetsGetChecked and record their items' statuses, barcodes and tracking.
 
-        Without arguments: every accepted order that has an item not yet in a final state
-        (ResultsAvailable, Cancelled, ValidationFailed). Prints items per status."""
+        Without arguments: the open orders (accepted, with an item not yet in a final state:
+        ResultsAvailable, Cancelled, ValidationFailed) not checked for LABSYNC_TRACK_STALE_MINUTES
+        (default 60), and those never checked, as the sweep does: a history of thousands of
+        open orders is not asked about again every time. --all asks about every open order.
+        Prints items per status."""
         from etl.commands import progress as bars
         from etl.orders import lifecycle
         from etl.settings import Settings
@@ -57,17 +64,23 @@ def register(app: typer.Typer) -> None:
         settings.lgc.validated()
         engine = _engine(settings)
         ids = _batch_ids(engine, batch)
+        stale = _stale_seconds(stale_minutes)
+        due_only = stale is None and not every_open and not client_order_ids and batch is None
+        if due_only:
+            stale = settings.lifecycle.stale_after
         with bars.bar("orders", show=not as_json) as bar:
             task = bar.add_task("tracking", total=None, note="")
             summary = lifecycle.track(
-                engine, settings, client_order_ids or None, batch_ids=ids,
-                stale_after=_stale_seconds(stale_minutes),
+                engine, settings, client_order_ids or None, batch_ids=ids, stale_after=stale,
                 progress=lambda coid, outcome: bar.update(task, advance=1))
         if as_json:
             typer.echo(jsonout.dumps({**summary.as_dict(), "not_found": summary.not_found,
                                       "failed": summary.failed}))
         else:
-            if not summary.orders:
+            if not summary.orders and due_only:
+                typer.echo(f"track: no open order unchecked for {settings.lifecycle.stale_after / 60:g} minutes "
+                           "(LABSYNC_TRACK_STALE_MINUTES); --all asks about every open order")
+            elif not summary.orders:
                 typer.echo("track: no open orders to ask about")
             else:
                 typer.echo(summary.line())
