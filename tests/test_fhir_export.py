@@ -19,7 +19,7 @@ from etl.results import observations
 from etl.results.fhir import export_fhir
 from tests.lifecycle_support import lgc, place_orders, quick, run
 from tests.test_observations import CRITICAL_MSG, _store_rupa_file, fixture, rows
-from tests.test_rupa_events import one_cart
+from tests.test_observations import both_vendors as observations_both
 
 __all__ = ["run"]
 
@@ -80,18 +80,7 @@ def validate(resources: dict[str, list[dict]]) -> None:
 
 
 def both_vendors(engine, settings, sandbox, rupa, receiver, tmp_path) -> tuple[str, str]:
-    s = quick(settings)
-    (coid,) = place_orders(engine, s, 1)
-    lgc(sandbox).lifecycle.advance(coid, to="ResultsAvailable")
-    track(engine, s)
-    fetch_results(engine, s)
-    receiver()
-    cart = one_cart(engine, settings, tmp_path, lab_tests="labts_0000003")
-    oid = rupa.checkout.submit(cart["order_intent_id"])
-    rupa.checkout.add_results(oid)
-    rupa.checkout.sender.flush()
-    events.apply_events(engine, settings)
-    return coid, oid
+    return observations_both(engine, settings, sandbox, rupa, receiver, tmp_path, lab_tests="labts_0000003")
 
 
 def test_export_fhir_ndjson_of_both_vendors_validates_and_resolves(engine, settings, sandbox, rupa, receiver,
@@ -220,3 +209,12 @@ def test_an_hl7_filling_in_exported_rows_is_exported_again(engine, settings, san
     assert {o["id"] for o in again["Observation"]} == {o["id"] for o in got["Observation"]}
     assert all("effectiveDateTime" in o for o in again["Observation"])  # OBR-7 from the HL7
     assert export_fhir(engine, out_dir=tmp_path / "c").resources["Observation"] == 0
+
+
+@pytest.mark.parametrize("url", ["http://fhir.example.com/r4", "ftp://fhir.example.com/r4", "https://x.example/r4?q=1"])
+def test_a_fhir_url_in_clear_or_malformed_is_refused_before_anything_is_sent(engine, url):
+    """The bundles carry PHI: plain http only to loopback, as for the vendors' URLs."""
+    from etl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--url"):
+        export_fhir(engine, url=url)

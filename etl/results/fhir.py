@@ -292,6 +292,10 @@ def export_fhir(engine: Engine, *, out_dir: Path | None = None, url: str | None 
     """Write NDJSON files to `out_dir`, or POST transaction Bundles to `url` (exactly one)."""
     if (out_dir is None) == (url is None):
         raise ConfigError("export fhir needs exactly one of --out DIR or --url FHIR_BASE")
+    if url is not None:
+        from etl.settings import check_base_url
+
+        check_base_url("--url", url)  # before anything is read: https (plain http only to loopback)
     target = "ndjson" if out_dir is not None else url.rstrip("/")[:200]  # type: ignore[union-attr]
     started = datetime.now(UTC)  # rows changed from now on go to the next run
     upto = _max_id(engine)
@@ -359,14 +363,16 @@ def _uuid(r: dict) -> str:
 def _post_bundles(url: str, batches, summary: ExportSummary, *, http=None) -> None:
     import httpx
 
-    if not re.match(r"^https?://", url):
-        raise ConfigError("--url must be the FHIR server's base URL (http:// or https://)")
+    from etl.http import make_client
+    from etl.settings import RetrySettings, check_base_url
+
+    check_base_url("--url", url)  # https (plain http only to loopback): the bundles carry PHI
     headers = {"Content-Type": FHIR_JSON, "Accept": "application/fhir+json"}
     token = os.environ.get("LABSYNC_FHIR_TOKEN")
     if token:
         headers["Authorization"] = f"Bearer {token}"
     own = http is None
-    client = http or httpx.Client(timeout=60.0)
+    client = http or make_client(url, RetrySettings(timeout=60.0), concurrency=1)  # the one client factory
     try:
         for _item, res in batches:
             try:
