@@ -203,18 +203,26 @@ def test_rupa_hl7_observations_and_a_correction_that_supersedes(engine, settings
     assert observations.record_all(engine) == 0 and len(rows(engine)) == 2
 
 
-def test_both_vendors_in_one_table(engine, settings, sandbox, rupa, receiver, tmp_path):
+def both_vendors(engine, settings, sandbox, rupa, receiver, tmp_path, *,
+                 lab_tests: str = "labts_0000001;labts_0000002") -> tuple[str, str]:
+    """One LetsGetChecked order to ResultsAvailable, its results fetched; one Rupa order checked
+    out with results, its events applied. Returns (clientOrderId, Rupa order id)."""
     s = quick(settings)
     (coid,) = place_orders(engine, s, 1)
     lgc(sandbox).lifecycle.advance(coid, to="ResultsAvailable")
     track(engine, s)
     fetch_results(engine, s)
     receiver()
-    cart = one_cart(engine, settings, tmp_path, lab_tests="labts_0000001;labts_0000002")
+    cart = one_cart(engine, settings, tmp_path, lab_tests=lab_tests)
     oid = rupa.checkout.submit(cart["order_intent_id"])
     rupa.checkout.add_results(oid)
     rupa.checkout.sender.flush()
     events.apply_events(engine, settings)
+    return coid, oid
+
+
+def test_both_vendors_in_one_table(engine, settings, sandbox, rupa, receiver, tmp_path):
+    coid, oid = both_vendors(engine, settings, sandbox, rupa, receiver, tmp_path)
     counts = observations.counts(engine)
     with engine.connect() as conn:
         panels = sum(len(lgc(sandbox).lifecycle.panel(i)) for i in lgc(sandbox).lifecycle.orders[coid].items)

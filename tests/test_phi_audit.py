@@ -10,34 +10,19 @@ import json
 import os
 from datetime import UTC, datetime, timedelta
 
-import pytest
 import sqlalchemy as sa
 
-from etl import audit, cli
+from etl import audit
 from etl.states import AuditAction
 from etl.warehouse.tables import phi_access
-from tests.test_lgc_support import cli_env, csv_row, fast, write_csv
+from tests.lifecycle_support import run
+from tests.test_lgc_support import csv_row, write_csv
+
+__all__ = ["run"]  # the in-process CLI fixture
 
 PLANTED_NAME = "Zebulonova"  # a patient's last name: must never reach the trail
 
 
-@pytest.fixture
-def run(settings, monkeypatch, capsys):
-    """`labsync ARGS` in this process, its environment pointing at the sandbox and warehouse."""
-    env = cli_env(fast(settings, concurrency=4))
-    for key in list(os.environ):
-        if key.startswith(("LGC_", "LABSYNC_")):
-            monkeypatch.delenv(key)
-    for key, value in env.items():
-        if key.startswith(("LGC_", "LABSYNC_")):
-            monkeypatch.setenv(key, value)
-
-    def _run(*args: str):
-        code = cli.main(list(args))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return _run
 
 
 def _rows(engine) -> list[dict]:
